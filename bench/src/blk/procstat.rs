@@ -1,0 +1,98 @@
+//! CPU time of a process (all its threads) from `/proc/PID/stat`.
+
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProcStatError {
+    #[error("reading {path}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("malformed stat line in {path}: {line:?}")]
+    Parse { path: String, line: String },
+}
+
+/// utime + stime in clock ticks, from the text of a `/proc/PID/stat` file.
+///
+/// The command name (field 2) is parenthesised and may itself contain spaces and `)`, so
+/// fields are counted from the last `)`. utime and stime are fields 14 and 15, which are
+/// the 12th and 13th after the name.
+pub fn parse_cpu_ticks(stat: &str) -> Option<u64> {
+    let after_comm = &stat[stat.rfind(')')? + 1..];
+    let mut fields = after_comm.split_ascii_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    utime.checked_add(stime)
+}
+
+fn ticks_per_second() -> u64 {
+    // SAFETY: sysconf only reads a constant of the running kernel/libc; no memory is passed.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    // USER_HZ is 100 on every Linux ABI; fall back to it if sysconf reports nonsense.
+    u64::try_from(hz).ok().filter(|&h| h > 0).unwrap_or(100)
+}
+
+fn cpu_time_of(path: &str) -> Result<Duration, ProcStatError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ProcStatError::Read {
+        path: path.to_string(),
+        source,
+    })?;
+    let ticks = parse_cpu_ticks(&text).ok_or_else(|| ProcStatError::Parse {
+        path: path.to_string(),
+        line: text.trim_end().to_string(),
+    })?;
+    let hz = ticks_per_second();
+    Ok(Duration::from_secs(ticks / hz) + Duration::from_nanos((ticks % hz) * 1_000_000_000 / hz))
+}
+
+/// User + system CPU time consumed so far by all threads of `pid`.
+pub fn process_cpu_time(pid: u32) -> Result<Duration, ProcStatError> {
+    cpu_time_of(&format!("/proc/{pid}/stat"))
+}
+
+/// User + system CPU time consumed so far by the calling thread.
+pub fn thread_cpu_time() -> Result<Duration, ProcStatError> {
+    cpu_time_of("/proc/thread-self/stat")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fields_are_counted_after_the_last_parenthesis() {
+        let line = "4242 (evil) name) R 1 4242 4242 0 -1 4194560 100 0 0 0 1234 567 0 0 20 0 3 0 99 1 2 3\n";
+        assert_eq!(parse_cpu_ticks(line), Some(1234 + 567));
+        let plain = "1 (qemu-storage-d) S 0 1 1 0 -1 0 0 0 0 0 7 8 0 0 20 0 1 0 5 0 0";
+        assert_eq!(parse_cpu_ticks(plain), Some(15));
+    }
+
+    #[test]
+    fn truncated_or_garbage_lines_are_rejected() {
+        assert_eq!(parse_cpu_ticks(""), None);
+        assert_eq!(parse_cpu_ticks("1 (x) R 1 2 3"), None);
+        assert_eq!(parse_cpu_ticks("1 (x) R 1 1 1 0 -1 0 0 0 0 0 a b"), None);
+    }
+
+    #[test]
+    fn own_cpu_time_grows_while_spinning() {
+        let before = thread_cpu_time().unwrap();
+        let start = std::time::Instant::now();
+        let mut x = 0u64;
+        // Ticks are 10 ms; on a loaded machine the thread may also be descheduled, so spin
+        // until the counter moves, bounded by a generous wall-clock limit.
+        let after = loop {
+            for _ in 0..100_000 {
+                x = std::hint::black_box(x.wrapping_add(1));
+            }
+            let now = thread_cpu_time().unwrap();
+            if now > before || start.elapsed() > Duration::from_secs(10) {
+                break now;
+            }
+        };
+        assert!(after > before, "{before:?} -> {after:?}");
+        assert!(process_cpu_time(std::process::id()).unwrap() >= after);
+    }
+}

@@ -1,0 +1,1 @@
+//! hcblk wire protocol.

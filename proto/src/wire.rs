@@ -1,0 +1,1054 @@
+//! The hcblk wire format: pure encode/decode, no I/O, no threads.
+//!
+//! Every frame is a 12-byte header followed by a body. All integers are
+//! little-endian; every reserved byte must be zero (a non-zero reserved byte
+//! is a decode error, so the fields can be given a meaning later by a minor
+//! version bump without old peers misreading them).
+//!
+//! ```text
+//! Frame header (12 bytes)
+//!  0       2       3       4       5       6               8                              12
+//!  +-------+-------+-------+-------+-------+---------------+------------------------------+
+//!  | magic | major | minor | type  | rsvd0 | rsvd0 (u16)   | body_len (u32)               |
+//!  | "HB"  |  u8   |  u8   |  u8   |  u8   |               | bytes after the header       |
+//!  +-------+-------+-------+-------+-------+---------------+------------------------------+
+//! ```
+//!
+//! A frame whose `major` differs from [`VERSION_MAJOR`] is refused with
+//! [`DecodeError::UnsupportedVersion`]; a different `minor` is accepted.
+//!
+//! Bodies by type (offsets relative to the start of the body):
+//!
+//! ```text
+//! HELLO (1), 56 bytes — initiator -> acceptor, first frame on a connection
+//!  0       8          16         24                                56
+//!  +-------+----------+----------+---------------------------------+
+//!  | rsvd0 |cluster_id| node_id  | client nonce (32 bytes)         |
+//!  +-------+----------+----------+---------------------------------+
+//!
+//! CHALLENGE (2), 72 bytes — acceptor -> initiator
+//!  0          8                                40                              72
+//!  +----------+--------------------------------+-------------------------------+
+//!  | node_id  | server nonce (32 bytes)        | server MAC (HMAC-SHA256, 32)  |
+//!  +----------+--------------------------------+-------------------------------+
+//!
+//! AUTH (3), 32 bytes — initiator -> acceptor: client MAC (HMAC-SHA256, 32 bytes)
+//! READY (4), 0 bytes — acceptor -> initiator: authenticated, descriptors may flow
+//!
+//! WRITE (16) / READ (17), 48 + 16 * seg_count bytes
+//!  0          8          16         24         32       36       40        42      44      48
+//!  +----------+----------+----------+----------+--------+--------+---------+-------+-------+
+//!  |request_id| volume   | epoch    | offset   | length | flags  |seg_count| rsvd0 | rsvd0 |
+//!  |   u64    |   u64    |   u64    | u64 bytes|  u32   |  u32   |   u16   |  u16  |  u32  |
+//!  +----------+----------+----------+----------+--------+--------+---------+-------+-------+
+//!  then seg_count remote segments, 16 bytes each:
+//!  0          8        12       16
+//!  +----------+--------+--------+
+//!  | address  | key    | length |
+//!  |   u64    |  u32   |  u32   |
+//!  +----------+--------+--------+
+//!  Rules: 1 <= seg_count <= MAX_SEGMENTS, every segment length > 0,
+//!  sum(segment lengths) == length <= MAX_IO_LEN, offset + length does not overflow,
+//!  address + segment length does not overflow, flags only FLAG_FUA.
+//!
+//! FLUSH (18), 24 bytes: request_id u64 | volume u64 | epoch u64
+//!
+//! DISCARD (19) / WRITE_ZEROES (20), 48 bytes
+//!  0          8          16         24         32         40       44      48
+//!  +----------+----------+----------+----------+----------+--------+-------+
+//!  |request_id| volume   | epoch    | offset   | length   | flags  | rsvd0 |
+//!  +----------+----------+----------+----------+----------+--------+-------+
+//!  Rules: length > 0, offset + length does not overflow, flags only FLAG_FUA.
+//!
+//! COMPLETION (32), 16 bytes: request_id u64 | status u32 | bytes u32
+//! HEARTBEAT (33), 16 bytes:  sequence u64 | sender time in µs u64
+//! ERROR (34), 8 + text_len bytes: code u32 | text_len u16 | rsvd0 u16 | UTF-8 text
+//!
+//! Software one-sided operations (the `tcp` transport; the verbs transport
+//! does these in the NIC):
+//! DATA_READ (48) / DATA_WRITE (50), 32 bytes [+ `length` payload bytes for DATA_WRITE]
+//!  0          8          16       20       24      26      28      32
+//!  +----------+----------+--------+--------+-------+-------+-------+
+//!  | op_id    | address  | key    | length | seg   | rsvd0 | rsvd0 |
+//!  +----------+----------+--------+--------+-------+-------+-------+
+//! DATA_READ_RESP (49) / DATA_WRITE_ACK (51), 24 bytes [+ `length` payload bytes
+//! for a DATA_READ_RESP whose status is OK; `length` must be 0 otherwise]
+//!  0          8       10      12       16       20      24
+//!  +----------+-------+-------+--------+--------+-------+
+//!  | op_id    | seg   | rsvd0 | status | length | rsvd0 |
+//!  +----------+-------+-------+--------+--------+-------+
+//! ```
+//!
+//! The payload of a data frame is not part of [`Message`]: a receiver reads
+//! the header and the fixed part, then reads the payload straight into its
+//! destination (the point of the protocol is that nobody copies it twice).
+
+use thiserror::Error;
+
+/// `"HB"` in the first two bytes of every frame.
+pub const MAGIC: u16 = u16::from_le_bytes(*b"HB");
+/// Peers with another major version are refused.
+pub const VERSION_MAJOR: u8 = 1;
+/// Minor versions only add optional behaviour and are accepted both ways.
+pub const VERSION_MINOR: u8 = 0;
+/// Size of the frame header.
+pub const HEADER_LEN: usize = 12;
+/// Most remote segments a READ/WRITE descriptor may carry (a virtio-blk
+/// request with `seg_max` 128 maps to at most 128 guest buffers).
+pub const MAX_SEGMENTS: usize = 128;
+/// Largest READ/WRITE descriptor, in bytes of data.
+pub const MAX_IO_LEN: u32 = 16 << 20;
+/// Largest payload of a single data frame (one remote segment).
+pub const MAX_DATA_LEN: u32 = 4 << 20;
+/// Largest ERROR text.
+pub const MAX_ERROR_TEXT: usize = 256;
+/// Largest body of a frame that carries no payload; with the header this is
+/// the largest buffer a receiver ever needs for the non-payload part.
+pub const MAX_CONTROL_BODY: usize = DESC_FIXED + MAX_SEGMENTS * SEGMENT_LEN;
+/// Largest encoded frame, payload excluded.
+pub const MAX_FRAME: usize = HEADER_LEN + MAX_CONTROL_BODY;
+/// Length of a nonce and of a MAC in the handshake.
+pub const NONCE_LEN: usize = 32;
+/// Length of an HMAC-SHA256 tag.
+pub const MAC_LEN: usize = 32;
+
+/// Force unit access: the write is durable when it completes.
+pub const FLAG_FUA: u32 = 1;
+const KNOWN_FLAGS: u32 = FLAG_FUA;
+
+const DESC_FIXED: usize = 48;
+const SEGMENT_LEN: usize = 16;
+const HELLO_LEN: usize = 56;
+const CHALLENGE_LEN: usize = 72;
+const RANGE_LEN: usize = 48;
+const DATA_REQ_LEN: usize = 32;
+const DATA_RESP_LEN: usize = 24;
+
+/// Frame types (byte 4 of the header).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum FrameType {
+    Hello = 1,
+    Challenge = 2,
+    Auth = 3,
+    Ready = 4,
+    Write = 16,
+    Read = 17,
+    Flush = 18,
+    Discard = 19,
+    WriteZeroes = 20,
+    Completion = 32,
+    Heartbeat = 33,
+    Error = 34,
+    DataRead = 48,
+    DataReadResp = 49,
+    DataWrite = 50,
+    DataWriteAck = 51,
+}
+
+impl FrameType {
+    fn from_u8(v: u8) -> Option<Self> {
+        use FrameType::*;
+        Some(match v {
+            1 => Hello,
+            2 => Challenge,
+            3 => Auth,
+            4 => Ready,
+            16 => Write,
+            17 => Read,
+            18 => Flush,
+            19 => Discard,
+            20 => WriteZeroes,
+            32 => Completion,
+            33 => Heartbeat,
+            34 => Error,
+            48 => DataRead,
+            49 => DataReadResp,
+            50 => DataWrite,
+            51 => DataWriteAck,
+            _ => return None,
+        })
+    }
+
+    /// Length of the body part that is decoded into a [`Message`] (the
+    /// payload of data frames excluded), or the bounds for variable bodies.
+    fn body_bounds(self) -> (usize, usize) {
+        use FrameType::*;
+        match self {
+            Hello => (HELLO_LEN, HELLO_LEN),
+            Challenge => (CHALLENGE_LEN, CHALLENGE_LEN),
+            Auth => (MAC_LEN, MAC_LEN),
+            Ready => (0, 0),
+            Write | Read => (DESC_FIXED + SEGMENT_LEN, MAX_CONTROL_BODY),
+            Flush => (24, 24),
+            Discard | WriteZeroes => (RANGE_LEN, RANGE_LEN),
+            Completion | Heartbeat => (16, 16),
+            Error => (8, 8 + MAX_ERROR_TEXT),
+            DataRead => (DATA_REQ_LEN, DATA_REQ_LEN),
+            DataWrite => (DATA_REQ_LEN, DATA_REQ_LEN + MAX_DATA_LEN as usize),
+            DataWriteAck => (DATA_RESP_LEN, DATA_RESP_LEN),
+            DataReadResp => (DATA_RESP_LEN, DATA_RESP_LEN + MAX_DATA_LEN as usize),
+        }
+    }
+
+    /// Bytes of the body that are not payload.
+    fn fixed_len(self, body_len: usize) -> usize {
+        match self {
+            FrameType::DataWrite => DATA_REQ_LEN,
+            FrameType::DataReadResp => DATA_RESP_LEN,
+            _ => body_len,
+        }
+    }
+}
+
+/// Everything that can be wrong with bytes received from a peer.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DecodeError {
+    #[error("truncated frame: need {needed} bytes, have {have}")]
+    Truncated { needed: usize, have: usize },
+    #[error("bad magic {0:#06x}")]
+    BadMagic(u16),
+    #[error("peer speaks protocol version {peer_major}.{peer_minor}, this node speaks {VERSION_MAJOR}.{VERSION_MINOR}: major versions differ")]
+    UnsupportedVersion { peer_major: u8, peer_minor: u8 },
+    #[error("unknown frame type {0}")]
+    UnknownType(u8),
+    #[error("non-zero reserved field in {0:?} frame")]
+    Reserved(FrameType),
+    #[error("{ty:?} frame body is {len} bytes, allowed {min}..={max}")]
+    BodyLength { ty: FrameType, len: usize, min: usize, max: usize },
+    #[error("{ty:?} body length {len} does not match its contents ({expected})")]
+    LengthMismatch { ty: FrameType, len: usize, expected: usize },
+    #[error("{0} segments, limit is {MAX_SEGMENTS} (and at least 1)")]
+    SegmentCount(usize),
+    #[error("zero-length segment or range")]
+    ZeroLength,
+    #[error("I/O length {0} over limit {MAX_IO_LEN}")]
+    IoTooLarge(u64),
+    #[error("offset {offset} + length {length} overflows")]
+    Overflow { offset: u64, length: u64 },
+    #[error("unknown flags {0:#x}")]
+    UnknownFlags(u32),
+    #[error("unknown status {0}")]
+    UnknownStatus(u32),
+    #[error("error text is not UTF-8")]
+    BadText,
+}
+
+/// A message that cannot be encoded (it would not decode on the other side).
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum EncodeError {
+    #[error("output buffer is {have} bytes, frame needs {needed}")]
+    BufferTooSmall { needed: usize, have: usize },
+    #[error("message is invalid")]
+    Invalid(#[source] DecodeError),
+}
+
+/// Outcome of a request or of a one-sided operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u32)]
+#[non_exhaustive]
+pub enum Status {
+    Ok = 0,
+    /// The replica's storage failed.
+    IoError = 1,
+    /// A key was unknown, revoked, or did not cover the addressed bytes.
+    AccessDenied = 2,
+    /// The request was malformed or out of bounds.
+    BadRequest = 3,
+    /// The request's epoch is older than the replica's.
+    StaleEpoch = 4,
+    /// The operation is not supported by this peer.
+    Unsupported = 5,
+    /// The connection failed before the operation completed.
+    ConnectionLost = 6,
+    /// Too many operations in flight.
+    Busy = 7,
+}
+
+impl Status {
+    pub fn from_u32(v: u32) -> Result<Self, DecodeError> {
+        Ok(match v {
+            0 => Status::Ok,
+            1 => Status::IoError,
+            2 => Status::AccessDenied,
+            3 => Status::BadRequest,
+            4 => Status::StaleEpoch,
+            5 => Status::Unsupported,
+            6 => Status::ConnectionLost,
+            7 => Status::Busy,
+            _ => return Err(DecodeError::UnknownStatus(v)),
+        })
+    }
+}
+
+/// A window of a peer's memory: what a descriptor hands to the replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Segment {
+    /// Address in the owner's address space (as with verbs' VA-based MRs).
+    pub addr: u64,
+    /// Access key granted by the owner for this request only.
+    pub key: u32,
+    pub len: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    pub cluster_id: u64,
+    pub node_id: u64,
+    pub nonce: [u8; NONCE_LEN],
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Challenge {
+    pub node_id: u64,
+    pub nonce: [u8; NONCE_LEN],
+    pub mac: [u8; MAC_LEN],
+}
+
+/// A READ or WRITE descriptor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Descriptor {
+    pub request_id: u64,
+    pub volume: u64,
+    pub epoch: u64,
+    pub offset: u64,
+    pub length: u32,
+    pub flags: u32,
+    pub segments: Vec<Segment>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Flush {
+    pub request_id: u64,
+    pub volume: u64,
+    pub epoch: u64,
+}
+
+/// DISCARD / WRITE_ZEROES.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RangeOp {
+    pub request_id: u64,
+    pub volume: u64,
+    pub epoch: u64,
+    pub offset: u64,
+    pub length: u64,
+    pub flags: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Completion {
+    pub request_id: u64,
+    pub status: Status,
+    pub bytes: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Heartbeat {
+    pub sequence: u64,
+    pub time_us: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErrorMsg {
+    pub code: u32,
+    pub text: String,
+}
+
+/// DATA_READ / DATA_WRITE: one remote segment of a one-sided operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DataReq {
+    pub op_id: u64,
+    pub addr: u64,
+    pub key: u32,
+    pub len: u32,
+    pub seg: u16,
+}
+
+/// DATA_READ_RESP / DATA_WRITE_ACK.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DataResp {
+    pub op_id: u64,
+    pub seg: u16,
+    pub status: Status,
+    pub len: u32,
+}
+
+/// One decoded frame (payload of data frames excluded).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    Hello(Hello),
+    Challenge(Challenge),
+    Auth([u8; MAC_LEN]),
+    Ready,
+    Write(Descriptor),
+    Read(Descriptor),
+    Flush(Flush),
+    Discard(RangeOp),
+    WriteZeroes(RangeOp),
+    Completion(Completion),
+    Heartbeat(Heartbeat),
+    Error(ErrorMsg),
+    DataRead(DataReq),
+    DataReadResp(DataResp),
+    DataWrite(DataReq),
+    DataWriteAck(DataResp),
+}
+
+/// A decoded, checked frame header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub ty: FrameType,
+    pub minor: u8,
+    pub body_len: u32,
+}
+
+impl Header {
+    /// Bytes after the header that [`decode_body`] wants.
+    pub fn fixed_len(&self) -> usize {
+        self.ty.fixed_len(self.body_len as usize)
+    }
+    /// Payload bytes after the fixed part (data frames only).
+    pub fn payload_len(&self) -> usize {
+        self.body_len as usize - self.fixed_len()
+    }
+}
+
+// --- little-endian helpers: callers have already checked the length -----
+
+fn rd_u16(b: &[u8], at: usize) -> u16 {
+    let mut a = [0u8; 2];
+    a.copy_from_slice(&b[at..at + 2]);
+    u16::from_le_bytes(a)
+}
+fn rd_u32(b: &[u8], at: usize) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[at..at + 4]);
+    u32::from_le_bytes(a)
+}
+fn rd_u64(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(a)
+}
+fn rd_arr<const N: usize>(b: &[u8], at: usize) -> [u8; N] {
+    let mut a = [0u8; N];
+    a.copy_from_slice(&b[at..at + N]);
+    a
+}
+fn wr_u16(b: &mut [u8], at: usize, v: u16) {
+    b[at..at + 2].copy_from_slice(&v.to_le_bytes());
+}
+fn wr_u32(b: &mut [u8], at: usize, v: u32) {
+    b[at..at + 4].copy_from_slice(&v.to_le_bytes());
+}
+fn wr_u64(b: &mut [u8], at: usize, v: u64) {
+    b[at..at + 8].copy_from_slice(&v.to_le_bytes());
+}
+
+/// Decodes and checks a frame header (the first [`HEADER_LEN`] bytes of `b`).
+pub fn decode_header(b: &[u8]) -> Result<Header, DecodeError> {
+    if b.len() < HEADER_LEN {
+        return Err(DecodeError::Truncated { needed: HEADER_LEN, have: b.len() });
+    }
+    let magic = rd_u16(b, 0);
+    if magic != MAGIC {
+        return Err(DecodeError::BadMagic(magic));
+    }
+    if b[2] != VERSION_MAJOR {
+        return Err(DecodeError::UnsupportedVersion { peer_major: b[2], peer_minor: b[3] });
+    }
+    let ty = FrameType::from_u8(b[4]).ok_or(DecodeError::UnknownType(b[4]))?;
+    if b[5] != 0 || rd_u16(b, 6) != 0 {
+        return Err(DecodeError::Reserved(ty));
+    }
+    let body_len = rd_u32(b, 8);
+    let (min, max) = ty.body_bounds();
+    if (body_len as usize) < min || body_len as usize > max {
+        return Err(DecodeError::BodyLength { ty, len: body_len as usize, min, max });
+    }
+    Ok(Header { ty, minor: b[3], body_len })
+}
+
+fn check_desc(d: &Descriptor) -> Result<(), DecodeError> {
+    let n = d.segments.len();
+    if n == 0 || n > MAX_SEGMENTS {
+        return Err(DecodeError::SegmentCount(n));
+    }
+    if d.flags & !KNOWN_FLAGS != 0 {
+        return Err(DecodeError::UnknownFlags(d.flags));
+    }
+    if d.length > MAX_IO_LEN {
+        return Err(DecodeError::IoTooLarge(d.length.into()));
+    }
+    if d.offset.checked_add(d.length.into()).is_none() {
+        return Err(DecodeError::Overflow { offset: d.offset, length: d.length.into() });
+    }
+    let mut sum: u64 = 0;
+    for s in &d.segments {
+        if s.len == 0 {
+            return Err(DecodeError::ZeroLength);
+        }
+        if s.addr.checked_add(s.len.into()).is_none() {
+            return Err(DecodeError::Overflow { offset: s.addr, length: s.len.into() });
+        }
+        sum += u64::from(s.len);
+    }
+    if sum != u64::from(d.length) {
+        return Err(DecodeError::LengthMismatch {
+            ty: FrameType::Write,
+            len: d.length as usize,
+            expected: sum as usize,
+        });
+    }
+    Ok(())
+}
+
+fn check_range(r: &RangeOp) -> Result<(), DecodeError> {
+    if r.length == 0 {
+        return Err(DecodeError::ZeroLength);
+    }
+    if r.flags & !KNOWN_FLAGS != 0 {
+        return Err(DecodeError::UnknownFlags(r.flags));
+    }
+    if r.offset.checked_add(r.length).is_none() {
+        return Err(DecodeError::Overflow { offset: r.offset, length: r.length });
+    }
+    Ok(())
+}
+
+fn check_data_req(d: &DataReq) -> Result<(), DecodeError> {
+    if d.len == 0 {
+        return Err(DecodeError::ZeroLength);
+    }
+    if d.len > MAX_DATA_LEN {
+        return Err(DecodeError::IoTooLarge(d.len.into()));
+    }
+    if d.addr.checked_add(d.len.into()).is_none() {
+        return Err(DecodeError::Overflow { offset: d.addr, length: d.len.into() });
+    }
+    Ok(())
+}
+
+fn check_data_resp(ty: FrameType, d: &DataResp) -> Result<(), DecodeError> {
+    if d.len > MAX_DATA_LEN {
+        return Err(DecodeError::IoTooLarge(d.len.into()));
+    }
+    if ty == FrameType::DataReadResp && d.status != Status::Ok && d.len != 0 {
+        return Err(DecodeError::LengthMismatch { ty, len: d.len as usize, expected: 0 });
+    }
+    Ok(())
+}
+
+/// Decodes the fixed part of a body (`body.len()` must be `h.fixed_len()`).
+pub fn decode_body(h: &Header, body: &[u8]) -> Result<Message, DecodeError> {
+    let ty = h.ty;
+    let fixed = h.fixed_len();
+    if body.len() < fixed {
+        return Err(DecodeError::Truncated { needed: fixed, have: body.len() });
+    }
+    let body = &body[..fixed];
+    let zero = |cond: bool| if cond { Ok(()) } else { Err(DecodeError::Reserved(ty)) };
+    let msg = match ty {
+        FrameType::Hello => {
+            zero(rd_u64(body, 0) == 0)?;
+            Message::Hello(Hello {
+                cluster_id: rd_u64(body, 8),
+                node_id: rd_u64(body, 16),
+                nonce: rd_arr(body, 24),
+            })
+        }
+        FrameType::Challenge => Message::Challenge(Challenge {
+            node_id: rd_u64(body, 0),
+            nonce: rd_arr(body, 8),
+            mac: rd_arr(body, 40),
+        }),
+        FrameType::Auth => Message::Auth(rd_arr(body, 0)),
+        FrameType::Ready => Message::Ready,
+        FrameType::Write | FrameType::Read => {
+            let n = usize::from(rd_u16(body, 40));
+            if n == 0 || n > MAX_SEGMENTS {
+                return Err(DecodeError::SegmentCount(n));
+            }
+            let expected = DESC_FIXED + n * SEGMENT_LEN;
+            if body.len() != expected {
+                return Err(DecodeError::LengthMismatch { ty, len: body.len(), expected });
+            }
+            zero(rd_u16(body, 42) == 0 && rd_u32(body, 44) == 0)?;
+            let segments = (0..n)
+                .map(|i| {
+                    let at = DESC_FIXED + i * SEGMENT_LEN;
+                    Segment { addr: rd_u64(body, at), key: rd_u32(body, at + 8), len: rd_u32(body, at + 12) }
+                })
+                .collect();
+            let d = Descriptor {
+                request_id: rd_u64(body, 0),
+                volume: rd_u64(body, 8),
+                epoch: rd_u64(body, 16),
+                offset: rd_u64(body, 24),
+                length: rd_u32(body, 32),
+                flags: rd_u32(body, 36),
+                segments,
+            };
+            check_desc(&d).map_err(|e| match e {
+                DecodeError::LengthMismatch { len, expected, .. } => DecodeError::LengthMismatch { ty, len, expected },
+                e => e,
+            })?;
+            if ty == FrameType::Write {
+                Message::Write(d)
+            } else {
+                Message::Read(d)
+            }
+        }
+        FrameType::Flush => Message::Flush(Flush {
+            request_id: rd_u64(body, 0),
+            volume: rd_u64(body, 8),
+            epoch: rd_u64(body, 16),
+        }),
+        FrameType::Discard | FrameType::WriteZeroes => {
+            zero(rd_u32(body, 44) == 0)?;
+            let r = RangeOp {
+                request_id: rd_u64(body, 0),
+                volume: rd_u64(body, 8),
+                epoch: rd_u64(body, 16),
+                offset: rd_u64(body, 24),
+                length: rd_u64(body, 32),
+                flags: rd_u32(body, 40),
+            };
+            check_range(&r)?;
+            if ty == FrameType::Discard {
+                Message::Discard(r)
+            } else {
+                Message::WriteZeroes(r)
+            }
+        }
+        FrameType::Completion => Message::Completion(Completion {
+            request_id: rd_u64(body, 0),
+            status: Status::from_u32(rd_u32(body, 8))?,
+            bytes: rd_u32(body, 12),
+        }),
+        FrameType::Heartbeat => Message::Heartbeat(Heartbeat { sequence: rd_u64(body, 0), time_us: rd_u64(body, 8) }),
+        FrameType::Error => {
+            let n = usize::from(rd_u16(body, 4));
+            zero(rd_u16(body, 6) == 0)?;
+            if n > MAX_ERROR_TEXT || body.len() != 8 + n {
+                return Err(DecodeError::LengthMismatch { ty, len: body.len(), expected: 8 + n });
+            }
+            let text = std::str::from_utf8(&body[8..]).map_err(|_| DecodeError::BadText)?;
+            Message::Error(ErrorMsg { code: rd_u32(body, 0), text: text.to_owned() })
+        }
+        FrameType::DataRead | FrameType::DataWrite => {
+            zero(rd_u16(body, 26) == 0 && rd_u32(body, 28) == 0)?;
+            let d = DataReq {
+                op_id: rd_u64(body, 0),
+                addr: rd_u64(body, 8),
+                key: rd_u32(body, 16),
+                len: rd_u32(body, 20),
+                seg: rd_u16(body, 24),
+            };
+            check_data_req(&d)?;
+            if ty == FrameType::DataRead {
+                Message::DataRead(d)
+            } else {
+                if h.payload_len() != d.len as usize {
+                    return Err(DecodeError::LengthMismatch { ty, len: h.payload_len(), expected: d.len as usize });
+                }
+                Message::DataWrite(d)
+            }
+        }
+        FrameType::DataReadResp | FrameType::DataWriteAck => {
+            zero(rd_u16(body, 10) == 0 && rd_u32(body, 20) == 0)?;
+            let d = DataResp {
+                op_id: rd_u64(body, 0),
+                seg: rd_u16(body, 8),
+                status: Status::from_u32(rd_u32(body, 12))?,
+                len: rd_u32(body, 16),
+            };
+            check_data_resp(ty, &d)?;
+            if ty == FrameType::DataReadResp {
+                let expected = if d.status == Status::Ok { d.len as usize } else { 0 };
+                if h.payload_len() != expected {
+                    return Err(DecodeError::LengthMismatch { ty, len: h.payload_len(), expected });
+                }
+                Message::DataReadResp(d)
+            } else {
+                Message::DataWriteAck(d)
+            }
+        }
+    };
+    Ok(msg)
+}
+
+/// Decodes one whole frame from the front of `buf`.
+///
+/// Returns the message and the number of bytes the frame occupies, payload
+/// included; a data frame's payload is `buf[consumed - payload_len..consumed]`.
+pub fn decode(buf: &[u8]) -> Result<(Message, usize), DecodeError> {
+    let h = decode_header(buf)?;
+    let total = HEADER_LEN + h.body_len as usize;
+    if buf.len() < total {
+        return Err(DecodeError::Truncated { needed: total, have: buf.len() });
+    }
+    let msg = decode_body(&h, &buf[HEADER_LEN..HEADER_LEN + h.fixed_len()])?;
+    Ok((msg, total))
+}
+
+impl Message {
+    pub fn frame_type(&self) -> FrameType {
+        match self {
+            Message::Hello(_) => FrameType::Hello,
+            Message::Challenge(_) => FrameType::Challenge,
+            Message::Auth(_) => FrameType::Auth,
+            Message::Ready => FrameType::Ready,
+            Message::Write(_) => FrameType::Write,
+            Message::Read(_) => FrameType::Read,
+            Message::Flush(_) => FrameType::Flush,
+            Message::Discard(_) => FrameType::Discard,
+            Message::WriteZeroes(_) => FrameType::WriteZeroes,
+            Message::Completion(_) => FrameType::Completion,
+            Message::Heartbeat(_) => FrameType::Heartbeat,
+            Message::Error(_) => FrameType::Error,
+            Message::DataRead(_) => FrameType::DataRead,
+            Message::DataReadResp(_) => FrameType::DataReadResp,
+            Message::DataWrite(_) => FrameType::DataWrite,
+            Message::DataWriteAck(_) => FrameType::DataWriteAck,
+        }
+    }
+
+    /// Payload bytes that follow the encoded frame on the wire.
+    pub fn payload_len(&self) -> usize {
+        match self {
+            Message::DataWrite(d) => d.len as usize,
+            Message::DataReadResp(d) if d.status == Status::Ok => d.len as usize,
+            _ => 0,
+        }
+    }
+
+    fn fixed_body_len(&self) -> usize {
+        match self {
+            Message::Hello(_) => HELLO_LEN,
+            Message::Challenge(_) => CHALLENGE_LEN,
+            Message::Auth(_) => MAC_LEN,
+            Message::Ready => 0,
+            Message::Write(d) | Message::Read(d) => DESC_FIXED + d.segments.len() * SEGMENT_LEN,
+            Message::Flush(_) => 24,
+            Message::Discard(_) | Message::WriteZeroes(_) => RANGE_LEN,
+            Message::Completion(_) | Message::Heartbeat(_) => 16,
+            Message::Error(e) => 8 + e.text.len(),
+            Message::DataRead(_) | Message::DataWrite(_) => DATA_REQ_LEN,
+            Message::DataReadResp(_) | Message::DataWriteAck(_) => DATA_RESP_LEN,
+        }
+    }
+
+    /// Bytes [`Message::encode`] writes (payload excluded).
+    pub fn encoded_len(&self) -> usize {
+        HEADER_LEN + self.fixed_body_len()
+    }
+
+    fn validate(&self) -> Result<(), DecodeError> {
+        match self {
+            Message::Write(d) | Message::Read(d) => check_desc(d),
+            Message::Discard(r) | Message::WriteZeroes(r) => check_range(r),
+            Message::Error(e) if e.text.len() > MAX_ERROR_TEXT => Err(DecodeError::LengthMismatch {
+                ty: FrameType::Error,
+                len: e.text.len(),
+                expected: MAX_ERROR_TEXT,
+            }),
+            Message::DataRead(d) | Message::DataWrite(d) => check_data_req(d),
+            Message::DataReadResp(d) => check_data_resp(FrameType::DataReadResp, d),
+            Message::DataWriteAck(d) => check_data_resp(FrameType::DataWriteAck, d),
+            _ => Ok(()),
+        }
+    }
+
+    /// Encodes the header and fixed body into `out`; returns bytes written.
+    /// A data frame's payload must be sent right after these bytes.
+    pub fn encode(&self, out: &mut [u8]) -> Result<usize, EncodeError> {
+        self.validate().map_err(EncodeError::Invalid)?;
+        let fixed = self.fixed_body_len();
+        let n = HEADER_LEN + fixed;
+        if out.len() < n {
+            return Err(EncodeError::BufferTooSmall { needed: n, have: out.len() });
+        }
+        let out = &mut out[..n];
+        out.fill(0);
+        wr_u16(out, 0, MAGIC);
+        out[2] = VERSION_MAJOR;
+        out[3] = VERSION_MINOR;
+        out[4] = self.frame_type() as u8;
+        // Bounded by MAX_CONTROL_BODY + MAX_DATA_LEN, far below u32::MAX.
+        wr_u32(out, 8, (fixed + self.payload_len()) as u32);
+        let b = &mut out[HEADER_LEN..];
+        match self {
+            Message::Hello(h) => {
+                wr_u64(b, 8, h.cluster_id);
+                wr_u64(b, 16, h.node_id);
+                b[24..56].copy_from_slice(&h.nonce);
+            }
+            Message::Challenge(c) => {
+                wr_u64(b, 0, c.node_id);
+                b[8..40].copy_from_slice(&c.nonce);
+                b[40..72].copy_from_slice(&c.mac);
+            }
+            Message::Auth(mac) => b.copy_from_slice(mac),
+            Message::Ready => {}
+            Message::Write(d) | Message::Read(d) => {
+                wr_u64(b, 0, d.request_id);
+                wr_u64(b, 8, d.volume);
+                wr_u64(b, 16, d.epoch);
+                wr_u64(b, 24, d.offset);
+                wr_u32(b, 32, d.length);
+                wr_u32(b, 36, d.flags);
+                // check_desc bounded the count by MAX_SEGMENTS.
+                wr_u16(b, 40, d.segments.len() as u16);
+                for (i, s) in d.segments.iter().enumerate() {
+                    let at = DESC_FIXED + i * SEGMENT_LEN;
+                    wr_u64(b, at, s.addr);
+                    wr_u32(b, at + 8, s.key);
+                    wr_u32(b, at + 12, s.len);
+                }
+            }
+            Message::Flush(f) => {
+                wr_u64(b, 0, f.request_id);
+                wr_u64(b, 8, f.volume);
+                wr_u64(b, 16, f.epoch);
+            }
+            Message::Discard(r) | Message::WriteZeroes(r) => {
+                wr_u64(b, 0, r.request_id);
+                wr_u64(b, 8, r.volume);
+                wr_u64(b, 16, r.epoch);
+                wr_u64(b, 24, r.offset);
+                wr_u64(b, 32, r.length);
+                wr_u32(b, 40, r.flags);
+            }
+            Message::Completion(c) => {
+                wr_u64(b, 0, c.request_id);
+                wr_u32(b, 8, c.status as u32);
+                wr_u32(b, 12, c.bytes);
+            }
+            Message::Heartbeat(h) => {
+                wr_u64(b, 0, h.sequence);
+                wr_u64(b, 8, h.time_us);
+            }
+            Message::Error(e) => {
+                wr_u32(b, 0, e.code);
+                // validate() bounded the text by MAX_ERROR_TEXT.
+                wr_u16(b, 4, e.text.len() as u16);
+                b[8..].copy_from_slice(e.text.as_bytes());
+            }
+            Message::DataRead(d) | Message::DataWrite(d) => {
+                wr_u64(b, 0, d.op_id);
+                wr_u64(b, 8, d.addr);
+                wr_u32(b, 16, d.key);
+                wr_u32(b, 20, d.len);
+                wr_u16(b, 24, d.seg);
+            }
+            Message::DataReadResp(d) | Message::DataWriteAck(d) => {
+                wr_u64(b, 0, d.op_id);
+                wr_u16(b, 8, d.seg);
+                wr_u32(b, 12, d.status as u32);
+                wr_u32(b, 16, d.len);
+            }
+        }
+        Ok(n)
+    }
+
+    /// Encodes into a new vector (slow path: handshake, tests).
+    pub fn to_vec(&self) -> Result<Vec<u8>, EncodeError> {
+        let mut v = vec![0u8; self.encoded_len()];
+        self.encode(&mut v)?;
+        Ok(v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn status() -> impl Strategy<Value = Status> {
+        (0u32..8).prop_map(|v| Status::from_u32(v).unwrap())
+    }
+
+    fn desc() -> impl Strategy<Value = Descriptor> {
+        (
+            any::<u64>(),
+            any::<u64>(),
+            any::<u64>(),
+            0u64..(u64::MAX >> 1),
+            prop::collection::vec((any::<u32>().prop_map(u64::from), any::<u32>(), 1u32..65536), 1..=MAX_SEGMENTS),
+            any::<bool>(),
+        )
+            .prop_map(|(request_id, volume, epoch, offset, segs, fua)| {
+                let segments: Vec<Segment> = segs.into_iter().map(|(addr, key, len)| Segment { addr, key, len }).collect();
+                let length = segments.iter().map(|s| s.len).sum();
+                Descriptor { request_id, volume, epoch, offset, length, flags: if fua { FLAG_FUA } else { 0 }, segments }
+            })
+    }
+
+    fn message() -> impl Strategy<Value = Message> {
+        let range = (any::<u64>(), any::<u64>(), any::<u64>(), 0u64..(1 << 62), 1u64..(1 << 40), 0u32..2)
+            .prop_map(|(request_id, volume, epoch, offset, length, flags)| RangeOp { request_id, volume, epoch, offset, length, flags });
+        let data_req = (any::<u64>(), 0u64..(1 << 48), any::<u32>(), 1..=MAX_DATA_LEN, any::<u16>())
+            .prop_map(|(op_id, addr, key, len, seg)| DataReq { op_id, addr, key, len, seg });
+        prop_oneof![
+            (any::<u64>(), any::<u64>(), any::<[u8; 32]>()).prop_map(|(cluster_id, node_id, nonce)| Message::Hello(Hello { cluster_id, node_id, nonce })),
+            (any::<u64>(), any::<[u8; 32]>(), any::<[u8; 32]>()).prop_map(|(node_id, nonce, mac)| Message::Challenge(Challenge { node_id, nonce, mac })),
+            any::<[u8; 32]>().prop_map(Message::Auth),
+            Just(Message::Ready),
+            desc().prop_map(Message::Write),
+            desc().prop_map(Message::Read),
+            (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(request_id, volume, epoch)| Message::Flush(Flush { request_id, volume, epoch })),
+            range.clone().prop_map(Message::Discard),
+            range.prop_map(Message::WriteZeroes),
+            (any::<u64>(), status(), any::<u32>()).prop_map(|(request_id, status, bytes)| Message::Completion(Completion { request_id, status, bytes })),
+            (any::<u64>(), any::<u64>()).prop_map(|(sequence, time_us)| Message::Heartbeat(Heartbeat { sequence, time_us })),
+            (any::<u32>(), "[a-zA-Z0-9 ]{0,200}").prop_map(|(code, text)| Message::Error(ErrorMsg { code, text })),
+            data_req.clone().prop_map(Message::DataRead),
+            data_req.prop_map(Message::DataWrite),
+            (any::<u64>(), any::<u16>(), status(), 0..=MAX_DATA_LEN).prop_map(|(op_id, seg, status, len)| {
+                let len = if status == Status::Ok { len } else { 0 };
+                Message::DataReadResp(DataResp { op_id, seg, status, len })
+            }),
+            (any::<u64>(), any::<u16>(), status(), 0..=MAX_DATA_LEN).prop_map(|(op_id, seg, status, len)| Message::DataWriteAck(DataResp { op_id, seg, status, len })),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn round_trip(msg in message(), payload_fill in any::<u8>()) {
+            let mut buf = msg.to_vec().unwrap();
+            prop_assert_eq!(buf.len(), msg.encoded_len());
+            buf.resize(buf.len() + msg.payload_len(), payload_fill);
+            let (back, used) = decode(&buf).unwrap();
+            prop_assert_eq!(used, buf.len());
+            prop_assert_eq!(back, msg);
+        }
+
+        #[test]
+        fn every_truncation_is_an_error(msg in message()) {
+            let mut buf = msg.to_vec().unwrap();
+            buf.resize(buf.len() + msg.payload_len(), 0);
+            for cut in 0..buf.len().min(HEADER_LEN + MAX_CONTROL_BODY) {
+                prop_assert!(decode(&buf[..cut]).is_err());
+            }
+        }
+
+        #[test]
+        fn garbage_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..4096)) {
+            let _ = decode(&bytes);
+        }
+
+        #[test]
+        fn any_single_bit_flip_decodes_or_errors(msg in message(), bit in any::<prop::sample::Index>()) {
+            let mut buf = msg.to_vec().unwrap();
+            buf.resize(buf.len() + msg.payload_len(), 0);
+            let b = bit.index(buf.len() * 8);
+            buf[b / 8] ^= 1 << (b % 8);
+            if let Ok((m, used)) = decode(&buf) {
+                // Whatever decodes must re-encode to the same bytes.
+                let again = m.to_vec().unwrap();
+                prop_assert_eq!(&again[..], &buf[..again.len()]);
+                prop_assert!(used <= buf.len());
+            }
+        }
+    }
+
+    fn write_with(segs: Vec<Segment>, offset: u64) -> Descriptor {
+        let length = segs.iter().map(|s| s.len).sum();
+        Descriptor { request_id: 1, volume: 2, epoch: 3, offset, length, flags: 0, segments: segs }
+    }
+
+    #[test]
+    fn rejects_unknown_major_version() {
+        let mut b = Message::Ready.to_vec().unwrap();
+        b[2] = VERSION_MAJOR + 1;
+        let e = decode(&b).unwrap_err();
+        assert_eq!(e, DecodeError::UnsupportedVersion { peer_major: VERSION_MAJOR + 1, peer_minor: VERSION_MINOR });
+        assert!(e.to_string().contains("major versions differ"), "{e}");
+        // A newer minor is fine.
+        b[2] = VERSION_MAJOR;
+        b[3] = VERSION_MINOR + 1;
+        assert_eq!(decode(&b).unwrap().0, Message::Ready);
+    }
+
+    #[test]
+    fn rejects_unknown_type_and_bad_magic() {
+        let mut b = Message::Ready.to_vec().unwrap();
+        b[4] = 99;
+        assert_eq!(decode(&b).unwrap_err(), DecodeError::UnknownType(99));
+        b[4] = FrameType::Ready as u8;
+        b[0] = b'X';
+        assert!(matches!(decode(&b).unwrap_err(), DecodeError::BadMagic(_)));
+    }
+
+    #[test]
+    fn rejects_segment_count_over_limit() {
+        let seg = Segment { addr: 0x1000, key: 1, len: 512 };
+        let d = write_with(vec![seg; MAX_SEGMENTS], 0);
+        let mut b = Message::Write(d).to_vec().unwrap();
+        wr_u16(&mut b, HEADER_LEN + 40, (MAX_SEGMENTS + 1) as u16);
+        assert_eq!(decode(&b).unwrap_err(), DecodeError::SegmentCount(MAX_SEGMENTS + 1));
+        let too_many = write_with(vec![seg; MAX_SEGMENTS + 1], 0);
+        assert!(matches!(Message::Write(too_many).to_vec(), Err(EncodeError::Invalid(DecodeError::SegmentCount(_)))));
+    }
+
+    #[test]
+    fn rejects_offset_plus_length_overflow() {
+        let d = write_with(vec![Segment { addr: 0x1000, key: 1, len: 4096 }], 0);
+        let mut b = Message::Write(d).to_vec().unwrap();
+        wr_u64(&mut b, HEADER_LEN + 24, u64::MAX - 100);
+        assert!(matches!(decode(&b).unwrap_err(), DecodeError::Overflow { .. }));
+        let r = RangeOp { request_id: 1, volume: 1, epoch: 1, offset: u64::MAX, length: 2, flags: 0 };
+        assert!(Message::Discard(r).to_vec().is_err());
+    }
+
+    #[test]
+    fn rejects_length_mismatch() {
+        let d = write_with(vec![Segment { addr: 0x1000, key: 1, len: 4096 }, Segment { addr: 0x9000, key: 1, len: 512 }], 0);
+        let mut b = Message::Write(d).to_vec().unwrap();
+        wr_u32(&mut b, HEADER_LEN + 32, 4096);
+        assert!(matches!(decode(&b).unwrap_err(), DecodeError::LengthMismatch { .. }));
+        // Body length disagreeing with the segment count.
+        let mut b2 = Message::Write(write_with(vec![Segment { addr: 1, key: 1, len: 1 }], 0)).to_vec().unwrap();
+        b2.extend_from_slice(&[0u8; SEGMENT_LEN]);
+        wr_u32(&mut b2, 8, (DESC_FIXED + 2 * SEGMENT_LEN) as u32);
+        assert!(matches!(decode(&b2).unwrap_err(), DecodeError::LengthMismatch { .. }));
+        // Oversized body is refused from the header alone.
+        let mut b3 = Message::Ready.to_vec().unwrap();
+        wr_u32(&mut b3, 8, u32::MAX);
+        assert!(matches!(decode_header(&b3).unwrap_err(), DecodeError::BodyLength { .. }));
+    }
+
+    #[test]
+    fn data_frame_payload_follows_fixed_part() {
+        let m = Message::DataWrite(DataReq { op_id: 7, addr: 0x1000, key: 9, len: 5, seg: 1 });
+        let mut b = m.to_vec().unwrap();
+        b.extend_from_slice(b"hello");
+        let (back, used) = decode(&b).unwrap();
+        assert_eq!(back, m);
+        assert_eq!(&b[used - back.payload_len()..used], b"hello");
+        let h = decode_header(&b).unwrap();
+        assert_eq!(h.fixed_len(), DATA_REQ_LEN);
+        assert_eq!(h.payload_len(), 5);
+    }
+
+    #[test]
+    fn layout_is_as_drawn() {
+        let d = Descriptor {
+            request_id: 0x0102030405060708,
+            volume: 9,
+            epoch: 10,
+            offset: 4096,
+            length: 512,
+            flags: FLAG_FUA,
+            segments: vec![Segment { addr: 0xAABB, key: 0xCC, len: 512 }],
+        };
+        let b = Message::Write(d).to_vec().unwrap();
+        assert_eq!(&b[..12], &[b'H', b'B', 1, 0, 16, 0, 0, 0, 64, 0, 0, 0]);
+        assert_eq!(&b[12..20], &[8, 7, 6, 5, 4, 3, 2, 1]);
+        assert_eq!(&b[12 + 32..12 + 42], &[0, 2, 0, 0, 1, 0, 0, 0, 1, 0]);
+        assert_eq!(&b[12 + 48..12 + 64], &[0xBB, 0xAA, 0, 0, 0, 0, 0, 0, 0xCC, 0, 0, 0, 0, 2, 0, 0]);
+    }
+}
