@@ -1,0 +1,316 @@
+#!/usr/bin/env python3
+"""Collect one bench/run.sh run into a JSON file, a markdown table and a PNG chart.
+
+Input: a run directory with meta.json and one file per measurement named
+IDX__SERVER__WORKLOAD__BS__QD.json (blk-bench or fio JSON) or .error (a failed measurement).
+
+    python3 bench/plot.py --run-dir bench/out/run-TS --json out.json --png out.png --markdown out.md
+
+Ratios are against qemu-storage-daemon on the same kind of backend: null-co for hcblk's
+null and ram volumes, the io_uring O_DIRECT file export for hcblk's file volume and for fio.
+With several rounds, each figure is the median over rounds.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+
+# Which qemu-storage-daemon configuration each server is compared with.
+REFERENCE = {
+    "qsd-null": "qsd-null",
+    "hcblk-null": "qsd-null",
+    "hcblk-ram": "qsd-null",
+    "qsd-file": "qsd-file",
+    "hcblk-file": "qsd-file",
+    "fio-host": "qsd-file",
+}
+SERVER_ORDER = ["qsd-null", "hcblk-null", "hcblk-ram", "qsd-file", "hcblk-file", "fio-host"]
+METRICS = ["iops", "mib_s", "p50_us", "p99_us", "p999_us",
+           "server_cpu_us_per_io", "server_cpu_pct", "client_cpu_pct"]
+
+
+def parse_name(fname):
+    """IDX__SERVER__WORKLOAD__BS__QD.ext -> dict, or None for other files."""
+    stem, ext = os.path.splitext(fname)
+    parts = stem.split("__")
+    if ext not in (".json", ".error") or len(parts) != 5:
+        return None
+    idx, server, workload, bs, qd = parts
+    try:
+        return {"idx": int(idx), "server": server, "workload": workload,
+                "bs": bs, "qd": int(qd), "ext": ext}
+    except ValueError:
+        return None
+
+
+def from_blk_bench(d):
+    lat = d.get("lat_us") or {}
+    return {
+        "iops": d["iops"],
+        "mib_s": d["mib_per_s"],
+        "p50_us": lat.get("p50"),
+        "p99_us": lat.get("p99"),
+        "p999_us": lat.get("p999"),
+        "server_cpu_us_per_io": d.get("server_cpu_us_per_io"),
+        "server_cpu_pct": d.get("server_cpu_pct"),
+        "client_cpu_pct": d.get("client_cpu_pct"),
+        "seconds": d.get("elapsed_s"),
+    }
+
+
+def from_fio(d):
+    job = d["jobs"][0]
+    side = job["write"] if job["write"]["io_bytes"] > 0 else job["read"]
+    pct = side["lat_ns"].get("percentile", {})
+
+    def us(key):
+        return pct[key] / 1000.0 if key in pct else None
+
+    return {
+        "iops": side["iops"],
+        "mib_s": side["bw_bytes"] / (1 << 20),
+        "p50_us": us("50.000000"),
+        "p99_us": us("99.000000"),
+        "p999_us": us("99.900000"),
+        # The "server" is the kernel; its CPU is not separable from fio's own.
+        "server_cpu_us_per_io": None,
+        "server_cpu_pct": None,
+        "client_cpu_pct": job["usr_cpu"] + job["sys_cpu"],
+        "seconds": job["job_runtime"] / 1000.0,
+    }
+
+
+def load_run(run_dir):
+    runs = []
+    for fname in sorted(os.listdir(run_dir)):
+        meta = parse_name(fname)
+        if meta is None:
+            continue
+        path = os.path.join(run_dir, fname)
+        rec = {k: meta[k] for k in ("idx", "server", "workload", "bs", "qd")}
+        rec["key"] = f"{meta['workload']}-{meta['bs']}-qd{meta['qd']}"
+        if meta["ext"] == ".error":
+            with open(path) as f:
+                rec["error"] = f.read().strip()[-2000:]
+        else:
+            with open(path) as f:
+                d = json.load(f)
+            if d.get("tool") == "blk-bench":
+                rec.update(from_blk_bench(d))
+            elif "fio version" in d:
+                rec.update(from_fio(d))
+            else:
+                rec["error"] = f"unrecognised result file {fname}"
+        runs.append(rec)
+    return runs
+
+
+def summarise(runs):
+    """Median per (key, server) over the successful rounds."""
+    groups = {}
+    for r in runs:
+        groups.setdefault((r["key"], r["server"]), []).append(r)
+    summary = []
+    for (key, server), rs in groups.items():
+        ok = [r for r in rs if "error" not in r]
+        s = {"key": key, "server": server, "workload": rs[0]["workload"],
+             "bs": rs[0]["bs"], "qd": rs[0]["qd"], "rounds": len(ok),
+             "failed": len(rs) - len(ok)}
+        for m in METRICS:
+            vals = [r[m] for r in ok if r.get(m) is not None]
+            s[m] = statistics.median(vals) if vals else None
+        summary.append(s)
+    index = {(s["key"], s["server"]): s for s in summary}
+    for s in summary:
+        ref = index.get((s["key"], REFERENCE.get(s["server"], "")))
+        s["reference"] = ref["server"] if ref else None
+        for m, name in (("iops", "iops_ratio"), ("p50_us", "p50_ratio"),
+                        ("server_cpu_us_per_io", "cpu_per_io_ratio")):
+            a, b = s.get(m), ref.get(m) if ref else None
+            s[name] = a / b if a is not None and b else None
+    order = {n: i for i, n in enumerate(SERVER_ORDER)}
+    summary.sort(key=lambda s: (s["workload"] == "idle", s["key"],
+                                order.get(s["server"], 99), s["server"]))
+    return summary
+
+
+def criteria(summary):
+    index = {(s["key"], s["server"]): s for s in summary}
+
+    def get(key, server, metric):
+        s = index.get((key, server))
+        return None if s is None else s.get(metric)
+
+    def check(name, value, op, limit, how):
+        if value is None:
+            verdict = "MISSING"
+        else:
+            verdict = "PASS" if (value >= limit if op == ">=" else value < limit
+                                 if op == "<" else value <= limit) else "FAIL"
+        return {"criterion": name, "value": value, "op": op, "limit": limit,
+                "how": how, "verdict": verdict}
+
+    def ratio(a, b):
+        return a / b if a is not None and b else None
+
+    return [
+        check("hcblk null 4k randread QD32 IOPS / qsd null-co",
+              ratio(get("randread-4k-qd32", "hcblk-null", "iops"),
+                    get("randread-4k-qd32", "qsd-null", "iops")), ">=", 2.0,
+              "IOPS ratio"),
+        check("hcblk null 4k randread QD1 p50 / qsd null-co",
+              ratio(get("randread-4k-qd1", "hcblk-null", "p50_us"),
+                    get("randread-4k-qd1", "qsd-null", "p50_us")), "<=", 0.5,
+              "p50 latency ratio"),
+        check("hcblk file 4k randread QD32 IOPS / host fio io_uring O_DIRECT",
+              ratio(get("randread-4k-qd32", "hcblk-file", "iops"),
+                    get("randread-4k-qd32", "fio-host", "iops")), ">=", 0.9,
+              "IOPS ratio"),
+        check("hcblk idle volume, --poll adaptive: daemon CPU % of a core",
+              get("idle-4k-qd1", "hcblk-file", "server_cpu_pct"), "<", 5.0,
+              "percent of one core"),
+    ]
+
+
+def fmt(v, digits=2):
+    if v is None:
+        return "–"
+    if abs(v) >= 1000:
+        return f"{v:,.0f}"
+    return f"{v:.{digits}f}"
+
+
+def markdown(meta, summary, checks):
+    lines = []
+    lines.append(f"Run {meta.get('timestamp', '?')} (git {meta.get('git', '?')}), "
+                 f"{meta.get('cpu_model', '?')} ×{meta.get('nproc', '?')}, "
+                 f"kernel {meta.get('kernel', '?')}, {meta.get('qemu_storage_daemon', '?')}, "
+                 f"{meta.get('fio', '?')}.")
+    lines.append(f"Servers pinned to core {meta.get('server_cpu')}, client (blk-bench: libblkio "
+                 f"virtio-blk-vhost-user, busy-polled queue) to core {meta.get('client_cpu')}; "
+                 f"{meta.get('seconds')} s measured after {meta.get('warmup')} s warmup, "
+                 f"{meta.get('rounds')} round(s), median; image {meta.get('size')}.")
+    lines.append("")
+    lines.append("Command: `" + meta.get("command", "bench/run.sh") + "`")
+    lines.append("")
+    lines.append("| workload | server | IOPS | MiB/s | p50 µs | p99 µs | p99.9 µs "
+                 "| server CPU µs/IO | server CPU % | IOPS × ref | p50 × ref | CPU/IO × ref "
+                 "| ref |")
+    lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    for s in summary:
+        if s["workload"] == "idle":
+            continue
+        if s["rounds"] == 0:
+            lines.append(f"| {s['key']} | {s['server']} | FAILED | | | | | | | | | | |")
+            continue
+        lines.append(
+            f"| {s['key']} | {s['server']} | {fmt(s['iops'], 0)} | {fmt(s['mib_s'], 1)} "
+            f"| {fmt(s['p50_us'])} | {fmt(s['p99_us'])} | {fmt(s['p999_us'])} "
+            f"| {fmt(s['server_cpu_us_per_io'], 3)} | {fmt(s['server_cpu_pct'], 1)} "
+            f"| {fmt(s['iops_ratio'])} | {fmt(s['p50_ratio'])} | {fmt(s['cpu_per_io_ratio'])} "
+            f"| {s['reference'] or '–'} |")
+    idle = [s for s in summary if s["workload"] == "idle"]
+    if idle:
+        lines.append("")
+        lines.append(f"Idle: client connected, queue started, no I/O for "
+                     f"{meta.get('idle_seconds')} s after {meta.get('warmup')} s of QD1 reads "
+                     f"(hcblk with `--poll adaptive`).")
+        lines.append("")
+        lines.append("| server | server CPU % of one core |")
+        lines.append("|---|---:|")
+        for s in idle:
+            val = "FAILED" if s["rounds"] == 0 else fmt(s["server_cpu_pct"], 2)
+            lines.append(f"| {s['server']} | {val} |")
+    lines.append("")
+    lines.append("| criterion | measured | target | verdict |")
+    lines.append("|---|---:|---|---|")
+    for c in checks:
+        lines.append(f"| {c['criterion']} | {fmt(c['value'], 3)} | {c['op']} {c['limit']} "
+                     f"| {c['verdict']} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary, png, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [s for s in summary if s["workload"] != "idle" and s["rounds"] > 0]
+    keys = sorted({s["key"] for s in rows}, key=lambda k: [s["key"] for s in summary].index(k))
+    servers = [n for n in SERVER_ORDER if any(s["server"] == n for s in rows)]
+    servers += sorted({s["server"] for s in rows} - set(servers))
+    index = {(s["key"], s["server"]): s for s in rows}
+    width = 0.8 / max(len(servers), 1)
+
+    fig, axes = plt.subplots(3, 1, figsize=(12, 12))
+    panels = [
+        ("iops", "IOPS (log)", True),
+        ("p50_us", "p50 latency µs (log); whisker to p99", True),
+        ("server_cpu_us_per_io", "server CPU µs per I/O", False),
+    ]
+    for ax, (metric, label, log) in zip(axes, panels):
+        for i, server in enumerate(servers):
+            xs, ys, err = [], [], []
+            for k, key in enumerate(keys):
+                s = index.get((key, server))
+                if s is None or s.get(metric) is None:
+                    continue
+                xs.append(k + (i - (len(servers) - 1) / 2) * width)
+                ys.append(s[metric])
+                if metric == "p50_us":
+                    err.append(max((s.get("p99_us") or s[metric]) - s[metric], 0))
+            kwargs = {"yerr": [[0] * len(err), err], "capsize": 2} if metric == "p50_us" else {}
+            ax.bar(xs, ys, width, label=server, **kwargs)
+        ax.set_xticks(range(len(keys)))
+        ax.set_xticklabels(keys)
+        ax.set_ylabel(label)
+        if log:
+            ax.set_yscale("log")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(ncol=len(servers), fontsize=8, loc="upper right")
+    axes[0].set_title(title)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run-dir", required=True)
+    ap.add_argument("--json")
+    ap.add_argument("--png")
+    ap.add_argument("--markdown")
+    args = ap.parse_args()
+
+    meta_path = os.path.join(args.run_dir, "meta.json")
+    meta = {}
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            meta = json.load(f)
+    runs = load_run(args.run_dir)
+    if not runs:
+        sys.exit(f"no measurements in {args.run_dir}")
+    summary = summarise(runs)
+    checks = criteria(summary)
+    md = markdown(meta, summary, checks)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "summary": summary, "criteria": checks, "runs": runs},
+                      f, indent=2)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(md)
+    else:
+        sys.stdout.write(md)
+    if args.png:
+        try:
+            plot(summary, args.png, f"hcblk vs qemu-storage-daemon, {meta.get('timestamp', '')}")
+        except ImportError as e:
+            print(f"plot.py: no chart ({e}); install python3-matplotlib", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,255 @@
+//! In-process transport: two endpoints sharing one address space. Messages
+//! go through bounded queues; one-sided operations are checked against the
+//! peer's grants exactly as on the wire and copy at post time, so the order
+//! of events is fully determined by the caller (the basis for a seeded
+//! simulation of replication).
+
+use crate::mem::{Denied, IoPtr};
+use crate::wire::{FrameType, Message, Segment, Status, MAX_DATA_LEN, MAX_SEGMENTS};
+use crate::{Access, Config, Endpoint, Grant, Key, LocalSeg, OpCompletion, RegionId, Registry, TransportError};
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+#[derive(Debug)]
+struct Side {
+    inbox: VecDeque<Message>,
+    registry: Arc<Registry>,
+    closed: bool,
+}
+
+#[derive(Debug)]
+struct Shared {
+    sides: [Side; 2],
+}
+
+/// One end of an in-process connection.
+#[derive(Debug)]
+pub struct LoopbackEndpoint {
+    shared: Arc<Mutex<Shared>>,
+    me: usize,
+    peer_node: u64,
+    recv_queue: usize,
+    max_inflight: usize,
+    completions: VecDeque<OpCompletion>,
+}
+
+/// Connects two in-process endpoints. Both must be in the same cluster and
+/// hold the same secret (checked the way the handshake would).
+pub fn pair(a: &Config, b: &Config) -> Result<(LoopbackEndpoint, LoopbackEndpoint), TransportError> {
+    if a.cluster_id != b.cluster_id {
+        return Err(TransportError::Handshake("peer belongs to another cluster"));
+    }
+    let ctx = crate::auth::Context { cluster_id: a.cluster_id, client_node: a.node_id, server_node: b.node_id, client_nonce: [0; 32], server_nonce: [1; 32] };
+    if !crate::auth::verify(&b.secret, crate::auth::Role::Client, &ctx, &crate::auth::tag(&a.secret, crate::auth::Role::Client, &ctx)) {
+        return Err(TransportError::AuthFailed("the peers hold different cluster secrets"));
+    }
+    let side = || Side { inbox: VecDeque::new(), registry: Arc::new(Registry::new()), closed: false };
+    let shared = Arc::new(Mutex::new(Shared { sides: [side(), side()] }));
+    let mk = |me: usize, cfg: &Config, peer: &Config| LoopbackEndpoint {
+        shared: shared.clone(),
+        me,
+        peer_node: peer.node_id,
+        recv_queue: cfg.recv_queue.max(1),
+        max_inflight: cfg.max_inflight.max(1),
+        completions: VecDeque::new(),
+    };
+    Ok((mk(0, a, b), mk(1, b, a)))
+}
+
+impl LoopbackEndpoint {
+    fn lock(&self) -> MutexGuard<'_, Shared> {
+        // Each critical section is a single queue operation; poisoning cannot
+        // leave the state inconsistent.
+        self.shared.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn registry(&self) -> Arc<Registry> {
+        self.lock().sides[self.me].registry.clone()
+    }
+
+    /// Fault injection: the connection fails for both ends.
+    pub fn disconnect(&mut self) {
+        let mut s = self.lock();
+        s.sides[0].closed = true;
+        s.sides[1].closed = true;
+    }
+
+    fn one_sided(&mut self, remote: &[Segment], local: &[LocalSeg], user_data: u64, write: bool) -> Result<(), TransportError> {
+        if remote.is_empty() || remote.len() > MAX_SEGMENTS || remote.iter().any(|s| s.len == 0 || s.len > MAX_DATA_LEN) {
+            return Err(TransportError::Limit("remote segments"));
+        }
+        if self.completions.len() >= self.max_inflight {
+            return Err(TransportError::TooManyInFlight(self.max_inflight));
+        }
+        let (mine, theirs, closed) = {
+            let s = self.lock();
+            (s.sides[self.me].registry.clone(), s.sides[1 - self.me].registry.clone(), s.sides[self.me].closed)
+        };
+        if closed {
+            return Err(TransportError::Disconnected);
+        }
+        let local = mine.local(local)?;
+        let total: usize = remote.iter().map(|s| s.len as usize).sum();
+        if total != local.total {
+            return Err(TransportError::LengthMismatch { local: local.total, remote: total });
+        }
+        let want = if write { Access::RemoteWrite } else { Access::RemoteRead };
+        let windows: Result<Vec<IoPtr>, Denied> = remote.iter().map(|s| theirs.check_remote(s.key, s.addr, s.len, want)).collect();
+        let status = match windows {
+            Ok(w) => {
+                let l = local.sub(0, local.total);
+                if write {
+                    crate::mem::copy(&l, &w);
+                } else {
+                    crate::mem::copy(&w, &l);
+                }
+                Status::Ok
+            }
+            Err(why) => {
+                tracing::warn!(peer = self.peer_node, "refused one-sided {}: {why:?}", if write { "write" } else { "read" });
+                Status::AccessDenied
+            }
+        };
+        let bytes = if status == Status::Ok { total as u32 } else { 0 };
+        self.completions.push_back(OpCompletion { user_data, status, bytes });
+        Ok(())
+    }
+}
+
+impl Endpoint for LoopbackEndpoint {
+    fn send(&mut self, msg: &Message) -> Result<(), TransportError> {
+        match msg.frame_type() {
+            FrameType::Write | FrameType::Read | FrameType::Flush | FrameType::Discard | FrameType::WriteZeroes | FrameType::Completion | FrameType::Error => {}
+            t => return Err(TransportError::NotApplication(t)),
+        }
+        // Same validation as the encoder: never deliver what the wire would refuse.
+        msg.to_vec().map_err(TransportError::Encode)?;
+        let cap = self.recv_queue;
+        let me = self.me;
+        let mut s = self.lock();
+        if s.sides[me].closed {
+            return Err(TransportError::Disconnected);
+        }
+        let peer = &mut s.sides[1 - me];
+        if peer.inbox.len() >= cap {
+            return Err(TransportError::QueueFull);
+        }
+        peer.inbox.push_back(msg.clone());
+        Ok(())
+    }
+
+    fn poll_recv(&mut self) -> Result<Option<Message>, TransportError> {
+        let me = self.me;
+        let mut s = self.lock();
+        let side = &mut s.sides[me];
+        match side.inbox.pop_front() {
+            Some(m) => Ok(Some(m)),
+            None if side.closed => Err(TransportError::Disconnected),
+            None => Ok(None),
+        }
+    }
+
+    unsafe fn register_region(&mut self, ptr: *mut u8, len: usize) -> Result<RegionId, TransportError> {
+        // SAFETY: the caller upholds `Registry::register`'s contract (same as ours).
+        unsafe { self.registry().register(ptr, len) }
+    }
+
+    fn deregister_region(&mut self, region: RegionId) -> Result<(), TransportError> {
+        self.registry().deregister(region)
+    }
+
+    fn grant(&mut self, region: RegionId, ranges: &[(u64, u32)], access: Access) -> Result<Grant, TransportError> {
+        self.registry().grant(region, ranges, access)
+    }
+
+    fn revoke(&mut self, key: Key) -> Result<(), TransportError> {
+        self.registry().revoke(key)
+    }
+
+    fn post_read(&mut self, remote: &[Segment], local: &[LocalSeg], user_data: u64) -> Result<(), TransportError> {
+        self.one_sided(remote, local, user_data, false)
+    }
+
+    fn post_write(&mut self, remote: &[Segment], local: &[LocalSeg], user_data: u64) -> Result<(), TransportError> {
+        self.one_sided(remote, local, user_data, true)
+    }
+
+    fn poll_completions(&mut self, out: &mut [OpCompletion]) -> usize {
+        let n = out.len().min(self.completions.len());
+        for (slot, c) in out.iter_mut().zip(self.completions.drain(..n)) {
+            *slot = c;
+        }
+        n
+    }
+
+    fn peer_node_id(&self) -> u64 {
+        self.peer_node
+    }
+
+    fn is_connected(&self) -> bool {
+        !self.lock().sides[self.me].closed
+    }
+}
+
+impl Drop for LoopbackEndpoint {
+    fn drop(&mut self) {
+        self.disconnect();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::Secret;
+    use crate::wire::{Completion, Descriptor};
+
+    fn cfg(node: u64) -> Config {
+        Config::new(7, node, Secret::new(*b"loopback-secret-16").unwrap())
+    }
+
+    #[test]
+    fn descriptor_then_one_sided_pull() {
+        let (mut a, mut b) = pair(&cfg(1), &cfg(2)).unwrap();
+        let mut guest = (0..8192u32).map(|i| i as u8).collect::<Vec<u8>>();
+        let mut disk = vec![0u8; 8192];
+        // SAFETY: both vectors outlive the endpoints' use of them (dropped after the endpoints).
+        let ga = unsafe { a.register_region(guest.as_mut_ptr(), guest.len()) }.unwrap();
+        // SAFETY: as above.
+        let db = unsafe { b.register_region(disk.as_mut_ptr(), disk.len()) }.unwrap();
+        let g = a.grant(ga, &[(100, 1000), (5000, 24)], Access::RemoteRead).unwrap();
+        let d = Descriptor { request_id: 9, volume: 1, epoch: 1, offset: 0, length: 1024, flags: 0, segments: g.segments.clone() };
+        a.send(&Message::Write(d)).unwrap();
+        let Some(Message::Write(d)) = b.poll_recv().unwrap() else { panic!("expected WRITE") };
+        b.post_read(&d.segments, &[LocalSeg { region: db, offset: 0, len: 1024 }], 5).unwrap();
+        let mut c = [OpCompletion::EMPTY; 4];
+        assert_eq!(b.poll_completions(&mut c), 1);
+        assert_eq!(c[0], OpCompletion { user_data: 5, status: Status::Ok, bytes: 1024 });
+        b.send(&Message::Completion(Completion { request_id: 9, status: Status::Ok, bytes: 1024 })).unwrap();
+        assert!(matches!(a.poll_recv().unwrap(), Some(Message::Completion(_))));
+        a.revoke(g.key).unwrap();
+        // The revoked key no longer opens the window.
+        b.post_read(&d.segments, &[LocalSeg { region: db, offset: 0, len: 1024 }], 6).unwrap();
+        assert_eq!(b.poll_completions(&mut c), 1);
+        assert_eq!(c[0].status, Status::AccessDenied);
+        a.disconnect();
+        assert!(matches!(b.poll_recv(), Err(TransportError::Disconnected)));
+        drop((a, b));
+        assert_eq!(&disk[..1000], &guest[100..1100]);
+        assert_eq!(&disk[1000..1024], &guest[5000..5024]);
+        guest.clear();
+    }
+
+    #[test]
+    fn refuses_wrong_secret_and_bounds_queues() {
+        let mut other = cfg(2);
+        other.secret = Secret::new(*b"another-secret-16b").unwrap();
+        assert!(matches!(pair(&cfg(1), &other), Err(TransportError::AuthFailed(_))));
+        let mut small = cfg(2);
+        small.recv_queue = 2;
+        let (mut a, _b) = pair(&cfg(1), &small).unwrap();
+        let c = Message::Completion(Completion { request_id: 1, status: Status::Ok, bytes: 0 });
+        a.send(&c).unwrap();
+        a.send(&c).unwrap();
+        assert!(matches!(a.send(&c), Err(TransportError::QueueFull)));
+    }
+}

@@ -1,0 +1,821 @@
+//! The `tcp` transport: one-sided READ/WRITE done in software, as the
+//! kernel's siw does for iWARP.
+//!
+//! A peer's DATA_READ is served by the owner's transport straight from the
+//! granted memory (`sendmsg` gathers the frame header and the window), and a
+//! DATA_WRITE's payload is received straight into the window (`recvmsg`
+//! scatters into it): no intermediate copy of our own. Every access is
+//! checked against the key's ranges first; a refused access fails that
+//! operation only (the payload, if any, is read and dropped), and the
+//! connection carries on.
+//!
+//! Threads: one reader and one writer per connection. The caller's thread
+//! sends inline with `MSG_DONTWAIT` when nothing is queued, so a QD1 request
+//! costs no thread hand-off on the send side; anything that would block goes
+//! to the bounded queue the writer thread drains. `poll_*` never block.
+//!
+//! Bounds: application messages queued ≤ `send_queue`; received and unpolled
+//! ≤ `recv_queue` (then the reader stops reading: TCP backpressure to the
+//! peer); one-sided operations in flight (completions not yet polled
+//! included) ≤ `max_inflight`; responses to the peer's operations ≤
+//! `max_inflight * MAX_SEGMENTS`, above which the peer is violating the limit
+//! and is disconnected. A peer silent for `dead_after`, or not draining sent
+//! data for that long, is declared dead: in-flight operations complete with
+//! `ConnectionLost`.
+
+use crate::auth::{self, Role};
+use crate::mem::{Denied, IoPtr, LocalBuf};
+use crate::sys::{self, Chunk};
+use crate::wire::{self, DataReq, DataResp, ErrorMsg, FrameType, Message, Segment, Status, HEADER_LEN, MAX_DATA_LEN, MAX_FRAME, MAX_SEGMENTS};
+use crate::{Access, Config, Endpoint, Grant, Key, LocalSeg, OpCompletion, RegionId, Registry, TransportError};
+use std::collections::VecDeque;
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// ERROR codes sent before closing a connection.
+pub const ERR_VERSION: u32 = 1;
+pub const ERR_CLUSTER: u32 = 2;
+pub const ERR_AUTH: u32 = 3;
+pub const ERR_PROTOCOL: u32 = 4;
+
+/// Frames the writer thread gathers into one `sendmsg`.
+const WRITE_BATCH: usize = 64;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section below leaves its state consistent at each
+    // statement boundary, so a poisoned lock is still safe to use.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+enum Part {
+    Bytes(Vec<u8>),
+    Mem(IoPtr),
+}
+
+/// One queued unit of output: frame bytes and the registered memory that follows them.
+struct OutItem {
+    parts: Vec<Part>,
+    len: usize,
+    /// Counts against `send_queue` (an application message).
+    app_msg: bool,
+}
+
+impl OutItem {
+    fn frame(msg: &Message) -> Result<Self, TransportError> {
+        let b = msg.to_vec().map_err(TransportError::Encode)?;
+        Ok(Self { len: b.len(), parts: vec![Part::Bytes(b)], app_msg: false })
+    }
+    fn push_frame(&mut self, msg: &Message) -> Result<(), TransportError> {
+        let b = msg.to_vec().map_err(TransportError::Encode)?;
+        self.len += b.len();
+        self.parts.push(Part::Bytes(b));
+        Ok(())
+    }
+    fn push_mem(&mut self, pieces: Vec<IoPtr>) {
+        for p in pieces {
+            self.len += p.len;
+            self.parts.push(Part::Mem(p));
+        }
+    }
+    fn chunks(&self) -> impl Iterator<Item = Chunk<'_>> {
+        self.parts.iter().map(|p| match p {
+            Part::Bytes(b) => Chunk::Bytes(b),
+            Part::Mem(m) => Chunk::Mem(m),
+        })
+    }
+}
+
+struct Out {
+    /// Partly sent item; always goes first.
+    current: Option<(OutItem, usize)>,
+    /// Answers to the peer's one-sided operations.
+    resp: VecDeque<OutItem>,
+    /// Our messages and one-sided requests, in posting order.
+    app: VecDeque<OutItem>,
+    app_msgs: usize,
+    /// The writer thread is inside a blocking send.
+    writing: bool,
+    closed: bool,
+    last_send: Instant,
+}
+
+struct Op {
+    id: u64,
+    user_data: u64,
+    local: LocalBuf,
+    /// Offset into `local` and length of each remote segment.
+    segs: Vec<(usize, u32)>,
+    remaining: usize,
+    status: Status,
+    bytes: u64,
+}
+
+struct Ops {
+    slots: Vec<Option<Op>>,
+    free: Vec<usize>,
+    /// In flight + completed but not yet polled.
+    outstanding: usize,
+    next_gen: u32,
+    completions: VecDeque<OpCompletion>,
+    dead: bool,
+}
+
+impl Ops {
+    fn new(max: usize) -> Self {
+        Self {
+            slots: (0..max).map(|_| None).collect(),
+            free: (0..max).rev().collect(),
+            outstanding: 0,
+            next_gen: 1,
+            completions: VecDeque::with_capacity(max),
+            dead: false,
+        }
+    }
+    fn get(&mut self, op_id: u64) -> Option<&mut Op> {
+        let slot = (op_id & 0xffff_ffff) as usize;
+        self.slots.get_mut(slot)?.as_mut().filter(|o| o.id == op_id)
+    }
+    fn finish(&mut self, op_id: u64) {
+        let slot = (op_id & 0xffff_ffff) as usize;
+        if let Some(op) = self.slots.get_mut(slot).and_then(Option::take) {
+            let bytes = if op.status == Status::Ok { op.bytes as u32 } else { 0 };
+            self.completions.push_back(OpCompletion { user_data: op.user_data, status: op.status, bytes });
+            self.free.push(slot);
+        }
+    }
+}
+
+struct Conn {
+    sock: TcpStream,
+    peer: SocketAddr,
+    peer_node: u64,
+    registry: Arc<Registry>,
+    out: Mutex<Out>,
+    out_cv: Condvar,
+    ops: Mutex<Ops>,
+    dead: AtomicBool,
+    max_inflight: usize,
+    send_queue: usize,
+    resp_cap: usize,
+    heartbeat: Duration,
+}
+
+impl Conn {
+    /// Marks the connection dead, wakes both threads and fails every
+    /// in-flight operation. Logs once, at `warn` unless `quiet`.
+    fn fail(&self, reason: &str, quiet: bool) {
+        if !self.dead.swap(true, Ordering::AcqRel) {
+            if quiet {
+                tracing::debug!(peer = %self.peer, node = self.peer_node, "connection closed: {reason}");
+            } else {
+                tracing::warn!(peer = %self.peer, node = self.peer_node, "connection lost: {reason}");
+            }
+        }
+        let _ = self.sock.shutdown(Shutdown::Both);
+        {
+            let mut o = lock(&self.out);
+            o.closed = true;
+            o.current = None;
+            o.resp.clear();
+            o.app.clear();
+            o.app_msgs = 0;
+        }
+        self.out_cv.notify_all();
+        let mut ops = lock(&self.ops);
+        ops.dead = true;
+        let ids: Vec<u64> = ops.slots.iter().flatten().map(|o| o.id).collect();
+        for id in ids {
+            if let Some(op) = ops.get(id) {
+                op.status = Status::ConnectionLost;
+            }
+            ops.finish(id);
+        }
+    }
+
+    /// Sends inline if nothing is queued (never blocks), else queues.
+    fn enqueue(&self, item: OutItem, resp: bool) -> Result<(), TransportError> {
+        let mut o = lock(&self.out);
+        if o.closed {
+            return Err(TransportError::Disconnected);
+        }
+        if resp && o.resp.len() >= self.resp_cap {
+            drop(o);
+            self.fail("peer exceeds the in-flight operation limit", false);
+            return Err(TransportError::Disconnected);
+        }
+        if !o.writing && o.current.is_none() && o.resp.is_empty() && o.app.is_empty() {
+            let chunks: Vec<Chunk<'_>> = item.chunks().collect();
+            let sent = match sys::send_vectored(self.sock.as_fd(), &chunks, 0, true) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => 0,
+                Err(e) => {
+                    drop(chunks);
+                    drop(o);
+                    self.fail(&format!("send failed: {e}"), false);
+                    return Err(TransportError::Io { what: "send", source: e });
+                }
+            };
+            drop(chunks);
+            o.last_send = Instant::now();
+            if sent == item.len {
+                return Ok(());
+            }
+            o.current = Some((item, sent));
+        } else if resp {
+            o.resp.push_back(item);
+        } else {
+            if item.app_msg {
+                o.app_msgs += 1;
+            }
+            o.app.push_back(item);
+        }
+        drop(o);
+        self.out_cv.notify_one();
+        Ok(())
+    }
+
+    fn writer(self: Arc<Self>) {
+        let mut seq = 0u64;
+        loop {
+            let mut batch: Vec<(OutItem, usize)> = Vec::new();
+            {
+                let mut o = lock(&self.out);
+                loop {
+                    if o.closed {
+                        return;
+                    }
+                    if !o.writing && (o.current.is_some() || !o.resp.is_empty() || !o.app.is_empty()) {
+                        break;
+                    }
+                    let (g, _) = self.out_cv.wait_timeout(o, self.heartbeat).unwrap_or_else(|p| p.into_inner());
+                    o = g;
+                    if !o.writing && !o.closed && o.last_send.elapsed() >= self.heartbeat && o.current.is_none() && o.app.is_empty() && o.resp.is_empty() {
+                        seq += 1;
+                        let hb = Message::Heartbeat(wire::Heartbeat { sequence: seq, time_us: 0 });
+                        if let Ok(item) = OutItem::frame(&hb) {
+                            o.app.push_back(item);
+                        }
+                    }
+                }
+                if let Some(c) = o.current.take() {
+                    batch.push(c);
+                }
+                while batch.len() < WRITE_BATCH {
+                    if let Some(i) = o.resp.pop_front() {
+                        batch.push((i, 0));
+                    } else if let Some(i) = o.app.pop_front() {
+                        if i.app_msg {
+                            o.app_msgs -= 1;
+                        }
+                        batch.push((i, 0));
+                    } else {
+                        break;
+                    }
+                }
+                o.writing = true;
+            }
+            let total: usize = batch.iter().map(|(i, s)| i.len - s).sum();
+            let chunks: Vec<Chunk<'_>> = batch.iter().flat_map(|(i, _)| i.chunks()).collect();
+            let mut skip: usize = batch.first().map_or(0, |(_, s)| *s);
+            let mut done = 0usize;
+            let mut err = None;
+            while done < total {
+                match sys::send_vectored(self.sock.as_fd(), &chunks, skip, false) {
+                    Ok(n) => {
+                        skip += n;
+                        done += n;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        err = Some(e);
+                        break;
+                    }
+                }
+            }
+            drop(chunks);
+            drop(batch);
+            {
+                let mut o = lock(&self.out);
+                o.writing = false;
+                o.last_send = Instant::now();
+            }
+            if let Some(e) = err {
+                let why = if e.kind() == std::io::ErrorKind::WouldBlock {
+                    "peer stopped reading (send timed out)".to_owned()
+                } else {
+                    format!("send failed: {e}")
+                };
+                self.fail(&why, false);
+                return;
+            }
+        }
+    }
+
+    fn reader(self: Arc<Self>, tx: SyncSender<Message>) {
+        let reason = match self.read_loop(&tx) {
+            Ok(()) => return self.fail("endpoint closed", true),
+            Err(r) => r,
+        };
+        if !self.dead.load(Ordering::Acquire) {
+            self.fail(&reason, false);
+        }
+    }
+
+    fn read_loop(&self, tx: &SyncSender<Message>) -> Result<(), String> {
+        let mut hdr = [0u8; HEADER_LEN];
+        let mut body = vec![0u8; MAX_FRAME];
+        let mut sock = &self.sock;
+        loop {
+            if let Err(e) = sock.read_exact(&mut hdr) {
+                return Err(match e.kind() {
+                    std::io::ErrorKind::UnexpectedEof => "peer closed the connection".into(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => "peer silent, no heartbeat".into(),
+                    _ => format!("receive failed: {e}"),
+                });
+            }
+            let h = wire::decode_header(&hdr).map_err(|e| self.protocol_error(&e))?;
+            let fixed = h.fixed_len();
+            sock.read_exact(&mut body[..fixed]).map_err(|e| format!("receive failed: {e}"))?;
+            let msg = wire::decode_body(&h, &body[..fixed]).map_err(|e| self.protocol_error(&e))?;
+            match msg {
+                Message::Heartbeat(_) => {}
+                Message::DataRead(d) => self.serve_read(d)?,
+                Message::DataWrite(d) => self.serve_write(d)?,
+                Message::DataReadResp(d) => self.on_response(d, true)?,
+                Message::DataWriteAck(d) => self.on_response(d, false)?,
+                Message::Hello(_) | Message::Challenge(_) | Message::Auth(_) | Message::Ready => {
+                    return Err(format!("unexpected {:?} after the handshake", msg.frame_type()));
+                }
+                m => {
+                    if let Message::Error(e) = &m {
+                        tracing::warn!(peer = %self.peer, code = e.code, "peer reported: {}", e.text);
+                    }
+                    // Blocks when the application is not polling: we stop
+                    // reading and TCP pushes back on the peer.
+                    if tx.send(m).is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+
+    fn protocol_error(&self, e: &wire::DecodeError) -> String {
+        let code = if matches!(e, wire::DecodeError::UnsupportedVersion { .. }) { ERR_VERSION } else { ERR_PROTOCOL };
+        let text: String = e.to_string().chars().take(wire::MAX_ERROR_TEXT).collect();
+        if let Ok(b) = Message::Error(ErrorMsg { code, text }).to_vec() {
+            let _ = sys::send_vectored(self.sock.as_fd(), &[Chunk::Bytes(&b)], 0, true);
+        }
+        format!("malformed frame: {e}")
+    }
+
+    fn deny(&self, what: &str, d: &DataReq, why: Denied) {
+        tracing::warn!(peer = %self.peer, node = self.peer_node, key = format_args!("{:#x}", d.key), addr = format_args!("{:#x}", d.addr), len = d.len, "refused one-sided {what}: {why:?}");
+    }
+
+    fn serve_read(&self, d: DataReq) -> Result<(), String> {
+        let mut item = OutItem { parts: Vec::with_capacity(2), len: 0, app_msg: false };
+        match self.registry.check_remote(d.key, d.addr, d.len, Access::RemoteRead) {
+            Ok(mem) => {
+                let r = DataResp { op_id: d.op_id, seg: d.seg, status: Status::Ok, len: d.len };
+                item.push_frame(&Message::DataReadResp(r)).map_err(|e| e.to_string())?;
+                item.push_mem(vec![mem]);
+            }
+            Err(why) => {
+                self.deny("read", &d, why);
+                let r = DataResp { op_id: d.op_id, seg: d.seg, status: Status::AccessDenied, len: 0 };
+                item.push_frame(&Message::DataReadResp(r)).map_err(|e| e.to_string())?;
+            }
+        }
+        self.enqueue(item, true).map_err(|e| e.to_string())
+    }
+
+    fn serve_write(&self, d: DataReq) -> Result<(), String> {
+        let status = match self.registry.check_remote(d.key, d.addr, d.len, Access::RemoteWrite) {
+            Ok(mem) => {
+                sys::recv_exact_into(self.sock.as_fd(), std::slice::from_ref(&mem)).map_err(|e| format!("receive failed: {e}"))?;
+                Status::Ok
+            }
+            Err(why) => {
+                self.deny("write", &d, why);
+                self.discard(d.len as usize)?;
+                Status::AccessDenied
+            }
+        };
+        let len = if status == Status::Ok { d.len } else { 0 };
+        let ack = Message::DataWriteAck(DataResp { op_id: d.op_id, seg: d.seg, status, len });
+        self.enqueue(OutItem::frame(&ack).map_err(|e| e.to_string())?, true).map_err(|e| e.to_string())
+    }
+
+    fn discard(&self, mut n: usize) -> Result<(), String> {
+        let mut scratch = [0u8; 4096];
+        let mut sock = &self.sock;
+        while n > 0 {
+            let k = n.min(scratch.len());
+            sock.read_exact(&mut scratch[..k]).map_err(|e| format!("receive failed: {e}"))?;
+            n -= k;
+        }
+        Ok(())
+    }
+
+    fn on_response(&self, d: DataResp, read: bool) -> Result<(), String> {
+        let pieces = {
+            let mut ops = lock(&self.ops);
+            let op = ops.get(d.op_id).ok_or_else(|| format!("response for unknown operation {:#x}", d.op_id))?;
+            let &(off, len) = op.segs.get(usize::from(d.seg)).ok_or("response for unknown segment")?;
+            if d.status == Status::Ok && d.len != len {
+                return Err(format!("response length {} for a {len}-byte segment", d.len));
+            }
+            if read && d.status == Status::Ok {
+                Some(op.local.sub(off, len as usize))
+            } else {
+                None
+            }
+        };
+        if let Some(p) = pieces {
+            sys::recv_exact_into(self.sock.as_fd(), &p).map_err(|e| format!("receive failed: {e}"))?;
+        }
+        let mut ops = lock(&self.ops);
+        if let Some(op) = ops.get(d.op_id) {
+            if d.status != Status::Ok && op.status == Status::Ok {
+                op.status = d.status;
+            }
+            op.bytes += u64::from(d.len);
+            op.remaining -= 1;
+            if op.remaining == 0 {
+                ops.finish(d.op_id);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A connected, authenticated `tcp` endpoint.
+pub struct TcpEndpoint {
+    conn: Arc<Conn>,
+    rx: Option<Receiver<Message>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for TcpEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TcpEndpoint").field("peer", &self.conn.peer).field("peer_node", &self.conn.peer_node).finish()
+    }
+}
+
+fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> TransportError {
+    move |source| TransportError::Io { what, source }
+}
+
+fn write_msg(sock: &mut TcpStream, m: &Message) -> Result<(), TransportError> {
+    sock.write_all(&m.to_vec().map_err(TransportError::Encode)?).map_err(io("handshake send"))
+}
+
+/// Reads one control frame (handshake only; data frames are refused).
+fn read_msg(sock: &mut TcpStream) -> Result<Message, TransportError> {
+    let mut hdr = [0u8; HEADER_LEN];
+    sock.read_exact(&mut hdr).map_err(io("handshake receive"))?;
+    let h = wire::decode_header(&hdr).map_err(TransportError::Decode)?;
+    if h.payload_len() != 0 {
+        return Err(TransportError::Handshake("data frame during the handshake"));
+    }
+    let mut body = vec![0u8; h.fixed_len()];
+    sock.read_exact(&mut body).map_err(io("handshake receive"))?;
+    wire::decode_body(&h, &body).map_err(TransportError::Decode)
+}
+
+fn refuse(sock: &mut TcpStream, code: u32, text: &str) {
+    let _ = write_msg(sock, &Message::Error(ErrorMsg { code, text: text.to_owned() }));
+}
+
+fn refused(e: ErrorMsg) -> TransportError {
+    if e.code == ERR_AUTH {
+        TransportError::AuthFailed("the acceptor rejected our proof of the cluster secret")
+    } else {
+        TransportError::Refused { code: e.code, text: e.text }
+    }
+}
+
+impl TcpEndpoint {
+    /// Connects to `addr` and authenticates. Blocking (slow path), bounded by
+    /// `cfg.handshake_timeout`.
+    pub fn connect(addr: impl ToSocketAddrs, cfg: &Config, registry: Arc<Registry>) -> Result<Self, TransportError> {
+        let addr = addr.to_socket_addrs().map_err(io("resolve"))?.next().ok_or(TransportError::Handshake("no address"))?;
+        let mut sock = TcpStream::connect_timeout(&addr, cfg.handshake_timeout).map_err(io("connect"))?;
+        sock.set_read_timeout(Some(cfg.handshake_timeout)).map_err(io("setsockopt"))?;
+        sock.set_write_timeout(Some(cfg.handshake_timeout)).map_err(io("setsockopt"))?;
+        let client_nonce = auth::nonce().map_err(io("getrandom"))?;
+        write_msg(&mut sock, &Message::Hello(wire::Hello { cluster_id: cfg.cluster_id, node_id: cfg.node_id, nonce: client_nonce }))?;
+        let ch = match read_msg(&mut sock)? {
+            Message::Challenge(c) => c,
+            Message::Error(e) => return Err(refused(e)),
+            _ => return Err(TransportError::Handshake("expected CHALLENGE")),
+        };
+        let ctx = auth::Context {
+            cluster_id: cfg.cluster_id,
+            client_node: cfg.node_id,
+            server_node: ch.node_id,
+            client_nonce,
+            server_nonce: ch.nonce,
+        };
+        if !auth::verify(&cfg.secret, Role::Server, &ctx, &ch.mac) {
+            refuse(&mut sock, ERR_AUTH, "acceptor proof invalid");
+            return Err(TransportError::AuthFailed("the acceptor does not know the cluster secret"));
+        }
+        write_msg(&mut sock, &Message::Auth(auth::tag(&cfg.secret, Role::Client, &ctx)))?;
+        match read_msg(&mut sock) {
+            Ok(Message::Ready) => {}
+            Ok(Message::Error(e)) => return Err(refused(e)),
+            Ok(_) => return Err(TransportError::Handshake("expected READY")),
+            // The acceptor closes right after refusing; losing the race to read
+            // its ERROR still means we were refused.
+            Err(TransportError::Io { source, .. }) if source.kind() == std::io::ErrorKind::UnexpectedEof || source.kind() == std::io::ErrorKind::ConnectionReset => {
+                return Err(TransportError::AuthFailed("the acceptor closed the connection during authentication"))
+            }
+            Err(e) => return Err(e),
+        }
+        Self::start(sock, addr, ch.node_id, cfg, registry)
+    }
+
+    fn start(sock: TcpStream, peer: SocketAddr, peer_node: u64, cfg: &Config, registry: Arc<Registry>) -> Result<Self, TransportError> {
+        sock.set_nodelay(true).map_err(io("setsockopt"))?;
+        // Blocking reads/writes time out so a dead or stuck peer is noticed;
+        // heartbeats keep a healthy idle connection under the limit.
+        sock.set_read_timeout(Some(cfg.dead_after)).map_err(io("setsockopt"))?;
+        sock.set_write_timeout(Some(cfg.dead_after)).map_err(io("setsockopt"))?;
+        sys::set_user_timeout(sock.as_fd(), cfg.dead_after.as_millis().min(u32::MAX.into()) as u32).map_err(io("setsockopt"))?;
+        let max_inflight = cfg.max_inflight.clamp(1, u32::MAX as usize);
+        let conn = Arc::new(Conn {
+            sock,
+            peer,
+            peer_node,
+            registry,
+            out: Mutex::new(Out {
+                current: None,
+                resp: VecDeque::new(),
+                app: VecDeque::new(),
+                app_msgs: 0,
+                writing: false,
+                closed: false,
+                last_send: Instant::now(),
+            }),
+            out_cv: Condvar::new(),
+            ops: Mutex::new(Ops::new(max_inflight)),
+            dead: AtomicBool::new(false),
+            max_inflight,
+            send_queue: cfg.send_queue.max(1),
+            resp_cap: max_inflight * MAX_SEGMENTS,
+            heartbeat: cfg.heartbeat,
+        });
+        let (tx, rx) = sync_channel(cfg.recv_queue.max(1));
+        let r = conn.clone();
+        let reader = std::thread::Builder::new().name("hcblk-tcp-rx".into()).spawn(move || r.reader(tx)).map_err(io("spawn"))?;
+        let w = conn.clone();
+        let writer = std::thread::Builder::new().name("hcblk-tcp-tx".into()).spawn(move || w.writer()).map_err(io("spawn"))?;
+        tracing::info!(peer = %peer, node = peer_node, "tcp transport connected");
+        Ok(Self { conn, rx: Some(rx), threads: vec![reader, writer] })
+    }
+
+    /// The peer's socket address.
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.conn.peer
+    }
+
+    /// The registry this endpoint grants from (shared across reconnections).
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.conn.registry
+    }
+
+    fn post(&mut self, remote: &[Segment], local: &[LocalSeg], user_data: u64, write: bool) -> Result<(), TransportError> {
+        if remote.is_empty() || remote.len() > MAX_SEGMENTS {
+            return Err(TransportError::Limit("remote segments per operation"));
+        }
+        if remote.iter().any(|s| s.len == 0 || s.len > MAX_DATA_LEN) {
+            return Err(TransportError::Limit("remote segment length"));
+        }
+        let local = self.conn.registry.local(local)?;
+        let remote_total: usize = remote.iter().map(|s| s.len as usize).sum();
+        if remote_total != local.total {
+            return Err(TransportError::LengthMismatch { local: local.total, remote: remote_total });
+        }
+        let mut segs = Vec::with_capacity(remote.len());
+        let mut off = 0usize;
+        for s in remote {
+            segs.push((off, s.len));
+            off += s.len as usize;
+        }
+        let mut item = OutItem { parts: Vec::with_capacity(remote.len() * 2), len: 0, app_msg: false };
+        let op_id = {
+            let mut ops = lock(&self.conn.ops);
+            if ops.dead {
+                return Err(TransportError::Disconnected);
+            }
+            if ops.outstanding >= self.conn.max_inflight {
+                return Err(TransportError::TooManyInFlight(self.conn.max_inflight));
+            }
+            let slot = ops.free.pop().ok_or(TransportError::TooManyInFlight(self.conn.max_inflight))?;
+            let op_id = (u64::from(ops.next_gen) << 32) | slot as u64;
+            ops.next_gen = ops.next_gen.wrapping_add(1).max(1);
+            for (i, (s, &(o, l))) in remote.iter().zip(&segs).enumerate() {
+                // `i` < MAX_SEGMENTS (checked above) fits in u16.
+                let d = DataReq { op_id, addr: s.addr, key: s.key, len: s.len, seg: i as u16 };
+                if write {
+                    item.push_frame(&Message::DataWrite(d))?;
+                    item.push_mem(local.sub(o, l as usize));
+                } else {
+                    item.push_frame(&Message::DataRead(d))?;
+                }
+            }
+            ops.slots[slot] = Some(Op { id: op_id, user_data, local, remaining: segs.len(), segs, status: Status::Ok, bytes: 0 });
+            ops.outstanding += 1;
+            op_id
+        };
+        if let Err(e) = self.conn.enqueue(item, false) {
+            // The connection failed: `fail` completes the operation with
+            // ConnectionLost, unless it ran before we inserted it.
+            let mut ops = lock(&self.conn.ops);
+            if let Some(op) = ops.get(op_id) {
+                op.status = Status::ConnectionLost;
+                ops.finish(op_id);
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+}
+
+impl Endpoint for TcpEndpoint {
+    fn send(&mut self, msg: &Message) -> Result<(), TransportError> {
+        match msg.frame_type() {
+            FrameType::Write | FrameType::Read | FrameType::Flush | FrameType::Discard | FrameType::WriteZeroes | FrameType::Completion | FrameType::Error => {}
+            t => return Err(TransportError::NotApplication(t)),
+        }
+        if self.conn.dead.load(Ordering::Acquire) {
+            return Err(TransportError::Disconnected);
+        }
+        if lock(&self.conn.out).app_msgs >= self.conn.send_queue {
+            return Err(TransportError::QueueFull);
+        }
+        let mut item = OutItem::frame(msg)?;
+        item.app_msg = true;
+        self.conn.enqueue(item, false)
+    }
+
+    fn poll_recv(&mut self) -> Result<Option<Message>, TransportError> {
+        let rx = self.rx.as_ref().ok_or(TransportError::Disconnected)?;
+        match rx.try_recv() {
+            Ok(m) => Ok(Some(m)),
+            Err(TryRecvError::Empty) => Ok(None),
+            Err(TryRecvError::Disconnected) => Err(TransportError::Disconnected),
+        }
+    }
+
+    unsafe fn register_region(&mut self, ptr: *mut u8, len: usize) -> Result<RegionId, TransportError> {
+        // SAFETY: the caller upholds `Registry::register`'s contract (same as ours).
+        unsafe { self.conn.registry.register(ptr, len) }
+    }
+
+    fn deregister_region(&mut self, region: RegionId) -> Result<(), TransportError> {
+        self.conn.registry.deregister(region)
+    }
+
+    fn grant(&mut self, region: RegionId, ranges: &[(u64, u32)], access: Access) -> Result<Grant, TransportError> {
+        self.conn.registry.grant(region, ranges, access)
+    }
+
+    fn revoke(&mut self, key: Key) -> Result<(), TransportError> {
+        self.conn.registry.revoke(key)
+    }
+
+    fn post_read(&mut self, remote: &[Segment], local: &[LocalSeg], user_data: u64) -> Result<(), TransportError> {
+        self.post(remote, local, user_data, false)
+    }
+
+    fn post_write(&mut self, remote: &[Segment], local: &[LocalSeg], user_data: u64) -> Result<(), TransportError> {
+        self.post(remote, local, user_data, true)
+    }
+
+    fn poll_completions(&mut self, out: &mut [OpCompletion]) -> usize {
+        let mut ops = lock(&self.conn.ops);
+        let mut n = 0;
+        while n < out.len() {
+            match ops.completions.pop_front() {
+                Some(c) => {
+                    out[n] = c;
+                    n += 1;
+                }
+                None => break,
+            }
+        }
+        ops.outstanding -= n;
+        n
+    }
+
+    fn peer_node_id(&self) -> u64 {
+        self.conn.peer_node
+    }
+
+    fn is_connected(&self) -> bool {
+        !self.conn.dead.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for TcpEndpoint {
+    fn drop(&mut self) {
+        // Unblock a reader waiting on a full receive queue, then stop both threads.
+        self.rx = None;
+        self.conn.fail("endpoint dropped", true);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Accepts and authenticates incoming connections.
+#[derive(Debug)]
+pub struct TcpAcceptor {
+    listener: TcpListener,
+    cfg: Config,
+    registry: Arc<Registry>,
+}
+
+impl TcpAcceptor {
+    pub fn bind(addr: impl ToSocketAddrs, cfg: Config, registry: Arc<Registry>) -> Result<Self, TransportError> {
+        let listener = TcpListener::bind(addr).map_err(io("bind"))?;
+        Ok(Self { listener, cfg, registry })
+    }
+
+    pub fn local_addr(&self) -> Result<SocketAddr, TransportError> {
+        self.listener.local_addr().map_err(io("local_addr"))
+    }
+
+    /// Waits for one connection and authenticates it. A refused peer is
+    /// logged in one line and returned as the error; call again for the next.
+    pub fn accept(&self) -> Result<TcpEndpoint, TransportError> {
+        let (mut sock, peer) = self.listener.accept().map_err(io("accept"))?;
+        match self.handshake(&mut sock) {
+            Ok(node) => TcpEndpoint::start(sock, peer, node, &self.cfg, self.registry.clone()),
+            Err(e) => {
+                tracing::warn!(peer = %peer, "refused connection: {e}");
+                Err(e)
+            }
+        }
+    }
+
+    fn handshake(&self, sock: &mut TcpStream) -> Result<u64, TransportError> {
+        let cfg = &self.cfg;
+        sock.set_read_timeout(Some(cfg.handshake_timeout)).map_err(io("setsockopt"))?;
+        sock.set_write_timeout(Some(cfg.handshake_timeout)).map_err(io("setsockopt"))?;
+        let hello = match read_msg(sock) {
+            Ok(Message::Hello(h)) => h,
+            Ok(_) => {
+                refuse(sock, ERR_PROTOCOL, "expected HELLO");
+                return Err(TransportError::Handshake("expected HELLO"));
+            }
+            Err(TransportError::Decode(e)) => {
+                let code = if matches!(e, wire::DecodeError::UnsupportedVersion { .. }) { ERR_VERSION } else { ERR_PROTOCOL };
+                refuse(sock, code, &e.to_string());
+                return Err(TransportError::Decode(e));
+            }
+            Err(e) => return Err(e),
+        };
+        if hello.cluster_id != cfg.cluster_id {
+            refuse(sock, ERR_CLUSTER, "wrong cluster");
+            return Err(TransportError::Handshake("peer belongs to another cluster"));
+        }
+        let server_nonce = auth::nonce().map_err(io("getrandom"))?;
+        let ctx = auth::Context {
+            cluster_id: cfg.cluster_id,
+            client_node: hello.node_id,
+            server_node: cfg.node_id,
+            client_nonce: hello.nonce,
+            server_nonce,
+        };
+        let mac = auth::tag(&cfg.secret, Role::Server, &ctx);
+        write_msg(sock, &Message::Challenge(wire::Challenge { node_id: cfg.node_id, nonce: server_nonce, mac }))?;
+        match read_msg(sock)? {
+            Message::Auth(mac) if auth::verify(&cfg.secret, Role::Client, &ctx, &mac) => {}
+            Message::Auth(_) => {
+                refuse(sock, ERR_AUTH, "authentication failed");
+                return Err(TransportError::AuthFailed("initiator does not know the cluster secret"));
+            }
+            Message::Error(e) => return Err(refused(e)),
+            _ => {
+                refuse(sock, ERR_PROTOCOL, "expected AUTH");
+                return Err(TransportError::Handshake("expected AUTH"));
+            }
+        }
+        write_msg(sock, &Message::Ready)?;
+        Ok(hello.node_id)
+    }
+}
+
+#[cfg(test)]
+mod tests;
