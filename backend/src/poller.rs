@@ -19,7 +19,9 @@ use vhost_user_backend::VringT;
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryAtomic};
 
-use crate::device::{BlkDevice, GuestMem, Vring};
+use crate::device::{BlkDevice, GuestMem, GuestMemAtomic, Vring};
+
+type VringWriteGuard<'a> = std::sync::RwLockWriteGuard<'a, vhost_user_backend::VringState<GuestMemAtomic>>;
 use crate::export::PollMode;
 use crate::request::{self, Op, Rejection, Request, Scratch, STATUS_IOERR, STATUS_OK, STATUS_UNSUPP};
 
@@ -326,6 +328,8 @@ impl Poller {
     /// Moves shard completions into the used rings.
     fn complete(&mut self, device: &BlkDevice, vrings: &[Vring]) -> usize {
         let mut done = 0;
+        // Completions come in runs for the same queue: keep its vring locked across a run.
+        let mut locked: Option<(usize, VringWriteGuard<'_>)> = None;
         while let Some(completion) = self.shard.pop_completion() {
             done += 1;
             let local = (completion.user_data >> 16) as usize;
@@ -340,14 +344,19 @@ impl Poller {
             let used_len = if status_byte == STATUS_OK { slot.used_len } else { 1 };
             if let Some(mem) = slot.mem.take() {
                 let _ = mem.write_obj(status_byte, slot.status);
-                let mut state = vring.get_mut();
-                let _ = state.get_queue_mut().add_used(&*mem, head, used_len);
+                if locked.as_ref().is_none_or(|(l, _)| *l != local) {
+                    drop(locked.take());
+                    locked = Some((local, vring.get_mut()));
+                }
+                if let Some((_, state)) = locked.as_mut() {
+                    let _ = state.get_queue_mut().add_used(&*mem, head, used_len);
+                }
             }
             slot.in_flight = false;
             device.queues[queue.index].in_flight.fetch_sub(1, Ordering::AcqRel);
-            device.completed.fetch_add(1, Ordering::Relaxed);
             self.to_notify |= 1 << local;
         }
+        device.completed.fetch_add(done as u64, Ordering::Relaxed);
         done
     }
 

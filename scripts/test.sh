@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The one test command: installs what is missing, then runs every test tier.
+#   unit + in-process (libblkio frontend, crafted chains) -> multi-process (daemon + CLI,
+#   peers in network namespaces) -> real QEMU guest running fio --verify -> fuzz targets, time-boxed.
+# Needs root (hugepages, network namespaces, QEMU). Longer suites: HCBLK_SOAK=1 (see README).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/install-deps.sh
+export PATH="$HOME/.cargo/bin:$PATH"
+
+# Hugepages for our own buffers (bounce buffers, ram backings); given back on exit.
+scripts/hugepages.sh reserve "${HCBLK_TEST_HUGEPAGES:-192}"
+trap 'scripts/hugepages.sh release' EXIT
+
+FUZZ_SECONDS=${HCBLK_FUZZ_SECONDS:-60}
+
+echo "== build"
+cargo build --workspace --all-targets --locked
+
+echo "== tests: unit, in-process, multi-process, QEMU guest"
+cargo test --workspace --locked -- --test-threads="${HCBLK_TEST_THREADS:-2}"
+
+echo "== fuzz targets, ${FUZZ_SECONDS}s each"
+for dir in backend/fuzz proto/fuzz; do
+    [[ -d $dir ]] || continue
+    for target in $(cd "$dir" && RUSTC_BOOTSTRAP=1 cargo fuzz list); do
+        echo "-- fuzz $dir $target"
+        (cd "$dir" && RUSTC_BOOTSTRAP=1 cargo fuzz run "$target" -- -max_total_time="$FUZZ_SECONDS" -rss_limit_mb=2048 2>&1 | tail -n 5)
+    done
+done
+echo "== all tests passed"
