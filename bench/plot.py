@@ -28,7 +28,11 @@ REFERENCE = {
 }
 SERVER_ORDER = ["qsd-null", "hcblk-null", "hcblk-ram", "qsd-file", "hcblk-file", "fio-host"]
 METRICS = ["iops", "mib_s", "p50_us", "p99_us", "p999_us",
-           "server_cpu_us_per_io", "server_cpu_pct", "client_cpu_pct"]
+           "server_cpu_us_per_io", "server_cpu_pct", "client_cpu_pct",
+           "client_preemptions_per_s"]
+# A busy-polling client alone on its core is (almost) never preempted; above this rate
+# another task shared the core and the figure is disturbed.
+PREEMPTIONS_PER_S_MAX = 20.0
 
 
 def parse_name(fname):
@@ -56,6 +60,7 @@ def from_blk_bench(d):
         "server_cpu_us_per_io": d.get("server_cpu_us_per_io"),
         "server_cpu_pct": d.get("server_cpu_pct"),
         "client_cpu_pct": d.get("client_cpu_pct"),
+        "client_preemptions_per_s": d.get("client_preemptions_per_s"),
         "seconds": d.get("elapsed_s"),
     }
 
@@ -78,6 +83,8 @@ def from_fio(d):
         "server_cpu_us_per_io": None,
         "server_cpu_pct": None,
         "client_cpu_pct": job["usr_cpu"] + job["sys_cpu"],
+        # fio reports context switches of all kinds; it sleeps in io_uring_enter by design.
+        "client_preemptions_per_s": None,
         "seconds": job["job_runtime"] / 1000.0,
     }
 
@@ -121,6 +128,8 @@ def summarise(runs):
         for m in METRICS:
             vals = [r[m] for r in ok if r.get(m) is not None]
             s[m] = statistics.median(vals) if vals else None
+        p = s["client_preemptions_per_s"]
+        s["disturbed"] = p is not None and p > PREEMPTIONS_PER_S_MAX
         summary.append(s)
     index = {(s["key"], s["server"]): s for s in summary}
     for s in summary:
@@ -143,12 +152,17 @@ def criteria(summary):
         s = index.get((key, server))
         return None if s is None else s.get(metric)
 
-    def check(name, value, op, limit, how):
+    def disturbed(*pairs):
+        return any(index.get(p, {}).get("disturbed") for p in pairs)
+
+    def check(name, value, op, limit, how, rows=()):
         if value is None:
             verdict = "MISSING"
         else:
             verdict = "PASS" if (value >= limit if op == ">=" else value < limit
                                  if op == "<" else value <= limit) else "FAIL"
+        if value is not None and disturbed(*rows):
+            verdict += " (disturbed)"
         return {"criterion": name, "value": value, "op": op, "limit": limit,
                 "how": how, "verdict": verdict}
 
@@ -159,15 +173,17 @@ def criteria(summary):
         check("hcblk null 4k randread QD32 IOPS / qsd null-co",
               ratio(get("randread-4k-qd32", "hcblk-null", "iops"),
                     get("randread-4k-qd32", "qsd-null", "iops")), ">=", 2.0,
-              "IOPS ratio"),
+              "IOPS ratio",
+              [("randread-4k-qd32", "hcblk-null"), ("randread-4k-qd32", "qsd-null")]),
         check("hcblk null 4k randread QD1 p50 / qsd null-co",
               ratio(get("randread-4k-qd1", "hcblk-null", "p50_us"),
                     get("randread-4k-qd1", "qsd-null", "p50_us")), "<=", 0.5,
-              "p50 latency ratio"),
+              "p50 latency ratio",
+              [("randread-4k-qd1", "hcblk-null"), ("randread-4k-qd1", "qsd-null")]),
         check("hcblk file 4k randread QD32 IOPS / host fio io_uring O_DIRECT",
               ratio(get("randread-4k-qd32", "hcblk-file", "iops"),
                     get("randread-4k-qd32", "fio-host", "iops")), ">=", 0.9,
-              "IOPS ratio"),
+              "IOPS ratio", [("randread-4k-qd32", "hcblk-file")]),
         check("hcblk idle volume, --poll adaptive: daemon CPU % of a core",
               get("idle-4k-qd1", "hcblk-file", "server_cpu_pct"), "<", 5.0,
               "percent of one core"),
@@ -191,26 +207,33 @@ def markdown(meta, summary, checks):
     lines.append(f"Servers pinned to core {meta.get('server_cpu')}, client (blk-bench: libblkio "
                  f"virtio-blk-vhost-user, busy-polled queue) to core {meta.get('client_cpu')}; "
                  f"{meta.get('seconds')} s measured after {meta.get('warmup')} s warmup, "
-                 f"{meta.get('rounds')} round(s), median; image {meta.get('size')}.")
+                 f"{meta.get('rounds')} round(s), median; image {meta.get('size')}. "
+                 f"Load average at start {' '.join(meta.get('loadavg_start', ['?']))}, "
+                 f"at end {' '.join(meta.get('loadavg_end', ['?']))}.")
     lines.append("")
     lines.append("Command: `" + meta.get("command", "bench/run.sh") + "`")
     lines.append("")
     lines.append("| workload | server | IOPS | MiB/s | p50 µs | p99 µs | p99.9 µs "
                  "| server CPU µs/IO | server CPU % | IOPS × ref | p50 × ref | CPU/IO × ref "
-                 "| ref |")
-    lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+                 "| ref | client preempted /s |")
+    lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|")
     for s in summary:
         if s["workload"] == "idle":
             continue
         if s["rounds"] == 0:
-            lines.append(f"| {s['key']} | {s['server']} | FAILED | | | | | | | | | | |")
+            lines.append(f"| {s['key']} | {s['server']} | FAILED | | | | | | | | | | | |")
             continue
         lines.append(
             f"| {s['key']} | {s['server']} | {fmt(s['iops'], 0)} | {fmt(s['mib_s'], 1)} "
             f"| {fmt(s['p50_us'])} | {fmt(s['p99_us'])} | {fmt(s['p999_us'])} "
             f"| {fmt(s['server_cpu_us_per_io'], 3)} | {fmt(s['server_cpu_pct'], 1)} "
             f"| {fmt(s['iops_ratio'])} | {fmt(s['p50_ratio'])} | {fmt(s['cpu_per_io_ratio'])} "
-            f"| {s['reference'] or '–'} |")
+            f"| {s['reference'] or '–'} "
+            f"| {fmt(s['client_preemptions_per_s'], 0)}{' ⚠' if s['disturbed'] else ''} |")
+    if any(s["disturbed"] for s in summary):
+        lines.append("")
+        lines.append(f"⚠ the client was preempted more than {PREEMPTIONS_PER_S_MAX:.0f} times/s: "
+                     "other tasks ran on its core, so that row understates the server.")
     idle = [s for s in summary if s["workload"] == "idle"]
     if idle:
         lines.append("")
@@ -269,9 +292,11 @@ def plot(summary, png, title):
         if log:
             ax.set_yscale("log")
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(ncol=len(servers), fontsize=8, loc="upper right")
-    axes[0].set_title(title)
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, ncol=len(servers), fontsize=9, loc="upper center",
+               bbox_to_anchor=(0.5, 0.965))
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
     fig.savefig(png, dpi=100)
     plt.close(fig)
 
@@ -290,6 +315,10 @@ def main():
     if os.path.exists(meta_path):
         with open(meta_path) as f:
             meta = json.load(f)
+    end = os.path.join(args.run_dir, "loadavg-end")
+    if os.path.exists(end):
+        with open(end) as f:
+            meta["loadavg_end"] = f.read().split()[:3]
     runs = load_run(args.run_dir)
     if not runs:
         sys.exit(f"no measurements in {args.run_dir}")

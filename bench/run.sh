@@ -16,7 +16,12 @@
 #   BENCH_IDLE ["hcblk-file qsd-file"]  (empty: skip the idle measurement)
 #   BENCH_IMG [bench/out/bench.img]  BENCH_SIZE [1G]
 #   BENCH_BUILD [1]  (0: use the binaries already in target/release)
+#   BENCH_NICE [-10]  niceness of servers, client and host fio (root only; 0: unchanged), so
+#                     background work on a shared machine takes less from the measurement
+#   BENCH_QUIET_WAIT [20]  before each measurement, wait up to this many seconds for the
+#                          machine to be idle (below BENCH_QUIET_PCT [10] % of all cores busy)
 #   HCBLK_DAEMON_ARGS [""]  extra arguments for `hcblk daemon`
+#   HCBLK [target/release/hcblk]  QSD [/usr/bin/qemu-storage-daemon]  PYTHON [/usr/bin/python3, which has python3-matplotlib]
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -32,8 +37,16 @@ IDLE=${BENCH_IDLE-hcblk-file qsd-file}
 IMG=${BENCH_IMG:-$ROOT/bench/out/bench.img}
 SIZE=${BENCH_SIZE:-1G}
 BUILD=${BENCH_BUILD:-1}
+QUIET_WAIT=${BENCH_QUIET_WAIT:-20}
+NICE=${BENCH_NICE:--10}
+PRIO=()
+if [[ $NICE != 0 && $(id -u) == 0 ]]; then PRIO=(nice -n "$NICE"); fi
+QUIET_PCT=${BENCH_QUIET_PCT:-10}
 QSD=${QSD:-/usr/bin/qemu-storage-daemon}
-HCBLK=$ROOT/target/release/hcblk
+# Debian's interpreter: python3-matplotlib is installed for it, not for a pyenv/venv python
+# that may come first in PATH.
+PYTHON=${PYTHON:-/usr/bin/python3}
+HCBLK=${HCBLK:-$ROOT/target/release/hcblk}
 BLK_BENCH=$ROOT/target/release/blk-bench
 # A failing blk-bench prints its error chain; a backtrace on top only buries it.
 export RUST_BACKTRACE=0 RUST_LIB_BACKTRACE=0
@@ -107,7 +120,7 @@ start_server() {
         fi
         # An iothread: its adaptive polling is qemu-storage-daemon's fastest configuration
         # (the main loop does not poll as aggressively).
-        taskset -c "$SCPU" "$QSD" \
+        "${PRIO[@]}" taskset -c "$SCPU" "$QSD" \
             --blockdev "$blockdev" \
             --object iothread,id=io0 \
             --export "type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path=$SOCK,writable=on,num-queues=1,iothread=io0" \
@@ -120,7 +133,7 @@ start_server() {
         local -a path_arg=()
         [[ $backing == file ]] && path_arg=(--path "$IMG")
         # shellcheck disable=SC2086 # HCBLK_DAEMON_ARGS is a word list on purpose
-        taskset -c "$SCPU" "$HCBLK" daemon --data-dir "$dir/data" --socket-dir "$dir/sock" \
+        "${PRIO[@]}" taskset -c "$SCPU" "$HCBLK" daemon --data-dir "$dir/data" --socket-dir "$dir/sock" \
             --api-socket "$api" --poll "$poll" --cpus "$SCPU" ${HCBLK_DAEMON_ARGS:-} \
             >"$logf" 2>&1 &
         SERVER_PID=$!
@@ -140,6 +153,31 @@ start_server() {
     esac
 }
 
+# Percent of all cores busy over half a second, from /proc/stat.
+busy_pct() {
+    local a b
+    a=$(head -1 /proc/stat); sleep 0.5; b=$(head -1 /proc/stat)
+    awk -v a="$a" -v b="$b" 'BEGIN {
+        n = split(a, x); split(b, y); t = 0
+        for (i = 2; i <= n; i++) t += y[i] - x[i]
+        idle = (y[5] - x[5]) + (y[6] - x[6])
+        print (t > 0) ? int(100 * (t - idle) / t) : 0 }'
+}
+
+# On a shared machine other work would land on the measured cores; start each measurement
+# when the machine is quiet (bounded wait), and let plot.py flag what got disturbed anyway.
+wait_quiet() {
+    [[ $QUIET_WAIT == 0 ]] && return 0
+    local start=$SECONDS busy
+    while busy=$(busy_pct); ((busy > QUIET_PCT)); do
+        if ((SECONDS - start >= QUIET_WAIT)); then
+            log "machine still ${busy}% busy after ${QUIET_WAIT} s; measuring anyway"
+            return 0
+        fi
+        sleep 1
+    done
+}
+
 # Output files are named IDX__SERVER__WORKLOAD__BS__QD.{json,error} for plot.py.
 measure() {
     local idx=$1 server=$2 wl=$3 bs=$4 qd=$5
@@ -150,9 +188,9 @@ measure() {
         [[ $wl == seqread ]] && rw=read
         # The guest's job file, pointed at the image: what the device gives io_uring directly.
         if BLK_DEV=$IMG BLK_IOENGINE=io_uring BLK_RUNTIME=$SECONDS_PER BLK_RAMP=$WARMUP \
-            taskset -c "$CCPU" fio --output-format=json --output="$base.json" \
+            "${PRIO[@]}" taskset -c "$CCPU" fio --output-format=json --output="$base.json" \
             "$ROOT/bench/jobs/$wl-$bs-qd$qd.fio" >"$logf" 2>&1; then
-            log "$server $wl $bs qd$qd: $(python3 -c 'import json,sys; j=json.load(open(sys.argv[1]))["jobs"][0]; d=j["write" if j["write"]["io_bytes"] else "read"]; print("%.0f IOPS p50=%.2fus" % (d["iops"], d["lat_ns"]["percentile"]["50.000000"]/1000))' "$base.json")"
+            log "$server $wl $bs qd$qd: $("$PYTHON" -c 'import json,sys; j=json.load(open(sys.argv[1]))["jobs"][0]; d=j["write" if j["write"]["io_bytes"] else "read"]; print("%.0f IOPS p50=%.2fus" % (d["iops"], d["lat_ns"]["percentile"]["50.000000"]/1000))' "$base.json")"
         else
             log "$server $wl $bs qd$qd: fio failed (see $logf)"
             echo "fio failed" >"$base.error"; rm -f "$base.json"; FAILED=1
@@ -163,7 +201,7 @@ measure() {
         echo "server failed to start" >"$base.error"; FAILED=1; stop_server; return 0
     fi
     local line
-    if line=$(taskset -c "$CCPU" "$BLK_BENCH" --socket "$SOCK" --workload "$wl" --bs "$bs" \
+    if line=$("${PRIO[@]}" taskset -c "$CCPU" "$BLK_BENCH" --socket "$SOCK" --workload "$wl" --bs "$bs" \
         --qd "$qd" --seconds "$SECONDS_PER" --warmup "$WARMUP" --server-pid "$SERVER_PID" \
         --cpu "$CCPU" --label "$server" --json "$base.json" 2>>"$logf"); then
         log "$line"
@@ -182,7 +220,7 @@ measure_idle() {
         echo "server failed to start" >"$base.error"; FAILED=1; stop_server; return 0
     fi
     local line
-    if line=$(taskset -c "$CCPU" "$BLK_BENCH" --socket "$SOCK" --workload idle --bs 4k --qd 1 \
+    if line=$("${PRIO[@]}" taskset -c "$CCPU" "$BLK_BENCH" --socket "$SOCK" --workload idle --bs 4k --qd 1 \
         --seconds "$IDLE_SECONDS" --warmup "$WARMUP" --server-pid "$SERVER_PID" \
         --cpu "$CCPU" --label "$server" --json "$base.json" 2>>"$logf"); then
         log "$line"
@@ -215,8 +253,8 @@ fi
 
 # --- metadata ----------------------------------------------------------------------------
 # The command as invoked, with every setting taken from the environment.
-COMMAND="$(env | grep -E '^(BENCH_[A-Z_]*|HCBLK_DAEMON_ARGS|QSD)=' | sort | sed -E "s/=(.*)/='\1'/" | tr '\n' ' ')bench/run.sh"
-python3 - "$OUT/meta.json" <<EOF
+COMMAND="$(env | grep -E '^(BENCH_[A-Z_]*|HCBLK|HCBLK_DAEMON_ARGS|QSD|PYTHON)=' | sort | sed -E "s/=(.*)/='\1'/" | tr '\n' ' ')bench/run.sh"
+"$PYTHON" - "$OUT/meta.json" <<EOF
 import json, sys, platform, subprocess
 def sh(c):
     try:
@@ -238,6 +276,7 @@ json.dump({
     "nproc": sh("nproc"),
     "qemu_storage_daemon": sh("$QSD --version | head -1"),
     "fio": sh("fio --version"),
+    "loadavg_start": open("/proc/loadavg").read().split()[:3],
 }, open(sys.argv[1], "w"), indent=2)
 EOF
 
@@ -249,6 +288,7 @@ for round in $(seq "$ROUNDS"); do
         IFS=: read -r wl bs qd <<<"$w"
         for server in $SERVERS; do
             idx=$((idx + 1))
+            wait_quiet
             measure "$(printf %03d $idx)" "$server" "$wl" "$bs" "$qd"
         done
     done
@@ -256,11 +296,13 @@ for round in $(seq "$ROUNDS"); do
 done
 for server in $IDLE; do
     idx=$((idx + 1))
+    wait_quiet
     measure_idle "$(printf %03d $idx)" "$server"
 done
 
 # --- report ------------------------------------------------------------------------------
-python3 "$ROOT/bench/plot.py" --run-dir "$OUT" \
+cp /proc/loadavg "$OUT/loadavg-end"
+"$PYTHON" "$ROOT/bench/plot.py" --run-dir "$OUT" \
     --json "$OUT_BASE/results-$TS.json" \
     --png "$OUT_BASE/results-$TS.png" \
     --markdown "$OUT_BASE/results-$TS.md"

@@ -19,6 +19,9 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 out="${1:-$here/build}"
 mkdir -p "$out"
 out="$(cd "$out" && pwd)"
+# Tests and benchmarks may build the same OUTDIR concurrently: one at a time.
+exec 9>"$out/.lock"
+flock 9
 
 log() { printf 'build-guest: %s\n' "$*" >&2; }
 die() { printf 'build-guest: error: %s\n' "$*" >&2; exit 1; }

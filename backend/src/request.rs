@@ -362,3 +362,562 @@ fn collect_segments<M: GuestMemory + ?Sized>(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    //! Every device-side MUST of virtio-blk v1.2 §5.2.6 that `parse` enforces, one chain each,
+    //! laid out by virtio-queue's mock driver.
+
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::GuestMemoryMmap;
+
+    use super::*;
+
+    const QUEUE_SIZE: u16 = 16;
+    const MEM_BYTES: u64 = 0x40_0000;
+    const HDR: u64 = 0x10_0000;
+    const DATA: u64 = 0x20_0000;
+    const DATA2: u64 = 0x28_0000;
+    const STATUS: u64 = 0x30_0000;
+    const INDIRECT: u64 = 0x38_0000;
+
+    const LIMITS: Limits = Limits {
+        capacity_sectors: 1024,
+        read_only: false,
+        seg_max: 4,
+        max_discard_sectors: 64,
+        max_write_zeroes_sectors: 32,
+    };
+    const READ_ONLY: Limits = Limits { read_only: true, ..LIMITS };
+
+    fn memory() -> GuestMemoryMmap<()> {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_BYTES as usize)]).unwrap()
+    }
+
+    fn r(addr: u64, len: u32) -> RawDescriptor {
+        RawDescriptor::from(SplitDescriptor::new(addr, len, 0, 0))
+    }
+
+    fn w(addr: u64, len: u32) -> RawDescriptor {
+        RawDescriptor::from(SplitDescriptor::new(addr, len, VRING_DESC_F_WRITE as u16, 0))
+    }
+
+    fn header_bytes(request_type: u32, sector: u64) -> [u8; 16] {
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&request_type.to_le_bytes());
+        h[8..16].copy_from_slice(&sector.to_le_bytes());
+        h
+    }
+
+    fn write_header(mem: &GuestMemoryMmap<()>, at: u64, request_type: u32, sector: u64) {
+        mem.write_slice(&header_bytes(request_type, sector), GuestAddress(at)).unwrap();
+    }
+
+    fn write_segment(mem: &GuestMemoryMmap<()>, at: u64, sector: u64, num_sectors: u32, flags: u32) {
+        let mut s = [0u8; 16];
+        s[0..8].copy_from_slice(&sector.to_le_bytes());
+        s[8..12].copy_from_slice(&num_sectors.to_le_bytes());
+        s[12..16].copy_from_slice(&flags.to_le_bytes());
+        mem.write_slice(&s, GuestAddress(at)).unwrap();
+    }
+
+    /// Links `descs` into one chain (NEXT set on all but the last) and parses it.
+    fn parse_linked(
+        mem: &GuestMemoryMmap<()>,
+        descs: &[RawDescriptor],
+        limits: &Limits,
+    ) -> (Result<Request, Rejection>, Vec<Segment>) {
+        let queue = MockSplitQueue::new(mem, QUEUE_SIZE);
+        let chain = queue.build_desc_chain(descs).unwrap();
+        let mut scratch = Scratch::with_capacity(QUEUE_SIZE as usize);
+        let result = parse(chain, limits, &mut scratch);
+        (result, scratch.segments.clone())
+    }
+
+    /// Writes `descs` verbatim at table indices 0.. (their own flags and next pointers) and
+    /// parses the chain whose head is index 0.
+    fn parse_raw(mem: &GuestMemoryMmap<()>, descs: &[RawDescriptor], limits: &Limits) -> Result<Request, Rejection> {
+        let queue = MockSplitQueue::new(mem, QUEUE_SIZE);
+        let chain = queue.build_multiple_desc_chains(descs).unwrap();
+        parse(chain, limits, &mut Scratch::with_capacity(QUEUE_SIZE as usize))
+    }
+
+    fn seg(addr: u64, len: u32) -> Segment {
+        Segment { addr: GuestAddress(addr), len }
+    }
+
+    #[track_caller]
+    fn assert_rejected(result: Result<Request, Rejection>, status: Option<u64>, code: u8) {
+        match result {
+            Err(rejection) => {
+                assert_eq!(rejection.status, status.map(GuestAddress), "status address ({})", rejection.reason);
+                assert_eq!(rejection.code, code, "status code ({})", rejection.reason);
+            }
+            Ok(request) => panic!("accepted: {request:?}"),
+        }
+    }
+
+    #[test]
+    fn read_parses_into_writable_segments() {
+        let mem = memory();
+        write_header(&mem, HDR, T_IN, 8);
+        let (result, segments) = parse_linked(&mem, &[r(HDR, 16), w(DATA, 4096), w(STATUS, 1)], &LIMITS);
+        assert_eq!(
+            result.unwrap(),
+            Request { op: Op::Read, offset_bytes: 8 * 512, len_bytes: 4096, status: GuestAddress(STATUS) }
+        );
+        assert_eq!(segments, [seg(DATA, 4096)]);
+    }
+
+    #[test]
+    fn read_with_status_byte_sharing_the_last_data_descriptor() {
+        let mem = memory();
+        write_header(&mem, HDR, T_IN, 0);
+        let (result, segments) = parse_linked(&mem, &[r(HDR, 16), w(DATA, 512), w(DATA2, 1024 + 1)], &LIMITS);
+        let request = result.unwrap();
+        assert_eq!(request.len_bytes, 1536);
+        assert_eq!(request.status, GuestAddress(DATA2 + 1024));
+        assert_eq!(segments, [seg(DATA, 512), seg(DATA2, 1024)]);
+    }
+
+    #[test]
+    fn write_parses_into_readable_segments_after_the_header() {
+        let mem = memory();
+        write_header(&mem, HDR, T_OUT, 1000);
+        let (result, segments) = parse_linked(&mem, &[r(HDR, 16), r(DATA, 1024), r(DATA2, 3072), w(STATUS, 1)], &LIMITS);
+        assert_eq!(
+            result.unwrap(),
+            Request { op: Op::Write, offset_bytes: 1000 * 512, len_bytes: 4096, status: GuestAddress(STATUS) }
+        );
+        assert_eq!(segments, [seg(DATA, 1024), seg(DATA2, 3072)]);
+
+        // Header and data in one descriptor: the data starts right after the 16 header bytes.
+        write_header(&mem, HDR, T_OUT, 2);
+        let (result, segments) = parse_linked(&mem, &[r(HDR, 16 + 512), w(STATUS, 1)], &LIMITS);
+        assert_eq!(result.unwrap().offset_bytes, 1024);
+        assert_eq!(segments, [seg(HDR + 16, 512)]);
+    }
+
+    #[test]
+    fn flush_parses_with_or_without_read_only() {
+        let mem = memory();
+        write_header(&mem, HDR, T_FLUSH, 0);
+        for limits in [LIMITS, READ_ONLY] {
+            let (result, segments) = parse_linked(&mem, &[r(HDR, 16), w(STATUS, 1)], &limits);
+            assert_eq!(result.unwrap(), Request { op: Op::Flush, offset_bytes: 0, len_bytes: 0, status: GuestAddress(STATUS) });
+            assert!(segments.is_empty());
+        }
+    }
+
+    #[test]
+    fn get_id_fills_at_most_twenty_bytes() {
+        let mem = memory();
+        write_header(&mem, HDR, T_GET_ID, 0);
+        for (buffer, expected) in [(20u32, 20u64), (64, 20), (8, 8)] {
+            let (result, segments) = parse_linked(&mem, &[r(HDR, 16), w(DATA, buffer), w(STATUS, 1)], &READ_ONLY);
+            let request = result.unwrap();
+            assert_eq!((request.op, request.len_bytes), (Op::GetId, expected), "buffer of {buffer} bytes");
+            assert_eq!(segments, [seg(DATA, expected as u32)]);
+        }
+        // Just the status byte: nothing to fill, still a valid request.
+        let (result, segments) = parse_linked(&mem, &[r(HDR, 16), w(STATUS, 1)], &LIMITS);
+        assert_eq!(result.unwrap().len_bytes, 0);
+        assert!(segments.is_empty());
+        // An id buffer split over descriptors is filled in order.
+        let (result, segments) = parse_linked(&mem, &[r(HDR, 16), w(DATA, 12), w(DATA2, 12), w(STATUS, 1)], &LIMITS);
+        assert_eq!(result.unwrap().len_bytes, 20);
+        assert_eq!(segments, [seg(DATA, 12), seg(DATA2, 8)]);
+    }
+
+    #[test]
+    fn get_id_with_device_readable_data_is_refused() {
+        let mem = memory();
+        write_header(&mem, HDR, T_GET_ID, 0);
+        let (result, _) = parse_linked(&mem, &[r(HDR, 16), r(DATA, 20), w(STATUS, 1)], &LIMITS);
+        assert_rejected(result, Some(STATUS), STATUS_IOERR);
+    }
+
+    #[test]
+    fn discard_and_write_zeroes_parse_their_segment() {
+        let mem = memory();
+        let chain = [r(HDR, 16), r(DATA, 16), w(STATUS, 1)];
+        write_header(&mem, HDR, T_DISCARD, 0);
+        write_segment(&mem, DATA, 16, 8, 0);
+        let (result, segments) = parse_linked(&mem, &chain, &LIMITS);
+        assert_eq!(
+            result.unwrap(),
+            Request { op: Op::Discard, offset_bytes: 16 * 512, len_bytes: 8 * 512, status: GuestAddress(STATUS) }
+        );
+        assert!(segments.is_empty());
+
+        write_header(&mem, HDR, T_WRITE_ZEROES, 0);
+        for (flags, unmap) in [(0, false), (WRITE_ZEROES_FLAG_UNMAP, true)] {
+            write_segment(&mem, DATA, 1000, 24, flags);
+            let (result, _) = parse_linked(&mem, &chain, &LIMITS);
+            assert_eq!(
+                result.unwrap(),
+                Request {
+                    op: Op::WriteZeroes { unmap },
+                    offset_bytes: 1000 * 512,
+                    len_bytes: 24 * 512,
+                    status: GuestAddress(STATUS)
+                }
+            );
+        }
+
+        // Header and segment in one descriptor, as Linux lays it out.
+        write_header(&mem, HDR, T_DISCARD, 0);
+        write_segment(&mem, HDR + 16, 0, 64, 0);
+        let (result, _) = parse_linked(&mem, &[r(HDR, 32), w(STATUS, 1)], &LIMITS);
+        assert_eq!(result.unwrap().len_bytes, 64 * 512);
+    }
+
+    #[test]
+    fn header_split_across_descriptors_still_parses() {
+        let mem = memory();
+        let h = header_bytes(T_OUT, 77);
+        mem.write_slice(&h[..7], GuestAddress(HDR)).unwrap();
+        mem.write_slice(&h[7..], GuestAddress(DATA2)).unwrap();
+        let (result, segments) = parse_linked(&mem, &[r(HDR, 7), r(DATA2, 9), r(DATA, 512), w(STATUS, 1)], &LIMITS);
+        assert_eq!(
+            result.unwrap(),
+            Request { op: Op::Write, offset_bytes: 77 * 512, len_bytes: 512, status: GuestAddress(STATUS) }
+        );
+        assert_eq!(segments, [seg(DATA, 512)]);
+
+        // The same for a discard segment straddling two descriptors after a split header.
+        let h = header_bytes(T_DISCARD, 0);
+        mem.write_slice(&h[..3], GuestAddress(HDR)).unwrap();
+        mem.write_slice(&h[3..], GuestAddress(DATA2)).unwrap();
+        write_segment(&mem, DATA2 + 13, 5, 1, 0);
+        let (result, _) = parse_linked(&mem, &[r(HDR, 3), r(DATA2, 13 + 10), r(DATA2 + 23, 6), w(STATUS, 1)], &LIMITS);
+        assert_eq!(result.unwrap().offset_bytes, 5 * 512);
+    }
+
+    #[test]
+    fn short_header_is_an_ioerr_with_status() {
+        let mem = memory();
+        write_header(&mem, HDR, T_IN, 0);
+        let (result, _) = parse_linked(&mem, &[r(HDR, 8), w(STATUS, 1)], &LIMITS);
+        assert_rejected(result, Some(STATUS), STATUS_IOERR);
+        let (result, _) = parse_linked(&mem, &[r(HDR, 8), r(HDR + 8, 7), w(DATA, 512), w(STATUS, 1)], &LIMITS);
+        assert_rejected(result, Some(STATUS), STATUS_IOERR);
+        // No readable descriptor at all.
+        let (result, _) = parse_linked(&mem, &[w(DATA, 512), w(STATUS, 1)], &LIMITS);
+        assert_rejected(result, Some(STATUS), STATUS_IOERR);
+    }
+
+    #[test]
+    fn header_outside_guest_memory_is_an_ioerr_with_status() {
+        let mem = memory();
+        let (result, _) = parse_linked(&mem, &[r(MEM_BYTES - 8, 16), w(STATUS, 1)], &LIMITS);
+        assert_rejected(result, Some(STATUS), STATUS_IOERR);
+    }
+
+    #[test]
+    fn missing_unwritable_or_empty_status_gets_no_status_byte() {
+        let mem = memory();
+        write_header(&mem, HDR, T_FLUSH, 0);
+        for chain in [
+            &[r(HDR, 16)][..],
+            &[r(HDR, 16), r(STATUS, 1)],
+            &[r(HDR, 16), w(STATUS, 0)],
+            &[r(HDR, 16), w(DATA, 512), w(STATUS, 0)],
+            // The status byte (the chain's last byte) outside guest memory, or at an address
+            // that overflows.
+            &[r(HDR, 16), w(MEM_BYTES, 1)],
+            &[r(HDR, 16), w(MEM_BYTES - 1, 2)],
+            &[r(HDR, 16), w(u64::MAX, 2)],
+        ] {
+            let (result, _) = parse_linked(&mem, chain, &LIMITS);
+            assert_rejected(result, None, STATUS_IOERR);
+        }
+    }
+
+    #[test]
+    fn readable_descriptor_after_a_writable_one_is_an_ioerr() {
+        let mem = memory();
+        write_header(&mem, HDR, T_IN, 0);
+        let (result, _) = parse_linked(&mem, &[r(HDR, 16), w(DATA, 512), r(DATA2, 512), w(STATUS, 1)], &LIMITS);
+        assert_rejected(result, Some(STATUS), STATUS_IOERR);
+        // Even a header-only chain with the header after the status-carrying descriptor.
+        let (result, _) = parse_linked(&mem, &[w(DATA, 512), r(HDR, 16), w(STATUS, 1)], &LIMITS);
+        assert_rejected(result, Some(STATUS), STATUS_IOERR);
+    }
+
+    #[test]
+    fn data_outside_guest_memory_is_an_ioerr() {
+        let mem = memory();
+        write_header(&mem, HDR, T_IN, 0);
+        for data in [w(MEM_BYTES, 512), w(MEM_BYTES - 256, 512), w(u64::MAX - 255, 512)] {
+            let (result, _) = parse_linked(&mem, &[r(HDR, 16), data, w(STATUS, 1)], &LIMITS);
+            assert_rejected(result, Some(STATUS), STATUS_IOERR);
+        }
+        write_header(&mem, HDR, T_OUT, 0);
+        for data in [r(MEM_BYTES, 512), r(MEM_BYTES - 256, 512), r(u64::MAX - 255, 512)] {
+            let (result, _) = parse_linked(&mem, &[r(HDR, 16), data, w(STATUS, 1)], &LIMITS);
+            assert_rejected(result, Some(STATUS), STATUS_IOERR);
+        }
+        write_header(&mem, HDR, T_GET_ID, 0);
+        let (result, _) = parse_linked(&mem, &[r(HDR, 16), w(MEM_BYTES - 4, 20), w(STATUS, 1)], &LIMITS);
+        assert_rejected(result, Some(STATUS), STATUS_IOERR);
+        write_header(&mem, HDR, T_DISCARD, 0);
+        let (result, _) = parse_linked(&mem, &[r(HDR, 16), r(MEM_BYTES - 8, 16), w(STATUS, 1)], &LIMITS);
+        assert_rejected(result, Some(STATUS), STATUS_IOERR);
+    }
+
+    #[test]
+    fn sectors_past_capacity_are_an_ioerr() {
+        let mem = memory();
+        // The last sector is readable; one more is not.
+        write_header(&mem, HDR, T_IN, 1023);
+        let (result, _) = parse_linked(&mem, &[r(HDR, 16), w(DATA, 512), w(STATUS, 1)], &LIMITS);
+        assert_eq!(result.unwrap().offset_bytes, 1023 * 512);
+        let (result, _) = parse_linked(&mem, &[r(HDR, 16), w(DATA, 1024), w(STATUS, 1)], &LIMITS);
+        assert_rejected(result, Some(STATUS), STATUS_IOERR);
+        for sector in [1024, u64::MAX, u64::MAX - 1, u64::MAX >> 9] {
+            write_header(&mem, HDR, T_OUT, sector);
+            let (result, _) = parse_linked(&mem, &[r(HDR, 16), r(DATA, 1024), w(STATUS, 1)], &LIMITS);
+            assert_rejected(result, Some(STATUS), STATUS_IOERR);
+        }
+        for request_type in [T_DISCARD, T_WRITE_ZEROES] {
+            write_header(&mem, HDR, request_type, 0);
+            for (sector, count) in [(1020, 5), (u64::MAX, 1), (u64::MAX - 3, 8)] {
+                write_segment(&mem, DATA, sector, count, 0);
+                let (result, _) = parse_linked(&mem, &[r(HDR, 16), r(DATA, 16), w(STATUS, 1)], &LIMITS);
+                assert_rejected(result, Some(STATUS), STATUS_IOERR);
+            }
+            write_segment(&mem, DATA, 1020, 4, 0);
+            let (result, _) = parse_linked(&mem, &[r(HDR, 16), r(DATA, 16), w(STATUS, 1)], &LIMITS);
+            assert!(result.is_ok(), "a range ending at the capacity is valid");
+        }
+    }
+
+    #[test]
+    fn modifying_requests_on_a_read_only_volume_are_an_ioerr() {
+        let mem = memory();
+        write_header(&mem, HDR, T_OUT, 0);
+        let (result, _) = parse_linked(&mem, &[r(HDR, 16), r(DATA, 512), w(STATUS, 1)], &READ_ONLY);
+        assert_rejected(result, Some(STATUS), STATUS_IOERR);
+        for request_type in [T_DISCARD, T_WRITE_ZEROES] {
+            write_header(&mem, HDR, request_type, 0);
+            write_segment(&mem, DATA, 0, 1, 0);
+            let (result, _) = parse_linked(&mem, &[r(HDR, 16), r(DATA, 16), w(STATUS, 1)], &READ_ONLY);
+            assert_rejected(result, Some(STATUS), STATUS_IOERR);
+        }
+        write_header(&mem, HDR, T_IN, 0);
+        let (result, _) = parse_linked(&mem, &[r(HDR, 16), w(DATA, 512), w(STATUS, 1)], &READ_ONLY);
+        assert_eq!(result.unwrap().op, Op::Read, "reads stay allowed");
+    }
+
+    #[test]
+    fn unknown_request_types_are_unsupported() {
+        let mem = memory();
+        // 2, 3: legacy SCSI/... types; 10: GET_LIFETIME; 14: SECURE_ERASE; 18: ZONE_APPEND.
+        for request_type in [2, 3, 5, 10, 12, 14, 18, u32::MAX] {
+            write_header(&mem, HDR, request_type, 0);
+            let (result, _) = parse_linked(&mem, &[r(HDR, 16), w(DATA, 512), w(STATUS, 1)], &LIMITS);
+            assert_rejected(result, Some(STATUS), STATUS_UNSUPP);
+        }
+    }
+
+    #[test]
+    fn discard_flags_and_unknown_write_zeroes_flags_are_unsupported() {
+        let mem = memory();
+        let chain = [r(HDR, 16), r(DATA, 16), w(STATUS, 1)];
+        write_header(&mem, HDR, T_DISCARD, 0);
+        for flags in [WRITE_ZEROES_FLAG_UNMAP, 2, u32::MAX] {
+            write_segment(&mem, DATA, 0, 1, flags);
+            let (result, _) = parse_linked(&mem, &chain, &LIMITS);
+            assert_rejected(result, Some(STATUS), STATUS_UNSUPP);
+        }
+        write_header(&mem, HDR, T_WRITE_ZEROES, 0);
+        for flags in [2, 3, 1 << 31] {
+            write_segment(&mem, DATA, 0, 1, flags);
+            let (result, _) = parse_linked(&mem, &chain, &LIMITS);
+            assert_rejected(result, Some(STATUS), STATUS_UNSUPP);
+        }
+    }
+
+    #[test]
+    fn discard_segment_count_and_sector_count_are_bounded() {
+        let mem = memory();
+        for (request_type, max) in [(T_DISCARD, LIMITS.max_discard_sectors), (T_WRITE_ZEROES, LIMITS.max_write_zeroes_sectors)] {
+            write_header(&mem, HDR, request_type, 0);
+            // Two segments (max_discard_seg = max_write_zeroes_seg = 1), half a segment, none.
+            write_segment(&mem, DATA, 0, 1, 0);
+            write_segment(&mem, DATA + 16, 8, 1, 0);
+            for chain in [
+                &[r(HDR, 16), r(DATA, 32), w(STATUS, 1)][..],
+                &[r(HDR, 16), r(DATA, 16), r(DATA + 16, 16), w(STATUS, 1)],
+                &[r(HDR, 16), r(DATA, 8), w(STATUS, 1)],
+                &[r(HDR, 16), w(STATUS, 1)],
+            ] {
+                let (result, _) = parse_linked(&mem, chain, &LIMITS);
+                assert_rejected(result, Some(STATUS), STATUS_IOERR);
+            }
+            let chain = [r(HDR, 16), r(DATA, 16), w(STATUS, 1)];
+            for count in [0, max + 1, u32::MAX] {
+                write_segment(&mem, DATA, 0, count, 0);
+                let (result, _) = parse_linked(&mem, &chain, &LIMITS);
+                assert_rejected(result, Some(STATUS), STATUS_IOERR);
+            }
+            write_segment(&mem, DATA, 0, max, 0);
+            let (result, _) = parse_linked(&mem, &chain, &LIMITS);
+            assert_eq!(result.unwrap().len_bytes, u64::from(max) * 512);
+            // Device-writable data besides the status byte.
+            let (result, _) = parse_linked(&mem, &[r(HDR, 16), r(DATA, 16), w(DATA2, 512), w(STATUS, 1)], &LIMITS);
+            assert_rejected(result, Some(STATUS), STATUS_IOERR);
+        }
+    }
+
+    #[test]
+    fn data_length_must_be_a_multiple_of_512() {
+        let mem = memory();
+        write_header(&mem, HDR, T_IN, 0);
+        for len in [1, 511, 513, 4095] {
+            let (result, _) = parse_linked(&mem, &[r(HDR, 16), w(DATA, len), w(STATUS, 1)], &LIMITS);
+            assert_rejected(result, Some(STATUS), STATUS_IOERR);
+        }
+        write_header(&mem, HDR, T_OUT, 0);
+        let (result, _) = parse_linked(&mem, &[r(HDR, 16), r(DATA, 100), w(STATUS, 1)], &LIMITS);
+        assert_rejected(result, Some(STATUS), STATUS_IOERR);
+        // Two pieces that add up to a sector are fine.
+        let (result, segments) = parse_linked(&mem, &[r(HDR, 16), r(DATA, 100), r(DATA2, 412), w(STATUS, 1)], &LIMITS);
+        assert_eq!(result.unwrap().len_bytes, 512);
+        assert_eq!(segments, [seg(DATA, 100), seg(DATA2, 412)]);
+    }
+
+    #[test]
+    fn data_in_the_wrong_direction_is_an_ioerr() {
+        let mem = memory();
+        write_header(&mem, HDR, T_IN, 0);
+        let (result, _) = parse_linked(&mem, &[r(HDR, 16), r(DATA, 512), w(DATA2, 512), w(STATUS, 1)], &LIMITS);
+        assert_rejected(result, Some(STATUS), STATUS_IOERR);
+        write_header(&mem, HDR, T_OUT, 0);
+        let (result, _) = parse_linked(&mem, &[r(HDR, 16), r(DATA, 512), w(DATA2, 512), w(STATUS, 1)], &LIMITS);
+        assert_rejected(result, Some(STATUS), STATUS_IOERR);
+    }
+
+    #[test]
+    fn more_data_descriptors_than_seg_max_is_an_ioerr() {
+        let mem = memory();
+        write_header(&mem, HDR, T_OUT, 0);
+        let data = |n: u64| (0..n).map(|i| r(DATA + i * 0x1000, 512));
+        let chain: Vec<_> = std::iter::once(r(HDR, 16)).chain(data(4)).chain([w(STATUS, 1)]).collect();
+        let (result, segments) = parse_linked(&mem, &chain, &LIMITS);
+        assert_eq!(result.unwrap().len_bytes, 4 * 512);
+        assert_eq!(segments.len(), 4);
+        let chain: Vec<_> = std::iter::once(r(HDR, 16)).chain(data(5)).chain([w(STATUS, 1)]).collect();
+        let (result, _) = parse_linked(&mem, &chain, &LIMITS);
+        assert_rejected(result, Some(STATUS), STATUS_IOERR);
+    }
+
+    #[test]
+    fn descriptor_loops_get_no_status_byte() {
+        let mem = memory();
+        write_header(&mem, HDR, T_FLUSH, 0);
+        let next = VRING_DESC_F_NEXT as u16;
+        let write = VRING_DESC_F_WRITE as u16;
+        let desc = |addr, len, flags, next| RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next));
+        // 0 -> 1 -> 0 -> ...
+        let result = parse_raw(&mem, &[desc(HDR, 16, next, 1), desc(STATUS, 1, write | next, 0)], &LIMITS);
+        assert_rejected(result, None, STATUS_IOERR);
+        // 0 -> 1 -> 2 -> 1 -> ...
+        let result = parse_raw(
+            &mem,
+            &[desc(HDR, 16, next, 1), desc(DATA, 512, write | next, 2), desc(STATUS, 1, write | next, 1)],
+            &LIMITS,
+        );
+        assert_rejected(result, None, STATUS_IOERR);
+        // A descriptor pointing at itself.
+        let result = parse_raw(&mem, &[desc(HDR, 16, next, 0)], &LIMITS);
+        assert_rejected(result, None, STATUS_IOERR);
+        // `next` past the end of the table.
+        let result = parse_raw(&mem, &[desc(HDR, 16, next, QUEUE_SIZE), desc(STATUS, 1, write, 0)], &LIMITS);
+        assert_rejected(result, None, STATUS_IOERR);
+    }
+
+    fn write_indirect_table(mem: &GuestMemoryMmap<()>, descs: &[RawDescriptor]) {
+        for (i, desc) in descs.iter().enumerate() {
+            let mut d = SplitDescriptor::from(*desc);
+            if i + 1 < descs.len() {
+                d.set_flags(d.flags() | VRING_DESC_F_NEXT as u16);
+                d.set_next(i as u16 + 1);
+            }
+            mem.write_obj(RawDescriptor::from(d), GuestAddress(INDIRECT + 16 * i as u64)).unwrap();
+        }
+    }
+
+    fn indirect(addr: u64, len: u32) -> RawDescriptor {
+        RawDescriptor::from(SplitDescriptor::new(addr, len, VRING_DESC_F_INDIRECT as u16, 0))
+    }
+
+    #[test]
+    fn indirect_descriptors_parse() {
+        let mem = memory();
+        write_header(&mem, HDR, T_IN, 4);
+        write_indirect_table(&mem, &[r(HDR, 16), w(DATA, 2048), w(DATA2, 2048), w(STATUS, 1)]);
+        let (result, segments) = parse_linked(&mem, &[indirect(INDIRECT, 4 * 16)], &LIMITS);
+        assert_eq!(
+            result.unwrap(),
+            Request { op: Op::Read, offset_bytes: 4 * 512, len_bytes: 4096, status: GuestAddress(STATUS) }
+        );
+        assert_eq!(segments, [seg(DATA, 2048), seg(DATA2, 2048)]);
+    }
+
+    #[test]
+    fn broken_indirect_tables_get_no_status_byte() {
+        let mem = memory();
+        write_header(&mem, HDR, T_FLUSH, 0);
+        write_indirect_table(&mem, &[r(HDR, 16), w(STATUS, 1)]);
+        for table in [
+            // Not a whole number of descriptors.
+            indirect(INDIRECT, 24),
+            // Empty.
+            indirect(INDIRECT, 0),
+            // Outside guest memory.
+            indirect(MEM_BYTES, 32),
+            indirect(u64::MAX - 15, 32),
+        ] {
+            let (result, _) = parse_linked(&mem, &[table], &LIMITS);
+            assert_rejected(result, None, STATUS_IOERR);
+        }
+        // An indirect descriptor inside an indirect table.
+        write_indirect_table(&mem, &[r(HDR, 16), indirect(INDIRECT, 32)]);
+        let (result, _) = parse_linked(&mem, &[indirect(INDIRECT, 32)], &LIMITS);
+        assert_rejected(result, None, STATUS_IOERR);
+    }
+
+    #[test]
+    fn chain_longer_than_the_queue_gets_no_status_byte() {
+        let mem = memory();
+        write_header(&mem, HDR, T_OUT, 0);
+        // An indirect table may hold more descriptors than the queue has; a chain may not.
+        let n = u64::from(QUEUE_SIZE) + 1;
+        let table: Vec<_> = std::iter::once(r(HDR, 16))
+            .chain((0..n - 2).map(|i| r(DATA + 512 * i, 512)))
+            .chain([w(STATUS, 1)])
+            .collect();
+        write_indirect_table(&mem, &table);
+        let (result, _) = parse_linked(&mem, &[indirect(INDIRECT, 16 * n as u32)], &Limits { seg_max: 1024, ..LIMITS });
+        assert_rejected(result, None, STATUS_IOERR);
+    }
+
+    #[test]
+    fn scratch_is_cleared_between_requests() {
+        let mem = memory();
+        let queue = MockSplitQueue::new(&mem, QUEUE_SIZE);
+        let mut scratch = Scratch::with_capacity(QUEUE_SIZE as usize);
+        write_header(&mem, HDR, T_OUT, 0);
+        let chain = queue.build_desc_chain(&[r(HDR, 16), r(DATA, 512), r(DATA2, 512), w(STATUS, 1)]).unwrap();
+        parse(chain, &LIMITS, &mut scratch).unwrap();
+        assert_eq!(scratch.segments.len(), 2);
+        write_header(&mem, HDR + 0x100, T_FLUSH, 0);
+        let chain = queue.build_desc_chain(&[r(HDR + 0x100, 16), w(STATUS, 1)]).unwrap();
+        assert_eq!(parse(chain, &LIMITS, &mut scratch).unwrap().op, Op::Flush);
+        assert!(scratch.segments.is_empty());
+    }
+}

@@ -15,6 +15,8 @@ struct Side {
     inbox: VecDeque<Message>,
     registry: Arc<Registry>,
     closed: bool,
+    /// This side's `recv_queue`.
+    cap: usize,
 }
 
 #[derive(Debug)]
@@ -28,7 +30,6 @@ pub struct LoopbackEndpoint {
     shared: Arc<Mutex<Shared>>,
     me: usize,
     peer_node: u64,
-    recv_queue: usize,
     max_inflight: usize,
     completions: VecDeque<OpCompletion>,
 }
@@ -43,13 +44,12 @@ pub fn pair(a: &Config, b: &Config) -> Result<(LoopbackEndpoint, LoopbackEndpoin
     if !crate::auth::verify(&b.secret, crate::auth::Role::Client, &ctx, &crate::auth::tag(&a.secret, crate::auth::Role::Client, &ctx)) {
         return Err(TransportError::AuthFailed("the peers hold different cluster secrets"));
     }
-    let side = || Side { inbox: VecDeque::new(), registry: Arc::new(Registry::new()), closed: false };
-    let shared = Arc::new(Mutex::new(Shared { sides: [side(), side()] }));
+    let side = |c: &Config| Side { inbox: VecDeque::new(), registry: Arc::new(Registry::new()), closed: false, cap: c.recv_queue.max(1) };
+    let shared = Arc::new(Mutex::new(Shared { sides: [side(a), side(b)] }));
     let mk = |me: usize, cfg: &Config, peer: &Config| LoopbackEndpoint {
         shared: shared.clone(),
         me,
         peer_node: peer.node_id,
-        recv_queue: cfg.recv_queue.max(1),
         max_inflight: cfg.max_inflight.max(1),
         completions: VecDeque::new(),
     };
@@ -124,14 +124,13 @@ impl Endpoint for LoopbackEndpoint {
         }
         // Same validation as the encoder: never deliver what the wire would refuse.
         msg.to_vec().map_err(TransportError::Encode)?;
-        let cap = self.recv_queue;
         let me = self.me;
         let mut s = self.lock();
         if s.sides[me].closed {
             return Err(TransportError::Disconnected);
         }
         let peer = &mut s.sides[1 - me];
-        if peer.inbox.len() >= cap {
+        if peer.inbox.len() >= peer.cap {
             return Err(TransportError::QueueFull);
         }
         peer.inbox.push_back(msg.clone());

@@ -159,6 +159,8 @@ struct Conn {
     out: Mutex<Out>,
     out_cv: Condvar,
     ops: Mutex<Ops>,
+    /// Signalled when an operation completes (for `TcpEndpoint::wait`).
+    ops_cv: Condvar,
     dead: AtomicBool,
     max_inflight: usize,
     send_queue: usize,
@@ -196,6 +198,8 @@ impl Conn {
             }
             ops.finish(id);
         }
+        drop(ops);
+        self.ops_cv.notify_all();
     }
 
     /// Sends inline if nothing is queued (never blocks), else queues.
@@ -451,6 +455,8 @@ impl Conn {
             op.remaining -= 1;
             if op.remaining == 0 {
                 ops.finish(d.op_id);
+                drop(ops);
+                self.ops_cv.notify_one();
             }
         }
         Ok(())
@@ -503,45 +509,53 @@ fn refused(e: ErrorMsg) -> TransportError {
     }
 }
 
+/// Initiator side of the authenticated handshake on a fresh stream;
+/// returns the acceptor's node id. Also used on the `rdma` transport's
+/// out-of-band connection.
+pub(crate) fn client_handshake(sock: &mut TcpStream, cfg: &Config) -> Result<u64, TransportError> {
+    sock.set_read_timeout(Some(cfg.handshake_timeout)).map_err(io("setsockopt"))?;
+    sock.set_write_timeout(Some(cfg.handshake_timeout)).map_err(io("setsockopt"))?;
+    let client_nonce = auth::nonce().map_err(io("getrandom"))?;
+    write_msg(sock, &Message::Hello(wire::Hello { cluster_id: cfg.cluster_id, node_id: cfg.node_id, nonce: client_nonce }))?;
+    let ch = match read_msg(sock)? {
+        Message::Challenge(c) => c,
+        Message::Error(e) => return Err(refused(e)),
+        _ => return Err(TransportError::Handshake("expected CHALLENGE")),
+    };
+    let ctx = auth::Context {
+        cluster_id: cfg.cluster_id,
+        client_node: cfg.node_id,
+        server_node: ch.node_id,
+        client_nonce,
+        server_nonce: ch.nonce,
+    };
+    if !auth::verify(&cfg.secret, Role::Server, &ctx, &ch.mac) {
+        refuse(sock, ERR_AUTH, "acceptor proof invalid");
+        return Err(TransportError::AuthFailed("the acceptor does not know the cluster secret"));
+    }
+    write_msg(sock, &Message::Auth(auth::tag(&cfg.secret, Role::Client, &ctx)))?;
+    match read_msg(sock) {
+        Ok(Message::Ready) => {}
+        Ok(Message::Error(e)) => return Err(refused(e)),
+        Ok(_) => return Err(TransportError::Handshake("expected READY")),
+        // The acceptor closes right after refusing; losing the race to read
+        // its ERROR still means we were refused.
+        Err(TransportError::Io { source, .. }) if source.kind() == std::io::ErrorKind::UnexpectedEof || source.kind() == std::io::ErrorKind::ConnectionReset => {
+            return Err(TransportError::AuthFailed("the acceptor closed the connection during authentication"))
+        }
+        Err(e) => return Err(e),
+    }
+    Ok(ch.node_id)
+}
+
 impl TcpEndpoint {
     /// Connects to `addr` and authenticates. Blocking (slow path), bounded by
     /// `cfg.handshake_timeout`.
     pub fn connect(addr: impl ToSocketAddrs, cfg: &Config, registry: Arc<Registry>) -> Result<Self, TransportError> {
         let addr = addr.to_socket_addrs().map_err(io("resolve"))?.next().ok_or(TransportError::Handshake("no address"))?;
         let mut sock = TcpStream::connect_timeout(&addr, cfg.handshake_timeout).map_err(io("connect"))?;
-        sock.set_read_timeout(Some(cfg.handshake_timeout)).map_err(io("setsockopt"))?;
-        sock.set_write_timeout(Some(cfg.handshake_timeout)).map_err(io("setsockopt"))?;
-        let client_nonce = auth::nonce().map_err(io("getrandom"))?;
-        write_msg(&mut sock, &Message::Hello(wire::Hello { cluster_id: cfg.cluster_id, node_id: cfg.node_id, nonce: client_nonce }))?;
-        let ch = match read_msg(&mut sock)? {
-            Message::Challenge(c) => c,
-            Message::Error(e) => return Err(refused(e)),
-            _ => return Err(TransportError::Handshake("expected CHALLENGE")),
-        };
-        let ctx = auth::Context {
-            cluster_id: cfg.cluster_id,
-            client_node: cfg.node_id,
-            server_node: ch.node_id,
-            client_nonce,
-            server_nonce: ch.nonce,
-        };
-        if !auth::verify(&cfg.secret, Role::Server, &ctx, &ch.mac) {
-            refuse(&mut sock, ERR_AUTH, "acceptor proof invalid");
-            return Err(TransportError::AuthFailed("the acceptor does not know the cluster secret"));
-        }
-        write_msg(&mut sock, &Message::Auth(auth::tag(&cfg.secret, Role::Client, &ctx)))?;
-        match read_msg(&mut sock) {
-            Ok(Message::Ready) => {}
-            Ok(Message::Error(e)) => return Err(refused(e)),
-            Ok(_) => return Err(TransportError::Handshake("expected READY")),
-            // The acceptor closes right after refusing; losing the race to read
-            // its ERROR still means we were refused.
-            Err(TransportError::Io { source, .. }) if source.kind() == std::io::ErrorKind::UnexpectedEof || source.kind() == std::io::ErrorKind::ConnectionReset => {
-                return Err(TransportError::AuthFailed("the acceptor closed the connection during authentication"))
-            }
-            Err(e) => return Err(e),
-        }
-        Self::start(sock, addr, ch.node_id, cfg, registry)
+        let peer_node = client_handshake(&mut sock, cfg)?;
+        Self::start(sock, addr, peer_node, cfg, registry)
     }
 
     fn start(sock: TcpStream, peer: SocketAddr, peer_node: u64, cfg: &Config, registry: Arc<Registry>) -> Result<Self, TransportError> {
@@ -568,6 +582,7 @@ impl TcpEndpoint {
             }),
             out_cv: Condvar::new(),
             ops: Mutex::new(Ops::new(max_inflight)),
+            ops_cv: Condvar::new(),
             dead: AtomicBool::new(false),
             max_inflight,
             send_queue: cfg.send_queue.max(1),
@@ -581,6 +596,16 @@ impl TcpEndpoint {
         let writer = std::thread::Builder::new().name("hcblk-tcp-tx".into()).spawn(move || w.writer()).map_err(io("spawn"))?;
         tracing::info!(peer = %peer, node = peer_node, "tcp transport connected");
         Ok(Self { conn, rx: Some(rx), threads: vec![reader, writer] })
+    }
+
+    /// Blocks until a one-sided operation has completed (or the connection
+    /// failed), at most `timeout`. For callers without a poller to drive:
+    /// a poller never calls this.
+    pub fn wait(&self, timeout: Duration) {
+        let ops = lock(&self.conn.ops);
+        if ops.completions.is_empty() && !ops.dead {
+            let _ = self.conn.ops_cv.wait_timeout(ops, timeout);
+        }
     }
 
     /// The peer's socket address.
@@ -760,7 +785,7 @@ impl TcpAcceptor {
     /// logged in one line and returned as the error; call again for the next.
     pub fn accept(&self) -> Result<TcpEndpoint, TransportError> {
         let (mut sock, peer) = self.listener.accept().map_err(io("accept"))?;
-        match self.handshake(&mut sock) {
+        match server_handshake(&mut sock, &self.cfg) {
             Ok(node) => TcpEndpoint::start(sock, peer, node, &self.cfg, self.registry.clone()),
             Err(e) => {
                 tracing::warn!(peer = %peer, "refused connection: {e}");
@@ -768,53 +793,56 @@ impl TcpAcceptor {
             }
         }
     }
+}
 
-    fn handshake(&self, sock: &mut TcpStream) -> Result<u64, TransportError> {
-        let cfg = &self.cfg;
-        sock.set_read_timeout(Some(cfg.handshake_timeout)).map_err(io("setsockopt"))?;
-        sock.set_write_timeout(Some(cfg.handshake_timeout)).map_err(io("setsockopt"))?;
-        let hello = match read_msg(sock) {
-            Ok(Message::Hello(h)) => h,
-            Ok(_) => {
-                refuse(sock, ERR_PROTOCOL, "expected HELLO");
-                return Err(TransportError::Handshake("expected HELLO"));
-            }
-            Err(TransportError::Decode(e)) => {
-                let code = if matches!(e, wire::DecodeError::UnsupportedVersion { .. }) { ERR_VERSION } else { ERR_PROTOCOL };
-                refuse(sock, code, &e.to_string());
-                return Err(TransportError::Decode(e));
-            }
-            Err(e) => return Err(e),
-        };
-        if hello.cluster_id != cfg.cluster_id {
-            refuse(sock, ERR_CLUSTER, "wrong cluster");
-            return Err(TransportError::Handshake("peer belongs to another cluster"));
+/// Acceptor side of the authenticated handshake; returns the initiator's node id.
+pub(crate) fn server_handshake(sock: &mut TcpStream, cfg: &Config) -> Result<u64, TransportError> {
+    sock.set_read_timeout(Some(cfg.handshake_timeout)).map_err(io("setsockopt"))?;
+    sock.set_write_timeout(Some(cfg.handshake_timeout)).map_err(io("setsockopt"))?;
+    let hello = match read_msg(sock) {
+        Ok(Message::Hello(h)) => h,
+        Ok(_) => {
+            refuse(sock, ERR_PROTOCOL, "expected HELLO");
+            return Err(TransportError::Handshake("expected HELLO"));
         }
-        let server_nonce = auth::nonce().map_err(io("getrandom"))?;
-        let ctx = auth::Context {
-            cluster_id: cfg.cluster_id,
-            client_node: hello.node_id,
-            server_node: cfg.node_id,
-            client_nonce: hello.nonce,
-            server_nonce,
-        };
-        let mac = auth::tag(&cfg.secret, Role::Server, &ctx);
-        write_msg(sock, &Message::Challenge(wire::Challenge { node_id: cfg.node_id, nonce: server_nonce, mac }))?;
-        match read_msg(sock)? {
-            Message::Auth(mac) if auth::verify(&cfg.secret, Role::Client, &ctx, &mac) => {}
-            Message::Auth(_) => {
-                refuse(sock, ERR_AUTH, "authentication failed");
-                return Err(TransportError::AuthFailed("initiator does not know the cluster secret"));
-            }
-            Message::Error(e) => return Err(refused(e)),
-            _ => {
-                refuse(sock, ERR_PROTOCOL, "expected AUTH");
-                return Err(TransportError::Handshake("expected AUTH"));
-            }
+        Err(TransportError::Decode(e)) => {
+            let code = if matches!(e, wire::DecodeError::UnsupportedVersion { .. }) { ERR_VERSION } else { ERR_PROTOCOL };
+            refuse(sock, code, &e.to_string());
+            return Err(TransportError::Decode(e));
         }
-        write_msg(sock, &Message::Ready)?;
-        Ok(hello.node_id)
+        Err(e) => return Err(e),
+    };
+    if hello.cluster_id != cfg.cluster_id {
+        refuse(sock, ERR_CLUSTER, "wrong cluster");
+        return Err(TransportError::Handshake("peer belongs to another cluster"));
     }
+    let server_nonce = auth::nonce().map_err(io("getrandom"))?;
+    let ctx = auth::Context {
+        cluster_id: cfg.cluster_id,
+        client_node: hello.node_id,
+        server_node: cfg.node_id,
+        client_nonce: hello.nonce,
+        server_nonce,
+    };
+    let mac = auth::tag(&cfg.secret, Role::Server, &ctx);
+    write_msg(sock, &Message::Challenge(wire::Challenge { node_id: cfg.node_id, nonce: server_nonce, mac }))?;
+    match read_msg(sock)? {
+        Message::Auth(mac) if auth::verify(&cfg.secret, Role::Client, &ctx, &mac) => {}
+        Message::Auth(_) => {
+            refuse(sock, ERR_AUTH, "authentication failed");
+            return Err(TransportError::AuthFailed("initiator does not know the cluster secret"));
+        }
+        Message::Error(e) if e.code == ERR_AUTH => {
+            return Err(TransportError::AuthFailed("the initiator rejected our proof: it holds another cluster secret"));
+        }
+        Message::Error(e) => return Err(refused(e)),
+        _ => {
+            refuse(sock, ERR_PROTOCOL, "expected AUTH");
+            return Err(TransportError::Handshake("expected AUTH"));
+        }
+    }
+    write_msg(sock, &Message::Ready)?;
+    Ok(hello.node_id)
 }
 
 #[cfg(test)]

@@ -1,1 +1,4 @@
 //! Helpers shared by the multi-process tests.
+pub mod guest;
+pub mod netns;
+pub mod wire_peer;

@@ -1,6 +1,8 @@
 //! Test frontends and fixtures shared by the in-process tests.
 #![allow(dead_code)]
 
+pub mod raw_frontend;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;

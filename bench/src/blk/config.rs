@@ -243,7 +243,10 @@ mod tests {
         assert!(parse_size("4x").is_err());
         assert!(parse_size("-4k").is_err());
         assert!(parse_size("99999999999999999999t").is_err());
-        assert!(parse_size("17179869184t").is_err(), "overflow must be rejected");
+        assert!(
+            parse_size("17179869184t").is_err(),
+            "overflow must be rejected"
+        );
     }
 
     #[test]
@@ -281,16 +284,25 @@ mod tests {
         a.seconds = f64::NAN;
         assert!(matches!(
             Config::try_from(a).unwrap_err(),
-            ConfigError::Seconds { name: "seconds", .. }
+            ConfigError::Seconds {
+                name: "seconds",
+                ..
+            }
         ));
         let mut a = args("randread", "4k", 1);
         a.span = Some("6k".into());
         assert_eq!(
             Config::try_from(a).unwrap_err(),
-            ConfigError::Span { span: 6144, bs: 4096 }
+            ConfigError::Span {
+                span: 6144,
+                bs: 4096
+            }
         );
         let mut a = args("randread", "4k", 1);
         a.cpu = Some(usize::MAX);
-        assert_eq!(Config::try_from(a).unwrap_err(), ConfigError::Cpu(usize::MAX));
+        assert_eq!(
+            Config::try_from(a).unwrap_err(),
+            ConfigError::Cpu(usize::MAX)
+        );
     }
 }

@@ -86,7 +86,8 @@ mod tests {
                 upper_half += 1;
             }
         }
-        assert!(seen.len() > 9_900, "too many repeats: {}", seen.len());
+        // Birthday bound: 10^4 draws from 2^18 blocks repeat ~190 times (sd ~14).
+        assert!(seen.len() > 9_700, "too many repeats: {}", seen.len());
         assert!((4_500..5_500).contains(&upper_half), "skewed: {upper_half}");
     }
 

@@ -57,6 +57,29 @@ pub fn thread_cpu_time() -> Result<Duration, ProcStatError> {
     cpu_time_of("/proc/thread-self/stat")
 }
 
+/// `nonvoluntary_ctxt_switches` from the text of a `/proc/.../status` file.
+pub fn parse_involuntary_switches(status: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("nonvoluntary_ctxt_switches:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// How often the calling thread has been preempted so far. A busy-polling thread alone on
+/// its core is never preempted; a growing count means something else ran there and the
+/// measurement is disturbed.
+pub fn thread_preemptions() -> Result<u64, ProcStatError> {
+    let path = "/proc/thread-self/status";
+    let text = std::fs::read_to_string(path).map_err(|source| ProcStatError::Read {
+        path: path.to_string(),
+        source,
+    })?;
+    parse_involuntary_switches(&text).ok_or_else(|| ProcStatError::Parse {
+        path: path.to_string(),
+        line: text.lines().last().unwrap_or_default().to_string(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -67,6 +90,15 @@ mod tests {
         assert_eq!(parse_cpu_ticks(line), Some(1234 + 567));
         let plain = "1 (qemu-storage-d) S 0 1 1 0 -1 0 0 0 0 0 7 8 0 0 20 0 1 0 5 0 0";
         assert_eq!(parse_cpu_ticks(plain), Some(15));
+    }
+
+    #[test]
+    fn involuntary_switches_are_read_from_status() {
+        let status =
+            "Name:\tblk-bench\nvoluntary_ctxt_switches:\t12\nnonvoluntary_ctxt_switches:\t 345\n";
+        assert_eq!(parse_involuntary_switches(status), Some(345));
+        assert_eq!(parse_involuntary_switches("Name:\tx\n"), None);
+        assert!(thread_preemptions().is_ok());
     }
 
     #[test]

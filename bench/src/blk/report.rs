@@ -62,6 +62,9 @@ pub struct Report {
     pub server_cpu_us_per_io: Option<f64>,
     /// The busy-polling client should sit near 100 %; much less means it was preempted.
     pub client_cpu_pct: f64,
+    /// Times the client thread was preempted per second of the measured interval. Should be
+    /// ~0: anything else means another task shared the client's core during the run.
+    pub client_preemptions_per_s: f64,
 }
 
 /// Measurements from which a [`Report`] is derived.
@@ -71,6 +74,7 @@ pub struct Measured<'a> {
     pub latency_ns: &'a Histogram<u64>,
     pub server_cpu: Option<Duration>,
     pub client_cpu: Duration,
+    pub client_preemptions: u64,
 }
 
 /// Identity of the run, copied into the report.
@@ -123,13 +127,22 @@ impl Report {
             server_cpu_pct: m.server_cpu.map(pct),
             server_cpu_us_per_io,
             client_cpu_pct: pct(m.client_cpu),
+            client_preemptions_per_s: if secs > 0.0 {
+                m.client_preemptions as f64 / secs
+            } else {
+                0.0
+            },
         }
     }
 
     pub fn summary_line(&self) -> String {
         let mut s = format!(
             "{label} {wl} bs={bs} qd={qd}: {iops:.0} IOPS {mib:.1} MiB/s",
-            label = if self.label.is_empty() { "-" } else { &self.label },
+            label = if self.label.is_empty() {
+                "-"
+            } else {
+                &self.label
+            },
             wl = self.workload,
             bs = self.bs_bytes,
             qd = self.qd,
@@ -148,7 +161,10 @@ impl Report {
         if let Some(us) = self.server_cpu_us_per_io {
             s += &format!(" ({us:.3} us/IO)");
         }
-        s += &format!(" client_cpu={:.0}%", self.client_cpu_pct);
+        s += &format!(
+            " client_cpu={:.0}% preempted={:.0}/s",
+            self.client_cpu_pct, self.client_preemptions_per_s
+        );
         s
     }
 
@@ -191,6 +207,7 @@ mod tests {
                 latency_ns: &h,
                 server_cpu: Some(Duration::from_secs(1)),
                 client_cpu: Duration::from_secs(2),
+                client_preemptions: 10,
             },
         );
         assert_eq!(r.iops, 1_000_000.0);
@@ -198,6 +215,7 @@ mod tests {
         assert_eq!(r.server_cpu_pct, Some(50.0));
         assert_eq!(r.server_cpu_us_per_io, Some(0.5));
         assert_eq!(r.client_cpu_pct, 100.0);
+        assert_eq!(r.client_preemptions_per_s, 5.0);
         let l = r.lat_us.as_ref().unwrap();
         assert!((l.p50 - 2.0).abs() < 0.01, "{l:?}");
         assert!((l.max - 100.0).abs() < 0.1, "{l:?}");
@@ -220,6 +238,7 @@ mod tests {
                 latency_ns: &h,
                 server_cpu: Some(Duration::from_millis(200)),
                 client_cpu: Duration::ZERO,
+                client_preemptions: 0,
             },
         );
         assert!(r.lat_us.is_none());

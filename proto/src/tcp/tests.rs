@@ -188,7 +188,7 @@ fn peer_gone_mid_transfer_fails_in_flight_operations() {
     let c = wait_completions(&mut server, 8);
     assert!(c.iter().any(|c| c.status == Status::ConnectionLost), "{c:?}");
     assert!(!server.is_connected());
-    assert!(matches!(server.post_read(&g.segments, &[LocalSeg { region: l, offset: 0, len: 16 }], 9), Err(_)));
+    assert!(server.post_read(&g.segments, &[LocalSeg { region: l, offset: 0, len: 16 }], 9).is_err());
     drop(server);
     drop(big);
     drop(local);
@@ -201,13 +201,30 @@ fn silent_peer_is_declared_dead_and_heartbeats_keep_idle_links_up() {
     sc.heartbeat = Duration::from_millis(100);
     let mut cc = cfg(2);
     cc.heartbeat = Duration::from_millis(100);
-    let (server, client) = pair_with(sc, cc);
+    let (server, client) = pair_with(sc.clone(), cc);
     let client = client.unwrap();
     std::thread::sleep(Duration::from_millis(1200));
-    assert!(server.is_connected(), "heartbeats must keep an idle connection alive");
-    // Freeze the client's threads' output: a raw peer that never speaks.
-    drop(client);
-    let acc = TcpAcceptor::bind("127.0.0.1:0", cfg(1), Arc::new(Registry::new())).unwrap();
-    drop(acc);
-    drop(server);
+    assert!(server.is_connected() && client.is_connected(), "heartbeats must keep an idle connection alive");
+    drop((server, client));
+
+    // A peer that authenticates and then never sends another byte.
+    let acc = TcpAcceptor::bind("127.0.0.1:0", sc, Arc::new(Registry::new())).unwrap();
+    let addr = acc.local_addr().unwrap();
+    let t = std::thread::spawn(move || acc.accept());
+    let c = cfg(2);
+    let mut raw = TcpStream::connect(addr).unwrap();
+    let cn = [5u8; 32];
+    write_msg(&mut raw, &Message::Hello(wire::Hello { cluster_id: c.cluster_id, node_id: 2, nonce: cn })).unwrap();
+    let Message::Challenge(ch) = read_msg(&mut raw).unwrap() else { panic!("expected CHALLENGE") };
+    let ctx = auth::Context { cluster_id: c.cluster_id, client_node: 2, server_node: ch.node_id, client_nonce: cn, server_nonce: ch.nonce };
+    write_msg(&mut raw, &Message::Auth(auth::tag(&c.secret, Role::Client, &ctx))).unwrap();
+    assert_eq!(read_msg(&mut raw).unwrap(), Message::Ready);
+    let server = t.join().unwrap().unwrap();
+    let start = Instant::now();
+    while server.is_connected() {
+        assert!(start.elapsed() < Duration::from_secs(5), "silent peer never declared dead");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(start.elapsed() >= Duration::from_millis(300), "declared dead too early");
+    drop(raw);
 }

@@ -1,0 +1,119 @@
+//! The seam between the control plane and the data path: the volume manager starts, resizes
+//! and stops exports through these traits, so its logic (validation, rollback, persistence) is
+//! tested against [`fake::FakeExporter`] without a vhost-user frontend.
+
+use std::sync::Arc;
+
+use replica::Backing;
+
+use crate::{Export, ExportConfig};
+
+pub trait Exporter {
+    type Handle: ExportHandle;
+    /// Binds `config.socket_path` and serves frontends on it until the handle is stopped.
+    fn start(&self, config: ExportConfig, backing: Arc<Backing>) -> Result<Self::Handle, crate::Error>;
+}
+
+pub trait ExportHandle {
+    /// Grows the backing and tells a connected frontend.
+    fn resize(&self, new_size_bytes: u64) -> Result<(), crate::Error>;
+    fn is_connected(&self) -> bool;
+    /// Stops serving, waits for in-flight requests and removes the socket.
+    fn stop(self);
+}
+
+/// The real data path: [`Export`] over vhost-user.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct VhostUser;
+
+impl Exporter for VhostUser {
+    type Handle = Export;
+    fn start(&self, config: ExportConfig, backing: Arc<Backing>) -> Result<Export, crate::Error> {
+        Export::start(config, backing)
+    }
+}
+
+impl ExportHandle for Export {
+    fn resize(&self, new_size_bytes: u64) -> Result<(), crate::Error> {
+        Export::resize(self, new_size_bytes)
+    }
+    fn is_connected(&self) -> bool {
+        Export::is_connected(self)
+    }
+    fn stop(self) {
+        Export::stop(self);
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod fake {
+    use std::os::unix::net::{UnixListener, UnixStream};
+    use std::path::PathBuf;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    use replica::Backing;
+
+    use super::{ExportHandle, Exporter};
+    use crate::ExportConfig;
+
+    /// Behaves like the real export at the socket level (binds it, refuses one in use, removes
+    /// it on stop) and grows the backing on resize; failures can be injected.
+    #[derive(Default)]
+    pub(crate) struct FakeExporter {
+        pub fail_start: AtomicBool,
+        pub fail_resize: Arc<AtomicBool>,
+        /// What every export reports as `is_connected`.
+        pub connected: Arc<AtomicBool>,
+        pub started: Mutex<Vec<ExportConfig>>,
+    }
+
+    pub(crate) struct FakeExport {
+        _listener: UnixListener,
+        path: PathBuf,
+        backing: Arc<Backing>,
+        fail_resize: Arc<AtomicBool>,
+        connected: Arc<AtomicBool>,
+    }
+
+    impl Exporter for FakeExporter {
+        type Handle = FakeExport;
+        fn start(&self, config: ExportConfig, backing: Arc<Backing>) -> Result<FakeExport, crate::Error> {
+            if self.fail_start.load(Ordering::Relaxed) {
+                return Err(crate::Error::Config("injected start failure".into()));
+            }
+            let path = config.socket_path.clone();
+            if path.exists() {
+                if UnixStream::connect(&path).is_ok() {
+                    return Err(crate::Error::SocketInUse { path });
+                }
+                std::fs::remove_file(&path).map_err(|source| crate::Error::Listen { path: path.clone(), source })?;
+            }
+            let listener =
+                UnixListener::bind(&path).map_err(|source| crate::Error::Listen { path: path.clone(), source })?;
+            self.started.lock().unwrap().push(config);
+            Ok(FakeExport {
+                _listener: listener,
+                path,
+                backing,
+                fail_resize: Arc::clone(&self.fail_resize),
+                connected: Arc::clone(&self.connected),
+            })
+        }
+    }
+
+    impl ExportHandle for FakeExport {
+        fn resize(&self, new_size_bytes: u64) -> Result<(), crate::Error> {
+            if self.fail_resize.load(Ordering::Relaxed) {
+                return Err(crate::Error::ConfigChange(std::io::Error::other("injected resize failure")));
+            }
+            Ok(self.backing.resize(new_size_bytes)?)
+        }
+        fn is_connected(&self) -> bool {
+            self.connected.load(Ordering::Relaxed)
+        }
+        fn stop(self) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}

@@ -1,0 +1,485 @@
+//! Crash-safe volume metadata: one JSON file per volume.
+//!
+//! Layout under `DATA_DIR/volumes/`:
+//!
+//! ```text
+//! NAME.json           the volume's record (below); present <=> the volume exists
+//! NAME.img            a file backing hcblk created (the default --path of a file volume)
+//! .NAME.json.tmp      a record being written; removed at start (never read)
+//! .NAME.deleting      the record of a volume whose deletion began; finished at start
+//! ```
+//!
+//! A record is replaced by writing `.NAME.json.tmp`, fsync-ing it, renaming it over `NAME.json`
+//! and fsync-ing the directory, so after a crash either the old or the new record is there,
+//! whole. Deletion renames `NAME.json` to `.NAME.deleting` (the atomic commit point), then
+//! removes what the volume owned, then the marker. Names cannot start with '.', so the
+//! dot-files never collide with a volume.
+//!
+//! ```json
+//! {"format":1,"name":"vm1","size_bytes":10737418240,"block_size":512,"queues":1,
+//!  "backing":"file","path":"/var/lib/hcblk/volumes/vm1.img","created_backing":true,
+//!  "read_only":false,"serial":"vm1","created_unix_s":1795317910}
+//! ```
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+
+use replica::BackingKind;
+use serde::{Deserialize, Serialize};
+
+use super::Error;
+
+/// The record format this code writes and reads.
+const FORMAT: u32 = 1;
+/// Records are a few hundred bytes; anything much larger is not ours.
+const RECORD_BYTES_MAX: u64 = 64 << 10;
+/// Volume names: also file names and socket names, hence the short, plain alphabet.
+pub const NAME_BYTES_MAX: usize = 64;
+/// VIRTIO_BLK_T_GET_ID returns at most 20 bytes.
+pub const SERIAL_BYTES_MAX: usize = 20;
+pub const QUEUES_MAX: u16 = 16;
+
+/// [`BackingKind`] as stored and sent over the API.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackingType {
+    File,
+    Device,
+    Ram,
+    Null,
+}
+
+impl From<BackingType> for BackingKind {
+    fn from(t: BackingType) -> Self {
+        match t {
+            BackingType::File => Self::File,
+            BackingType::Device => Self::Device,
+            BackingType::Ram => Self::Ram,
+            BackingType::Null => Self::Null,
+        }
+    }
+}
+
+impl BackingType {
+    pub fn name(self) -> &'static str {
+        BackingKind::from(self).name()
+    }
+}
+
+impl std::str::FromStr for BackingType {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        match s.parse::<BackingKind>().map_err(Error::Invalid)? {
+            BackingKind::File => Ok(Self::File),
+            BackingKind::Device => Ok(Self::Device),
+            BackingKind::Ram => Ok(Self::Ram),
+            BackingKind::Null => Ok(Self::Null),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeRecord {
+    /// Always [`FORMAT`]; a reader refuses formats it does not know.
+    pub format: u32,
+    pub name: String,
+    pub size_bytes: u64,
+    /// 512 or 4096.
+    pub block_size: u32,
+    /// 1..=[`QUEUES_MAX`].
+    pub queues: u16,
+    pub backing: BackingType,
+    /// Absolute path of a file or device backing; `None` for ram and null.
+    pub path: Option<PathBuf>,
+    /// hcblk created the backing file, so deleting the volume removes it.
+    pub created_backing: bool,
+    pub read_only: bool,
+    pub serial: String,
+    pub created_unix_s: u64,
+}
+
+impl VolumeRecord {
+    /// Every invariant a record must hold; checked before a record is written and after one
+    /// is read, so a hand-edited or corrupt file is refused rather than half-used.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.format != FORMAT {
+            return Err(format!("unknown format {} (this hcblk reads {FORMAT})", self.format));
+        }
+        validate_name(&self.name).map_err(|e| e.to_string())?;
+        validate_geometry(self.size_bytes, self.block_size, self.queues).map_err(|e| e.to_string())?;
+        validate_serial(&self.serial).map_err(|e| e.to_string())?;
+        match (self.backing, &self.path) {
+            (BackingType::File | BackingType::Device, None) => Err("a file or device backing needs a path".into()),
+            (BackingType::File | BackingType::Device, Some(p)) if !p.is_absolute() => {
+                Err(format!("backing path {} is not absolute", p.display()))
+            }
+            (BackingType::Ram | BackingType::Null, Some(_)) => Err("a ram or null backing has no path".into()),
+            (BackingType::Device | BackingType::Ram | BackingType::Null, _) if self.created_backing => {
+                Err("only a file backing can be created by hcblk".into())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// `[A-Za-z0-9._-]{1,64}`, not starting with '.' (so never `.`/`..` nor one of our dot-files).
+pub fn validate_name(name: &str) -> Result<(), Error> {
+    let bad = |reason| Error::InvalidName { name: name.to_owned(), reason };
+    if name.is_empty() {
+        return Err(bad("empty"));
+    }
+    if name.len() > NAME_BYTES_MAX {
+        return Err(bad("longer than 64 bytes"));
+    }
+    if name.starts_with('.') {
+        return Err(bad("starts with '.'"));
+    }
+    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-') {
+        return Err(bad("only letters, digits, '.', '_' and '-' are allowed"));
+    }
+    Ok(())
+}
+
+pub fn validate_geometry(size_bytes: u64, block_size: u32, queues: u16) -> Result<(), Error> {
+    if block_size != 512 && block_size != 4096 {
+        return Err(Error::Invalid(format!("block size {block_size} is not supported (use 512 or 4096)")));
+    }
+    if size_bytes == 0 {
+        return Err(Error::Invalid("size must be greater than 0".into()));
+    }
+    if !size_bytes.is_multiple_of(u64::from(block_size)) {
+        return Err(Error::Invalid(format!(
+            "size {size_bytes} bytes is not a multiple of the block size {block_size}"
+        )));
+    }
+    if queues == 0 || queues > QUEUES_MAX {
+        return Err(Error::Invalid(format!("queues {queues} is out of range 1..={QUEUES_MAX}")));
+    }
+    Ok(())
+}
+
+/// At most 20 bytes of printable ASCII: the guest reads it as a C string of that length.
+pub fn validate_serial(serial: &str) -> Result<(), Error> {
+    if serial.is_empty() || serial.len() > SERIAL_BYTES_MAX {
+        return Err(Error::Invalid(format!("serial {serial:?} must be 1 to {SERIAL_BYTES_MAX} bytes")));
+    }
+    if !serial.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(Error::Invalid(format!("serial {serial:?} must be printable ASCII without spaces")));
+    }
+    Ok(())
+}
+
+/// The default serial: the name when it fits, else a prefix of it and a hash of the whole, so
+/// that two long names sharing a prefix still get different serials.
+pub fn default_serial(name: &str) -> String {
+    if name.len() <= SERIAL_BYTES_MAX {
+        return name.to_owned();
+    }
+    // FNV-1a: tiny, stable across releases (the serial must not change between restarts).
+    let hash = name.bytes().fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193));
+    // Names are ASCII (validated), so byte slicing is on char boundaries.
+    format!("{}-{hash:08x}", &name[..SERIAL_BYTES_MAX - 9])
+}
+
+/// What [`Store::open`] found.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    pub volumes: Vec<VolumeRecord>,
+    /// Deletions that began but did not finish before the last stop.
+    pub pending_deletes: Vec<VolumeRecord>,
+}
+
+#[derive(Debug)]
+pub struct Store {
+    dir: PathBuf,
+    /// Fault point: the next save fails as if the disk refused the write.
+    #[cfg(test)]
+    pub(crate) fail_save: std::sync::atomic::AtomicBool,
+}
+
+impl Store {
+    /// Opens (creating) the directory and loads every record, removing interrupted writes.
+    /// Any record that cannot be read or validated is an error naming its file.
+    pub fn open(dir: &Path) -> Result<(Self, Loaded), Error> {
+        fs::create_dir_all(dir).map_err(Error::io(format!("create directory {}", dir.display())))?;
+        let store = Self {
+            dir: dir.to_owned(),
+            #[cfg(test)]
+            fail_save: std::sync::atomic::AtomicBool::new(false),
+        };
+        let mut loaded = Loaded::default();
+        let entries = fs::read_dir(dir).map_err(|source| Error::StoreRead { path: dir.to_owned(), source })?;
+        for entry in entries {
+            let entry = entry.map_err(|source| Error::StoreRead { path: dir.to_owned(), source })?;
+            let file_name = entry.file_name();
+            let Some(file_name) = file_name.to_str() else { continue };
+            let path = entry.path();
+            if file_name.starts_with('.') && file_name.ends_with(".json.tmp") {
+                tracing::info!(path = %path.display(), "removing an interrupted metadata write");
+                fs::remove_file(&path).map_err(|source| Error::StoreWrite { path: path.clone(), source })?;
+            } else if let Some(name) = file_name.strip_prefix('.').and_then(|n| n.strip_suffix(".deleting")) {
+                loaded.pending_deletes.push(read_record(&path, name)?);
+            } else if let Some(name) = file_name.strip_suffix(".json") {
+                loaded.volumes.push(read_record(&path, name)?);
+            }
+        }
+        loaded.volumes.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok((store, loaded))
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn record_path(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.json"))
+    }
+
+    fn temp_path(&self, name: &str) -> PathBuf {
+        self.dir.join(format!(".{name}.json.tmp"))
+    }
+
+    fn deleting_path(&self, name: &str) -> PathBuf {
+        self.dir.join(format!(".{name}.deleting"))
+    }
+
+    /// Writes (or replaces) a record durably: when this returns Ok the record survives a crash.
+    pub fn save(&self, record: &VolumeRecord) -> Result<(), Error> {
+        let temp = self.write_temp(record)?;
+        self.commit(&temp, &record.name)
+    }
+
+    /// First half of [`Store::save`]: the record's bytes, durable in a file nobody reads yet.
+    fn write_temp(&self, record: &VolumeRecord) -> Result<PathBuf, Error> {
+        let temp = self.temp_path(&record.name);
+        record.validate().map_err(|reason| Error::StoreCorrupt { path: temp.clone(), reason })?;
+        let mut bytes = serde_json::to_vec_pretty(record)
+            .map_err(|e| Error::StoreWrite { path: temp.clone(), source: io::Error::other(e) })?;
+        bytes.push(b'\n');
+        let write = || -> io::Result<()> {
+            #[cfg(test)]
+            if self.fail_save.swap(false, std::sync::atomic::Ordering::Relaxed) {
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
+            let mut file = OpenOptions::new().write(true).create(true).truncate(true).open(&temp)?;
+            file.write_all(&bytes)?;
+            file.sync_all()
+        };
+        write().map_err(|source| {
+            let _ = fs::remove_file(&temp);
+            Error::StoreWrite { path: temp.clone(), source }
+        })?;
+        Ok(temp)
+    }
+
+    /// Second half: the rename is the commit point; the directory fsync makes it durable.
+    fn commit(&self, temp: &Path, name: &str) -> Result<(), Error> {
+        let path = self.record_path(name);
+        fs::rename(temp, &path).map_err(|source| {
+            let _ = fs::remove_file(temp);
+            Error::StoreWrite { path: path.clone(), source }
+        })?;
+        // A failed directory fsync means we do not know whether the rename will survive a
+        // crash; report it, since the caller is about to tell the operator "done".
+        self.sync_dir().map_err(|source| Error::StoreWrite { path, source })
+    }
+
+    /// The commit point of a deletion: afterwards the volume is gone even if we crash before
+    /// its backing and the marker are removed ([`Store::finish_delete`], or the next start).
+    pub fn begin_delete(&self, name: &str) -> Result<(), Error> {
+        let path = self.record_path(name);
+        fs::rename(&path, self.deleting_path(name))
+            .map_err(|source| Error::StoreWrite { path: path.clone(), source })?;
+        self.sync_dir().map_err(|source| Error::StoreWrite { path, source })
+    }
+
+    pub fn finish_delete(&self, name: &str) -> Result<(), Error> {
+        let marker = self.deleting_path(name);
+        match fs::remove_file(&marker) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(source) => return Err(Error::StoreWrite { path: marker, source }),
+        }
+        self.sync_dir().map_err(|source| Error::StoreWrite { path: marker, source })
+    }
+
+    /// The record of an unfinished deletion of `name`, if there is one.
+    pub fn pending_delete(&self, name: &str) -> Result<Option<VolumeRecord>, Error> {
+        let marker = self.deleting_path(name);
+        match fs::symlink_metadata(&marker) {
+            Ok(_) => read_record(&marker, name).map(Some),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(Error::StoreRead { path: marker, source }),
+        }
+    }
+
+    fn sync_dir(&self) -> io::Result<()> {
+        File::open(&self.dir)?.sync_all()
+    }
+}
+
+fn read_record(path: &Path, expected_name: &str) -> Result<VolumeRecord, Error> {
+    let file = File::open(path).map_err(|source| Error::StoreRead { path: path.to_owned(), source })?;
+    let mut bytes = Vec::new();
+    // One byte more than the limit, to tell "at the limit" from "over it".
+    file.take(RECORD_BYTES_MAX + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|source| Error::StoreRead { path: path.to_owned(), source })?;
+    decode_record(&bytes, expected_name).map_err(|reason| Error::StoreCorrupt { path: path.to_owned(), reason })
+}
+
+/// Decodes and validates the bytes of `NAME.json`: a file anyone with access to the data dir
+/// may have edited or a crash may have torn, so everything is checked (and fuzzed).
+pub fn decode_record(bytes: &[u8], expected_name: &str) -> Result<VolumeRecord, String> {
+    if bytes.len() as u64 > RECORD_BYTES_MAX {
+        return Err(format!("more than {RECORD_BYTES_MAX} bytes, more than a record can be"));
+    }
+    let record: VolumeRecord = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    record.validate()?;
+    if record.name != expected_name {
+        return Err(format!("holds volume {:?}, but the file is named for {expected_name:?}", record.name));
+    }
+    Ok(record)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn record(name: &str) -> VolumeRecord {
+        VolumeRecord {
+            format: FORMAT,
+            name: name.to_owned(),
+            size_bytes: 1 << 20,
+            block_size: 512,
+            queues: 2,
+            backing: BackingType::File,
+            path: Some(PathBuf::from(format!("/var/lib/hcblk/volumes/{name}.img"))),
+            created_backing: true,
+            read_only: false,
+            serial: default_serial(name),
+            created_unix_s: 1_795_317_910,
+        }
+    }
+
+    #[test]
+    fn records_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, loaded) = Store::open(dir.path()).unwrap();
+        assert!(loaded.volumes.is_empty());
+        let a = record("a");
+        let mut b = record("b");
+        b.backing = BackingType::Null;
+        b.path = None;
+        b.created_backing = false;
+        store.save(&b).unwrap();
+        store.save(&a).unwrap();
+        let (_, loaded) = Store::open(dir.path()).unwrap();
+        assert_eq!(loaded.volumes, vec![a.clone(), b]);
+        let mut grown = a.clone();
+        grown.size_bytes *= 2;
+        store.save(&grown).unwrap();
+        let (_, loaded) = Store::open(dir.path()).unwrap();
+        assert_eq!(loaded.volumes[0], grown);
+    }
+
+    #[test]
+    fn a_crash_before_the_rename_keeps_the_old_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path()).unwrap();
+        let old = record("vm");
+        store.save(&old).unwrap();
+        let mut new = old.clone();
+        new.size_bytes *= 4;
+        // The crash: the new bytes are durable in the temp file, the rename never happened.
+        let temp = store.write_temp(&new).unwrap();
+        assert!(temp.exists());
+        // And a torn temp file from an earlier crash of another volume's write.
+        fs::write(dir.path().join(".other.json.tmp"), b"{\"format\":1,\"na").unwrap();
+        let (_, loaded) = Store::open(dir.path()).unwrap();
+        assert_eq!(loaded.volumes, vec![old]);
+        assert!(!temp.exists(), "interrupted writes are cleaned up at start");
+        assert!(!dir.path().join(".other.json.tmp").exists());
+    }
+
+    #[test]
+    fn a_crash_after_the_rename_has_the_new_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path()).unwrap();
+        store.save(&record("vm")).unwrap();
+        let mut new = record("vm");
+        new.size_bytes *= 4;
+        let temp = store.write_temp(&new).unwrap();
+        store.commit(&temp, "vm").unwrap();
+        let (_, loaded) = Store::open(dir.path()).unwrap();
+        assert_eq!(loaded.volumes, vec![new]);
+    }
+
+    #[test]
+    fn corrupt_records_stop_the_load_and_are_named() {
+        let huge = vec![b' '; RECORD_BYTES_MAX as usize + 1];
+        let cases: [(&str, &[u8]); 6] = [
+            ("huge", &huge),
+            ("torn", b"{\"format\":1,\"name\":\"torn\""),
+            ("garbage", b"\x00\xff\xfe not json"),
+            ("misnamed", &serde_json::to_vec(&record("other")).unwrap()),
+            ("future", &serde_json::to_vec(&VolumeRecord { format: 2, ..record("future") }).unwrap()),
+            ("unaligned", &serde_json::to_vec(&VolumeRecord { size_bytes: 1000, ..record("unaligned") }).unwrap()),
+        ];
+        for (name, bytes) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            let (store, _) = Store::open(dir.path()).unwrap();
+            store.save(&record("good")).unwrap();
+            let path = dir.path().join(format!("{name}.json"));
+            fs::write(&path, bytes).unwrap();
+            let err = Store::open(dir.path()).unwrap_err();
+            let text = super::super::error::chain(&err);
+            assert!(matches!(err, Error::StoreCorrupt { .. }), "{name}: {text}");
+            assert!(text.contains(&path.display().to_string()), "{name}: {text}");
+        }
+    }
+
+    #[test]
+    fn deletion_is_committed_by_the_marker() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path()).unwrap();
+        store.save(&record("gone")).unwrap();
+        store.save(&record("kept")).unwrap();
+        store.begin_delete("gone").unwrap();
+        // Crash here: the volume is gone, its deletion is pending.
+        let (store, loaded) = Store::open(dir.path()).unwrap();
+        assert_eq!(loaded.volumes, vec![record("kept")]);
+        assert_eq!(loaded.pending_deletes, vec![record("gone")]);
+        assert_eq!(store.pending_delete("gone").unwrap(), Some(record("gone")));
+        store.finish_delete("gone").unwrap();
+        let (store, loaded) = Store::open(dir.path()).unwrap();
+        assert!(loaded.pending_deletes.is_empty());
+        assert_eq!(store.pending_delete("gone").unwrap(), None);
+        assert!(store.begin_delete("never-existed").is_err());
+    }
+
+    #[test]
+    fn names() {
+        for good in ["a", "vm-1", "VM_1.disk", &"x".repeat(64)] {
+            validate_name(good).unwrap();
+        }
+        for bad in ["", ".hidden", ".", "..", "a/b", "a b", "é", "a\n", &"x".repeat(65), "../x"] {
+            assert!(validate_name(bad).is_err(), "{bad:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn serials() {
+        assert_eq!(default_serial("vm1"), "vm1");
+        let long = default_serial("a-very-long-volume-name-for-a-database-vm");
+        assert_eq!(long.len(), SERIAL_BYTES_MAX);
+        assert_ne!(long, default_serial("a-very-long-volume-name-for-a-database-vm2"));
+        assert_eq!(long, default_serial("a-very-long-volume-name-for-a-database-vm"));
+        validate_serial(&long).unwrap();
+        assert!(validate_serial("has space").is_err());
+        assert!(validate_serial(&"x".repeat(21)).is_err());
+        assert!(validate_serial("").is_err());
+    }
+}

@@ -1,0 +1,396 @@
+//! A vhost-user frontend that plays a misbehaving guest: it lays out split virtqueues in a
+//! shared memfd and writes descriptor chains by hand, byte for byte, so tests can hand the
+//! backend chains no real driver (QEMU, libblkio) would ever build.
+//!
+//! ```text
+//!  guest memory (one memfd region, GPA 0 .. MEM_BYTES)
+//!  0x0000_0000  unused page (a ring at GPA 0 reads as "not set up" to virtio-queue)
+//!  0x0000_1000  queue 0: desc table | +0x1000 avail ring | +0x2000 used ring
+//!  0x0000_5000  queue 1: ...                                  (RING_STRIDE apart)
+//!  DATA_START   request buffers, handed out by `alloc`
+//! ```
+//!
+//! The frontend owns the driver side of the rings: free descriptor indices, the avail index,
+//! the used entries it has consumed. The rings are read and written through vm-memory over the
+//! frontend's own mapping of the memfd, which the backend maps too.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::fd::FromRawFd;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO,
+    VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_WRITE_ZEROES,
+};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+use vm_memory::{Address, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+pub const MEM_BYTES: u64 = 32 << 20;
+/// Where request buffers start; everything below belongs to the rings.
+pub const DATA_START: u64 = 1 << 20;
+const RING_BASE: u64 = 0x1000;
+const RING_STRIDE: u64 = 0x4000;
+/// The layout above fits rings of up to 256 entries in one page each.
+pub const MAX_QUEUE_SIZE: u16 = 256;
+
+pub const T_IN: u32 = 0;
+pub const T_OUT: u32 = 1;
+pub const T_FLUSH: u32 = 4;
+pub const T_GET_ID: u32 = 8;
+pub const T_DISCARD: u32 = 11;
+pub const T_WRITE_ZEROES: u32 = 13;
+
+#[derive(Clone, Copy, Debug)]
+pub struct RawOptions {
+    pub num_queues: usize,
+    pub queue_size: u16,
+    /// Negotiate VIRTIO_RING_F_EVENT_IDX (used_event/avail_event suppression) or not.
+    pub event_idx: bool,
+}
+
+impl Default for RawOptions {
+    fn default() -> Self {
+        Self { num_queues: 1, queue_size: MAX_QUEUE_SIZE, event_idx: false }
+    }
+}
+
+/// A device-readable descriptor (flags and next are filled in by `submit_chain`).
+pub fn readable(addr: GuestAddress, len: u32) -> RawDescriptor {
+    RawDescriptor::from(SplitDescriptor::new(addr.0, len, 0, 0))
+}
+
+/// A device-writable descriptor.
+pub fn writable(addr: GuestAddress, len: u32) -> RawDescriptor {
+    RawDescriptor::from(SplitDescriptor::new(addr.0, len, VRING_DESC_F_WRITE as u16, 0))
+}
+
+/// A descriptor with every field as given, for chains whose links are part of the test.
+pub fn raw(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
+    RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
+}
+
+pub fn header(request_type: u32, sector: u64) -> [u8; 16] {
+    let mut h = [0u8; 16];
+    h[0..4].copy_from_slice(&request_type.to_le_bytes());
+    h[8..16].copy_from_slice(&sector.to_le_bytes());
+    h
+}
+
+/// One discard / write-zeroes segment.
+pub fn segment(sector: u64, num_sectors: u32, flags: u32) -> [u8; 16] {
+    let mut s = [0u8; 16];
+    s[0..8].copy_from_slice(&sector.to_le_bytes());
+    s[8..12].copy_from_slice(&num_sectors.to_le_bytes());
+    s[12..16].copy_from_slice(&flags.to_le_bytes());
+    s
+}
+
+struct RawQueue {
+    size: u16,
+    desc: GuestAddress,
+    avail: GuestAddress,
+    used: GuestAddress,
+    kick: EventFd,
+    call: EventFd,
+    /// The avail index the next published head gets.
+    avail_idx: u16,
+    /// Used entries consumed so far.
+    used_seen: u16,
+    free: Vec<u16>,
+    /// Table indices of each chain in flight, by head, returned to `free` when it is used.
+    chains: HashMap<u16, Vec<u16>>,
+    /// Interrupts received (sum of the call eventfd's counter).
+    calls: u64,
+}
+
+pub struct RawFrontend {
+    frontend: Frontend,
+    mem: GuestMemoryMmap<()>,
+    queues: Vec<RawQueue>,
+    event_idx: bool,
+    next_alloc: u64,
+}
+
+impl RawFrontend {
+    /// Connects, negotiates, shares guest memory and enables `options.num_queues` rings.
+    pub fn connect(socket: &Path, options: RawOptions) -> Self {
+        assert!(options.queue_size.is_power_of_two() && options.queue_size <= MAX_QUEUE_SIZE);
+        assert!(RING_BASE + RING_STRIDE * options.num_queues as u64 <= DATA_START, "too many queues for the layout");
+        let mut frontend = Frontend::connect(socket, options.num_queues as u64)
+            .unwrap_or_else(|e| panic!("connect to {}: {e}", socket.display()));
+
+        let offered = frontend.get_features().expect("GET_FEATURES");
+        let mut wanted = 1 << VIRTIO_F_VERSION_1
+            | 1 << VIRTIO_RING_F_INDIRECT_DESC
+            | 1 << VIRTIO_BLK_F_SEG_MAX
+            | 1 << VIRTIO_BLK_F_BLK_SIZE
+            | 1 << VIRTIO_BLK_F_TOPOLOGY
+            | 1 << VIRTIO_BLK_F_FLUSH
+            | 1 << VIRTIO_BLK_F_MQ
+            | 1 << VIRTIO_BLK_F_DISCARD
+            | 1 << VIRTIO_BLK_F_WRITE_ZEROES
+            | 1 << VIRTIO_BLK_F_RO
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        if options.event_idx {
+            wanted |= 1 << VIRTIO_RING_F_EVENT_IDX;
+        }
+        let features = offered & wanted;
+        assert_ne!(features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(), 0, "backend offers no protocol features");
+        assert_eq!(features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0, options.event_idx, "EVENT_IDX not offered");
+        frontend.set_owner().expect("SET_OWNER");
+        frontend.set_features(features).expect("SET_FEATURES");
+        let protocol = frontend.get_protocol_features().expect("GET_PROTOCOL_FEATURES")
+            & (VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::CONFIG);
+        frontend.set_protocol_features(protocol).expect("SET_PROTOCOL_FEATURES");
+        if protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+            // Every setup message is acknowledged, so a refused one fails here, not later.
+            frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        }
+        let queue_num = frontend.get_queue_num().expect("GET_QUEUE_NUM");
+        assert!(queue_num >= options.num_queues as u64, "backend offers {queue_num} queues");
+
+        let mem = GuestMemoryMmap::<()>::from_ranges_with_files([(
+            GuestAddress(0),
+            MEM_BYTES as usize,
+            Some(FileOffset::new(memfd(MEM_BYTES), 0)),
+        )])
+        .expect("map guest memory");
+        let region = mem.find_region(GuestAddress(0)).expect("the one region");
+        let info = VhostUserMemoryRegionInfo::from_guest_region(region).expect("memfd-backed region");
+        let host_base = info.userspace_addr;
+        frontend.set_mem_table(&[info]).expect("SET_MEM_TABLE");
+
+        let mut queues = Vec::with_capacity(options.num_queues);
+        for index in 0..options.num_queues {
+            let base = RING_BASE + RING_STRIDE * index as u64;
+            let queue = RawQueue {
+                size: options.queue_size,
+                desc: GuestAddress(base),
+                avail: GuestAddress(base + 0x1000),
+                used: GuestAddress(base + 0x2000),
+                kick: EventFd::new(EFD_NONBLOCK).expect("kick eventfd"),
+                call: EventFd::new(EFD_NONBLOCK).expect("call eventfd"),
+                avail_idx: 0,
+                used_seen: 0,
+                free: (0..options.queue_size).rev().collect(),
+                chains: HashMap::new(),
+                calls: 0,
+            };
+            frontend.set_vring_num(index, options.queue_size).expect("SET_VRING_NUM");
+            // Ring addresses are given in the frontend's virtual address space.
+            let config = VringConfigData {
+                queue_max_size: options.queue_size,
+                queue_size: options.queue_size,
+                flags: 0,
+                desc_table_addr: host_base + queue.desc.0,
+                used_ring_addr: host_base + queue.used.0,
+                avail_ring_addr: host_base + queue.avail.0,
+                log_addr: None,
+            };
+            frontend.set_vring_addr(index, &config).expect("SET_VRING_ADDR");
+            frontend.set_vring_base(index, 0).expect("SET_VRING_BASE");
+            frontend.set_vring_call(index, &queue.call).expect("SET_VRING_CALL");
+            frontend.set_vring_kick(index, &queue.kick).expect("SET_VRING_KICK");
+            frontend.set_vring_enable(index, true).expect("SET_VRING_ENABLE");
+            queues.push(queue);
+        }
+        Self { frontend, mem, queues, event_idx: options.event_idx, next_alloc: DATA_START }
+    }
+
+    pub fn mem(&self) -> &GuestMemoryMmap<()> {
+        &self.mem
+    }
+
+    /// Capacity in 512-byte sectors, from the device's config space.
+    pub fn capacity_sectors(&mut self) -> u64 {
+        let (_, data) = self
+            .frontend
+            .get_config(0, 8, VhostUserConfigFlags::empty(), &[0u8; 8])
+            .expect("GET_CONFIG");
+        u64::from_le_bytes(data[..8].try_into().expect("8 config bytes"))
+    }
+
+    /// Hands out `len` bytes of guest memory (512-byte aligned), wrapping around to the start
+    /// of the data area when full: buffers of finished requests are reused.
+    pub fn alloc(&mut self, len: u64) -> GuestAddress {
+        let len = len.max(1).next_multiple_of(512);
+        assert!(len <= MEM_BYTES - DATA_START, "{len} bytes do not fit in guest memory");
+        if self.next_alloc + len > MEM_BYTES {
+            self.next_alloc = DATA_START;
+        }
+        let at = self.next_alloc;
+        self.next_alloc += len;
+        GuestAddress(at)
+    }
+
+    /// Allocates a buffer holding `bytes`.
+    pub fn put(&mut self, bytes: &[u8]) -> GuestAddress {
+        let at = self.alloc(bytes.len() as u64);
+        self.write(at, bytes);
+        at
+    }
+
+    pub fn write(&self, at: GuestAddress, bytes: &[u8]) {
+        self.mem.write_slice(bytes, at).expect("write guest memory");
+    }
+
+    pub fn read(&self, at: GuestAddress, len: usize) -> Vec<u8> {
+        let mut out = vec![0u8; len];
+        self.mem.read_slice(&mut out, at).expect("read guest memory");
+        out
+    }
+
+    pub fn read_status(&self, at: GuestAddress) -> u8 {
+        self.mem.read_obj(at).expect("read status byte")
+    }
+
+    /// Writes `descs` into free table slots, linked in order (NEXT on all but the last, other
+    /// flags kept), publishes the head and kicks. Returns the head index.
+    pub fn submit_chain(&mut self, queue: usize, descs: &[RawDescriptor]) -> u16 {
+        assert!(!descs.is_empty());
+        let q = &mut self.queues[queue];
+        assert!(q.free.len() >= descs.len(), "{} descriptors free, chain needs {}", q.free.len(), descs.len());
+        let indices: Vec<u16> = (0..descs.len()).map(|_| q.free.pop().expect("checked above")).collect();
+        for (i, desc) in descs.iter().enumerate() {
+            let desc = SplitDescriptor::from(*desc);
+            let (flags, next) = match indices.get(i + 1) {
+                Some(&next) => (desc.flags() | VRING_DESC_F_NEXT as u16, next),
+                None => (desc.flags() & !(VRING_DESC_F_NEXT as u16), 0),
+            };
+            let linked = RawDescriptor::from(SplitDescriptor::new(desc.addr().0, desc.len(), flags, next));
+            self.mem.write_obj(linked, q.desc.unchecked_add(16 * u64::from(indices[i]))).expect("write descriptor");
+        }
+        let head = indices[0];
+        q.chains.insert(head, indices);
+        self.publish(queue, head);
+        head
+    }
+
+    /// Writes each `(index, descriptor)` verbatim, flags and next included, then publishes
+    /// `head`: for chains whose links are the point of the test (loops, dangling next).
+    pub fn submit_raw(&mut self, queue: usize, descs: &[(u16, RawDescriptor)], head: u16) -> u16 {
+        let q = &mut self.queues[queue];
+        let mut indices = Vec::with_capacity(descs.len());
+        for &(index, desc) in descs {
+            let slot = q.free.iter().position(|&i| i == index).unwrap_or_else(|| panic!("descriptor {index} is in use"));
+            q.free.swap_remove(slot);
+            indices.push(index);
+            self.mem.write_obj(desc, q.desc.unchecked_add(16 * u64::from(index))).expect("write descriptor");
+        }
+        assert!(indices.contains(&head), "the head must be one of the written descriptors");
+        q.chains.insert(head, indices);
+        self.publish(queue, head);
+        head
+    }
+
+    /// Publishes `head` without writing or tracking any descriptor: for heads that are not
+    /// descriptor indices at all. The device must not return it (its id would be invalid).
+    pub fn publish_untracked(&mut self, queue: usize, head: u16) {
+        self.publish(queue, head);
+    }
+
+    fn publish(&mut self, queue: usize, head: u16) {
+        let q = &mut self.queues[queue];
+        let slot = u64::from(q.avail_idx % q.size);
+        self.mem.write_obj(head.to_le(), q.avail.unchecked_add(4 + 2 * slot)).expect("write avail ring");
+        q.avail_idx = q.avail_idx.wrapping_add(1);
+        // Release: the descriptors and ring entry are visible before the index that covers them.
+        self.mem.store(q.avail_idx.to_le(), q.avail.unchecked_add(2), Ordering::Release).expect("write avail idx");
+        std::sync::atomic::fence(Ordering::SeqCst);
+        // Kicking always is allowed even when the device asked not to be (EVENT_IDX or
+        // NO_NOTIFY); it only costs a wake-up.
+        q.kick.write(1).expect("kick");
+    }
+
+    /// Waits for the next used entry of `queue`: (head, used length). Panics after `timeout`.
+    pub fn wait_used(&mut self, queue: usize, timeout: Duration) -> (u16, u32) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(used) = self.try_used(queue) {
+                return used;
+            }
+            self.drain_calls(queue);
+            assert!(Instant::now() < deadline, "queue {queue}: no used entry within {timeout:?}");
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    /// Asserts that `queue` returns nothing for `window`.
+    pub fn expect_no_used(&mut self, queue: usize, window: Duration) {
+        let deadline = Instant::now() + window;
+        while Instant::now() < deadline {
+            if let Some((head, len)) = self.try_used(queue) {
+                panic!("queue {queue}: unexpected used entry (head {head}, len {len})");
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn try_used(&mut self, queue: usize) -> Option<(u16, u32)> {
+        let q = &mut self.queues[queue];
+        let used_idx = u16::from_le(self.mem.load(q.used.unchecked_add(2), Ordering::Acquire).expect("read used idx"));
+        if used_idx == q.used_seen {
+            return None;
+        }
+        let entry = q.used.unchecked_add(4 + 8 * u64::from(q.used_seen % q.size));
+        let id: u32 = u32::from_le(self.mem.read_obj(entry).expect("read used id"));
+        let len: u32 = u32::from_le(self.mem.read_obj(entry.unchecked_add(4)).expect("read used len"));
+        q.used_seen = q.used_seen.wrapping_add(1);
+        if self.event_idx {
+            // used_event (the avail ring's last field): interrupt us for the next entry.
+            let used_event = q.avail.unchecked_add(4 + 2 * u64::from(q.size));
+            self.mem.store(q.used_seen.to_le(), used_event, Ordering::Release).expect("write used_event");
+        }
+        let head = u16::try_from(id).unwrap_or_else(|_| panic!("queue {queue}: used id {id} is not a descriptor index"));
+        let indices = q.chains.remove(&head).unwrap_or_else(|| panic!("queue {queue}: used id {head} was not in flight"));
+        q.free.extend(indices);
+        Some((head, len))
+    }
+
+    fn drain_calls(&mut self, queue: usize) {
+        let q = &mut self.queues[queue];
+        if let Ok(n) = q.call.read() {
+            q.calls += n;
+        }
+    }
+
+    /// Interrupts received on `queue` so far.
+    pub fn calls(&mut self, queue: usize) -> u64 {
+        self.drain_calls(queue);
+        self.queues[queue].calls
+    }
+
+    /// Waits until the call eventfd of `queue` has fired at least `at_least` times in total.
+    pub fn wait_calls(&mut self, queue: usize, at_least: u64, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.calls(queue) < at_least {
+            assert!(Instant::now() < deadline, "queue {queue}: fewer than {at_least} interrupts within {timeout:?}");
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    /// Chains in flight on `queue` (published, not yet used).
+    pub fn in_flight(&self, queue: usize) -> usize {
+        self.queues[queue].chains.len()
+    }
+}
+
+fn memfd(len: u64) -> File {
+    let name = c"hcblk-raw-frontend";
+    // SAFETY: `name` is a NUL-terminated string that outlives the call; the flags are valid.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+    // SAFETY: memfd_create just returned this descriptor and nothing else owns it.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(len).expect("size memfd");
+    file
+}
