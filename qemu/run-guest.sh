@@ -7,7 +7,8 @@
 # Options:
 #   --socket PATH         vhost-user-blk server socket (required)
 #   --mode MODE           fio-verify (default) | fio-write | fio-verify-only |
-#                         resize | read-only | info   (see qemu/guest/init)
+#                         reconnect | resize | read-only | info
+#                         (see qemu/guest/init)
 #   --timeout SECS        wall-clock limit for the whole boot; default 300
 #   --queues N            virtio-blk queues (num-queues); default 2
 #   --smp N               guest CPUs; default 2 (blk-mq maps queues per CPU, so

@@ -170,17 +170,18 @@ impl Rig {
             self.image[offset..offset + len].copy_from_slice(&data);
         }
         let hdr = self.header(T_IN, sector);
-        let buf = self.raw.alloc(len as u64);
+        // One more byte for the status when it shares the data descriptor.
+        let buf = self.raw.alloc(len as u64 + 1);
         self.raw.write(buf, &vec![0u8; len]);
-        let status = self.status();
-        // Data and status byte in one descriptor, as well as split: both are valid layouts.
-        let chain = if round % 2 == 0 {
-            vec![readable(hdr, 16), writable(buf, len as u32), writable(status, 1)]
+        // Data and status byte in separate descriptors, or in one: both are valid layouts.
+        let (chain, status) = if round.is_multiple_of(2) {
+            let status = self.status();
+            (vec![readable(hdr, 16), writable(buf, len as u32), writable(status, 1)], status)
         } else {
-            self.raw.write(GuestAddress(buf.0 + len as u64), &[UNTOUCHED]);
-            vec![readable(hdr, 16), writable(buf, len as u32 + 1)]
+            let status = GuestAddress(buf.0 + len as u64);
+            self.raw.write(status, &[UNTOUCHED]);
+            (vec![readable(hdr, 16), writable(buf, len as u32 + 1)], status)
         };
-        let status = if round % 2 == 0 { status } else { GuestAddress(buf.0 + len as u64) };
         let used = self.send(queue, &chain);
         assert_eq!(self.raw.read_status(status), OK, "good read after a bad chain");
         assert_eq!(used, len as u32 + 1);

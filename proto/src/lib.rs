@@ -29,7 +29,11 @@ use thiserror::Error;
 #[non_exhaustive]
 pub enum TransportError {
     #[error("I/O error on {what}")]
-    Io { what: &'static str, #[source] source: std::io::Error },
+    Io {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("malformed frame from peer")]
     Decode(#[source] wire::DecodeError),
     #[error("cannot encode message")]
@@ -49,7 +53,11 @@ pub enum TransportError {
     #[error("no RDMA device: {0}")]
     NoRdmaDevice(String),
     #[error("RDMA verbs call {call} failed")]
-    Verbs { call: &'static str, #[source] source: std::io::Error },
+    Verbs {
+        call: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("invalid memory region")]
     BadRegion,
     #[error("unknown memory region {0}")]
@@ -80,7 +88,11 @@ pub struct OpCompletion {
 }
 
 impl OpCompletion {
-    pub const EMPTY: OpCompletion = OpCompletion { user_data: 0, status: Status::Ok, bytes: 0 };
+    pub const EMPTY: OpCompletion = OpCompletion {
+        user_data: 0,
+        status: Status::Ok,
+        bytes: 0,
+    };
 }
 
 /// Connection parameters shared by the transports.
@@ -146,22 +158,41 @@ pub trait Endpoint: Send {
     /// As [`Registry::register`]: `ptr..ptr+len` stays valid for reads and
     /// writes from any thread until `deregister_region` returns `Ok` or the
     /// endpoint (and every other user of its registry) is dropped.
-    unsafe fn register_region(&mut self, ptr: *mut u8, len: usize) -> Result<RegionId, TransportError>;
+    unsafe fn register_region(
+        &mut self,
+        ptr: *mut u8,
+        len: usize,
+    ) -> Result<RegionId, TransportError>;
 
     /// Forgets a region; `Busy` while grants or operations use it.
     fn deregister_region(&mut self, region: RegionId) -> Result<(), TransportError>;
 
     /// Opens `(offset, len)` ranges of `region` to the peer under a new key.
-    fn grant(&mut self, region: RegionId, ranges: &[(u64, u32)], access: Access) -> Result<Grant, TransportError>;
+    fn grant(
+        &mut self,
+        region: RegionId,
+        ranges: &[(u64, u32)],
+        access: Access,
+    ) -> Result<Grant, TransportError>;
 
     /// Closes a key; the peer's later accesses with it fail.
     fn revoke(&mut self, key: Key) -> Result<(), TransportError>;
 
     /// One-sided READ: pulls the peer's `remote` segments into `local`.
-    fn post_read(&mut self, remote: &[Segment], local: &[LocalSeg], user_data: u64) -> Result<(), TransportError>;
+    fn post_read(
+        &mut self,
+        remote: &[Segment],
+        local: &[LocalSeg],
+        user_data: u64,
+    ) -> Result<(), TransportError>;
 
     /// One-sided WRITE: pushes `local` into the peer's `remote` segments.
-    fn post_write(&mut self, remote: &[Segment], local: &[LocalSeg], user_data: u64) -> Result<(), TransportError>;
+    fn post_write(
+        &mut self,
+        remote: &[Segment],
+        local: &[LocalSeg],
+        user_data: u64,
+    ) -> Result<(), TransportError>;
 
     /// Fills `out` with finished operations; returns how many.
     fn poll_completions(&mut self, out: &mut [OpCompletion]) -> usize;
@@ -226,7 +257,9 @@ fn rdma_probe() -> Result<(), TransportError> {
 
 #[cfg(not(feature = "rdma"))]
 fn rdma_probe() -> Result<(), TransportError> {
-    Err(TransportError::NoRdmaDevice("hcblk-proto built without the `rdma` feature".into()))
+    Err(TransportError::NoRdmaDevice(
+        "hcblk-proto built without the `rdma` feature".into(),
+    ))
 }
 
 #[cfg(test)]
@@ -236,16 +269,25 @@ mod tests {
     #[test]
     fn auto_falls_back_to_tcp_and_rdma_names_the_missing_device() {
         // This test documents the host: without a verbs device `rdma` must be refused.
-        let has_device = std::path::Path::new("/sys/class/infiniband").read_dir().map(|mut d| d.next().is_some()).unwrap_or(false);
+        let has_device = std::path::Path::new("/sys/class/infiniband")
+            .read_dir()
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(false);
         if has_device {
-            assert_eq!(resolve_transport(TransportKind::Auto).unwrap(), TransportKind::Rdma);
+            assert_eq!(
+                resolve_transport(TransportKind::Auto).unwrap(),
+                TransportKind::Rdma
+            );
             return;
         }
         let e = resolve_transport(TransportKind::Rdma).unwrap_err();
         let line = e.to_string();
         assert!(line.starts_with("no RDMA device: "), "{line}");
         assert!(!line.contains('\n'), "{line}");
-        assert_eq!(resolve_transport(TransportKind::Auto).unwrap(), TransportKind::Tcp);
+        assert_eq!(
+            resolve_transport(TransportKind::Auto).unwrap(),
+            TransportKind::Tcp
+        );
         assert_eq!("tcp".parse::<TransportKind>().unwrap(), TransportKind::Tcp);
         assert!("ib".parse::<TransportKind>().is_err());
     }

@@ -6,7 +6,10 @@
 
 use crate::mem::{Denied, IoPtr};
 use crate::wire::{FrameType, Message, Segment, Status, MAX_DATA_LEN, MAX_SEGMENTS};
-use crate::{Access, Config, Endpoint, Grant, Key, LocalSeg, OpCompletion, RegionId, Registry, TransportError};
+use crate::{
+    Access, Config, Endpoint, Grant, Key, LocalSeg, OpCompletion, RegionId, Registry,
+    TransportError,
+};
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -36,16 +39,39 @@ pub struct LoopbackEndpoint {
 
 /// Connects two in-process endpoints. Both must be in the same cluster and
 /// hold the same secret (checked the way the handshake would).
-pub fn pair(a: &Config, b: &Config) -> Result<(LoopbackEndpoint, LoopbackEndpoint), TransportError> {
+pub fn pair(
+    a: &Config,
+    b: &Config,
+) -> Result<(LoopbackEndpoint, LoopbackEndpoint), TransportError> {
     if a.cluster_id != b.cluster_id {
         return Err(TransportError::Handshake("peer belongs to another cluster"));
     }
-    let ctx = crate::auth::Context { cluster_id: a.cluster_id, client_node: a.node_id, server_node: b.node_id, client_nonce: [0; 32], server_nonce: [1; 32] };
-    if !crate::auth::verify(&b.secret, crate::auth::Role::Client, &ctx, &crate::auth::tag(&a.secret, crate::auth::Role::Client, &ctx)) {
-        return Err(TransportError::AuthFailed("the peers hold different cluster secrets"));
+    let ctx = crate::auth::Context {
+        cluster_id: a.cluster_id,
+        client_node: a.node_id,
+        server_node: b.node_id,
+        client_nonce: [0; 32],
+        server_nonce: [1; 32],
+    };
+    if !crate::auth::verify(
+        &b.secret,
+        crate::auth::Role::Client,
+        &ctx,
+        &crate::auth::tag(&a.secret, crate::auth::Role::Client, &ctx),
+    ) {
+        return Err(TransportError::AuthFailed(
+            "the peers hold different cluster secrets",
+        ));
     }
-    let side = |c: &Config| Side { inbox: VecDeque::new(), registry: Arc::new(Registry::new()), closed: false, cap: c.recv_queue.max(1) };
-    let shared = Arc::new(Mutex::new(Shared { sides: [side(a), side(b)] }));
+    let side = |c: &Config| Side {
+        inbox: VecDeque::new(),
+        registry: Arc::new(Registry::new()),
+        closed: false,
+        cap: c.recv_queue.max(1),
+    };
+    let shared = Arc::new(Mutex::new(Shared {
+        sides: [side(a), side(b)],
+    }));
     let mk = |me: usize, cfg: &Config, peer: &Config| LoopbackEndpoint {
         shared: shared.clone(),
         me,
@@ -74,8 +100,17 @@ impl LoopbackEndpoint {
         s.sides[1].closed = true;
     }
 
-    fn one_sided(&mut self, remote: &[Segment], local: &[LocalSeg], user_data: u64, write: bool) -> Result<(), TransportError> {
-        if remote.is_empty() || remote.len() > MAX_SEGMENTS || remote.iter().any(|s| s.len == 0 || s.len > MAX_DATA_LEN) {
+    fn one_sided(
+        &mut self,
+        remote: &[Segment],
+        local: &[LocalSeg],
+        user_data: u64,
+        write: bool,
+    ) -> Result<(), TransportError> {
+        if remote.is_empty()
+            || remote.len() > MAX_SEGMENTS
+            || remote.iter().any(|s| s.len == 0 || s.len > MAX_DATA_LEN)
+        {
             return Err(TransportError::Limit("remote segments"));
         }
         if self.completions.len() >= self.max_inflight {
@@ -83,7 +118,11 @@ impl LoopbackEndpoint {
         }
         let (mine, theirs, closed) = {
             let s = self.lock();
-            (s.sides[self.me].registry.clone(), s.sides[1 - self.me].registry.clone(), s.sides[self.me].closed)
+            (
+                s.sides[self.me].registry.clone(),
+                s.sides[1 - self.me].registry.clone(),
+                s.sides[self.me].closed,
+            )
         };
         if closed {
             return Err(TransportError::Disconnected);
@@ -91,10 +130,20 @@ impl LoopbackEndpoint {
         let local = mine.local(local)?;
         let total: usize = remote.iter().map(|s| s.len as usize).sum();
         if total != local.total {
-            return Err(TransportError::LengthMismatch { local: local.total, remote: total });
+            return Err(TransportError::LengthMismatch {
+                local: local.total,
+                remote: total,
+            });
         }
-        let want = if write { Access::RemoteWrite } else { Access::RemoteRead };
-        let windows: Result<Vec<IoPtr>, Denied> = remote.iter().map(|s| theirs.check_remote(s.key, s.addr, s.len, want)).collect();
+        let want = if write {
+            Access::RemoteWrite
+        } else {
+            Access::RemoteRead
+        };
+        let windows: Result<Vec<IoPtr>, Denied> = remote
+            .iter()
+            .map(|s| theirs.check_remote(s.key, s.addr, s.len, want))
+            .collect();
         let status = match windows {
             Ok(w) => {
                 let l = local.sub(0, local.total);
@@ -106,12 +155,24 @@ impl LoopbackEndpoint {
                 Status::Ok
             }
             Err(why) => {
-                tracing::warn!(peer = self.peer_node, "refused one-sided {}: {why:?}", if write { "write" } else { "read" });
+                tracing::warn!(
+                    peer = self.peer_node,
+                    "refused one-sided {}: {why:?}",
+                    if write { "write" } else { "read" }
+                );
                 Status::AccessDenied
             }
         };
-        let bytes = if status == Status::Ok { total as u32 } else { 0 };
-        self.completions.push_back(OpCompletion { user_data, status, bytes });
+        let bytes = if status == Status::Ok {
+            total as u32
+        } else {
+            0
+        };
+        self.completions.push_back(OpCompletion {
+            user_data,
+            status,
+            bytes,
+        });
         Ok(())
     }
 }
@@ -119,7 +180,13 @@ impl LoopbackEndpoint {
 impl Endpoint for LoopbackEndpoint {
     fn send(&mut self, msg: &Message) -> Result<(), TransportError> {
         match msg.frame_type() {
-            FrameType::Write | FrameType::Read | FrameType::Flush | FrameType::Discard | FrameType::WriteZeroes | FrameType::Completion | FrameType::Error => {}
+            FrameType::Write
+            | FrameType::Read
+            | FrameType::Flush
+            | FrameType::Discard
+            | FrameType::WriteZeroes
+            | FrameType::Completion
+            | FrameType::Error => {}
             t => return Err(TransportError::NotApplication(t)),
         }
         // Same validation as the encoder: never deliver what the wire would refuse.
@@ -148,7 +215,11 @@ impl Endpoint for LoopbackEndpoint {
         }
     }
 
-    unsafe fn register_region(&mut self, ptr: *mut u8, len: usize) -> Result<RegionId, TransportError> {
+    unsafe fn register_region(
+        &mut self,
+        ptr: *mut u8,
+        len: usize,
+    ) -> Result<RegionId, TransportError> {
         // SAFETY: the caller upholds `Registry::register`'s contract (same as ours).
         unsafe { self.registry().register(ptr, len) }
     }
@@ -157,7 +228,12 @@ impl Endpoint for LoopbackEndpoint {
         self.registry().deregister(region)
     }
 
-    fn grant(&mut self, region: RegionId, ranges: &[(u64, u32)], access: Access) -> Result<Grant, TransportError> {
+    fn grant(
+        &mut self,
+        region: RegionId,
+        ranges: &[(u64, u32)],
+        access: Access,
+    ) -> Result<Grant, TransportError> {
         self.registry().grant(region, ranges, access)
     }
 
@@ -165,11 +241,21 @@ impl Endpoint for LoopbackEndpoint {
         self.registry().revoke(key)
     }
 
-    fn post_read(&mut self, remote: &[Segment], local: &[LocalSeg], user_data: u64) -> Result<(), TransportError> {
+    fn post_read(
+        &mut self,
+        remote: &[Segment],
+        local: &[LocalSeg],
+        user_data: u64,
+    ) -> Result<(), TransportError> {
         self.one_sided(remote, local, user_data, false)
     }
 
-    fn post_write(&mut self, remote: &[Segment], local: &[LocalSeg], user_data: u64) -> Result<(), TransportError> {
+    fn post_write(
+        &mut self,
+        remote: &[Segment],
+        local: &[LocalSeg],
+        user_data: u64,
+    ) -> Result<(), TransportError> {
         self.one_sided(remote, local, user_data, true)
     }
 
@@ -215,19 +301,64 @@ mod tests {
         let ga = unsafe { a.register_region(guest.as_mut_ptr(), guest.len()) }.unwrap();
         // SAFETY: as above.
         let db = unsafe { b.register_region(disk.as_mut_ptr(), disk.len()) }.unwrap();
-        let g = a.grant(ga, &[(100, 1000), (5000, 24)], Access::RemoteRead).unwrap();
-        let d = Descriptor { request_id: 9, volume: 1, epoch: 1, offset: 0, length: 1024, flags: 0, segments: g.segments.clone() };
+        let g = a
+            .grant(ga, &[(100, 1000), (5000, 24)], Access::RemoteRead)
+            .unwrap();
+        let d = Descriptor {
+            request_id: 9,
+            volume: 1,
+            epoch: 1,
+            offset: 0,
+            length: 1024,
+            flags: 0,
+            segments: g.segments.clone(),
+        };
         a.send(&Message::Write(d)).unwrap();
-        let Some(Message::Write(d)) = b.poll_recv().unwrap() else { panic!("expected WRITE") };
-        b.post_read(&d.segments, &[LocalSeg { region: db, offset: 0, len: 1024 }], 5).unwrap();
+        let Some(Message::Write(d)) = b.poll_recv().unwrap() else {
+            panic!("expected WRITE")
+        };
+        b.post_read(
+            &d.segments,
+            &[LocalSeg {
+                region: db,
+                offset: 0,
+                len: 1024,
+            }],
+            5,
+        )
+        .unwrap();
         let mut c = [OpCompletion::EMPTY; 4];
         assert_eq!(b.poll_completions(&mut c), 1);
-        assert_eq!(c[0], OpCompletion { user_data: 5, status: Status::Ok, bytes: 1024 });
-        b.send(&Message::Completion(Completion { request_id: 9, status: Status::Ok, bytes: 1024 })).unwrap();
-        assert!(matches!(a.poll_recv().unwrap(), Some(Message::Completion(_))));
+        assert_eq!(
+            c[0],
+            OpCompletion {
+                user_data: 5,
+                status: Status::Ok,
+                bytes: 1024
+            }
+        );
+        b.send(&Message::Completion(Completion {
+            request_id: 9,
+            status: Status::Ok,
+            bytes: 1024,
+        }))
+        .unwrap();
+        assert!(matches!(
+            a.poll_recv().unwrap(),
+            Some(Message::Completion(_))
+        ));
         a.revoke(g.key).unwrap();
         // The revoked key no longer opens the window.
-        b.post_read(&d.segments, &[LocalSeg { region: db, offset: 0, len: 1024 }], 6).unwrap();
+        b.post_read(
+            &d.segments,
+            &[LocalSeg {
+                region: db,
+                offset: 0,
+                len: 1024,
+            }],
+            6,
+        )
+        .unwrap();
         assert_eq!(b.poll_completions(&mut c), 1);
         assert_eq!(c[0].status, Status::AccessDenied);
         a.disconnect();
@@ -242,11 +373,18 @@ mod tests {
     fn refuses_wrong_secret_and_bounds_queues() {
         let mut other = cfg(2);
         other.secret = Secret::new(*b"another-secret-16b").unwrap();
-        assert!(matches!(pair(&cfg(1), &other), Err(TransportError::AuthFailed(_))));
+        assert!(matches!(
+            pair(&cfg(1), &other),
+            Err(TransportError::AuthFailed(_))
+        ));
         let mut small = cfg(2);
         small.recv_queue = 2;
         let (mut a, _b) = pair(&cfg(1), &small).unwrap();
-        let c = Message::Completion(Completion { request_id: 1, status: Status::Ok, bytes: 0 });
+        let c = Message::Completion(Completion {
+            request_id: 1,
+            status: Status::Ok,
+            bytes: 0,
+        });
         a.send(&c).unwrap();
         a.send(&c).unwrap();
         assert!(matches!(a.send(&c), Err(TransportError::QueueFull)));

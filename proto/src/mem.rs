@@ -80,12 +80,6 @@ unsafe impl Send for IoPtr {}
 // SAFETY: as for `Send`.
 unsafe impl Sync for IoPtr {}
 
-impl IoPtr {
-    pub(crate) fn iovec(&self) -> libc::iovec {
-        libc::iovec { iov_base: self.ptr.cast(), iov_len: self.len }
-    }
-}
-
 /// A local buffer made of registered pieces, with a byte cursor view.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct LocalBuf {
@@ -107,7 +101,11 @@ impl LocalBuf {
             }
             let take = (p.len - off).min(len);
             // `off + take <= p.len`, so the result stays inside the piece.
-            out.push(IoPtr { ptr: p.ptr.wrapping_add(off), len: take, _region: p._region.clone() });
+            out.push(IoPtr {
+                ptr: p.ptr.wrapping_add(off),
+                len: take,
+                _region: p._region.clone(),
+            });
             len -= take;
             off = 0;
         }
@@ -159,8 +157,14 @@ impl Registry {
         // process incarnation is unlikely to hit a live one. Falling back to a
         // fixed start only weakens that heuristic, never the checks.
         let _ = getrandom::getrandom(&mut seed);
-        let inner = Inner { next_key: u32::from_le_bytes(seed) | 1, next_region: 1, ..Default::default() };
-        Self { inner: Mutex::new(inner) }
+        let inner = Inner {
+            next_key: u32::from_le_bytes(seed) | 1,
+            next_region: 1,
+            ..Default::default()
+        };
+        Self {
+            inner: Mutex::new(inner),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -194,7 +198,10 @@ impl Registry {
     /// Forgets a region. `Busy` while a grant or an in-flight operation uses it.
     pub fn deregister(&self, id: RegionId) -> Result<(), TransportError> {
         let mut g = self.lock();
-        let r = g.regions.get(&id.0).ok_or(TransportError::UnknownRegion(id.0))?;
+        let r = g
+            .regions
+            .get(&id.0)
+            .ok_or(TransportError::UnknownRegion(id.0))?;
         if Arc::strong_count(r) > 1 {
             return Err(TransportError::Busy);
         }
@@ -203,7 +210,12 @@ impl Registry {
     }
 
     /// Opens `ranges` (offset, length within `region`) to the peer under a new key.
-    pub fn grant(&self, region: RegionId, ranges: &[(u64, u32)], access: Access) -> Result<Grant, TransportError> {
+    pub fn grant(
+        &self,
+        region: RegionId,
+        ranges: &[(u64, u32)],
+        access: Access,
+    ) -> Result<Grant, TransportError> {
         if ranges.is_empty() || ranges.len() > MAX_SEGMENTS {
             return Err(TransportError::Limit("ranges per grant"));
         }
@@ -211,10 +223,16 @@ impl Registry {
         if g.grants.len() >= MAX_GRANTS {
             return Err(TransportError::Limit("grants"));
         }
-        let r = g.regions.get(&region.0).ok_or(TransportError::UnknownRegion(region.0))?.clone();
+        let r = g
+            .regions
+            .get(&region.0)
+            .ok_or(TransportError::UnknownRegion(region.0))?
+            .clone();
         let mut abs = Vec::with_capacity(ranges.len());
         for &(off, len) in ranges {
-            let end = off.checked_add(len.into()).ok_or(TransportError::OutOfRegion)?;
+            let end = off
+                .checked_add(len.into())
+                .ok_or(TransportError::OutOfRegion)?;
             if len == 0 || end > r.len as u64 {
                 return Err(TransportError::OutOfRegion);
             }
@@ -225,44 +243,87 @@ impl Registry {
             key = key.wrapping_add(1);
         }
         g.next_key = key.wrapping_add(1);
-        let segments = abs.iter().map(|&(addr, len)| Segment { addr, key, len }).collect();
-        g.grants.insert(key, GrantEntry { access, region: r, ranges: abs });
-        Ok(Grant { key: Key(key), segments })
+        let segments = abs
+            .iter()
+            .map(|&(addr, len)| Segment { addr, key, len })
+            .collect();
+        g.grants.insert(
+            key,
+            GrantEntry {
+                access,
+                region: r,
+                ranges: abs,
+            },
+        );
+        Ok(Grant {
+            key: Key(key),
+            segments,
+        })
     }
 
     /// Revokes a key; later accesses with it are refused.
     pub fn revoke(&self, key: Key) -> Result<(), TransportError> {
-        self.lock().grants.remove(&key.0).map(|_| ()).ok_or(TransportError::UnknownKey(key.0))
+        self.lock()
+            .grants
+            .remove(&key.0)
+            .map(|_| ())
+            .ok_or(TransportError::UnknownKey(key.0))
     }
 
     /// Checks a peer's access and returns the memory it addresses.
-    pub(crate) fn check_remote(&self, key: u32, addr: u64, len: u32, want: Access) -> Result<IoPtr, Denied> {
+    pub(crate) fn check_remote(
+        &self,
+        key: u32,
+        addr: u64,
+        len: u32,
+        want: Access,
+    ) -> Result<IoPtr, Denied> {
         let g = self.lock();
         let e = g.grants.get(&key).ok_or(Denied::UnknownKey)?;
         if e.access != want {
             return Err(Denied::WrongAccess);
         }
         let end = addr.checked_add(len.into()).ok_or(Denied::OutOfWindow)?;
-        let inside = e.ranges.iter().any(|&(a, l)| addr >= a && end <= a + u64::from(l));
+        let inside = e
+            .ranges
+            .iter()
+            .any(|&(a, l)| addr >= a && end <= a + u64::from(l));
         if !inside || len == 0 {
             return Err(Denied::OutOfWindow);
         }
         let off = (addr - e.region.base as u64) as usize;
         // `off + len` lies inside the region: the range was checked against it at grant time.
-        Ok(IoPtr { ptr: e.region.base.wrapping_add(off), len: len as usize, _region: e.region.clone() })
+        Ok(IoPtr {
+            ptr: e.region.base.wrapping_add(off),
+            len: len as usize,
+            _region: e.region.clone(),
+        })
     }
 
     /// Resolves local segments to registered memory.
     pub(crate) fn local(&self, segs: &[LocalSeg]) -> Result<LocalBuf, TransportError> {
         let g = self.lock();
-        let mut buf = LocalBuf { pieces: Vec::with_capacity(segs.len()), total: 0 };
+        let mut buf = LocalBuf {
+            pieces: Vec::with_capacity(segs.len()),
+            total: 0,
+        };
         for s in segs {
-            let r = g.regions.get(&s.region.0).ok_or(TransportError::UnknownRegion(s.region.0))?;
-            let end = s.offset.checked_add(s.len.into()).ok_or(TransportError::OutOfRegion)?;
+            let r = g
+                .regions
+                .get(&s.region.0)
+                .ok_or(TransportError::UnknownRegion(s.region.0))?;
+            let end = s
+                .offset
+                .checked_add(s.len.into())
+                .ok_or(TransportError::OutOfRegion)?;
             if s.len == 0 || end > r.len as u64 {
                 return Err(TransportError::OutOfRegion);
             }
-            buf.pieces.push(IoPtr { ptr: r.base.wrapping_add(s.offset as usize), len: s.len as usize, _region: r.clone() });
+            buf.pieces.push(IoPtr {
+                ptr: r.base.wrapping_add(s.offset as usize),
+                len: s.len as usize,
+                _region: r.clone(),
+            });
             buf.total += s.len as usize;
         }
         Ok(buf)
@@ -307,18 +368,40 @@ mod tests {
         let reg = Registry::new();
         // SAFETY: `mem` outlives `reg` (declared before it) and is not borrowed while registered.
         let r = unsafe { reg.register(mem.as_mut_ptr(), mem.len()) }.unwrap();
-        let g1 = reg.grant(r, &[(0, 512), (4096, 1024)], Access::RemoteRead).unwrap();
+        let g1 = reg
+            .grant(r, &[(0, 512), (4096, 1024)], Access::RemoteRead)
+            .unwrap();
         let g2 = reg.grant(r, &[(1024, 512)], Access::RemoteRead).unwrap();
         let s = g1.segments[1];
-        assert!(reg.check_remote(g1.key.0, s.addr, s.len, Access::RemoteRead).is_ok());
-        assert!(reg.check_remote(g1.key.0, s.addr + 512, 512, Access::RemoteRead).is_ok());
-        assert_eq!(reg.check_remote(g1.key.0, s.addr + 512, 513, Access::RemoteRead).unwrap_err(), Denied::OutOfWindow);
-        assert_eq!(reg.check_remote(g1.key.0, s.addr, s.len, Access::RemoteWrite).unwrap_err(), Denied::WrongAccess);
+        assert!(reg
+            .check_remote(g1.key.0, s.addr, s.len, Access::RemoteRead)
+            .is_ok());
+        assert!(reg
+            .check_remote(g1.key.0, s.addr + 512, 512, Access::RemoteRead)
+            .is_ok());
+        assert_eq!(
+            reg.check_remote(g1.key.0, s.addr + 512, 513, Access::RemoteRead)
+                .unwrap_err(),
+            Denied::OutOfWindow
+        );
+        assert_eq!(
+            reg.check_remote(g1.key.0, s.addr, s.len, Access::RemoteWrite)
+                .unwrap_err(),
+            Denied::WrongAccess
+        );
         // Another request's key does not open this request's bytes.
-        assert_eq!(reg.check_remote(g2.key.0, s.addr, 512, Access::RemoteRead).unwrap_err(), Denied::OutOfWindow);
+        assert_eq!(
+            reg.check_remote(g2.key.0, s.addr, 512, Access::RemoteRead)
+                .unwrap_err(),
+            Denied::OutOfWindow
+        );
         assert!(matches!(reg.deregister(r), Err(TransportError::Busy)));
         reg.revoke(g1.key).unwrap();
-        assert_eq!(reg.check_remote(g1.key.0, s.addr, s.len, Access::RemoteRead).unwrap_err(), Denied::UnknownKey);
+        assert_eq!(
+            reg.check_remote(g1.key.0, s.addr, s.len, Access::RemoteRead)
+                .unwrap_err(),
+            Denied::UnknownKey
+        );
         reg.revoke(g2.key).unwrap();
         assert_eq!(reg.live_grants(), 0);
         reg.deregister(r).unwrap();
@@ -334,8 +417,27 @@ mod tests {
         let r = unsafe { reg.register(mem.as_mut_ptr(), mem.len()) }.unwrap();
         assert!(reg.grant(r, &[(4000, 97)], Access::RemoteRead).is_err());
         assert!(reg.grant(r, &[(u64::MAX, 2)], Access::RemoteRead).is_err());
-        assert!(reg.local(&[LocalSeg { region: r, offset: 4095, len: 2 }]).is_err());
-        let b = reg.local(&[LocalSeg { region: r, offset: 0, len: 100 }, LocalSeg { region: r, offset: 200, len: 100 }]).unwrap();
+        assert!(reg
+            .local(&[LocalSeg {
+                region: r,
+                offset: 4095,
+                len: 2
+            }])
+            .is_err());
+        let b = reg
+            .local(&[
+                LocalSeg {
+                    region: r,
+                    offset: 0,
+                    len: 100,
+                },
+                LocalSeg {
+                    region: r,
+                    offset: 200,
+                    len: 100,
+                },
+            ])
+            .unwrap();
         let sub = b.sub(50, 100);
         assert_eq!(sub.iter().map(|p| p.len).collect::<Vec<_>>(), vec![50, 50]);
         drop(b);

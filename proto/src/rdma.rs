@@ -26,7 +26,10 @@
 
 use crate::mem::{IoPtr, LocalBuf};
 use crate::wire::{self, Message, Segment, Status, MAX_FRAME, MAX_SEGMENTS};
-use crate::{Access, Config, Endpoint, Grant, Key, LocalSeg, OpCompletion, RegionId, Registry, TransportError};
+use crate::{
+    Access, Config, Endpoint, Grant, Key, LocalSeg, OpCompletion, RegionId, Registry,
+    TransportError,
+};
 use rdma_sys::*;
 use std::collections::{HashMap, VecDeque};
 use std::ffi::CStr;
@@ -48,16 +51,25 @@ pub fn probe() -> Result<DeviceInfo, TransportError> {
     let list = unsafe { ibv_get_device_list(&mut n) };
     if list.is_null() {
         let e = std::io::Error::last_os_error();
-        return Err(TransportError::NoRdmaDevice(format!("ibv_get_device_list failed: {e}")));
+        return Err(TransportError::NoRdmaDevice(format!(
+            "ibv_get_device_list failed: {e}"
+        )));
     }
     let result = if n <= 0 {
-        Err(TransportError::NoRdmaDevice("ibv_get_device_list found 0 devices".into()))
+        Err(TransportError::NoRdmaDevice(
+            "ibv_get_device_list found 0 devices".into(),
+        ))
     } else {
         // SAFETY: the list holds `n` > 0 valid device pointers; the name is a
         // NUL-terminated string owned by the device, copied before the list is freed.
-        let name = unsafe { CStr::from_ptr(ibv_get_device_name(*list)) }.to_string_lossy().into_owned();
+        let name = unsafe { CStr::from_ptr(ibv_get_device_name(*list)) }
+            .to_string_lossy()
+            .into_owned();
         // `n` > 0 checked above.
-        Ok(DeviceInfo { name, count: n as usize })
+        Ok(DeviceInfo {
+            name,
+            count: n as usize,
+        })
     };
     // SAFETY: `list` came from ibv_get_device_list and is freed once.
     unsafe { ibv_free_device_list(list) };
@@ -65,14 +77,20 @@ pub fn probe() -> Result<DeviceInfo, TransportError> {
 }
 
 fn verbs(call: &'static str) -> TransportError {
-    TransportError::Verbs { call, source: std::io::Error::last_os_error() }
+    TransportError::Verbs {
+        call,
+        source: std::io::Error::last_os_error(),
+    }
 }
 
 fn verbs_rc(call: &'static str, rc: libc::c_int) -> Result<(), TransportError> {
     if rc == 0 {
         Ok(())
     } else {
-        Err(TransportError::Verbs { call, source: std::io::Error::from_raw_os_error(rc.abs()) })
+        Err(TransportError::Verbs {
+            call,
+            source: std::io::Error::from_raw_os_error(rc.abs()),
+        })
     }
 }
 
@@ -137,7 +155,10 @@ impl Verbs {
         // SAFETY: out-pointer valid; list freed below after opening the first device.
         let list = unsafe { ibv_get_device_list(&mut n) };
         if list.is_null() || n <= 0 {
-            return Err(TransportError::NoRdmaDevice(format!("{} vanished", dev.name)));
+            return Err(TransportError::NoRdmaDevice(format!(
+                "{} vanished",
+                dev.name
+            )));
         }
         // SAFETY: `list[0]` is a valid device (n > 0); the context keeps its own reference.
         let ctx = unsafe { ibv_open_device(*list) };
@@ -146,18 +167,31 @@ impl Verbs {
         if ctx.is_null() {
             return Err(verbs("ibv_open_device"));
         }
-        let mut v = Verbs { ctx, pd: std::ptr::null_mut(), cq: std::ptr::null_mut(), qp: std::ptr::null_mut(), mw_type2: false };
+        let mut v = Verbs {
+            ctx,
+            pd: std::ptr::null_mut(),
+            cq: std::ptr::null_mut(),
+            qp: std::ptr::null_mut(),
+            mw_type2: false,
+        };
         // SAFETY: `ctx` is open; every object created below is destroyed by `Drop`.
         unsafe {
             let mut attr: ibv_device_attr = std::mem::zeroed();
             verbs_rc("ibv_query_device", ibv_query_device(ctx, &mut attr))?;
-            v.mw_type2 = attr.device_cap_flags & ibv_device_cap_flags::IBV_DEVICE_MEM_WINDOW_TYPE_2B.0 != 0;
+            v.mw_type2 =
+                attr.device_cap_flags & ibv_device_cap_flags::IBV_DEVICE_MEM_WINDOW_TYPE_2B.0 != 0;
             v.pd = ibv_alloc_pd(ctx);
             if v.pd.is_null() {
                 return Err(verbs("ibv_alloc_pd"));
             }
             // cq_depth is bounded by the config (max_inflight * MAX_SEGMENTS + queues).
-            v.cq = ibv_create_cq(ctx, cq_depth as i32, std::ptr::null_mut(), std::ptr::null_mut(), 0);
+            v.cq = ibv_create_cq(
+                ctx,
+                cq_depth as i32,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                0,
+            );
             if v.cq.is_null() {
                 return Err(verbs("ibv_create_cq"));
             }
@@ -179,14 +213,28 @@ impl Verbs {
 
     fn local_info(&self) -> Result<QpInfo, TransportError> {
         let mut psn = [0u8; 4];
-        getrandom::getrandom(&mut psn).map_err(|e| TransportError::Io { what: "getrandom", source: std::io::Error::other(e.to_string()) })?;
+        getrandom::getrandom(&mut psn).map_err(|e| TransportError::Io {
+            what: "getrandom",
+            source: std::io::Error::other(e.to_string()),
+        })?;
         // SAFETY: `ctx`/`qp` are live; attr structs are plain C data written by the library.
         unsafe {
             let mut port: ibv_port_attr = std::mem::zeroed();
-            verbs_rc("ibv_query_port", ___ibv_query_port(self.ctx, PORT, &mut port))?;
+            verbs_rc(
+                "ibv_query_port",
+                ___ibv_query_port(self.ctx, PORT, &mut port),
+            )?;
             let mut gid: ibv_gid = std::mem::zeroed();
-            verbs_rc("ibv_query_gid", ibv_query_gid(self.ctx, PORT, GID_INDEX, &mut gid))?;
-            Ok(QpInfo { qpn: (*self.qp).qp_num, psn: u32::from_le_bytes(psn) & 0xff_ffff, lid: port.lid, gid: gid.raw })
+            verbs_rc(
+                "ibv_query_gid",
+                ibv_query_gid(self.ctx, PORT, GID_INDEX, &mut gid),
+            )?;
+            Ok(QpInfo {
+                qpn: (*self.qp).qp_num,
+                psn: u32::from_le_bytes(psn) & 0xff_ffff,
+                lid: port.lid,
+                gid: gid.raw,
+            })
         }
     }
 
@@ -199,9 +247,17 @@ impl Verbs {
             a.qp_state = ibv_qp_state::IBV_QPS_INIT;
             a.pkey_index = 0;
             a.port_num = PORT;
-            a.qp_access_flags = ibv_access_flags::IBV_ACCESS_REMOTE_READ.0 | ibv_access_flags::IBV_ACCESS_REMOTE_WRITE.0 | ibv_access_flags::IBV_ACCESS_LOCAL_WRITE.0;
-            let mask = M::IBV_QP_STATE.0 | M::IBV_QP_PKEY_INDEX.0 | M::IBV_QP_PORT.0 | M::IBV_QP_ACCESS_FLAGS.0;
-            verbs_rc("ibv_modify_qp(INIT)", ibv_modify_qp(self.qp, &mut a, mask as i32))?;
+            a.qp_access_flags = ibv_access_flags::IBV_ACCESS_REMOTE_READ.0
+                | ibv_access_flags::IBV_ACCESS_REMOTE_WRITE.0
+                | ibv_access_flags::IBV_ACCESS_LOCAL_WRITE.0;
+            let mask = M::IBV_QP_STATE.0
+                | M::IBV_QP_PKEY_INDEX.0
+                | M::IBV_QP_PORT.0
+                | M::IBV_QP_ACCESS_FLAGS.0;
+            verbs_rc(
+                "ibv_modify_qp(INIT)",
+                ibv_modify_qp(self.qp, &mut a, mask as i32),
+            )?;
 
             let mut a: ibv_qp_attr = std::mem::zeroed();
             a.qp_state = ibv_qp_state::IBV_QPS_RTR;
@@ -219,8 +275,17 @@ impl Verbs {
                 a.ah_attr.grh.sgid_index = GID_INDEX as u8;
                 a.ah_attr.grh.hop_limit = 64;
             }
-            let mask = M::IBV_QP_STATE.0 | M::IBV_QP_AV.0 | M::IBV_QP_PATH_MTU.0 | M::IBV_QP_DEST_QPN.0 | M::IBV_QP_RQ_PSN.0 | M::IBV_QP_MAX_DEST_RD_ATOMIC.0 | M::IBV_QP_MIN_RNR_TIMER.0;
-            verbs_rc("ibv_modify_qp(RTR)", ibv_modify_qp(self.qp, &mut a, mask as i32))?;
+            let mask = M::IBV_QP_STATE.0
+                | M::IBV_QP_AV.0
+                | M::IBV_QP_PATH_MTU.0
+                | M::IBV_QP_DEST_QPN.0
+                | M::IBV_QP_RQ_PSN.0
+                | M::IBV_QP_MAX_DEST_RD_ATOMIC.0
+                | M::IBV_QP_MIN_RNR_TIMER.0;
+            verbs_rc(
+                "ibv_modify_qp(RTR)",
+                ibv_modify_qp(self.qp, &mut a, mask as i32),
+            )?;
 
             let mut a: ibv_qp_attr = std::mem::zeroed();
             a.qp_state = ibv_qp_state::IBV_QPS_RTS;
@@ -229,8 +294,16 @@ impl Verbs {
             a.rnr_retry = 7;
             a.sq_psn = local.psn;
             a.max_rd_atomic = 16;
-            let mask = M::IBV_QP_STATE.0 | M::IBV_QP_TIMEOUT.0 | M::IBV_QP_RETRY_CNT.0 | M::IBV_QP_RNR_RETRY.0 | M::IBV_QP_SQ_PSN.0 | M::IBV_QP_MAX_QP_RD_ATOMIC.0;
-            verbs_rc("ibv_modify_qp(RTS)", ibv_modify_qp(self.qp, &mut a, mask as i32))?;
+            let mask = M::IBV_QP_STATE.0
+                | M::IBV_QP_TIMEOUT.0
+                | M::IBV_QP_RETRY_CNT.0
+                | M::IBV_QP_RNR_RETRY.0
+                | M::IBV_QP_SQ_PSN.0
+                | M::IBV_QP_MAX_QP_RD_ATOMIC.0;
+            verbs_rc(
+                "ibv_modify_qp(RTS)",
+                ibv_modify_qp(self.qp, &mut a, mask as i32),
+            )?;
         }
         Ok(())
     }
@@ -239,7 +312,12 @@ impl Verbs {
     ///
     /// # Safety
     /// The range must stay valid until the returned MR is deregistered.
-    unsafe fn reg(&self, ptr: *mut u8, len: usize, access: u32) -> Result<*mut ibv_mr, TransportError> {
+    unsafe fn reg(
+        &self,
+        ptr: *mut u8,
+        len: usize,
+        access: u32,
+    ) -> Result<*mut ibv_mr, TransportError> {
         // SAFETY: `pd` is live; validity of the range is the caller's contract.
         let mr = unsafe { ibv_reg_mr(self.pd, ptr.cast(), len, access as i32) };
         if mr.is_null() {
@@ -311,12 +389,17 @@ unsafe impl Send for RdmaEndpoint {}
 
 impl std::fmt::Debug for RdmaEndpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RdmaEndpoint").field("peer_node", &self.peer_node).finish()
+        f.debug_struct("RdmaEndpoint")
+            .field("peer_node", &self.peer_node)
+            .finish()
     }
 }
 
 fn oob_exchange(sock: &mut TcpStream, mine: &QpInfo) -> Result<QpInfo, TransportError> {
-    let io = |source| TransportError::Io { what: "rdma control connection", source };
+    let io = |source| TransportError::Io {
+        what: "rdma control connection",
+        source,
+    };
     sock.write_all(&mine.encode()).map_err(io)?;
     let mut b = [0u8; QpInfo::LEN];
     sock.read_exact(&mut b).map_err(io)?;
@@ -325,16 +408,39 @@ fn oob_exchange(sock: &mut TcpStream, mine: &QpInfo) -> Result<QpInfo, Transport
 
 impl RdmaEndpoint {
     /// Connects over a TCP control connection to an [`RdmaAcceptor`].
-    pub fn connect(addr: impl ToSocketAddrs, cfg: &Config, registry: Arc<Registry>) -> Result<Self, TransportError> {
+    pub fn connect(
+        addr: impl ToSocketAddrs,
+        cfg: &Config,
+        registry: Arc<Registry>,
+    ) -> Result<Self, TransportError> {
         probe()?;
-        let addr = addr.to_socket_addrs().map_err(|source| TransportError::Io { what: "resolve", source })?.next().ok_or(TransportError::Handshake("no address"))?;
-        let mut sock = TcpStream::connect_timeout(&addr, cfg.handshake_timeout).map_err(|source| TransportError::Io { what: "connect", source })?;
+        let addr = addr
+            .to_socket_addrs()
+            .map_err(|source| TransportError::Io {
+                what: "resolve",
+                source,
+            })?
+            .next()
+            .ok_or(TransportError::Handshake("no address"))?;
+        let mut sock =
+            TcpStream::connect_timeout(&addr, cfg.handshake_timeout).map_err(|source| {
+                TransportError::Io {
+                    what: "connect",
+                    source,
+                }
+            })?;
         let peer = crate::tcp::client_handshake(&mut sock, cfg)?;
         Self::establish(&mut sock, cfg, registry, peer)
     }
 
-    fn establish(sock: &mut TcpStream, cfg: &Config, registry: Arc<Registry>, peer_node: u64) -> Result<Self, TransportError> {
-        let cq_depth = RECV_DEPTH + SEND_DEPTH + cfg.max_inflight.min(1024) * MAX_SEGMENTS.min(16) + 64;
+    fn establish(
+        sock: &mut TcpStream,
+        cfg: &Config,
+        registry: Arc<Registry>,
+        peer_node: u64,
+    ) -> Result<Self, TransportError> {
+        let cq_depth =
+            RECV_DEPTH + SEND_DEPTH + cfg.max_inflight.min(1024) * MAX_SEGMENTS.min(16) + 64;
         let v = Verbs::open(cq_depth)?;
         let mine = v.local_info()?;
         let theirs = oob_exchange(sock, &mine)?;
@@ -369,7 +475,11 @@ impl RdmaEndpoint {
         for slot in 0..RECV_DEPTH {
             ep.post_recv(slot)?;
         }
-        tracing::info!(node = peer_node, qpn = theirs.qpn, "rdma transport connected");
+        tracing::info!(
+            node = peer_node,
+            qpn = theirs.qpn,
+            "rdma transport connected"
+        );
         Ok(ep)
     }
 
@@ -380,20 +490,36 @@ impl RdmaEndpoint {
             // SAFETY: `recv_mr` is live until Drop.
             lkey: unsafe { (*self.recv_mr).lkey },
         };
-        let mut wr = ibv_recv_wr { wr_id: TAG_RECV | slot as u64, next: std::ptr::null_mut(), sg_list: &mut sge, num_sge: 1 };
+        let mut wr = ibv_recv_wr {
+            wr_id: TAG_RECV | slot as u64,
+            next: std::ptr::null_mut(),
+            sg_list: &mut sge,
+            num_sge: 1,
+        };
         let mut bad = std::ptr::null_mut();
         // SAFETY: the slot lies inside `recv_buf`, registered by `recv_mr`;
         // the buffer is not touched until the receive completes.
-        verbs_rc("ibv_post_recv", unsafe { ibv_post_recv(self.v.qp, &mut wr, &mut bad) })
+        verbs_rc("ibv_post_recv", unsafe {
+            ibv_post_recv(self.v.qp, &mut wr, &mut bad)
+        })
     }
 
     fn lkey(&self, region: RegionId) -> Result<u32, TransportError> {
-        let mr = self.mrs.get(&region.0).ok_or(TransportError::UnknownRegion(region.0))?;
+        let mr = self
+            .mrs
+            .get(&region.0)
+            .ok_or(TransportError::UnknownRegion(region.0))?;
         // SAFETY: MRs in `mrs` are live until deregistered.
         Ok(unsafe { (**mr).lkey })
     }
 
-    fn post_rdma(&mut self, remote: &[Segment], local: &[LocalSeg], user_data: u64, write: bool) -> Result<(), TransportError> {
+    fn post_rdma(
+        &mut self,
+        remote: &[Segment],
+        local: &[LocalSeg],
+        user_data: u64,
+        write: bool,
+    ) -> Result<(), TransportError> {
         if self.dead {
             return Err(TransportError::Disconnected);
         }
@@ -406,9 +532,15 @@ impl RdmaEndpoint {
         let buf = self.registry.local(local)?;
         let total: usize = remote.iter().map(|s| s.len as usize).sum();
         if total != buf.total {
-            return Err(TransportError::LengthMismatch { local: buf.total, remote: total });
+            return Err(TransportError::LengthMismatch {
+                local: buf.total,
+                remote: total,
+            });
         }
-        let lkeys: Vec<u32> = local.iter().map(|l| self.lkey(l.region)).collect::<Result<_, _>>()?;
+        let lkeys: Vec<u32> = local
+            .iter()
+            .map(|l| self.lkey(l.region))
+            .collect::<Result<_, _>>()?;
         let op_id = self.next_op;
         self.next_op = (self.next_op + 1) & !TAG_MASK;
         // Build one WR per remote segment with the local pieces it maps to.
@@ -419,35 +551,72 @@ impl RdmaEndpoint {
             let mut list = Vec::with_capacity(pieces.len());
             for p in &pieces {
                 // Which local segment the piece came from decides its lkey.
-                let idx = buf.pieces.iter().position(|b| (p.ptr as usize) >= (b.ptr as usize) && (p.ptr as usize) < b.ptr as usize + b.len).unwrap_or(0);
-                list.push(ibv_sge { addr: p.ptr as u64, length: p.len as u32, lkey: lkeys[idx] });
+                let idx = buf
+                    .pieces
+                    .iter()
+                    .position(|b| {
+                        (p.ptr as usize) >= (b.ptr as usize)
+                            && (p.ptr as usize) < b.ptr as usize + b.len
+                    })
+                    .unwrap_or(0);
+                list.push(ibv_sge {
+                    addr: p.ptr as u64,
+                    length: p.len as u32,
+                    lkey: lkeys[idx],
+                });
             }
             if list.len() > 16 {
-                return Err(TransportError::Limit("local pieces per remote segment (max_send_sge 16)"));
+                return Err(TransportError::Limit(
+                    "local pieces per remote segment (max_send_sge 16)",
+                ));
             }
             sges.push(list);
             off += s.len as usize;
         }
         // SAFETY: all-zero ibv_send_wr is a valid empty request.
-        let mut wrs: Vec<ibv_send_wr> = (0..remote.len()).map(|_| unsafe { std::mem::zeroed() }).collect();
+        let mut wrs: Vec<ibv_send_wr> = (0..remote.len())
+            .map(|_| unsafe { std::mem::zeroed() })
+            .collect();
         let n = wrs.len();
         for (i, s) in remote.iter().enumerate() {
-            let next: *mut ibv_send_wr = if i + 1 < n { &mut wrs[i + 1] } else { std::ptr::null_mut() };
+            let next: *mut ibv_send_wr = if i + 1 < n {
+                &mut wrs[i + 1]
+            } else {
+                std::ptr::null_mut()
+            };
             let wr = &mut wrs[i];
             wr.wr_id = TAG_OP | op_id;
             wr.next = next;
             wr.sg_list = sges[i].as_mut_ptr();
             wr.num_sge = sges[i].len() as i32;
-            wr.opcode = if write { ibv_wr_opcode::IBV_WR_RDMA_WRITE } else { ibv_wr_opcode::IBV_WR_RDMA_READ };
+            wr.opcode = if write {
+                ibv_wr_opcode::IBV_WR_RDMA_WRITE
+            } else {
+                ibv_wr_opcode::IBV_WR_RDMA_READ
+            };
             wr.send_flags = ibv_send_flags::IBV_SEND_SIGNALED.0;
-            wr.wr.rdma = rdma_t { remote_addr: s.addr, rkey: s.key };
+            wr.wr.rdma = rdma_t {
+                remote_addr: s.addr,
+                rkey: s.key,
+            };
         }
         let mut bad = std::ptr::null_mut();
         // SAFETY: every SGE points into registered local memory (validated by
         // `Registry::local`, covered by the region's MR), kept alive by `buf`
         // in `ops` until the completion; the WR chain lives across the call.
-        verbs_rc("ibv_post_send", unsafe { ibv_post_send(self.v.qp, wrs.as_mut_ptr(), &mut bad) })?;
-        self.ops.insert(op_id, Op { user_data, remaining: n, status: Status::Ok, bytes: 0, _local: buf });
+        verbs_rc("ibv_post_send", unsafe {
+            ibv_post_send(self.v.qp, wrs.as_mut_ptr(), &mut bad)
+        })?;
+        self.ops.insert(
+            op_id,
+            Op {
+                user_data,
+                remaining: n,
+                status: Status::Ok,
+                bytes: 0,
+                _local: buf,
+            },
+        );
         Ok(())
     }
 
@@ -476,7 +645,9 @@ impl RdmaEndpoint {
                         let start = slot * MAX_FRAME;
                         let len = (w.byte_len as usize).min(MAX_FRAME);
                         match wire::decode(&self.recv_buf[start..start + len]) {
-                            Ok((m, _)) if self.inbox.len() < self.recv_queue => self.inbox.push_back(m),
+                            Ok((m, _)) if self.inbox.len() < self.recv_queue => {
+                                self.inbox.push_back(m)
+                            }
                             Ok(_) => self.fail("receive queue overflow"),
                             Err(e) => self.fail(&format!("malformed frame: {e}")),
                         }
@@ -496,12 +667,24 @@ impl RdmaEndpoint {
                             op.bytes += u64::from(w.byte_len);
                             if !ok && op.status == Status::Ok {
                                 // Remote access errors are the NIC's refusal of a key.
-                                op.status = if w.status == ibv_wc_status::IBV_WC_REM_ACCESS_ERR { Status::AccessDenied } else { Status::ConnectionLost };
+                                op.status = if w.status == ibv_wc_status::IBV_WC_REM_ACCESS_ERR {
+                                    Status::AccessDenied
+                                } else {
+                                    Status::ConnectionLost
+                                };
                             }
                             if op.remaining == 0 {
                                 if let Some(op) = self.ops.remove(&id) {
-                                    let bytes = if op.status == Status::Ok { op.bytes as u32 } else { 0 };
-                                    self.completions.push_back(OpCompletion { user_data: op.user_data, status: op.status, bytes });
+                                    let bytes = if op.status == Status::Ok {
+                                        op.bytes as u32
+                                    } else {
+                                        0
+                                    };
+                                    self.completions.push_back(OpCompletion {
+                                        user_data: op.user_data,
+                                        status: op.status,
+                                        bytes,
+                                    });
                                 }
                             }
                         }
@@ -522,7 +705,11 @@ impl RdmaEndpoint {
         }
         self.dead = true;
         for (_, op) in self.ops.drain() {
-            self.completions.push_back(OpCompletion { user_data: op.user_data, status: Status::ConnectionLost, bytes: 0 });
+            self.completions.push_back(OpCompletion {
+                user_data: op.user_data,
+                status: Status::ConnectionLost,
+                bytes: 0,
+            });
         }
     }
 }
@@ -545,8 +732,13 @@ impl Endpoint for RdmaEndpoint {
                 return Err(TransportError::Encode(e));
             }
         };
-        // SAFETY: lkey read from the live send MR.
-        let mut sge = ibv_sge { addr: self.send_buf.as_ptr() as u64 + start as u64, length: n as u32, lkey: unsafe { (*self.send_mr).lkey } };
+        // SAFETY: `send_mr` is live until Drop.
+        let lkey = unsafe { (*self.send_mr).lkey };
+        let mut sge = ibv_sge {
+            addr: self.send_buf.as_ptr() as u64 + start as u64,
+            length: n as u32,
+            lkey,
+        };
         // SAFETY: all-zero is a valid empty WR.
         let mut wr: ibv_send_wr = unsafe { std::mem::zeroed() };
         wr.wr_id = TAG_SEND | slot as u64;
@@ -554,11 +746,17 @@ impl Endpoint for RdmaEndpoint {
         wr.num_sge = 1;
         wr.opcode = ibv_wr_opcode::IBV_WR_SEND;
         // A descriptor must not overtake the window binds it refers to.
-        let fence = if std::mem::take(&mut self.fence_next) { ibv_send_flags::IBV_SEND_FENCE.0 } else { 0 };
+        let fence = if std::mem::take(&mut self.fence_next) {
+            ibv_send_flags::IBV_SEND_FENCE.0
+        } else {
+            0
+        };
         wr.send_flags = ibv_send_flags::IBV_SEND_SIGNALED.0 | fence;
         let mut bad = std::ptr::null_mut();
         // SAFETY: the slot is ours until its send completion returns it to `send_free`.
-        verbs_rc("ibv_post_send", unsafe { ibv_post_send(self.v.qp, &mut wr, &mut bad) })
+        verbs_rc("ibv_post_send", unsafe {
+            ibv_post_send(self.v.qp, &mut wr, &mut bad)
+        })
     }
 
     fn poll_recv(&mut self) -> Result<Option<Message>, TransportError> {
@@ -570,10 +768,19 @@ impl Endpoint for RdmaEndpoint {
         }
     }
 
-    unsafe fn register_region(&mut self, ptr: *mut u8, len: usize) -> Result<RegionId, TransportError> {
+    unsafe fn register_region(
+        &mut self,
+        ptr: *mut u8,
+        len: usize,
+    ) -> Result<RegionId, TransportError> {
         // SAFETY: the caller upholds `Registry::register`'s contract.
         let id = unsafe { self.registry.register(ptr, len) }?;
-        let access = ibv_access_flags::IBV_ACCESS_LOCAL_WRITE.0 | if self.v.mw_type2 { ibv_access_flags::IBV_ACCESS_MW_BIND.0 } else { 0 };
+        let access = ibv_access_flags::IBV_ACCESS_LOCAL_WRITE.0
+            | if self.v.mw_type2 {
+                ibv_access_flags::IBV_ACCESS_MW_BIND.0
+            } else {
+                0
+            };
         // SAFETY: same contract: valid until deregistration, which deregisters the MR first.
         match unsafe { self.v.reg(ptr, len, access) } {
             Ok(mr) => {
@@ -596,21 +803,34 @@ impl Endpoint for RdmaEndpoint {
         Ok(())
     }
 
-    fn grant(&mut self, region: RegionId, ranges: &[(u64, u32)], access: Access) -> Result<Grant, TransportError> {
+    fn grant(
+        &mut self,
+        region: RegionId,
+        ranges: &[(u64, u32)],
+        access: Access,
+    ) -> Result<Grant, TransportError> {
         // The software grant checks the ranges and keeps the region busy.
         let soft = self.registry.grant(region, ranges, access)?;
         let remote = match access {
             Access::RemoteRead => ibv_access_flags::IBV_ACCESS_REMOTE_READ.0,
-            Access::RemoteWrite => ibv_access_flags::IBV_ACCESS_REMOTE_WRITE.0 | ibv_access_flags::IBV_ACCESS_LOCAL_WRITE.0,
+            Access::RemoteWrite => {
+                ibv_access_flags::IBV_ACCESS_REMOTE_WRITE.0
+                    | ibv_access_flags::IBV_ACCESS_LOCAL_WRITE.0
+            }
         };
-        let mr = *self.mrs.get(&region.0).ok_or(TransportError::UnknownRegion(region.0))?;
+        let mr = *self
+            .mrs
+            .get(&region.0)
+            .ok_or(TransportError::UnknownRegion(region.0))?;
         let mut objs = Vec::with_capacity(soft.segments.len());
         let mut segments = Vec::with_capacity(soft.segments.len());
         let result = (|| {
             for s in &soft.segments {
                 if self.v.mw_type2 {
                     // SAFETY: `pd` is live; the window is deallocated on revoke/drop.
-                    let mw = unsafe { ibv_alloc_mw(self.v.pd, ibv_mw_type::IBV_MW_TYPE_2) }.filter(|p| !p.is_null()).ok_or_else(|| verbs("ibv_alloc_mw"))?;
+                    let mw = unsafe { ibv_alloc_mw(self.v.pd, ibv_mw_type::IBV_MW_TYPE_2) }
+                        .filter(|p| !p.is_null())
+                        .ok_or_else(|| verbs("ibv_alloc_mw"))?;
                     objs.push(GrantObj::Window(mw));
                     // SAFETY: `mw` is live.
                     let rkey = unsafe { ibv_inc_rkey((*mw).rkey) };
@@ -618,20 +838,40 @@ impl Endpoint for RdmaEndpoint {
                     let mut wr: ibv_send_wr = unsafe { std::mem::zeroed() };
                     wr.wr_id = TAG_BIND;
                     wr.opcode = ibv_wr_opcode::IBV_WR_BIND_MW;
-                    wr.bind_mw_tso_union.bind_mw = bind_mw_t { mw, rkey, bind_info: ibv_mw_bind_info { mr, addr: s.addr, length: u64::from(s.len), mw_access_flags: remote } };
+                    wr.bind_mw_tso_union.bind_mw = bind_mw_t {
+                        mw,
+                        rkey,
+                        bind_info: ibv_mw_bind_info {
+                            mr,
+                            addr: s.addr,
+                            length: u64::from(s.len),
+                            mw_access_flags: remote,
+                        },
+                    };
                     let mut bad = std::ptr::null_mut();
                     // SAFETY: the bound range lies inside the region's MR (checked by the registry grant).
-                    verbs_rc("ibv_post_send(BIND_MW)", unsafe { ibv_post_send(self.v.qp, &mut wr, &mut bad) })?;
+                    verbs_rc("ibv_post_send(BIND_MW)", unsafe {
+                        ibv_post_send(self.v.qp, &mut wr, &mut bad)
+                    })?;
                     self.fence_next = true;
-                    segments.push(Segment { addr: s.addr, key: rkey, len: s.len });
+                    segments.push(Segment {
+                        addr: s.addr,
+                        key: rkey,
+                        len: s.len,
+                    });
                 } else {
                     // SAFETY: the range lies inside a registered region (checked
                     // by the registry grant), valid until that region is deregistered,
                     // which the grant prevents until revoke deregisters this MR.
                     let m = unsafe { self.v.reg(s.addr as *mut u8, s.len as usize, remote) }?;
                     objs.push(GrantObj::Mr(m));
-                    // SAFETY: `m` is live.
-                    segments.push(Segment { addr: s.addr, key: unsafe { (*m).rkey }, len: s.len });
+                    // SAFETY: `m` was just registered and is live.
+                    let key = unsafe { (*m).rkey };
+                    segments.push(Segment {
+                        addr: s.addr,
+                        key,
+                        len: s.len,
+                    });
                 }
             }
             Ok::<(), TransportError>(())
@@ -642,20 +882,36 @@ impl Endpoint for RdmaEndpoint {
             return Err(e);
         }
         self.grants.insert(soft.key.0, objs);
-        Ok(Grant { key: soft.key, segments })
+        Ok(Grant {
+            key: soft.key,
+            segments,
+        })
     }
 
     fn revoke(&mut self, key: Key) -> Result<(), TransportError> {
-        let objs = self.grants.remove(&key.0).ok_or(TransportError::UnknownKey(key.0))?;
+        let objs = self
+            .grants
+            .remove(&key.0)
+            .ok_or(TransportError::UnknownKey(key.0))?;
         release(objs);
         self.registry.revoke(key)
     }
 
-    fn post_read(&mut self, remote: &[Segment], local: &[LocalSeg], user_data: u64) -> Result<(), TransportError> {
+    fn post_read(
+        &mut self,
+        remote: &[Segment],
+        local: &[LocalSeg],
+        user_data: u64,
+    ) -> Result<(), TransportError> {
         self.post_rdma(remote, local, user_data, false)
     }
 
-    fn post_write(&mut self, remote: &[Segment], local: &[LocalSeg], user_data: u64) -> Result<(), TransportError> {
+    fn post_write(
+        &mut self,
+        remote: &[Segment],
+        local: &[LocalSeg],
+        user_data: u64,
+    ) -> Result<(), TransportError> {
         self.post_rdma(remote, local, user_data, true)
     }
 
@@ -721,15 +977,33 @@ pub struct RdmaAcceptor {
 
 impl RdmaAcceptor {
     /// Fails with `NoRdmaDevice` at once on a host without verbs devices.
-    pub fn bind(addr: impl ToSocketAddrs, cfg: Config, registry: Arc<Registry>) -> Result<Self, TransportError> {
+    pub fn bind(
+        addr: impl ToSocketAddrs,
+        cfg: Config,
+        registry: Arc<Registry>,
+    ) -> Result<Self, TransportError> {
         probe()?;
-        let listener = TcpListener::bind(addr).map_err(|source| TransportError::Io { what: "bind", source })?;
-        Ok(Self { listener, cfg, registry })
+        let listener = TcpListener::bind(addr).map_err(|source| TransportError::Io {
+            what: "bind",
+            source,
+        })?;
+        Ok(Self {
+            listener,
+            cfg,
+            registry,
+        })
     }
 
     pub fn accept(&self) -> Result<RdmaEndpoint, TransportError> {
-        let (mut sock, peer) = self.listener.accept().map_err(|source| TransportError::Io { what: "accept", source })?;
-        let node = crate::tcp::server_handshake(&mut sock, &self.cfg).inspect_err(|e| tracing::warn!(peer = %peer, "refused rdma connection: {e}"))?;
+        let (mut sock, peer) = self
+            .listener
+            .accept()
+            .map_err(|source| TransportError::Io {
+                what: "accept",
+                source,
+            })?;
+        let node = crate::tcp::server_handshake(&mut sock, &self.cfg)
+            .inspect_err(|e| tracing::warn!(peer = %peer, "refused rdma connection: {e}"))?;
         RdmaEndpoint::establish(&mut sock, &self.cfg, self.registry.clone(), node)
     }
 }
@@ -740,7 +1014,12 @@ mod tests {
 
     #[test]
     fn qp_info_round_trips() {
-        let q = QpInfo { qpn: 0x123456, psn: 0xabcdef, lid: 7, gid: [9; 16] };
+        let q = QpInfo {
+            qpn: 0x123456,
+            psn: 0xabcdef,
+            lid: 7,
+            gid: [9; 16],
+        };
         assert_eq!(QpInfo::decode(&q.encode()), q);
     }
 
@@ -749,8 +1028,13 @@ mod tests {
         if probe().is_ok() {
             return; // A host with a verbs device: the connected path applies instead.
         }
-        let cfg = Config::new(1, 1, crate::auth::Secret::new(*b"0123456789abcdef").unwrap());
-        let e = RdmaAcceptor::bind("127.0.0.1:0", cfg.clone(), Arc::new(Registry::new())).unwrap_err();
+        let cfg = Config::new(
+            1,
+            1,
+            crate::auth::Secret::new(*b"0123456789abcdef").unwrap(),
+        );
+        let e =
+            RdmaAcceptor::bind("127.0.0.1:0", cfg.clone(), Arc::new(Registry::new())).unwrap_err();
         assert!(e.to_string().starts_with("no RDMA device: "), "{e}");
         let e = RdmaEndpoint::connect("127.0.0.1:9", &cfg, Arc::new(Registry::new())).unwrap_err();
         assert!(matches!(e, TransportError::NoRdmaDevice(_)), "{e}");

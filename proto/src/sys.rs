@@ -15,7 +15,12 @@ pub(crate) enum Chunk<'a> {
 }
 
 /// `sendmsg` of `chunks`, skipping the first `skip` bytes. Returns bytes sent.
-pub(crate) fn send_vectored(fd: BorrowedFd<'_>, chunks: &[Chunk<'_>], mut skip: usize, dontwait: bool) -> io::Result<usize> {
+pub(crate) fn send_vectored(
+    fd: BorrowedFd<'_>,
+    chunks: &[Chunk<'_>],
+    mut skip: usize,
+    dontwait: bool,
+) -> io::Result<usize> {
     let mut iov: Vec<libc::iovec> = Vec::with_capacity(chunks.len().min(MAX_IOV));
     for c in chunks {
         let (p, l) = match c {
@@ -26,7 +31,10 @@ pub(crate) fn send_vectored(fd: BorrowedFd<'_>, chunks: &[Chunk<'_>], mut skip: 
             skip -= l;
             continue;
         }
-        iov.push(libc::iovec { iov_base: p.wrapping_add(skip).cast(), iov_len: l - skip });
+        iov.push(libc::iovec {
+            iov_base: p.wrapping_add(skip).cast(),
+            iov_len: l - skip,
+        });
         skip = 0;
         if iov.len() == MAX_IOV {
             break;
@@ -51,51 +59,21 @@ pub(crate) fn send_vectored(fd: BorrowedFd<'_>, chunks: &[Chunk<'_>], mut skip: 
     Ok(n as usize)
 }
 
-/// Reads exactly the bytes the pieces cover, straight into them.
-pub(crate) fn recv_exact_into(fd: BorrowedFd<'_>, pieces: &[IoPtr]) -> io::Result<()> {
-    let mut iov: Vec<libc::iovec> = pieces.iter().map(IoPtr::iovec).collect();
-    let mut start = 0usize;
-    while start < iov.len() {
-        let cnt = (iov.len() - start).min(MAX_IOV);
-        // SAFETY: all-zero msghdr is valid.
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = iov[start..].as_mut_ptr();
-        msg.msg_iovlen = cnt;
-        // SAFETY: each iovec points into registered memory validated by
-        // `Registry::local`/`check_remote` and kept registered by `pieces`;
-        // writing there is what registration permits.
-        let n = unsafe { libc::recvmsg(fd.as_raw_fd(), &mut msg, libc::MSG_NOSIGNAL) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if n == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
-        // n > 0 checked above.
-        let mut n = n as usize;
-        while n > 0 && start < iov.len() {
-            let v = &mut iov[start];
-            if n >= v.iov_len {
-                n -= v.iov_len;
-                start += 1;
-            } else {
-                v.iov_base = v.iov_base.cast::<u8>().wrapping_add(n).cast();
-                v.iov_len -= n;
-                n = 0;
-            }
-        }
-    }
-    Ok(())
-}
-
-fn setsockopt_int(fd: BorrowedFd<'_>, level: libc::c_int, opt: libc::c_int, val: libc::c_int) -> io::Result<()> {
+fn setsockopt_int(
+    fd: BorrowedFd<'_>,
+    level: libc::c_int,
+    opt: libc::c_int,
+    val: libc::c_int,
+) -> io::Result<()> {
     // SAFETY: `val` is a live c_int and its size is passed with it.
     let r = unsafe {
-        libc::setsockopt(fd.as_raw_fd(), level, opt, (&val as *const libc::c_int).cast(), std::mem::size_of::<libc::c_int>() as libc::socklen_t)
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            opt,
+            (&val as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
     };
     if r < 0 {
         return Err(io::Error::last_os_error());
@@ -105,5 +83,106 @@ fn setsockopt_int(fd: BorrowedFd<'_>, level: libc::c_int, opt: libc::c_int, val:
 
 /// Abort the connection if sent data stays unacknowledged this long.
 pub(crate) fn set_user_timeout(fd: BorrowedFd<'_>, ms: u32) -> io::Result<()> {
-    setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, ms.min(i32::MAX as u32) as libc::c_int)
+    setsockopt_int(
+        fd,
+        libc::IPPROTO_TCP,
+        libc::TCP_USER_TIMEOUT,
+        ms.min(i32::MAX as u32) as libc::c_int,
+    )
+}
+
+/// `recv` into `buf`: `Ok(0)` is end of stream, `WouldBlock` no data.
+/// With `wait`, blocks until `buf` is full (`MSG_WAITALL`, bounded by
+/// `SO_RCVTIMEO`), else returns at once (`MSG_DONTWAIT`).
+pub(crate) fn recv_some(fd: BorrowedFd<'_>, buf: &mut [u8], wait: bool) -> io::Result<usize> {
+    let flags = if wait {
+        libc::MSG_WAITALL
+    } else {
+        libc::MSG_DONTWAIT
+    };
+    loop {
+        // SAFETY: `buf` is a live, exclusively borrowed byte slice of the given length.
+        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), flags) };
+        if n >= 0 {
+            // n >= 0 checked.
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// `recvmsg` straight into registered memory, skipping the first `skip`
+/// bytes of `pieces`; `wait` as for [`recv_some`]. `Ok(0)` is end of stream.
+pub(crate) fn recv_into_some(
+    fd: BorrowedFd<'_>,
+    pieces: &[IoPtr],
+    mut skip: usize,
+    wait: bool,
+) -> io::Result<usize> {
+    let flags = if wait {
+        libc::MSG_WAITALL
+    } else {
+        libc::MSG_DONTWAIT
+    };
+    let mut iov: Vec<libc::iovec> = Vec::with_capacity(pieces.len().min(MAX_IOV));
+    for p in pieces {
+        if skip >= p.len {
+            skip -= p.len;
+            continue;
+        }
+        iov.push(libc::iovec {
+            iov_base: p.ptr.wrapping_add(skip).cast(),
+            iov_len: p.len - skip,
+        });
+        skip = 0;
+        if iov.len() == MAX_IOV {
+            break;
+        }
+    }
+    if iov.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "nothing left to receive",
+        ));
+    }
+    // SAFETY: all-zero msghdr is valid.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov.as_mut_ptr();
+    msg.msg_iovlen = iov.len();
+    loop {
+        // SAFETY: each iovec points into registered memory validated by
+        // `Registry::local`/`check_remote` and kept registered by `pieces`;
+        // writing there is what registration permits.
+        let n = unsafe { libc::recvmsg(fd.as_raw_fd(), &mut msg, flags) };
+        if n >= 0 {
+            // n >= 0 checked.
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// Waits up to `timeout_ms` for `fd` to become readable (or hung up).
+pub(crate) fn wait_readable(fd: BorrowedFd<'_>, timeout_ms: i32) -> io::Result<bool> {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, count 1.
+    let n = unsafe { libc::poll(&mut p, 1, timeout_ms) };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::Interrupted {
+            return Ok(false);
+        }
+        return Err(e);
+    }
+    Ok(n > 0)
 }

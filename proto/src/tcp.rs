@@ -26,14 +26,20 @@
 use crate::auth::{self, Role};
 use crate::mem::{Denied, IoPtr, LocalBuf};
 use crate::sys::{self, Chunk};
-use crate::wire::{self, DataReq, DataResp, ErrorMsg, FrameType, Message, Segment, Status, HEADER_LEN, MAX_DATA_LEN, MAX_FRAME, MAX_SEGMENTS};
-use crate::{Access, Config, Endpoint, Grant, Key, LocalSeg, OpCompletion, RegionId, Registry, TransportError};
+use crate::wire::{
+    self, DataReq, DataResp, ErrorMsg, FrameType, Message, Segment, Status, HEADER_LEN,
+    MAX_DATA_LEN, MAX_FRAME, MAX_SEGMENTS,
+};
+use crate::{
+    Access, Config, Endpoint, Grant, Key, LocalSeg, OpCompletion, RegionId, Registry,
+    TransportError,
+};
 use std::collections::VecDeque;
 use std::io::{Read, Write};
+
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -69,7 +75,11 @@ struct OutItem {
 impl OutItem {
     fn frame(msg: &Message) -> Result<Self, TransportError> {
         let b = msg.to_vec().map_err(TransportError::Encode)?;
-        Ok(Self { len: b.len(), parts: vec![Part::Bytes(b)], app_msg: false })
+        Ok(Self {
+            len: b.len(),
+            parts: vec![Part::Bytes(b)],
+            app_msg: false,
+        })
     }
     fn push_frame(&mut self, msg: &Message) -> Result<(), TransportError> {
         let b = msg.to_vec().map_err(TransportError::Encode)?;
@@ -116,6 +126,16 @@ struct Op {
     bytes: u64,
 }
 
+/// Wire `op_id` = generation (24 bits) | slot (32 bits) | segment (8 bits):
+/// the responder echoes it, so a response names its operation and segment
+/// without a field of its own, and a stale response (older generation) is
+/// recognised.
+const SEG_MASK: u64 = 0xff;
+
+fn op_slot(op_id: u64) -> usize {
+    ((op_id >> 8) & 0xffff_ffff) as usize
+}
+
 struct Ops {
     slots: Vec<Option<Op>>,
     free: Vec<usize>,
@@ -137,18 +157,78 @@ impl Ops {
             dead: false,
         }
     }
+    /// The operation a wire `op_id` (any of its segments) belongs to.
     fn get(&mut self, op_id: u64) -> Option<&mut Op> {
-        let slot = (op_id & 0xffff_ffff) as usize;
-        self.slots.get_mut(slot)?.as_mut().filter(|o| o.id == op_id)
+        let slot = op_slot(op_id);
+        self.slots
+            .get_mut(slot)?
+            .as_mut()
+            .filter(|o| o.id == op_id & !SEG_MASK)
     }
     fn finish(&mut self, op_id: u64) {
-        let slot = (op_id & 0xffff_ffff) as usize;
+        let slot = op_slot(op_id);
+        if self
+            .slots
+            .get(slot)
+            .and_then(Option::as_ref)
+            .is_none_or(|o| o.id != op_id & !SEG_MASK)
+        {
+            return;
+        }
         if let Some(op) = self.slots.get_mut(slot).and_then(Option::take) {
-            let bytes = if op.status == Status::Ok { op.bytes as u32 } else { 0 };
-            self.completions.push_back(OpCompletion { user_data: op.user_data, status: op.status, bytes });
+            let bytes = if op.status == Status::Ok {
+                op.bytes as u32
+            } else {
+                0
+            };
+            self.completions.push_back(OpCompletion {
+                user_data: op.user_data,
+                status: op.status,
+                bytes,
+            });
             self.free.push(slot);
         }
     }
+}
+
+/// What the receiver expects next on the stream.
+enum Stage {
+    Header,
+    /// The non-payload part of the body.
+    Fixed(wire::Header),
+    /// A payload received straight into registered memory.
+    Payload {
+        pieces: Vec<IoPtr>,
+        total: usize,
+        then: After,
+    },
+    /// A refused payload, read and dropped.
+    Discard {
+        left: usize,
+        then: After,
+    },
+}
+
+#[derive(Clone, Copy)]
+enum After {
+    /// Acknowledge the peer's DATA_WRITE.
+    Ack(DataResp),
+    /// Account a DATA_READ_RESP to our operation.
+    Response(DataResp),
+}
+
+/// Body bytes every post-handshake frame has, read together with the
+/// header: for data frames that is the whole fixed part.
+const LOOKAHEAD: usize = wire::MIN_BODY_AFTER_HANDSHAKE;
+
+/// Receive state: a frame may arrive in pieces over several `pump` calls.
+struct Rx {
+    /// Header plus the first `LOOKAHEAD` body bytes.
+    hdr: [u8; HEADER_LEN + LOOKAHEAD],
+    /// Fixed part of the current frame; also the discard buffer.
+    body: Vec<u8>,
+    got: usize,
+    stage: Stage,
 }
 
 struct Conn {
@@ -166,6 +246,16 @@ struct Conn {
     send_queue: usize,
     resp_cap: usize,
     heartbeat: Duration,
+    rx: Mutex<Rx>,
+    /// Received application messages not yet polled (≤ `recv_cap`).
+    inbox: Mutex<VecDeque<Message>>,
+    recv_cap: usize,
+    epoch: Instant,
+    /// When the application last polled (ns since `epoch`, 0 = never).
+    last_app_poll_ns: AtomicU64,
+    /// When bytes last arrived (ns since `epoch`).
+    last_rx_ns: AtomicU64,
+    dead_after: Duration,
 }
 
 impl Conn {
@@ -223,7 +313,10 @@ impl Conn {
                     drop(chunks);
                     drop(o);
                     self.fail(&format!("send failed: {e}"), false);
-                    return Err(TransportError::Io { what: "send", source: e });
+                    return Err(TransportError::Io {
+                        what: "send",
+                        source: e,
+                    });
                 }
             };
             drop(chunks);
@@ -255,14 +348,28 @@ impl Conn {
                     if o.closed {
                         return;
                     }
-                    if !o.writing && (o.current.is_some() || !o.resp.is_empty() || !o.app.is_empty()) {
+                    if !o.writing
+                        && (o.current.is_some() || !o.resp.is_empty() || !o.app.is_empty())
+                    {
                         break;
                     }
-                    let (g, _) = self.out_cv.wait_timeout(o, self.heartbeat).unwrap_or_else(|p| p.into_inner());
+                    let (g, _) = self
+                        .out_cv
+                        .wait_timeout(o, self.heartbeat)
+                        .unwrap_or_else(|p| p.into_inner());
                     o = g;
-                    if !o.writing && !o.closed && o.last_send.elapsed() >= self.heartbeat && o.current.is_none() && o.app.is_empty() && o.resp.is_empty() {
+                    if !o.writing
+                        && !o.closed
+                        && o.last_send.elapsed() >= self.heartbeat
+                        && o.current.is_none()
+                        && o.app.is_empty()
+                        && o.resp.is_empty()
+                    {
                         seq += 1;
-                        let hb = Message::Heartbeat(wire::Heartbeat { sequence: seq, time_us: 0 });
+                        let hb = Message::Heartbeat(wire::Heartbeat {
+                            sequence: seq,
+                            time_us: 0,
+                        });
                         if let Ok(item) = OutItem::frame(&hb) {
                             o.app.push_back(item);
                         }
@@ -322,57 +429,246 @@ impl Conn {
         }
     }
 
-    fn reader(self: Arc<Self>, tx: SyncSender<Message>) {
-        let reason = match self.read_loop(&tx) {
-            Ok(()) => return self.fail("endpoint closed", true),
-            Err(r) => r,
-        };
-        if !self.dead.load(Ordering::Acquire) {
-            self.fail(&reason, false);
+    /// Background receiver: drives `pump` when the application is not
+    /// polling (a replica serving one-sided operations without a poller, a
+    /// caller blocked elsewhere), and notices a silent peer.
+    fn rx_thread(self: Arc<Self>) {
+        let idle = Duration::from_millis(1);
+        loop {
+            if self.dead.load(Ordering::Acquire) {
+                return;
+            }
+            let app = self.last_app_poll_ns.load(Ordering::Relaxed);
+            if app != 0 && self.now_ns().saturating_sub(app) < idle.as_nanos() as u64 {
+                // The application's poller is receiving; stay out of its way,
+                // but notice if nothing arrives any more.
+                std::thread::sleep(idle);
+                if self
+                    .now_ns()
+                    .saturating_sub(self.last_rx_ns.load(Ordering::Relaxed))
+                    > self.dead_after.as_nanos() as u64
+                {
+                    return self.fail("peer silent, no heartbeat", false);
+                }
+                continue;
+            }
+            // Nobody polls: receive here, one frame at a time so a poller
+            // that starts polling takes over within a frame.
+            match self.pump(1, true) {
+                Ok(0) => std::thread::sleep(idle),
+                Ok(_) => {}
+                Err(r) => return self.fail(&r, false),
+            }
         }
     }
 
-    fn read_loop(&self, tx: &SyncSender<Message>) -> Result<(), String> {
-        let mut hdr = [0u8; HEADER_LEN];
-        let mut body = vec![0u8; MAX_FRAME];
-        let mut sock = &self.sock;
+    fn now_ns(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+
+    /// Receives and handles frames; returns how many were handled.
+    ///
+    /// Whoever holds the receive lock does the work; a concurrent caller
+    /// returns at once. A poller (`blocking` false) never blocks, and returns
+    /// as soon as a frame produced something for it to poll. The background
+    /// receiver (`blocking` true) uses blocking `MSG_WAITALL` receives — one
+    /// syscall for a whole payload — bounded by `SO_RCVTIMEO` (`dead_after`):
+    /// heartbeats arrive well within it, so a timeout means the peer is gone.
+    ///
+    /// Every frame after the handshake has at least `LOOKAHEAD` body bytes,
+    /// so the header and the start of the body are read in one call.
+    fn pump(&self, max_frames: usize, blocking: bool) -> Result<usize, String> {
+        let mut rx = match self.rx.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::WouldBlock) => return Ok(0),
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+        };
+        let rx = &mut *rx;
+        let mut frames = 0;
         loop {
-            if let Err(e) = sock.read_exact(&mut hdr) {
-                return Err(match e.kind() {
-                    std::io::ErrorKind::UnexpectedEof => "peer closed the connection".into(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => "peer silent, no heartbeat".into(),
-                    _ => format!("receive failed: {e}"),
-                });
+            if self.dead.load(Ordering::Acquire) {
+                return Ok(frames);
             }
-            let h = wire::decode_header(&hdr).map_err(|e| self.protocol_error(&e))?;
-            let fixed = h.fixed_len();
-            sock.read_exact(&mut body[..fixed]).map_err(|e| format!("receive failed: {e}"))?;
-            let msg = wire::decode_body(&h, &body[..fixed]).map_err(|e| self.protocol_error(&e))?;
-            match msg {
-                Message::Heartbeat(_) => {}
-                Message::DataRead(d) => self.serve_read(d)?,
-                Message::DataWrite(d) => self.serve_write(d)?,
-                Message::DataReadResp(d) => self.on_response(d, true)?,
-                Message::DataWriteAck(d) => self.on_response(d, false)?,
-                Message::Hello(_) | Message::Challenge(_) | Message::Auth(_) | Message::Ready => {
-                    return Err(format!("unexpected {:?} after the handshake", msg.frame_type()));
-                }
-                m => {
-                    if let Message::Error(e) = &m {
-                        tracing::warn!(peer = %self.peer, code = e.code, "peer reported: {}", e.text);
+            let n = match &mut rx.stage {
+                Stage::Header => {
+                    if rx.got == 0 {
+                        if frames >= max_frames {
+                            return Ok(frames);
+                        }
+                        if lock(&self.inbox).len() >= self.recv_cap {
+                            // The application is not draining messages: stop
+                            // reading, TCP pushes back on the peer. Silence
+                            // we cause ourselves is not the peer's.
+                            self.last_rx_ns.store(self.now_ns(), Ordering::Relaxed);
+                            return Ok(frames);
+                        }
+                        if frames > 0
+                            && !blocking
+                            && (!lock(&self.ops).completions.is_empty()
+                                || !lock(&self.inbox).is_empty())
+                        {
+                            // Something to poll: hand it over before the next syscall.
+                            return Ok(frames);
+                        }
                     }
-                    // Blocks when the application is not polling: we stop
-                    // reading and TCP pushes back on the peer.
-                    if tx.send(m).is_err() {
-                        return Ok(());
+                    sys::recv_some(self.sock.as_fd(), &mut rx.hdr[rx.got..], blocking)
+                }
+                Stage::Fixed(h) => {
+                    let want = h.fixed_len();
+                    sys::recv_some(self.sock.as_fd(), &mut rx.body[rx.got..want], blocking)
+                }
+                Stage::Payload { pieces, .. } => {
+                    sys::recv_into_some(self.sock.as_fd(), pieces, rx.got, blocking)
+                }
+                Stage::Discard { left, .. } => {
+                    let k = (*left - rx.got).min(rx.body.len());
+                    sys::recv_some(self.sock.as_fd(), &mut rx.body[..k], blocking)
+                }
+            };
+            let n = match n {
+                Ok(0) => return Err("peer closed the connection".into()),
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && blocking => {
+                    return Err(if matches!(rx.stage, Stage::Header) && rx.got == 0 {
+                        "peer silent, no heartbeat".into()
+                    } else {
+                        "peer silent in the middle of a frame".into()
+                    });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(frames),
+                Err(e) => return Err(format!("receive failed: {e}")),
+            };
+            self.last_rx_ns.store(self.now_ns(), Ordering::Relaxed);
+            rx.got += n;
+            let (next, got) = match &mut rx.stage {
+                Stage::Header if rx.got < rx.hdr.len() => continue,
+                Stage::Header => {
+                    let h = wire::decode_header(&rx.hdr).map_err(|e| self.protocol_error(&e))?;
+                    if h.fixed_len() < LOOKAHEAD {
+                        return Err(format!("{:?} frame after the handshake", h.ty));
+                    }
+                    rx.body[..LOOKAHEAD].copy_from_slice(&rx.hdr[HEADER_LEN..]);
+                    if h.fixed_len() == LOOKAHEAD {
+                        frames += 1;
+                        (self.decode_dispatch(&h, &rx.body[..LOOKAHEAD])?, 0)
+                    } else {
+                        (Stage::Fixed(h), LOOKAHEAD)
                     }
                 }
+                Stage::Fixed(h) if rx.got < h.fixed_len() => continue,
+                Stage::Fixed(h) => {
+                    let h = *h;
+                    frames += 1;
+                    (self.decode_dispatch(&h, &rx.body[..h.fixed_len()])?, 0)
+                }
+                Stage::Payload { total, .. } if rx.got < *total => continue,
+                Stage::Discard { left, .. } if rx.got < *left => continue,
+                Stage::Payload { then, .. } | Stage::Discard { then, .. } => {
+                    let then = *then;
+                    self.after_payload(then)?;
+                    (Stage::Header, 0)
+                }
+            };
+            rx.stage = next;
+            rx.got = got;
+        }
+    }
+
+    fn decode_dispatch(&self, h: &wire::Header, body: &[u8]) -> Result<Stage, String> {
+        let m = wire::decode_body(h, body).map_err(|e| self.protocol_error(&e))?;
+        self.dispatch(m)
+    }
+
+    /// Handles a decoded frame; returns what to receive next.
+    fn dispatch(&self, msg: Message) -> Result<Stage, String> {
+        Ok(match msg {
+            Message::Heartbeat(_) => Stage::Header,
+            Message::DataRead(d) => {
+                self.serve_read(d)?;
+                Stage::Header
+            }
+            Message::DataWrite(d) => {
+                match self
+                    .registry
+                    .check_remote(d.key, d.addr, d.len, Access::RemoteWrite)
+                {
+                    Ok(mem) => Stage::Payload {
+                        pieces: vec![mem],
+                        total: d.len as usize,
+                        then: After::Ack(DataResp {
+                            op_id: d.op_id,
+                            status: Status::Ok,
+                            len: d.len,
+                        }),
+                    },
+                    Err(why) => {
+                        self.deny("write", &d, why);
+                        Stage::Discard {
+                            left: d.len as usize,
+                            then: After::Ack(DataResp {
+                                op_id: d.op_id,
+                                status: Status::AccessDenied,
+                                len: 0,
+                            }),
+                        }
+                    }
+                }
+            }
+            Message::DataReadResp(d) => {
+                let pieces = self.check_response(&d, true)?;
+                match pieces {
+                    Some(p) => Stage::Payload {
+                        pieces: p,
+                        total: d.len as usize,
+                        then: After::Response(d),
+                    },
+                    None => {
+                        self.finish_response(d);
+                        Stage::Header
+                    }
+                }
+            }
+            Message::DataWriteAck(d) => {
+                self.check_response(&d, false)?;
+                self.finish_response(d);
+                Stage::Header
+            }
+            Message::Hello(_) | Message::Challenge(_) | Message::Auth(_) | Message::Ready => {
+                return Err(format!(
+                    "unexpected {:?} after the handshake",
+                    msg.frame_type()
+                ));
+            }
+            m => {
+                if let Message::Error(e) = &m {
+                    tracing::warn!(peer = %self.peer, code = e.code, "peer reported: {}", e.text);
+                }
+                lock(&self.inbox).push_back(m);
+                Stage::Header
+            }
+        })
+    }
+
+    fn after_payload(&self, then: After) -> Result<(), String> {
+        match then {
+            After::Ack(a) => {
+                let ack = Message::DataWriteAck(a);
+                self.enqueue(OutItem::frame(&ack).map_err(|e| e.to_string())?, true)
+                    .map_err(|e| e.to_string())
+            }
+            After::Response(d) => {
+                self.finish_response(d);
+                Ok(())
             }
         }
     }
 
     fn protocol_error(&self, e: &wire::DecodeError) -> String {
-        let code = if matches!(e, wire::DecodeError::UnsupportedVersion { .. }) { ERR_VERSION } else { ERR_PROTOCOL };
+        let code = if matches!(e, wire::DecodeError::UnsupportedVersion { .. }) {
+            ERR_VERSION
+        } else {
+            ERR_PROTOCOL
+        };
         let text: String = e.to_string().chars().take(wire::MAX_ERROR_TEXT).collect();
         if let Ok(b) = Message::Error(ErrorMsg { code, text }).to_vec() {
             let _ = sys::send_vectored(self.sock.as_fd(), &[Chunk::Bytes(&b)], 0, true);
@@ -385,67 +681,60 @@ impl Conn {
     }
 
     fn serve_read(&self, d: DataReq) -> Result<(), String> {
-        let mut item = OutItem { parts: Vec::with_capacity(2), len: 0, app_msg: false };
-        match self.registry.check_remote(d.key, d.addr, d.len, Access::RemoteRead) {
+        let mut item = OutItem {
+            parts: Vec::with_capacity(2),
+            len: 0,
+            app_msg: false,
+        };
+        match self
+            .registry
+            .check_remote(d.key, d.addr, d.len, Access::RemoteRead)
+        {
             Ok(mem) => {
-                let r = DataResp { op_id: d.op_id, seg: d.seg, status: Status::Ok, len: d.len };
-                item.push_frame(&Message::DataReadResp(r)).map_err(|e| e.to_string())?;
+                let r = DataResp {
+                    op_id: d.op_id,
+                    status: Status::Ok,
+                    len: d.len,
+                };
+                item.push_frame(&Message::DataReadResp(r))
+                    .map_err(|e| e.to_string())?;
                 item.push_mem(vec![mem]);
             }
             Err(why) => {
                 self.deny("read", &d, why);
-                let r = DataResp { op_id: d.op_id, seg: d.seg, status: Status::AccessDenied, len: 0 };
-                item.push_frame(&Message::DataReadResp(r)).map_err(|e| e.to_string())?;
+                let r = DataResp {
+                    op_id: d.op_id,
+                    status: Status::AccessDenied,
+                    len: 0,
+                };
+                item.push_frame(&Message::DataReadResp(r))
+                    .map_err(|e| e.to_string())?;
             }
         }
         self.enqueue(item, true).map_err(|e| e.to_string())
     }
 
-    fn serve_write(&self, d: DataReq) -> Result<(), String> {
-        let status = match self.registry.check_remote(d.key, d.addr, d.len, Access::RemoteWrite) {
-            Ok(mem) => {
-                sys::recv_exact_into(self.sock.as_fd(), std::slice::from_ref(&mem)).map_err(|e| format!("receive failed: {e}"))?;
-                Status::Ok
-            }
-            Err(why) => {
-                self.deny("write", &d, why);
-                self.discard(d.len as usize)?;
-                Status::AccessDenied
-            }
-        };
-        let len = if status == Status::Ok { d.len } else { 0 };
-        let ack = Message::DataWriteAck(DataResp { op_id: d.op_id, seg: d.seg, status, len });
-        self.enqueue(OutItem::frame(&ack).map_err(|e| e.to_string())?, true).map_err(|e| e.to_string())
+    /// Validates a response against our operation; for a successful READ
+    /// response returns the local memory its payload goes to.
+    fn check_response(&self, d: &DataResp, read: bool) -> Result<Option<Vec<IoPtr>>, String> {
+        let mut ops = lock(&self.ops);
+        let op = ops
+            .get(d.op_id)
+            .ok_or_else(|| format!("response for unknown operation {:#x}", d.op_id))?;
+        let &(off, len) = op
+            .segs
+            .get((d.op_id & SEG_MASK) as usize)
+            .ok_or("response for unknown segment")?;
+        if d.status == Status::Ok && d.len != len {
+            return Err(format!(
+                "response length {} for a {len}-byte segment",
+                d.len
+            ));
+        }
+        Ok((read && d.status == Status::Ok && len > 0).then(|| op.local.sub(off, len as usize)))
     }
 
-    fn discard(&self, mut n: usize) -> Result<(), String> {
-        let mut scratch = [0u8; 4096];
-        let mut sock = &self.sock;
-        while n > 0 {
-            let k = n.min(scratch.len());
-            sock.read_exact(&mut scratch[..k]).map_err(|e| format!("receive failed: {e}"))?;
-            n -= k;
-        }
-        Ok(())
-    }
-
-    fn on_response(&self, d: DataResp, read: bool) -> Result<(), String> {
-        let pieces = {
-            let mut ops = lock(&self.ops);
-            let op = ops.get(d.op_id).ok_or_else(|| format!("response for unknown operation {:#x}", d.op_id))?;
-            let &(off, len) = op.segs.get(usize::from(d.seg)).ok_or("response for unknown segment")?;
-            if d.status == Status::Ok && d.len != len {
-                return Err(format!("response length {} for a {len}-byte segment", d.len));
-            }
-            if read && d.status == Status::Ok {
-                Some(op.local.sub(off, len as usize))
-            } else {
-                None
-            }
-        };
-        if let Some(p) = pieces {
-            sys::recv_exact_into(self.sock.as_fd(), &p).map_err(|e| format!("receive failed: {e}"))?;
-        }
+    fn finish_response(&self, d: DataResp) {
         let mut ops = lock(&self.ops);
         if let Some(op) = ops.get(d.op_id) {
             if d.status != Status::Ok && op.status == Status::Ok {
@@ -459,20 +748,21 @@ impl Conn {
                 self.ops_cv.notify_one();
             }
         }
-        Ok(())
     }
 }
 
 /// A connected, authenticated `tcp` endpoint.
 pub struct TcpEndpoint {
     conn: Arc<Conn>,
-    rx: Option<Receiver<Message>>,
     threads: Vec<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for TcpEndpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TcpEndpoint").field("peer", &self.conn.peer).field("peer_node", &self.conn.peer_node).finish()
+        f.debug_struct("TcpEndpoint")
+            .field("peer", &self.conn.peer)
+            .field("peer_node", &self.conn.peer_node)
+            .finish()
     }
 }
 
@@ -481,7 +771,8 @@ fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> TransportError {
 }
 
 fn write_msg(sock: &mut TcpStream, m: &Message) -> Result<(), TransportError> {
-    sock.write_all(&m.to_vec().map_err(TransportError::Encode)?).map_err(io("handshake send"))
+    sock.write_all(&m.to_vec().map_err(TransportError::Encode)?)
+        .map_err(io("handshake send"))
 }
 
 /// Reads one control frame (handshake only; data frames are refused).
@@ -493,19 +784,29 @@ fn read_msg(sock: &mut TcpStream) -> Result<Message, TransportError> {
         return Err(TransportError::Handshake("data frame during the handshake"));
     }
     let mut body = vec![0u8; h.fixed_len()];
-    sock.read_exact(&mut body).map_err(io("handshake receive"))?;
+    sock.read_exact(&mut body)
+        .map_err(io("handshake receive"))?;
     wire::decode_body(&h, &body).map_err(TransportError::Decode)
 }
 
 fn refuse(sock: &mut TcpStream, code: u32, text: &str) {
-    let _ = write_msg(sock, &Message::Error(ErrorMsg { code, text: text.to_owned() }));
+    let _ = write_msg(
+        sock,
+        &Message::Error(ErrorMsg {
+            code,
+            text: text.to_owned(),
+        }),
+    );
 }
 
 fn refused(e: ErrorMsg) -> TransportError {
     if e.code == ERR_AUTH {
         TransportError::AuthFailed("the acceptor rejected our proof of the cluster secret")
     } else {
-        TransportError::Refused { code: e.code, text: e.text }
+        TransportError::Refused {
+            code: e.code,
+            text: e.text,
+        }
     }
 }
 
@@ -513,10 +814,19 @@ fn refused(e: ErrorMsg) -> TransportError {
 /// returns the acceptor's node id. Also used on the `rdma` transport's
 /// out-of-band connection.
 pub(crate) fn client_handshake(sock: &mut TcpStream, cfg: &Config) -> Result<u64, TransportError> {
-    sock.set_read_timeout(Some(cfg.handshake_timeout)).map_err(io("setsockopt"))?;
-    sock.set_write_timeout(Some(cfg.handshake_timeout)).map_err(io("setsockopt"))?;
+    sock.set_read_timeout(Some(cfg.handshake_timeout))
+        .map_err(io("setsockopt"))?;
+    sock.set_write_timeout(Some(cfg.handshake_timeout))
+        .map_err(io("setsockopt"))?;
     let client_nonce = auth::nonce().map_err(io("getrandom"))?;
-    write_msg(sock, &Message::Hello(wire::Hello { cluster_id: cfg.cluster_id, node_id: cfg.node_id, nonce: client_nonce }))?;
+    write_msg(
+        sock,
+        &Message::Hello(wire::Hello {
+            cluster_id: cfg.cluster_id,
+            node_id: cfg.node_id,
+            nonce: client_nonce,
+        }),
+    )?;
     let ch = match read_msg(sock)? {
         Message::Challenge(c) => c,
         Message::Error(e) => return Err(refused(e)),
@@ -531,17 +841,27 @@ pub(crate) fn client_handshake(sock: &mut TcpStream, cfg: &Config) -> Result<u64
     };
     if !auth::verify(&cfg.secret, Role::Server, &ctx, &ch.mac) {
         refuse(sock, ERR_AUTH, "acceptor proof invalid");
-        return Err(TransportError::AuthFailed("the acceptor does not know the cluster secret"));
+        return Err(TransportError::AuthFailed(
+            "the acceptor does not know the cluster secret",
+        ));
     }
-    write_msg(sock, &Message::Auth(auth::tag(&cfg.secret, Role::Client, &ctx)))?;
+    write_msg(
+        sock,
+        &Message::Auth(auth::tag(&cfg.secret, Role::Client, &ctx)),
+    )?;
     match read_msg(sock) {
         Ok(Message::Ready) => {}
         Ok(Message::Error(e)) => return Err(refused(e)),
         Ok(_) => return Err(TransportError::Handshake("expected READY")),
         // The acceptor closes right after refusing; losing the race to read
         // its ERROR still means we were refused.
-        Err(TransportError::Io { source, .. }) if source.kind() == std::io::ErrorKind::UnexpectedEof || source.kind() == std::io::ErrorKind::ConnectionReset => {
-            return Err(TransportError::AuthFailed("the acceptor closed the connection during authentication"))
+        Err(TransportError::Io { source, .. })
+            if source.kind() == std::io::ErrorKind::UnexpectedEof
+                || source.kind() == std::io::ErrorKind::ConnectionReset =>
+        {
+            return Err(TransportError::AuthFailed(
+                "the acceptor closed the connection during authentication",
+            ))
         }
         Err(e) => return Err(e),
     }
@@ -551,21 +871,45 @@ pub(crate) fn client_handshake(sock: &mut TcpStream, cfg: &Config) -> Result<u64
 impl TcpEndpoint {
     /// Connects to `addr` and authenticates. Blocking (slow path), bounded by
     /// `cfg.handshake_timeout`.
-    pub fn connect(addr: impl ToSocketAddrs, cfg: &Config, registry: Arc<Registry>) -> Result<Self, TransportError> {
-        let addr = addr.to_socket_addrs().map_err(io("resolve"))?.next().ok_or(TransportError::Handshake("no address"))?;
-        let mut sock = TcpStream::connect_timeout(&addr, cfg.handshake_timeout).map_err(io("connect"))?;
+    pub fn connect(
+        addr: impl ToSocketAddrs,
+        cfg: &Config,
+        registry: Arc<Registry>,
+    ) -> Result<Self, TransportError> {
+        let addr = addr
+            .to_socket_addrs()
+            .map_err(io("resolve"))?
+            .next()
+            .ok_or(TransportError::Handshake("no address"))?;
+        let mut sock =
+            TcpStream::connect_timeout(&addr, cfg.handshake_timeout).map_err(io("connect"))?;
         let peer_node = client_handshake(&mut sock, cfg)?;
         Self::start(sock, addr, peer_node, cfg, registry)
     }
 
-    fn start(sock: TcpStream, peer: SocketAddr, peer_node: u64, cfg: &Config, registry: Arc<Registry>) -> Result<Self, TransportError> {
+    fn start(
+        sock: TcpStream,
+        peer: SocketAddr,
+        peer_node: u64,
+        cfg: &Config,
+        registry: Arc<Registry>,
+    ) -> Result<Self, TransportError> {
         sock.set_nodelay(true).map_err(io("setsockopt"))?;
-        // Blocking reads/writes time out so a dead or stuck peer is noticed;
-        // heartbeats keep a healthy idle connection under the limit.
-        sock.set_read_timeout(Some(cfg.dead_after)).map_err(io("setsockopt"))?;
-        sock.set_write_timeout(Some(cfg.dead_after)).map_err(io("setsockopt"))?;
-        sys::set_user_timeout(sock.as_fd(), cfg.dead_after.as_millis().min(u32::MAX.into()) as u32).map_err(io("setsockopt"))?;
+        // Blocking writes (writer thread) and mid-frame receives (`pump`)
+        // time out so a peer that stopped reading or sending is noticed;
+        // between frames a silent peer is caught by `rx_thread`. Heartbeats
+        // keep a healthy idle connection under these limits.
+        sock.set_read_timeout(Some(cfg.dead_after))
+            .map_err(io("setsockopt"))?;
+        sock.set_write_timeout(Some(cfg.dead_after))
+            .map_err(io("setsockopt"))?;
+        sys::set_user_timeout(
+            sock.as_fd(),
+            cfg.dead_after.as_millis().min(u32::MAX.into()) as u32,
+        )
+        .map_err(io("setsockopt"))?;
         let max_inflight = cfg.max_inflight.clamp(1, u32::MAX as usize);
+        const _: () = assert!(MAX_SEGMENTS as u64 <= SEG_MASK + 1);
         let conn = Arc::new(Conn {
             sock,
             peer,
@@ -588,23 +932,70 @@ impl TcpEndpoint {
             send_queue: cfg.send_queue.max(1),
             resp_cap: max_inflight * MAX_SEGMENTS,
             heartbeat: cfg.heartbeat,
+            rx: Mutex::new(Rx {
+                hdr: [0; HEADER_LEN + LOOKAHEAD],
+                body: vec![0; MAX_FRAME],
+                got: 0,
+                stage: Stage::Header,
+            }),
+            inbox: Mutex::new(VecDeque::new()),
+            recv_cap: cfg.recv_queue.max(1),
+            epoch: Instant::now(),
+            last_app_poll_ns: AtomicU64::new(0),
+            last_rx_ns: AtomicU64::new(0),
+            dead_after: cfg.dead_after,
         });
-        let (tx, rx) = sync_channel(cfg.recv_queue.max(1));
         let r = conn.clone();
-        let reader = std::thread::Builder::new().name("hcblk-tcp-rx".into()).spawn(move || r.reader(tx)).map_err(io("spawn"))?;
+        let reader = std::thread::Builder::new()
+            .name("hcblk-tcp-rx".into())
+            .spawn(move || r.rx_thread())
+            .map_err(io("spawn"))?;
         let w = conn.clone();
-        let writer = std::thread::Builder::new().name("hcblk-tcp-tx".into()).spawn(move || w.writer()).map_err(io("spawn"))?;
+        let writer = std::thread::Builder::new()
+            .name("hcblk-tcp-tx".into())
+            .spawn(move || w.writer())
+            .map_err(io("spawn"))?;
         tracing::info!(peer = %peer, node = peer_node, "tcp transport connected");
-        Ok(Self { conn, rx: Some(rx), threads: vec![reader, writer] })
+        Ok(Self {
+            conn,
+            threads: vec![reader, writer],
+        })
     }
 
     /// Blocks until a one-sided operation has completed (or the connection
     /// failed), at most `timeout`. For callers without a poller to drive:
     /// a poller never calls this.
     pub fn wait(&self, timeout: Duration) {
-        let ops = lock(&self.conn.ops);
-        if ops.completions.is_empty() && !ops.dead {
-            let _ = self.conn.ops_cv.wait_timeout(ops, timeout);
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.drive();
+            {
+                let ops = lock(&self.conn.ops);
+                if !ops.completions.is_empty() || ops.dead {
+                    return;
+                }
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            // This thread receives; short slices so a completion the
+            // background receiver handled meanwhile is not missed for long.
+            self.conn
+                .last_app_poll_ns
+                .store(self.conn.now_ns().max(1), Ordering::Relaxed);
+            let _ = sys::wait_readable(self.conn.sock.as_fd(), 1);
+        }
+    }
+
+    /// Receives what is pending on the caller's thread (the poller drives
+    /// the connection; the background receiver then stays idle).
+    fn drive(&self) {
+        self.conn
+            .last_app_poll_ns
+            .store(self.conn.now_ns().max(1), Ordering::Relaxed);
+        if let Err(r) = self.conn.pump(64, false).map(|_| ()) {
+            self.conn.fail(&r, false);
         }
     }
 
@@ -618,7 +1009,13 @@ impl TcpEndpoint {
         &self.conn.registry
     }
 
-    fn post(&mut self, remote: &[Segment], local: &[LocalSeg], user_data: u64, write: bool) -> Result<(), TransportError> {
+    fn post(
+        &mut self,
+        remote: &[Segment],
+        local: &[LocalSeg],
+        user_data: u64,
+        write: bool,
+    ) -> Result<(), TransportError> {
         if remote.is_empty() || remote.len() > MAX_SEGMENTS {
             return Err(TransportError::Limit("remote segments per operation"));
         }
@@ -628,7 +1025,10 @@ impl TcpEndpoint {
         let local = self.conn.registry.local(local)?;
         let remote_total: usize = remote.iter().map(|s| s.len as usize).sum();
         if remote_total != local.total {
-            return Err(TransportError::LengthMismatch { local: local.total, remote: remote_total });
+            return Err(TransportError::LengthMismatch {
+                local: local.total,
+                remote: remote_total,
+            });
         }
         let mut segs = Vec::with_capacity(remote.len());
         let mut off = 0usize;
@@ -636,7 +1036,11 @@ impl TcpEndpoint {
             segs.push((off, s.len));
             off += s.len as usize;
         }
-        let mut item = OutItem { parts: Vec::with_capacity(remote.len() * 2), len: 0, app_msg: false };
+        let mut item = OutItem {
+            parts: Vec::with_capacity(remote.len() * 2),
+            len: 0,
+            app_msg: false,
+        };
         let op_id = {
             let mut ops = lock(&self.conn.ops);
             if ops.dead {
@@ -645,12 +1049,20 @@ impl TcpEndpoint {
             if ops.outstanding >= self.conn.max_inflight {
                 return Err(TransportError::TooManyInFlight(self.conn.max_inflight));
             }
-            let slot = ops.free.pop().ok_or(TransportError::TooManyInFlight(self.conn.max_inflight))?;
-            let op_id = (u64::from(ops.next_gen) << 32) | slot as u64;
-            ops.next_gen = ops.next_gen.wrapping_add(1).max(1);
+            let slot = ops
+                .free
+                .pop()
+                .ok_or(TransportError::TooManyInFlight(self.conn.max_inflight))?;
+            let op_id = (u64::from(ops.next_gen) << 40) | ((slot as u64) << 8);
+            ops.next_gen = (ops.next_gen + 1) & 0xff_ffff;
             for (i, (s, &(o, l))) in remote.iter().zip(&segs).enumerate() {
-                // `i` < MAX_SEGMENTS (checked above) fits in u16.
-                let d = DataReq { op_id, addr: s.addr, key: s.key, len: s.len, seg: i as u16 };
+                // `i` < MAX_SEGMENTS (128, checked above) fits in SEG_MASK.
+                let d = DataReq {
+                    op_id: op_id | i as u64,
+                    addr: s.addr,
+                    key: s.key,
+                    len: s.len,
+                };
                 if write {
                     item.push_frame(&Message::DataWrite(d))?;
                     item.push_mem(local.sub(o, l as usize));
@@ -658,7 +1070,15 @@ impl TcpEndpoint {
                     item.push_frame(&Message::DataRead(d))?;
                 }
             }
-            ops.slots[slot] = Some(Op { id: op_id, user_data, local, remaining: segs.len(), segs, status: Status::Ok, bytes: 0 });
+            ops.slots[slot] = Some(Op {
+                id: op_id,
+                user_data,
+                local,
+                remaining: segs.len(),
+                segs,
+                status: Status::Ok,
+                bytes: 0,
+            });
             ops.outstanding += 1;
             op_id
         };
@@ -679,7 +1099,13 @@ impl TcpEndpoint {
 impl Endpoint for TcpEndpoint {
     fn send(&mut self, msg: &Message) -> Result<(), TransportError> {
         match msg.frame_type() {
-            FrameType::Write | FrameType::Read | FrameType::Flush | FrameType::Discard | FrameType::WriteZeroes | FrameType::Completion | FrameType::Error => {}
+            FrameType::Write
+            | FrameType::Read
+            | FrameType::Flush
+            | FrameType::Discard
+            | FrameType::WriteZeroes
+            | FrameType::Completion
+            | FrameType::Error => {}
             t => return Err(TransportError::NotApplication(t)),
         }
         if self.conn.dead.load(Ordering::Acquire) {
@@ -694,15 +1120,22 @@ impl Endpoint for TcpEndpoint {
     }
 
     fn poll_recv(&mut self) -> Result<Option<Message>, TransportError> {
-        let rx = self.rx.as_ref().ok_or(TransportError::Disconnected)?;
-        match rx.try_recv() {
-            Ok(m) => Ok(Some(m)),
-            Err(TryRecvError::Empty) => Ok(None),
-            Err(TryRecvError::Disconnected) => Err(TransportError::Disconnected),
+        if let Some(m) = lock(&self.conn.inbox).pop_front() {
+            return Ok(Some(m));
+        }
+        self.drive();
+        match lock(&self.conn.inbox).pop_front() {
+            Some(m) => Ok(Some(m)),
+            None if self.conn.dead.load(Ordering::Acquire) => Err(TransportError::Disconnected),
+            None => Ok(None),
         }
     }
 
-    unsafe fn register_region(&mut self, ptr: *mut u8, len: usize) -> Result<RegionId, TransportError> {
+    unsafe fn register_region(
+        &mut self,
+        ptr: *mut u8,
+        len: usize,
+    ) -> Result<RegionId, TransportError> {
         // SAFETY: the caller upholds `Registry::register`'s contract (same as ours).
         unsafe { self.conn.registry.register(ptr, len) }
     }
@@ -711,7 +1144,12 @@ impl Endpoint for TcpEndpoint {
         self.conn.registry.deregister(region)
     }
 
-    fn grant(&mut self, region: RegionId, ranges: &[(u64, u32)], access: Access) -> Result<Grant, TransportError> {
+    fn grant(
+        &mut self,
+        region: RegionId,
+        ranges: &[(u64, u32)],
+        access: Access,
+    ) -> Result<Grant, TransportError> {
         self.conn.registry.grant(region, ranges, access)
     }
 
@@ -719,15 +1157,26 @@ impl Endpoint for TcpEndpoint {
         self.conn.registry.revoke(key)
     }
 
-    fn post_read(&mut self, remote: &[Segment], local: &[LocalSeg], user_data: u64) -> Result<(), TransportError> {
+    fn post_read(
+        &mut self,
+        remote: &[Segment],
+        local: &[LocalSeg],
+        user_data: u64,
+    ) -> Result<(), TransportError> {
         self.post(remote, local, user_data, false)
     }
 
-    fn post_write(&mut self, remote: &[Segment], local: &[LocalSeg], user_data: u64) -> Result<(), TransportError> {
+    fn post_write(
+        &mut self,
+        remote: &[Segment],
+        local: &[LocalSeg],
+        user_data: u64,
+    ) -> Result<(), TransportError> {
         self.post(remote, local, user_data, true)
     }
 
     fn poll_completions(&mut self, out: &mut [OpCompletion]) -> usize {
+        self.drive();
         let mut ops = lock(&self.conn.ops);
         let mut n = 0;
         while n < out.len() {
@@ -754,8 +1203,7 @@ impl Endpoint for TcpEndpoint {
 
 impl Drop for TcpEndpoint {
     fn drop(&mut self) {
-        // Unblock a reader waiting on a full receive queue, then stop both threads.
-        self.rx = None;
+        // Wakes both threads; they exit on the dead flag.
         self.conn.fail("endpoint dropped", true);
         for t in self.threads.drain(..) {
             let _ = t.join();
@@ -772,9 +1220,17 @@ pub struct TcpAcceptor {
 }
 
 impl TcpAcceptor {
-    pub fn bind(addr: impl ToSocketAddrs, cfg: Config, registry: Arc<Registry>) -> Result<Self, TransportError> {
+    pub fn bind(
+        addr: impl ToSocketAddrs,
+        cfg: Config,
+        registry: Arc<Registry>,
+    ) -> Result<Self, TransportError> {
         let listener = TcpListener::bind(addr).map_err(io("bind"))?;
-        Ok(Self { listener, cfg, registry })
+        Ok(Self {
+            listener,
+            cfg,
+            registry,
+        })
     }
 
     pub fn local_addr(&self) -> Result<SocketAddr, TransportError> {
@@ -797,8 +1253,10 @@ impl TcpAcceptor {
 
 /// Acceptor side of the authenticated handshake; returns the initiator's node id.
 pub(crate) fn server_handshake(sock: &mut TcpStream, cfg: &Config) -> Result<u64, TransportError> {
-    sock.set_read_timeout(Some(cfg.handshake_timeout)).map_err(io("setsockopt"))?;
-    sock.set_write_timeout(Some(cfg.handshake_timeout)).map_err(io("setsockopt"))?;
+    sock.set_read_timeout(Some(cfg.handshake_timeout))
+        .map_err(io("setsockopt"))?;
+    sock.set_write_timeout(Some(cfg.handshake_timeout))
+        .map_err(io("setsockopt"))?;
     let hello = match read_msg(sock) {
         Ok(Message::Hello(h)) => h,
         Ok(_) => {
@@ -806,7 +1264,11 @@ pub(crate) fn server_handshake(sock: &mut TcpStream, cfg: &Config) -> Result<u64
             return Err(TransportError::Handshake("expected HELLO"));
         }
         Err(TransportError::Decode(e)) => {
-            let code = if matches!(e, wire::DecodeError::UnsupportedVersion { .. }) { ERR_VERSION } else { ERR_PROTOCOL };
+            let code = if matches!(e, wire::DecodeError::UnsupportedVersion { .. }) {
+                ERR_VERSION
+            } else {
+                ERR_PROTOCOL
+            };
             refuse(sock, code, &e.to_string());
             return Err(TransportError::Decode(e));
         }
@@ -825,15 +1287,26 @@ pub(crate) fn server_handshake(sock: &mut TcpStream, cfg: &Config) -> Result<u64
         server_nonce,
     };
     let mac = auth::tag(&cfg.secret, Role::Server, &ctx);
-    write_msg(sock, &Message::Challenge(wire::Challenge { node_id: cfg.node_id, nonce: server_nonce, mac }))?;
+    write_msg(
+        sock,
+        &Message::Challenge(wire::Challenge {
+            node_id: cfg.node_id,
+            nonce: server_nonce,
+            mac,
+        }),
+    )?;
     match read_msg(sock)? {
         Message::Auth(mac) if auth::verify(&cfg.secret, Role::Client, &ctx, &mac) => {}
         Message::Auth(_) => {
             refuse(sock, ERR_AUTH, "authentication failed");
-            return Err(TransportError::AuthFailed("initiator does not know the cluster secret"));
+            return Err(TransportError::AuthFailed(
+                "initiator does not know the cluster secret",
+            ));
         }
         Message::Error(e) if e.code == ERR_AUTH => {
-            return Err(TransportError::AuthFailed("the initiator rejected our proof: it holds another cluster secret"));
+            return Err(TransportError::AuthFailed(
+                "the initiator rejected our proof: it holds another cluster secret",
+            ));
         }
         Message::Error(e) => return Err(refused(e)),
         _ => {

@@ -60,24 +60,33 @@
 //!  +----------+----------+----------+----------+----------+--------+-------+
 //!  Rules: length > 0, offset + length does not overflow, flags only FLAG_FUA.
 //!
-//! COMPLETION (32), 16 bytes: request_id u64 | status u32 | bytes u32
-//! HEARTBEAT (33), 16 bytes:  sequence u64 | sender time in µs u64
-//! ERROR (34), 8 + text_len bytes: code u32 | text_len u16 | rsvd0 u16 | UTF-8 text
+//! COMPLETION (32), 24 bytes: request_id u64 | status u32 | bytes u32 | rsvd0 u64
+//! HEARTBEAT (33), 24 bytes:  sequence u64 | sender time in µs u64 | rsvd0 u64
+//! ERROR (34), 24 + text_len bytes:
+//!  0        4          6       8                       24
+//!  +--------+----------+-------+-----------------------+-----------------+
+//!  | code   | text_len | rsvd0 | rsvd0 (16 bytes)      | UTF-8 text      |
+//!  +--------+----------+-------+-----------------------+-----------------+
 //!
 //! Software one-sided operations (the `tcp` transport; the verbs transport
-//! does these in the NIC):
-//! DATA_READ (48) / DATA_WRITE (50), 32 bytes [+ `length` payload bytes for DATA_WRITE]
-//!  0          8          16       20       24      26      28      32
-//!  +----------+----------+--------+--------+-------+-------+-------+
-//!  | op_id    | address  | key    | length | seg   | rsvd0 | rsvd0 |
-//!  +----------+----------+--------+--------+-------+-------+-------+
+//! does these in the NIC). `op_id` is opaque to the responder, which echoes it.
+//! DATA_READ (48) / DATA_WRITE (50), 24 bytes [+ `length` payload bytes for DATA_WRITE]
+//!  0          8          16       20       24
+//!  +----------+----------+--------+--------+
+//!  | op_id    | address  | key    | length |
+//!  +----------+----------+--------+--------+
 //! DATA_READ_RESP (49) / DATA_WRITE_ACK (51), 24 bytes [+ `length` payload bytes
 //! for a DATA_READ_RESP whose status is OK; `length` must be 0 otherwise]
-//!  0          8       10      12       16       20      24
-//!  +----------+-------+-------+--------+--------+-------+
-//!  | op_id    | seg   | rsvd0 | status | length | rsvd0 |
-//!  +----------+-------+-------+--------+--------+-------+
+//!  0          8        12       16                 24
+//!  +----------+--------+--------+------------------+
+//!  | op_id    | status | length | rsvd0 (u64)      |
+//!  +----------+--------+--------+------------------+
 //! ```
+//!
+//! Every frame allowed after the handshake has at least
+//! [`MIN_BODY_AFTER_HANDSHAKE`] (24) body bytes, and every data frame's
+//! fixed part is exactly 24: a receiver reads header + 24 bytes in one call
+//! without ever reading into a payload or the next frame.
 //!
 //! The payload of a data frame is not part of [`Message`]: a receiver reads
 //! the header and the fixed part, then reads the payload straight into its
@@ -121,8 +130,11 @@ const SEGMENT_LEN: usize = 16;
 const HELLO_LEN: usize = 56;
 const CHALLENGE_LEN: usize = 72;
 const RANGE_LEN: usize = 48;
-const DATA_REQ_LEN: usize = 32;
+const DATA_REQ_LEN: usize = 24;
 const DATA_RESP_LEN: usize = 24;
+const ERROR_FIXED: usize = 24;
+/// Smallest body of any frame type allowed after the handshake.
+pub const MIN_BODY_AFTER_HANDSHAKE: usize = 24;
 
 /// Frame types (byte 4 of the header).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -182,8 +194,8 @@ impl FrameType {
             Write | Read => (DESC_FIXED + SEGMENT_LEN, MAX_CONTROL_BODY),
             Flush => (24, 24),
             Discard | WriteZeroes => (RANGE_LEN, RANGE_LEN),
-            Completion | Heartbeat => (16, 16),
-            Error => (8, 8 + MAX_ERROR_TEXT),
+            Completion | Heartbeat => (24, 24),
+            Error => (ERROR_FIXED, ERROR_FIXED + MAX_ERROR_TEXT),
             DataRead => (DATA_REQ_LEN, DATA_REQ_LEN),
             DataWrite => (DATA_REQ_LEN, DATA_REQ_LEN + MAX_DATA_LEN as usize),
             DataWriteAck => (DATA_RESP_LEN, DATA_RESP_LEN),
@@ -216,9 +228,18 @@ pub enum DecodeError {
     #[error("non-zero reserved field in {0:?} frame")]
     Reserved(FrameType),
     #[error("{ty:?} frame body is {len} bytes, allowed {min}..={max}")]
-    BodyLength { ty: FrameType, len: usize, min: usize, max: usize },
+    BodyLength {
+        ty: FrameType,
+        len: usize,
+        min: usize,
+        max: usize,
+    },
     #[error("{ty:?} body length {len} does not match its contents ({expected})")]
-    LengthMismatch { ty: FrameType, len: usize, expected: usize },
+    LengthMismatch {
+        ty: FrameType,
+        len: usize,
+        expected: usize,
+    },
     #[error("{0} segments, limit is {MAX_SEGMENTS} (and at least 1)")]
     SegmentCount(usize),
     #[error("zero-length segment or range")]
@@ -363,14 +384,12 @@ pub struct DataReq {
     pub addr: u64,
     pub key: u32,
     pub len: u32,
-    pub seg: u16,
 }
 
 /// DATA_READ_RESP / DATA_WRITE_ACK.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DataResp {
     pub op_id: u64,
-    pub seg: u16,
     pub status: Status,
     pub len: u32,
 }
@@ -450,14 +469,20 @@ fn wr_u64(b: &mut [u8], at: usize, v: u64) {
 /// Decodes and checks a frame header (the first [`HEADER_LEN`] bytes of `b`).
 pub fn decode_header(b: &[u8]) -> Result<Header, DecodeError> {
     if b.len() < HEADER_LEN {
-        return Err(DecodeError::Truncated { needed: HEADER_LEN, have: b.len() });
+        return Err(DecodeError::Truncated {
+            needed: HEADER_LEN,
+            have: b.len(),
+        });
     }
     let magic = rd_u16(b, 0);
     if magic != MAGIC {
         return Err(DecodeError::BadMagic(magic));
     }
     if b[2] != VERSION_MAJOR {
-        return Err(DecodeError::UnsupportedVersion { peer_major: b[2], peer_minor: b[3] });
+        return Err(DecodeError::UnsupportedVersion {
+            peer_major: b[2],
+            peer_minor: b[3],
+        });
     }
     let ty = FrameType::from_u8(b[4]).ok_or(DecodeError::UnknownType(b[4]))?;
     if b[5] != 0 || rd_u16(b, 6) != 0 {
@@ -466,9 +491,18 @@ pub fn decode_header(b: &[u8]) -> Result<Header, DecodeError> {
     let body_len = rd_u32(b, 8);
     let (min, max) = ty.body_bounds();
     if (body_len as usize) < min || body_len as usize > max {
-        return Err(DecodeError::BodyLength { ty, len: body_len as usize, min, max });
+        return Err(DecodeError::BodyLength {
+            ty,
+            len: body_len as usize,
+            min,
+            max,
+        });
     }
-    Ok(Header { ty, minor: b[3], body_len })
+    Ok(Header {
+        ty,
+        minor: b[3],
+        body_len,
+    })
 }
 
 fn check_desc(d: &Descriptor) -> Result<(), DecodeError> {
@@ -483,7 +517,10 @@ fn check_desc(d: &Descriptor) -> Result<(), DecodeError> {
         return Err(DecodeError::IoTooLarge(d.length.into()));
     }
     if d.offset.checked_add(d.length.into()).is_none() {
-        return Err(DecodeError::Overflow { offset: d.offset, length: d.length.into() });
+        return Err(DecodeError::Overflow {
+            offset: d.offset,
+            length: d.length.into(),
+        });
     }
     let mut sum: u64 = 0;
     for s in &d.segments {
@@ -491,7 +528,10 @@ fn check_desc(d: &Descriptor) -> Result<(), DecodeError> {
             return Err(DecodeError::ZeroLength);
         }
         if s.addr.checked_add(s.len.into()).is_none() {
-            return Err(DecodeError::Overflow { offset: s.addr, length: s.len.into() });
+            return Err(DecodeError::Overflow {
+                offset: s.addr,
+                length: s.len.into(),
+            });
         }
         sum += u64::from(s.len);
     }
@@ -513,7 +553,10 @@ fn check_range(r: &RangeOp) -> Result<(), DecodeError> {
         return Err(DecodeError::UnknownFlags(r.flags));
     }
     if r.offset.checked_add(r.length).is_none() {
-        return Err(DecodeError::Overflow { offset: r.offset, length: r.length });
+        return Err(DecodeError::Overflow {
+            offset: r.offset,
+            length: r.length,
+        });
     }
     Ok(())
 }
@@ -526,7 +569,10 @@ fn check_data_req(d: &DataReq) -> Result<(), DecodeError> {
         return Err(DecodeError::IoTooLarge(d.len.into()));
     }
     if d.addr.checked_add(d.len.into()).is_none() {
-        return Err(DecodeError::Overflow { offset: d.addr, length: d.len.into() });
+        return Err(DecodeError::Overflow {
+            offset: d.addr,
+            length: d.len.into(),
+        });
     }
     Ok(())
 }
@@ -536,7 +582,11 @@ fn check_data_resp(ty: FrameType, d: &DataResp) -> Result<(), DecodeError> {
         return Err(DecodeError::IoTooLarge(d.len.into()));
     }
     if ty == FrameType::DataReadResp && d.status != Status::Ok && d.len != 0 {
-        return Err(DecodeError::LengthMismatch { ty, len: d.len as usize, expected: 0 });
+        return Err(DecodeError::LengthMismatch {
+            ty,
+            len: d.len as usize,
+            expected: 0,
+        });
     }
     Ok(())
 }
@@ -546,10 +596,19 @@ pub fn decode_body(h: &Header, body: &[u8]) -> Result<Message, DecodeError> {
     let ty = h.ty;
     let fixed = h.fixed_len();
     if body.len() < fixed {
-        return Err(DecodeError::Truncated { needed: fixed, have: body.len() });
+        return Err(DecodeError::Truncated {
+            needed: fixed,
+            have: body.len(),
+        });
     }
     let body = &body[..fixed];
-    let zero = |cond: bool| if cond { Ok(()) } else { Err(DecodeError::Reserved(ty)) };
+    let zero = |cond: bool| {
+        if cond {
+            Ok(())
+        } else {
+            Err(DecodeError::Reserved(ty))
+        }
+    };
     let msg = match ty {
         FrameType::Hello => {
             zero(rd_u64(body, 0) == 0)?;
@@ -573,13 +632,21 @@ pub fn decode_body(h: &Header, body: &[u8]) -> Result<Message, DecodeError> {
             }
             let expected = DESC_FIXED + n * SEGMENT_LEN;
             if body.len() != expected {
-                return Err(DecodeError::LengthMismatch { ty, len: body.len(), expected });
+                return Err(DecodeError::LengthMismatch {
+                    ty,
+                    len: body.len(),
+                    expected,
+                });
             }
             zero(rd_u16(body, 42) == 0 && rd_u32(body, 44) == 0)?;
             let segments = (0..n)
                 .map(|i| {
                     let at = DESC_FIXED + i * SEGMENT_LEN;
-                    Segment { addr: rd_u64(body, at), key: rd_u32(body, at + 8), len: rd_u32(body, at + 12) }
+                    Segment {
+                        addr: rd_u64(body, at),
+                        key: rd_u32(body, at + 8),
+                        len: rd_u32(body, at + 12),
+                    }
                 })
                 .collect();
             let d = Descriptor {
@@ -592,7 +659,9 @@ pub fn decode_body(h: &Header, body: &[u8]) -> Result<Message, DecodeError> {
                 segments,
             };
             check_desc(&d).map_err(|e| match e {
-                DecodeError::LengthMismatch { len, expected, .. } => DecodeError::LengthMismatch { ty, len, expected },
+                DecodeError::LengthMismatch { len, expected, .. } => {
+                    DecodeError::LengthMismatch { ty, len, expected }
+                }
                 e => e,
             })?;
             if ty == FrameType::Write {
@@ -623,53 +692,76 @@ pub fn decode_body(h: &Header, body: &[u8]) -> Result<Message, DecodeError> {
                 Message::WriteZeroes(r)
             }
         }
+        FrameType::Completion | FrameType::Heartbeat if rd_u64(body, 16) != 0 => {
+            return Err(DecodeError::Reserved(ty));
+        }
         FrameType::Completion => Message::Completion(Completion {
             request_id: rd_u64(body, 0),
             status: Status::from_u32(rd_u32(body, 8))?,
             bytes: rd_u32(body, 12),
         }),
-        FrameType::Heartbeat => Message::Heartbeat(Heartbeat { sequence: rd_u64(body, 0), time_us: rd_u64(body, 8) }),
+        FrameType::Heartbeat => Message::Heartbeat(Heartbeat {
+            sequence: rd_u64(body, 0),
+            time_us: rd_u64(body, 8),
+        }),
         FrameType::Error => {
             let n = usize::from(rd_u16(body, 4));
-            zero(rd_u16(body, 6) == 0)?;
-            if n > MAX_ERROR_TEXT || body.len() != 8 + n {
-                return Err(DecodeError::LengthMismatch { ty, len: body.len(), expected: 8 + n });
+            zero(rd_u16(body, 6) == 0 && rd_u64(body, 8) == 0 && rd_u64(body, 16) == 0)?;
+            if n > MAX_ERROR_TEXT || body.len() != ERROR_FIXED + n {
+                return Err(DecodeError::LengthMismatch {
+                    ty,
+                    len: body.len(),
+                    expected: ERROR_FIXED + n,
+                });
             }
-            let text = std::str::from_utf8(&body[8..]).map_err(|_| DecodeError::BadText)?;
-            Message::Error(ErrorMsg { code: rd_u32(body, 0), text: text.to_owned() })
+            let text =
+                std::str::from_utf8(&body[ERROR_FIXED..]).map_err(|_| DecodeError::BadText)?;
+            Message::Error(ErrorMsg {
+                code: rd_u32(body, 0),
+                text: text.to_owned(),
+            })
         }
         FrameType::DataRead | FrameType::DataWrite => {
-            zero(rd_u16(body, 26) == 0 && rd_u32(body, 28) == 0)?;
             let d = DataReq {
                 op_id: rd_u64(body, 0),
                 addr: rd_u64(body, 8),
                 key: rd_u32(body, 16),
                 len: rd_u32(body, 20),
-                seg: rd_u16(body, 24),
             };
             check_data_req(&d)?;
             if ty == FrameType::DataRead {
                 Message::DataRead(d)
             } else {
                 if h.payload_len() != d.len as usize {
-                    return Err(DecodeError::LengthMismatch { ty, len: h.payload_len(), expected: d.len as usize });
+                    return Err(DecodeError::LengthMismatch {
+                        ty,
+                        len: h.payload_len(),
+                        expected: d.len as usize,
+                    });
                 }
                 Message::DataWrite(d)
             }
         }
         FrameType::DataReadResp | FrameType::DataWriteAck => {
-            zero(rd_u16(body, 10) == 0 && rd_u32(body, 20) == 0)?;
+            zero(rd_u64(body, 16) == 0)?;
             let d = DataResp {
                 op_id: rd_u64(body, 0),
-                seg: rd_u16(body, 8),
-                status: Status::from_u32(rd_u32(body, 12))?,
-                len: rd_u32(body, 16),
+                status: Status::from_u32(rd_u32(body, 8))?,
+                len: rd_u32(body, 12),
             };
             check_data_resp(ty, &d)?;
             if ty == FrameType::DataReadResp {
-                let expected = if d.status == Status::Ok { d.len as usize } else { 0 };
+                let expected = if d.status == Status::Ok {
+                    d.len as usize
+                } else {
+                    0
+                };
                 if h.payload_len() != expected {
-                    return Err(DecodeError::LengthMismatch { ty, len: h.payload_len(), expected });
+                    return Err(DecodeError::LengthMismatch {
+                        ty,
+                        len: h.payload_len(),
+                        expected,
+                    });
                 }
                 Message::DataReadResp(d)
             } else {
@@ -688,7 +780,10 @@ pub fn decode(buf: &[u8]) -> Result<(Message, usize), DecodeError> {
     let h = decode_header(buf)?;
     let total = HEADER_LEN + h.body_len as usize;
     if buf.len() < total {
-        return Err(DecodeError::Truncated { needed: total, have: buf.len() });
+        return Err(DecodeError::Truncated {
+            needed: total,
+            have: buf.len(),
+        });
     }
     let msg = decode_body(&h, &buf[HEADER_LEN..HEADER_LEN + h.fixed_len()])?;
     Ok((msg, total))
@@ -734,8 +829,8 @@ impl Message {
             Message::Write(d) | Message::Read(d) => DESC_FIXED + d.segments.len() * SEGMENT_LEN,
             Message::Flush(_) => 24,
             Message::Discard(_) | Message::WriteZeroes(_) => RANGE_LEN,
-            Message::Completion(_) | Message::Heartbeat(_) => 16,
-            Message::Error(e) => 8 + e.text.len(),
+            Message::Completion(_) | Message::Heartbeat(_) => 24,
+            Message::Error(e) => ERROR_FIXED + e.text.len(),
             Message::DataRead(_) | Message::DataWrite(_) => DATA_REQ_LEN,
             Message::DataReadResp(_) | Message::DataWriteAck(_) => DATA_RESP_LEN,
         }
@@ -750,11 +845,13 @@ impl Message {
         match self {
             Message::Write(d) | Message::Read(d) => check_desc(d),
             Message::Discard(r) | Message::WriteZeroes(r) => check_range(r),
-            Message::Error(e) if e.text.len() > MAX_ERROR_TEXT => Err(DecodeError::LengthMismatch {
-                ty: FrameType::Error,
-                len: e.text.len(),
-                expected: MAX_ERROR_TEXT,
-            }),
+            Message::Error(e) if e.text.len() > MAX_ERROR_TEXT => {
+                Err(DecodeError::LengthMismatch {
+                    ty: FrameType::Error,
+                    len: e.text.len(),
+                    expected: MAX_ERROR_TEXT,
+                })
+            }
             Message::DataRead(d) | Message::DataWrite(d) => check_data_req(d),
             Message::DataReadResp(d) => check_data_resp(FrameType::DataReadResp, d),
             Message::DataWriteAck(d) => check_data_resp(FrameType::DataWriteAck, d),
@@ -769,7 +866,10 @@ impl Message {
         let fixed = self.fixed_body_len();
         let n = HEADER_LEN + fixed;
         if out.len() < n {
-            return Err(EncodeError::BufferTooSmall { needed: n, have: out.len() });
+            return Err(EncodeError::BufferTooSmall {
+                needed: n,
+                have: out.len(),
+            });
         }
         let out = &mut out[..n];
         out.fill(0);
@@ -835,20 +935,18 @@ impl Message {
                 wr_u32(b, 0, e.code);
                 // validate() bounded the text by MAX_ERROR_TEXT.
                 wr_u16(b, 4, e.text.len() as u16);
-                b[8..].copy_from_slice(e.text.as_bytes());
+                b[ERROR_FIXED..].copy_from_slice(e.text.as_bytes());
             }
             Message::DataRead(d) | Message::DataWrite(d) => {
                 wr_u64(b, 0, d.op_id);
                 wr_u64(b, 8, d.addr);
                 wr_u32(b, 16, d.key);
                 wr_u32(b, 20, d.len);
-                wr_u16(b, 24, d.seg);
             }
             Message::DataReadResp(d) | Message::DataWriteAck(d) => {
                 wr_u64(b, 0, d.op_id);
-                wr_u16(b, 8, d.seg);
-                wr_u32(b, 12, d.status as u32);
-                wr_u32(b, 16, d.len);
+                wr_u32(b, 8, d.status as u32);
+                wr_u32(b, 12, d.len);
             }
         }
         Ok(n)
@@ -877,41 +975,110 @@ mod tests {
             any::<u64>(),
             any::<u64>(),
             0u64..(u64::MAX >> 1),
-            prop::collection::vec((any::<u32>().prop_map(u64::from), any::<u32>(), 1u32..65536), 1..=MAX_SEGMENTS),
+            prop::collection::vec(
+                (any::<u32>().prop_map(u64::from), any::<u32>(), 1u32..65536),
+                1..=MAX_SEGMENTS,
+            ),
             any::<bool>(),
         )
             .prop_map(|(request_id, volume, epoch, offset, segs, fua)| {
-                let segments: Vec<Segment> = segs.into_iter().map(|(addr, key, len)| Segment { addr, key, len }).collect();
+                let segments: Vec<Segment> = segs
+                    .into_iter()
+                    .map(|(addr, key, len)| Segment { addr, key, len })
+                    .collect();
                 let length = segments.iter().map(|s| s.len).sum();
-                Descriptor { request_id, volume, epoch, offset, length, flags: if fua { FLAG_FUA } else { 0 }, segments }
+                Descriptor {
+                    request_id,
+                    volume,
+                    epoch,
+                    offset,
+                    length,
+                    flags: if fua { FLAG_FUA } else { 0 },
+                    segments,
+                }
             })
     }
 
     fn message() -> impl Strategy<Value = Message> {
-        let range = (any::<u64>(), any::<u64>(), any::<u64>(), 0u64..(1 << 62), 1u64..(1 << 40), 0u32..2)
-            .prop_map(|(request_id, volume, epoch, offset, length, flags)| RangeOp { request_id, volume, epoch, offset, length, flags });
-        let data_req = (any::<u64>(), 0u64..(1 << 48), any::<u32>(), 1..=MAX_DATA_LEN, any::<u16>())
-            .prop_map(|(op_id, addr, key, len, seg)| DataReq { op_id, addr, key, len, seg });
+        let range = (
+            any::<u64>(),
+            any::<u64>(),
+            any::<u64>(),
+            0u64..(1 << 62),
+            1u64..(1 << 40),
+            0u32..2,
+        )
+            .prop_map(
+                |(request_id, volume, epoch, offset, length, flags)| RangeOp {
+                    request_id,
+                    volume,
+                    epoch,
+                    offset,
+                    length,
+                    flags,
+                },
+            );
+        let data_req = (
+            any::<u64>(),
+            0u64..(1 << 48),
+            any::<u32>(),
+            1..=MAX_DATA_LEN,
+        )
+            .prop_map(|(op_id, addr, key, len)| DataReq {
+                op_id,
+                addr,
+                key,
+                len,
+            });
         prop_oneof![
-            (any::<u64>(), any::<u64>(), any::<[u8; 32]>()).prop_map(|(cluster_id, node_id, nonce)| Message::Hello(Hello { cluster_id, node_id, nonce })),
-            (any::<u64>(), any::<[u8; 32]>(), any::<[u8; 32]>()).prop_map(|(node_id, nonce, mac)| Message::Challenge(Challenge { node_id, nonce, mac })),
+            (any::<u64>(), any::<u64>(), any::<[u8; 32]>()).prop_map(
+                |(cluster_id, node_id, nonce)| Message::Hello(Hello {
+                    cluster_id,
+                    node_id,
+                    nonce
+                })
+            ),
+            (any::<u64>(), any::<[u8; 32]>(), any::<[u8; 32]>()).prop_map(
+                |(node_id, nonce, mac)| Message::Challenge(Challenge {
+                    node_id,
+                    nonce,
+                    mac
+                })
+            ),
             any::<[u8; 32]>().prop_map(Message::Auth),
             Just(Message::Ready),
             desc().prop_map(Message::Write),
             desc().prop_map(Message::Read),
-            (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(request_id, volume, epoch)| Message::Flush(Flush { request_id, volume, epoch })),
+            (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(request_id, volume, epoch)| {
+                Message::Flush(Flush {
+                    request_id,
+                    volume,
+                    epoch,
+                })
+            }),
             range.clone().prop_map(Message::Discard),
             range.prop_map(Message::WriteZeroes),
-            (any::<u64>(), status(), any::<u32>()).prop_map(|(request_id, status, bytes)| Message::Completion(Completion { request_id, status, bytes })),
-            (any::<u64>(), any::<u64>()).prop_map(|(sequence, time_us)| Message::Heartbeat(Heartbeat { sequence, time_us })),
-            (any::<u32>(), "[a-zA-Z0-9 ]{0,200}").prop_map(|(code, text)| Message::Error(ErrorMsg { code, text })),
+            (any::<u64>(), status(), any::<u32>()).prop_map(|(request_id, status, bytes)| {
+                Message::Completion(Completion {
+                    request_id,
+                    status,
+                    bytes,
+                })
+            }),
+            (any::<u64>(), any::<u64>()).prop_map(|(sequence, time_us)| Message::Heartbeat(
+                Heartbeat { sequence, time_us }
+            )),
+            (any::<u32>(), "[a-zA-Z0-9 ]{0,200}")
+                .prop_map(|(code, text)| Message::Error(ErrorMsg { code, text })),
             data_req.clone().prop_map(Message::DataRead),
             data_req.prop_map(Message::DataWrite),
-            (any::<u64>(), any::<u16>(), status(), 0..=MAX_DATA_LEN).prop_map(|(op_id, seg, status, len)| {
+            (any::<u64>(), status(), 0..=MAX_DATA_LEN).prop_map(|(op_id, status, len)| {
                 let len = if status == Status::Ok { len } else { 0 };
-                Message::DataReadResp(DataResp { op_id, seg, status, len })
+                Message::DataReadResp(DataResp { op_id, status, len })
             }),
-            (any::<u64>(), any::<u16>(), status(), 0..=MAX_DATA_LEN).prop_map(|(op_id, seg, status, len)| Message::DataWriteAck(DataResp { op_id, seg, status, len })),
+            (any::<u64>(), status(), 0..=MAX_DATA_LEN).prop_map(|(op_id, status, len)| {
+                Message::DataWriteAck(DataResp { op_id, status, len })
+            }),
         ]
     }
 
@@ -959,7 +1126,15 @@ mod tests {
 
     fn write_with(segs: Vec<Segment>, offset: u64) -> Descriptor {
         let length = segs.iter().map(|s| s.len).sum();
-        Descriptor { request_id: 1, volume: 2, epoch: 3, offset, length, flags: 0, segments: segs }
+        Descriptor {
+            request_id: 1,
+            volume: 2,
+            epoch: 3,
+            offset,
+            length,
+            flags: 0,
+            segments: segs,
+        }
     }
 
     #[test]
@@ -967,7 +1142,13 @@ mod tests {
         let mut b = Message::Ready.to_vec().unwrap();
         b[2] = VERSION_MAJOR + 1;
         let e = decode(&b).unwrap_err();
-        assert_eq!(e, DecodeError::UnsupportedVersion { peer_major: VERSION_MAJOR + 1, peer_minor: VERSION_MINOR });
+        assert_eq!(
+            e,
+            DecodeError::UnsupportedVersion {
+                peer_major: VERSION_MAJOR + 1,
+                peer_minor: VERSION_MINOR
+            }
+        );
         assert!(e.to_string().contains("major versions differ"), "{e}");
         // A newer minor is fine.
         b[2] = VERSION_MAJOR;
@@ -987,45 +1168,155 @@ mod tests {
 
     #[test]
     fn rejects_segment_count_over_limit() {
-        let seg = Segment { addr: 0x1000, key: 1, len: 512 };
+        let seg = Segment {
+            addr: 0x1000,
+            key: 1,
+            len: 512,
+        };
         let d = write_with(vec![seg; MAX_SEGMENTS], 0);
         let mut b = Message::Write(d).to_vec().unwrap();
         wr_u16(&mut b, HEADER_LEN + 40, (MAX_SEGMENTS + 1) as u16);
-        assert_eq!(decode(&b).unwrap_err(), DecodeError::SegmentCount(MAX_SEGMENTS + 1));
+        assert_eq!(
+            decode(&b).unwrap_err(),
+            DecodeError::SegmentCount(MAX_SEGMENTS + 1)
+        );
         let too_many = write_with(vec![seg; MAX_SEGMENTS + 1], 0);
-        assert!(matches!(Message::Write(too_many).to_vec(), Err(EncodeError::Invalid(DecodeError::SegmentCount(_)))));
+        assert!(matches!(
+            Message::Write(too_many).to_vec(),
+            Err(EncodeError::Invalid(DecodeError::SegmentCount(_)))
+        ));
     }
 
     #[test]
     fn rejects_offset_plus_length_overflow() {
-        let d = write_with(vec![Segment { addr: 0x1000, key: 1, len: 4096 }], 0);
+        let d = write_with(
+            vec![Segment {
+                addr: 0x1000,
+                key: 1,
+                len: 4096,
+            }],
+            0,
+        );
         let mut b = Message::Write(d).to_vec().unwrap();
         wr_u64(&mut b, HEADER_LEN + 24, u64::MAX - 100);
-        assert!(matches!(decode(&b).unwrap_err(), DecodeError::Overflow { .. }));
-        let r = RangeOp { request_id: 1, volume: 1, epoch: 1, offset: u64::MAX, length: 2, flags: 0 };
+        assert!(matches!(
+            decode(&b).unwrap_err(),
+            DecodeError::Overflow { .. }
+        ));
+        let r = RangeOp {
+            request_id: 1,
+            volume: 1,
+            epoch: 1,
+            offset: u64::MAX,
+            length: 2,
+            flags: 0,
+        };
         assert!(Message::Discard(r).to_vec().is_err());
     }
 
     #[test]
     fn rejects_length_mismatch() {
-        let d = write_with(vec![Segment { addr: 0x1000, key: 1, len: 4096 }, Segment { addr: 0x9000, key: 1, len: 512 }], 0);
+        let d = write_with(
+            vec![
+                Segment {
+                    addr: 0x1000,
+                    key: 1,
+                    len: 4096,
+                },
+                Segment {
+                    addr: 0x9000,
+                    key: 1,
+                    len: 512,
+                },
+            ],
+            0,
+        );
         let mut b = Message::Write(d).to_vec().unwrap();
         wr_u32(&mut b, HEADER_LEN + 32, 4096);
-        assert!(matches!(decode(&b).unwrap_err(), DecodeError::LengthMismatch { .. }));
+        assert!(matches!(
+            decode(&b).unwrap_err(),
+            DecodeError::LengthMismatch { .. }
+        ));
         // Body length disagreeing with the segment count.
-        let mut b2 = Message::Write(write_with(vec![Segment { addr: 1, key: 1, len: 1 }], 0)).to_vec().unwrap();
+        let mut b2 = Message::Write(write_with(
+            vec![Segment {
+                addr: 1,
+                key: 1,
+                len: 1,
+            }],
+            0,
+        ))
+        .to_vec()
+        .unwrap();
         b2.extend_from_slice(&[0u8; SEGMENT_LEN]);
         wr_u32(&mut b2, 8, (DESC_FIXED + 2 * SEGMENT_LEN) as u32);
-        assert!(matches!(decode(&b2).unwrap_err(), DecodeError::LengthMismatch { .. }));
+        assert!(matches!(
+            decode(&b2).unwrap_err(),
+            DecodeError::LengthMismatch { .. }
+        ));
         // Oversized body is refused from the header alone.
         let mut b3 = Message::Ready.to_vec().unwrap();
         wr_u32(&mut b3, 8, u32::MAX);
-        assert!(matches!(decode_header(&b3).unwrap_err(), DecodeError::BodyLength { .. }));
+        assert!(matches!(
+            decode_header(&b3).unwrap_err(),
+            DecodeError::BodyLength { .. }
+        ));
+    }
+
+    #[test]
+    fn fuzz_seeds_are_valid_frames() {
+        // The fuzzer's seeds start it at one valid frame of each type; keep
+        // them in step with the layout.
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let bytes = std::fs::read(e.unwrap().path()).unwrap();
+            let mut rest = &bytes[..];
+            while !rest.is_empty() {
+                let (_, used) = decode(rest).unwrap();
+                rest = &rest[used..];
+            }
+            n += 1;
+        }
+        assert!(n >= 16, "{n} seeds in {}", dir.display());
+    }
+
+    #[test]
+    fn frames_after_the_handshake_have_the_lookahead() {
+        use FrameType::*;
+        for ty in [
+            Write,
+            Read,
+            Flush,
+            Discard,
+            WriteZeroes,
+            Completion,
+            Heartbeat,
+            Error,
+            DataRead,
+            DataReadResp,
+            DataWrite,
+            DataWriteAck,
+        ] {
+            assert!(ty.body_bounds().0 >= MIN_BODY_AFTER_HANDSHAKE, "{ty:?}");
+        }
+        for ty in [DataRead, DataReadResp, DataWrite, DataWriteAck] {
+            assert_eq!(
+                ty.fixed_len(ty.body_bounds().0),
+                MIN_BODY_AFTER_HANDSHAKE,
+                "{ty:?}"
+            );
+        }
     }
 
     #[test]
     fn data_frame_payload_follows_fixed_part() {
-        let m = Message::DataWrite(DataReq { op_id: 7, addr: 0x1000, key: 9, len: 5, seg: 1 });
+        let m = Message::DataWrite(DataReq {
+            op_id: 7,
+            addr: 0x1000,
+            key: 9,
+            len: 5,
+        });
         let mut b = m.to_vec().unwrap();
         b.extend_from_slice(b"hello");
         let (back, used) = decode(&b).unwrap();
@@ -1045,12 +1336,19 @@ mod tests {
             offset: 4096,
             length: 512,
             flags: FLAG_FUA,
-            segments: vec![Segment { addr: 0xAABB, key: 0xCC, len: 512 }],
+            segments: vec![Segment {
+                addr: 0xAABB,
+                key: 0xCC,
+                len: 512,
+            }],
         };
         let b = Message::Write(d).to_vec().unwrap();
         assert_eq!(&b[..12], &[b'H', b'B', 1, 0, 16, 0, 0, 0, 64, 0, 0, 0]);
         assert_eq!(&b[12..20], &[8, 7, 6, 5, 4, 3, 2, 1]);
         assert_eq!(&b[12 + 32..12 + 42], &[0, 2, 0, 0, 1, 0, 0, 0, 1, 0]);
-        assert_eq!(&b[12 + 48..12 + 64], &[0xBB, 0xAA, 0, 0, 0, 0, 0, 0, 0xCC, 0, 0, 0, 0, 2, 0, 0]);
+        assert_eq!(
+            &b[12 + 48..12 + 64],
+            &[0xBB, 0xAA, 0, 0, 0, 0, 0, 0, 0xCC, 0, 0, 0, 0, 2, 0, 0]
+        );
     }
 }

@@ -86,12 +86,151 @@ pub trait Server {
     fn restart(&mut self) -> Result<()>;
 }
 
-/// Starts the server selected by `HCBLK_GUEST_SERVER` (`qsd`, the default) in `dir`.
+/// Starts the server selected by `HCBLK_GUEST_SERVER` (`hcblk`, the default, or `qsd`, the
+/// reference) in `dir`.
 pub fn start_server(dir: &Path, spec: &VolumeSpec) -> Result<Box<dyn Server>> {
-    let kind = std::env::var("HCBLK_GUEST_SERVER").unwrap_or_else(|_| "qsd".to_owned());
+    let kind = std::env::var("HCBLK_GUEST_SERVER").unwrap_or_else(|_| "hcblk".to_owned());
     match kind.as_str() {
+        "hcblk" => Ok(Box::new(HcblkServer::start(dir, spec)?)),
         "qsd" => Ok(Box::new(QsdServer::start(dir, spec)?)),
-        other => bail!("HCBLK_GUEST_SERVER={other} is not a known server (known: qsd)"),
+        other => bail!("HCBLK_GUEST_SERVER={other} is not a known server (known: hcblk, qsd)"),
+    }
+}
+
+/// The `hcblk` binary under test: `HCBLK_BIN`, else the workspace's debug build.
+pub fn hcblk_binary() -> Result<PathBuf> {
+    if let Some(bin) = std::env::var_os("HCBLK_BIN") {
+        return Ok(PathBuf::from(bin));
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target"));
+    let bin = target.join("debug/hcblk");
+    if bin.is_file() {
+        Ok(bin)
+    } else {
+        bail!("{} is missing: build it first with `cargo build -p hcblk` (or set HCBLK_BIN)", bin.display())
+    }
+}
+
+/// The hcblk daemon exporting one file-backed volume, driven through its CLI.
+pub struct HcblkServer {
+    bin: PathBuf,
+    dir: PathBuf,
+    child: Child,
+    socket: PathBuf,
+    image: PathBuf,
+}
+
+impl HcblkServer {
+    const VOLUME: &'static str = "vol0";
+
+    pub fn start(dir: &Path, spec: &VolumeSpec) -> Result<Self> {
+        let bin = hcblk_binary()?;
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let child = Self::spawn_daemon(&bin, dir)?;
+        let mut server = Self {
+            bin,
+            dir: dir.to_owned(),
+            child,
+            socket: PathBuf::new(),
+            image: dir.join("data/volumes/vol0.img"),
+        };
+        let size = spec.size.to_string();
+        let queues = spec.queues.to_string();
+        let mut args = vec!["volume", "create", Self::VOLUME, "--size", &size, "--queues", &queues, "--backing", "file"];
+        if spec.read_only {
+            args.push("--read-only");
+        }
+        let out = server.cli(&args)?;
+        server.socket = out
+            .lines()
+            .find_map(|l| l.strip_prefix("socket: "))
+            .map(PathBuf::from)
+            .ok_or_else(|| anyhow!("`hcblk volume create` printed no socket line:\n{out}"))?;
+        Ok(server)
+    }
+
+    fn api(dir: &Path) -> PathBuf {
+        dir.join("api.sock")
+    }
+
+    fn spawn_daemon(bin: &Path, dir: &Path) -> Result<Child> {
+        let log = dir.join("daemon.log");
+        let log_file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .with_context(|| format!("opening {}", log.display()))?;
+        let mut child = Command::new(bin)
+            .arg("daemon")
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .arg("--socket-dir")
+            .arg(dir.join("run"))
+            .arg("--api-socket")
+            .arg(Self::api(dir))
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().context("duplicating the daemon.log handle")?)
+            .stderr(log_file)
+            .spawn()
+            .with_context(|| format!("spawning {}", bin.display()))?;
+        let start = Instant::now();
+        loop {
+            if fs::read_to_string(&log).unwrap_or_default().contains("hcblk daemon ready") {
+                return Ok(child);
+            }
+            if let Some(status) = child.try_wait().context("polling the daemon")? {
+                bail!("hcblk daemon exited ({status}):\n{}", fs::read_to_string(&log).unwrap_or_default());
+            }
+            if start.elapsed() > Duration::from_secs(20) {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("hcblk daemon not ready within 20 s:\n{}", fs::read_to_string(&log).unwrap_or_default());
+            }
+            sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn cli(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new(&self.bin)
+            .arg("--api-socket")
+            .arg(Self::api(&self.dir))
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running hcblk {}", args.join(" ")))?;
+        if !out.status.success() {
+            bail!("hcblk {} failed ({}): {}", args.join(" "), out.status, String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+impl Server for HcblkServer {
+    fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    fn resize(&mut self, new_size: u64) -> Result<()> {
+        self.cli(&["volume", "resize", Self::VOLUME, "--size", &new_size.to_string()]).map(|_| ())
+    }
+
+    fn corrupt(&mut self, offset: u64, len: usize) -> Result<()> {
+        // O_DIRECT everywhere in hcblk: nothing caches the bytes we flip.
+        flip_bytes_in_file(&self.image, offset, len)
+    }
+
+    fn restart(&mut self) -> Result<()> {
+        stop_gracefully(&mut self.child, Duration::from_secs(10))?;
+        self.child = Self::spawn_daemon(&self.bin, &self.dir)?;
+        Ok(())
+    }
+}
+
+impl Drop for HcblkServer {
+    fn drop(&mut self) {
+        let _ = stop_gracefully(&mut self.child, Duration::from_secs(10));
     }
 }
 
@@ -352,6 +491,11 @@ impl GuestRun {
         self.reconnect_ms = Some(ms);
         self
     }
+
+    pub fn timeout_s(mut self, secs: u32) -> Self {
+        self.timeout_s = secs;
+        self
+    }
 }
 
 /// Moments of a boot the caller can act on (see `run_guest`).
@@ -361,6 +505,8 @@ pub enum GuestEvent {
     ResizeWait { sectors: u64 },
     /// fio started its I/O (first `HCBLK-FIO-START` of the boot).
     FioStarted,
+    /// `reconnect` mode: the guest has no I/O outstanding for `HCBLK-IDLE <secs>`.
+    Idle,
 }
 
 /// What the guest said.
@@ -476,6 +622,7 @@ pub fn run_guest(
     }
     let start = Instant::now();
     let mut fio_started = false;
+    let mut idle_seen = false;
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -506,6 +653,14 @@ pub fn run_guest(
                     let _ = child.kill();
                     let _ = child.wait();
                     return Err(e.context("handling FioStarted"));
+                }
+            }
+            if !idle_seen && console_has(&log, "HCBLK-IDLE ") {
+                idle_seen = true;
+                if let Err(e) = cb(GuestEvent::Idle) {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(e.context("handling Idle"));
                 }
             }
             if let Ok(text) = fs::read_to_string(&request) {

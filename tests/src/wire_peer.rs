@@ -10,7 +10,6 @@ use anyhow::{Context, Result};
 use proto::tcp::{TcpAcceptor, TcpEndpoint};
 use proto::wire::{Completion, Descriptor};
 use proto::{Config, Endpoint, LocalSeg, Message, OpCompletion, Registry, Status};
-use std::collections::HashMap;
 use std::io::Write;
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,11 +33,15 @@ pub fn pattern(seed: u8, offset: u64) -> u8 {
 /// Serves connections one after another until killed.
 pub fn run(cfg: PeerConfig) -> Result<()> {
     let registry = Arc::new(Registry::new());
-    let mut disk: Vec<u8> = (0..cfg.disk_bytes as u64).map(|o| pattern(cfg.seed, o)).collect();
+    let mut disk: Vec<u8> = (0..cfg.disk_bytes as u64)
+        .map(|o| pattern(cfg.seed, o))
+        .collect();
     // SAFETY: `disk` is never touched through Rust references after this
     // point and lives until the process exits (this function never returns Ok).
-    let region = unsafe { registry.register(disk.as_mut_ptr(), disk.len()) }.context("register disk")?;
-    let acceptor = TcpAcceptor::bind(&cfg.listen, cfg.transport.clone(), registry).with_context(|| format!("listen on {}", cfg.listen))?;
+    let region =
+        unsafe { registry.register(disk.as_mut_ptr(), disk.len()) }.context("register disk")?;
+    let acceptor = TcpAcceptor::bind(&cfg.listen, cfg.transport.clone(), registry)
+        .with_context(|| format!("listen on {}", cfg.listen))?;
     println!("READY {}", acceptor.local_addr()?);
     std::io::stdout().flush()?;
     loop {
@@ -52,7 +55,11 @@ pub fn run(cfg: PeerConfig) -> Result<()> {
 }
 
 fn complete(ep: &mut TcpEndpoint, request_id: u64, status: Status, bytes: u32) -> bool {
-    let m = Message::Completion(Completion { request_id, status, bytes });
+    let m = Message::Completion(Completion {
+        request_id,
+        status,
+        bytes,
+    });
     loop {
         match ep.send(&m) {
             Ok(()) => return true,
@@ -62,25 +69,40 @@ fn complete(ep: &mut TcpEndpoint, request_id: u64, status: Status, bytes: u32) -
     }
 }
 
-fn start(ep: &mut TcpEndpoint, d: &Descriptor, write: bool, region: proto::RegionId, disk_bytes: u64, pending: &mut HashMap<u64, ()>) -> bool {
-    let in_bounds = d.offset.checked_add(d.length.into()).is_some_and(|e| e <= disk_bytes);
+fn start(
+    ep: &mut TcpEndpoint,
+    d: &Descriptor,
+    write: bool,
+    region: proto::RegionId,
+    disk_bytes: u64,
+) -> bool {
+    let in_bounds = d
+        .offset
+        .checked_add(d.length.into())
+        .is_some_and(|e| e <= disk_bytes);
     if !in_bounds {
         return complete(ep, d.request_id, Status::BadRequest, 0);
     }
-    let local = [LocalSeg { region, offset: d.offset, len: d.length }];
-    let posted = if write { ep.post_read(&d.segments, &local, d.request_id) } else { ep.post_write(&d.segments, &local, d.request_id) };
+    let local = [LocalSeg {
+        region,
+        offset: d.offset,
+        len: d.length,
+    }];
+    let posted = if write {
+        ep.post_read(&d.segments, &local, d.request_id)
+    } else {
+        ep.post_write(&d.segments, &local, d.request_id)
+    };
     match posted {
-        Ok(()) => {
-            pending.insert(d.request_id, ());
-            true
+        Ok(()) => true,
+        Err(proto::TransportError::TooManyInFlight(_)) => {
+            complete(ep, d.request_id, Status::Busy, 0)
         }
-        Err(proto::TransportError::TooManyInFlight(_)) => complete(ep, d.request_id, Status::Busy, 0),
         Err(_) => false,
     }
 }
 
 fn serve(mut ep: TcpEndpoint, region: proto::RegionId, disk_bytes: u64) {
-    let mut pending = HashMap::new();
     let mut comps = [OpCompletion::EMPTY; 64];
     let mut idle = 0u32;
     loop {
@@ -90,10 +112,12 @@ fn serve(mut ep: TcpEndpoint, region: proto::RegionId, disk_bytes: u64) {
                 Ok(Some(m)) => {
                     busy = true;
                     let ok = match m {
-                        Message::Write(d) => start(&mut ep, &d, true, region, disk_bytes, &mut pending),
-                        Message::Read(d) => start(&mut ep, &d, false, region, disk_bytes, &mut pending),
+                        Message::Write(d) => start(&mut ep, &d, true, region, disk_bytes),
+                        Message::Read(d) => start(&mut ep, &d, false, region, disk_bytes),
                         Message::Flush(f) => complete(&mut ep, f.request_id, Status::Ok, 0),
-                        Message::Discard(r) | Message::WriteZeroes(r) => complete(&mut ep, r.request_id, Status::Unsupported, 0),
+                        Message::Discard(r) | Message::WriteZeroes(r) => {
+                            complete(&mut ep, r.request_id, Status::Unsupported, 0)
+                        }
                         _ => true,
                     };
                     if !ok {
@@ -107,7 +131,6 @@ fn serve(mut ep: TcpEndpoint, region: proto::RegionId, disk_bytes: u64) {
         let n = ep.poll_completions(&mut comps);
         for c in &comps[..n] {
             busy = true;
-            pending.remove(&c.user_data);
             if !complete(&mut ep, c.user_data, c.status, c.bytes) {
                 return;
             }

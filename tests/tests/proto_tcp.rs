@@ -38,12 +38,25 @@ impl Hosts {
     }
 
     fn start_peer(&self) -> Result<Child> {
-        let mut cmd = self.net.command(&self.net.b, env!("CARGO_BIN_EXE_hcblk-wire-peer"));
-        cmd.args(["--listen", &format!("{}:{PORT}", self.net.addr_b), "--secret-file"])
-            .arg(self.dir.join("secret"))
-            .args(["--node", "2", "--disk-mib", "64", "--seed", &SEED.to_string()])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+        let mut cmd = self
+            .net
+            .command(&self.net.b, env!("CARGO_BIN_EXE_hcblk-wire-peer"));
+        cmd.args([
+            "--listen",
+            &format!("{}:{PORT}", self.net.addr_b),
+            "--secret-file",
+        ])
+        .arg(self.dir.join("secret"))
+        .args([
+            "--node",
+            "2",
+            "--disk-mib",
+            "64",
+            "--seed",
+            &SEED.to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
         let mut child = Child(cmd.spawn().context("spawn hcblk-wire-peer")?);
         let out = child.0.stdout.take().context("peer stdout")?;
         let mut line = String::new();
@@ -54,7 +67,11 @@ impl Hosts {
         Ok(child)
     }
 
-    fn connect(&self, secret: &[u8], registry: Arc<Registry>) -> Result<TcpEndpoint, TransportError> {
+    fn connect(
+        &self,
+        secret: &[u8],
+        registry: Arc<Registry>,
+    ) -> Result<TcpEndpoint, TransportError> {
         let cfg = Config::new(1, 1, Secret::new(secret.to_vec()).unwrap());
         TcpEndpoint::connect((self.net.addr_b, PORT), &cfg, registry)
     }
@@ -73,14 +90,20 @@ struct Guest {
 }
 
 fn guest(ep: &mut TcpEndpoint, len: usize) -> Guest {
-    let mut mem: Vec<u8> = (0..len).map(|i| (i as u32).wrapping_mul(2654435761).to_le_bytes()[2]).collect();
+    let mut mem: Vec<u8> = (0..len)
+        .map(|i| (i as u32).wrapping_mul(2654435761).to_le_bytes()[2])
+        .collect();
     // SAFETY: `mem` lives in the returned `Guest`, which every test drops after
     // the endpoints using it; it is only read through Rust after they are gone.
     let region = unsafe { ep.register_region(mem.as_mut_ptr(), mem.len()) }.unwrap();
     Guest { mem, region }
 }
 
-fn wait_completions(ep: &mut TcpEndpoint, n: usize, limit: Duration) -> Result<HashMap<u64, Completion>> {
+fn wait_completions(
+    ep: &mut TcpEndpoint,
+    n: usize,
+    limit: Duration,
+) -> Result<HashMap<u64, Completion>> {
     let mut got = HashMap::new();
     let deadline = Instant::now() + limit;
     while got.len() < n {
@@ -102,12 +125,25 @@ fn wait_completions(ep: &mut TcpEndpoint, n: usize, limit: Duration) -> Result<H
 /// Four non-contiguous guest segments for request `i` (sizes vary per request).
 fn segments_for(i: u64) -> Vec<(u64, u32)> {
     let base = i * 65536;
-    vec![(base, 4096), (base + 8192 + 512 * (i % 5), 512 * (1 + (i % 7) as u32)), (base + 20000, 1000 + i as u32), (base + 32768, 16384)]
+    vec![
+        (base, 4096),
+        (base + 8192 + 512 * (i % 5), 512 * (1 + (i % 7) as u32)),
+        (base + 20000, 1000 + i as u32),
+        (base + 32768, 16384),
+    ]
 }
 
 fn desc(request_id: u64, offset: u64, g: &proto::Grant) -> Descriptor {
     let length = g.segments.iter().map(|s| s.len).sum();
-    Descriptor { request_id, volume: 1, epoch: 1, offset, length, flags: 0, segments: g.segments.clone() }
+    Descriptor {
+        request_id,
+        volume: 1,
+        epoch: 1,
+        offset,
+        length,
+        flags: 0,
+        segments: g.segments.clone(),
+    }
 }
 
 fn send(ep: &mut TcpEndpoint, m: Message) {
@@ -134,7 +170,12 @@ fn proto_tcp_one_sided_read_write_between_two_hosts() -> Result<()> {
     let mut expect_initial = Vec::new();
     let mut off = d0.offset;
     for &(o, l) in &segments_for(0) {
-        expect_initial.push((o, (off..off + u64::from(l)).map(|x| pattern(SEED, x)).collect::<Vec<u8>>()));
+        expect_initial.push((
+            o,
+            (off..off + u64::from(l))
+                .map(|x| pattern(SEED, x))
+                .collect::<Vec<u8>>(),
+        ));
         off += u64::from(l);
     }
 
@@ -154,7 +195,11 @@ fn proto_tcp_one_sided_read_write_between_two_hosts() -> Result<()> {
     let c = wait_completions(&mut ep, written.len(), Duration::from_secs(20))?;
     for (id, _, segs) in &written {
         let want: u32 = segs.iter().map(|s| s.1).sum();
-        assert_eq!((c[id].status, c[id].bytes), (Status::Ok, want), "request {id}");
+        assert_eq!(
+            (c[id].status, c[id].bytes),
+            (Status::Ok, want),
+            "request {id}"
+        );
         // The request is complete: its key dies with it.
         ep.revoke(keys[id])?;
     }
@@ -167,7 +212,11 @@ fn proto_tcp_one_sided_read_write_between_two_hosts() -> Result<()> {
         // Two destination segments per read, split unevenly.
         let dst = read_base + (n as u64 % 4) * 200_000 / 4;
         let split = total / 3;
-        let r = ep.grant(g.region, &[(dst, split), (dst + 100_000, total - split)], Access::RemoteWrite)?;
+        let r = ep.grant(
+            g.region,
+            &[(dst, split), (dst + 100_000, total - split)],
+            Access::RemoteWrite,
+        )?;
         send(&mut ep, Message::Read(desc(1000 + id, *offset, &r)));
         let c = wait_completions(&mut ep, 1, Duration::from_secs(10))?;
         assert_eq!(c[&(1000 + id)].status, Status::Ok);
@@ -175,8 +224,15 @@ fn proto_tcp_one_sided_read_write_between_two_hosts() -> Result<()> {
         reads.push((n, dst, split, total));
         // Verify now (the peer is done with these bytes): what came back equals
         // what the peer pulled from the guest segments.
-        let src: Vec<u8> = segs.iter().flat_map(|&(o, l)| g.mem[o as usize..(o + u64::from(l)) as usize].to_vec()).collect();
-        let got: Vec<u8> = [&g.mem[dst as usize..(dst + u64::from(split)) as usize], &g.mem[(dst + 100_000) as usize..(dst + 100_000 + u64::from(total - split)) as usize]].concat();
+        let src: Vec<u8> = segs
+            .iter()
+            .flat_map(|&(o, l)| g.mem[o as usize..(o + u64::from(l)) as usize].to_vec())
+            .collect();
+        let got: Vec<u8> = [
+            &g.mem[dst as usize..(dst + u64::from(split)) as usize],
+            &g.mem[(dst + 100_000) as usize..(dst + 100_000 + u64::from(total - split)) as usize],
+        ]
+        .concat();
         assert_eq!(got, src, "request {id} read back differs");
     }
 
@@ -185,7 +241,10 @@ fn proto_tcp_one_sided_read_write_between_two_hosts() -> Result<()> {
     let revoked = ep.grant(g.region, segs, Access::RemoteRead)?;
     ep.revoke(revoked.key)?;
     send(&mut ep, Message::Write(desc(5000, *offset, &revoked)));
-    assert_eq!(wait_completions(&mut ep, 1, Duration::from_secs(10))?[&5000].status, Status::AccessDenied);
+    assert_eq!(
+        wait_completions(&mut ep, 1, Duration::from_secs(10))?[&5000].status,
+        Status::AccessDenied
+    );
 
     // 5. Another request's key: request B's addresses under request A's key.
     let a = ep.grant(g.region, &[(0, 4096)], Access::RemoteRead)?;
@@ -202,14 +261,21 @@ fn proto_tcp_one_sided_read_write_between_two_hosts() -> Result<()> {
     assert_eq!(c[&5002].status, Status::AccessDenied);
     // And a legitimate request on the same connection still works.
     send(&mut ep, Message::Write(desc(5003, 0, &b)));
-    assert_eq!(wait_completions(&mut ep, 1, Duration::from_secs(10))?[&5003].status, Status::Ok);
+    assert_eq!(
+        wait_completions(&mut ep, 1, Duration::from_secs(10))?[&5003].status,
+        Status::Ok
+    );
     ep.revoke(a.key)?;
     ep.revoke(b.key)?;
     assert!(ep.is_connected());
     drop(ep);
 
     for (o, bytes) in expect_initial {
-        assert_eq!(&g.mem[o as usize..o as usize + bytes.len()], &bytes[..], "initial READ at guest offset {o}");
+        assert_eq!(
+            &g.mem[o as usize..o as usize + bytes.len()],
+            &bytes[..],
+            "initial READ at guest offset {o}"
+        );
     }
     g.mem.clear();
     Ok(())
@@ -226,8 +292,18 @@ fn proto_tcp_authentication_failure_is_refused() -> Result<()> {
     }
     // The peer carries on serving members of the cluster.
     let mut ep = hosts.connect(SECRET, Arc::new(Registry::new()))?;
-    send(&mut ep, Message::Flush(proto::wire::Flush { request_id: 9, volume: 1, epoch: 1 }));
-    assert_eq!(wait_completions(&mut ep, 1, Duration::from_secs(10))?[&9].status, Status::Ok);
+    send(
+        &mut ep,
+        Message::Flush(proto::wire::Flush {
+            request_id: 9,
+            volume: 1,
+            epoch: 1,
+        }),
+    );
+    assert_eq!(
+        wait_completions(&mut ep, 1, Duration::from_secs(10))?[&9].status,
+        Status::Ok
+    );
     Ok(())
 }
 
@@ -244,7 +320,8 @@ fn proto_tcp_peer_killed_mid_transfer_then_reconnect() -> Result<()> {
         send(&mut ep, Message::Write(desc(i, i << 20, &gr)));
     }
     peer.kill();
-    let err = wait_completions(&mut ep, 32, Duration::from_secs(15)).expect_err("requests in flight when the peer died must fail");
+    let err = wait_completions(&mut ep, 32, Duration::from_secs(15))
+        .expect_err("requests in flight when the peer died must fail");
     assert!(format!("{err:#}").contains("connection closed"), "{err:#}");
     assert!(!ep.is_connected());
     drop(ep);
@@ -264,10 +341,16 @@ fn proto_tcp_peer_killed_mid_transfer_then_reconnect() -> Result<()> {
     };
     let wgr = ep.grant(g.region, &[(0, 65536)], Access::RemoteRead)?;
     send(&mut ep, Message::Write(desc(100, 4096, &wgr)));
-    assert_eq!(wait_completions(&mut ep, 1, Duration::from_secs(10))?[&100].status, Status::Ok);
+    assert_eq!(
+        wait_completions(&mut ep, 1, Duration::from_secs(10))?[&100].status,
+        Status::Ok
+    );
     let rgr = ep.grant(g.region, &[(1 << 20, 65536)], Access::RemoteWrite)?;
     send(&mut ep, Message::Read(desc(101, 4096, &rgr)));
-    assert_eq!(wait_completions(&mut ep, 1, Duration::from_secs(10))?[&101].status, Status::Ok);
+    assert_eq!(
+        wait_completions(&mut ep, 1, Duration::from_secs(10))?[&101].status,
+        Status::Ok
+    );
     drop(ep);
     assert_eq!(g.mem[..65536], g.mem[1 << 20..(1 << 20) + 65536]);
     g.mem.clear();

@@ -187,9 +187,10 @@ fn seg(w: Segment, off: u64, len: u32) -> Segment {
     }
 }
 
-/// QD1 cases poll like the backend's poller (yielding, since this 2-core
-/// host runs both ends); QD32 cases block in `wait` like a thread with
-/// nothing else to do, as the plain TCP client blocks in `read`.
+/// QD1 cases poll like the backend's poller thread (which also does the
+/// receiving: no hand-off to a transport thread); QD32 cases block in
+/// `wait` like a thread with nothing else to do, as the plain TCP client
+/// blocks in `read`.
 fn wait_one(ep: &mut TcpEndpoint, c: &mut [OpCompletion], block: bool) -> Result<usize> {
     loop {
         let n = ep.poll_completions(c);
@@ -205,6 +206,7 @@ fn wait_one(ep: &mut TcpEndpoint, c: &mut [OpCompletion], block: bool) -> Result
         if block {
             ep.wait(Duration::from_millis(100));
         } else {
+            // Yield rather than spin: both hosts share this machine's cores.
             std::thread::yield_now();
         }
     }

@@ -80,6 +80,51 @@ pub fn thread_preemptions() -> Result<u64, ProcStatError> {
     })
 }
 
+/// Time spent runnable but waiting for a CPU: the second field of a `/proc/.../schedstat`.
+pub fn parse_schedstat_wait_ns(schedstat: &str) -> Option<u64> {
+    schedstat.split_ascii_whitespace().nth(1)?.parse().ok()
+}
+
+/// How long the calling thread has waited on a runqueue so far: the time other tasks held
+/// its core while it wanted to run. For a pinned busy-polling thread this is exactly the
+/// time the measurement lost to other work.
+pub fn thread_runqueue_wait() -> Result<Duration, ProcStatError> {
+    let path = "/proc/thread-self/schedstat";
+    let text = std::fs::read_to_string(path).map_err(|source| ProcStatError::Read {
+        path: path.to_string(),
+        source,
+    })?;
+    parse_schedstat_wait_ns(&text)
+        .map(Duration::from_nanos)
+        .ok_or_else(|| ProcStatError::Parse {
+            path: path.to_string(),
+            line: text.trim_end().to_string(),
+        })
+}
+
+/// Runqueue wait summed over all threads of `pid` (threads that exited are not counted).
+pub fn process_runqueue_wait(pid: u32) -> Result<Duration, ProcStatError> {
+    let dir = format!("/proc/{pid}/task");
+    let read_err = |path: &str| {
+        let path = path.to_string();
+        move |source| ProcStatError::Read { path, source }
+    };
+    let mut total = Duration::ZERO;
+    for entry in std::fs::read_dir(&dir).map_err(read_err(&dir))? {
+        let path = entry.map_err(read_err(&dir))?.path().join("schedstat");
+        // A thread may exit between listing and reading; it no longer competes for a core.
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        let ns = parse_schedstat_wait_ns(&text).ok_or_else(|| ProcStatError::Parse {
+            path: path.display().to_string(),
+            line: text.trim_end().to_string(),
+        })?;
+        total += Duration::from_nanos(ns);
+    }
+    Ok(total)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -99,6 +144,15 @@ mod tests {
         assert_eq!(parse_involuntary_switches(status), Some(345));
         assert_eq!(parse_involuntary_switches("Name:\tx\n"), None);
         assert!(thread_preemptions().is_ok());
+    }
+
+    #[test]
+    fn runqueue_wait_is_the_second_schedstat_field() {
+        assert_eq!(parse_schedstat_wait_ns("918602 104055 2\n"), Some(104_055));
+        assert_eq!(parse_schedstat_wait_ns("918602"), None);
+        assert_eq!(parse_schedstat_wait_ns("1 x 2"), None);
+        assert!(thread_runqueue_wait().is_ok());
+        assert!(process_runqueue_wait(std::process::id()).unwrap() >= thread_runqueue_wait().unwrap());
     }
 
     #[test]

@@ -65,6 +65,12 @@ pub struct Report {
     /// Times the client thread was preempted per second of the measured interval. Should be
     /// ~0: anything else means another task shared the client's core during the run.
     pub client_preemptions_per_s: f64,
+    /// Percent of the measured interval the client was runnable but waiting for its core
+    /// (other tasks ran there). Above a few percent the figures understate the server.
+    pub client_runq_wait_pct: f64,
+    /// The same for the server, summed over its threads; for a polling server likewise the
+    /// share of the interval other tasks took from it.
+    pub server_runq_wait_pct: Option<f64>,
 }
 
 /// Measurements from which a [`Report`] is derived.
@@ -75,6 +81,8 @@ pub struct Measured<'a> {
     pub server_cpu: Option<Duration>,
     pub client_cpu: Duration,
     pub client_preemptions: u64,
+    pub client_runq_wait: Duration,
+    pub server_runq_wait: Option<Duration>,
 }
 
 /// Identity of the run, copied into the report.
@@ -127,6 +135,8 @@ impl Report {
             server_cpu_pct: m.server_cpu.map(pct),
             server_cpu_us_per_io,
             client_cpu_pct: pct(m.client_cpu),
+            client_runq_wait_pct: pct(m.client_runq_wait),
+            server_runq_wait_pct: m.server_runq_wait.map(pct),
             client_preemptions_per_s: if secs > 0.0 {
                 m.client_preemptions as f64 / secs
             } else {
@@ -162,9 +172,12 @@ impl Report {
             s += &format!(" ({us:.3} us/IO)");
         }
         s += &format!(
-            " client_cpu={:.0}% preempted={:.0}/s",
-            self.client_cpu_pct, self.client_preemptions_per_s
+            " client_cpu={:.0}% preempted={:.0}/s waited={:.1}%",
+            self.client_cpu_pct, self.client_preemptions_per_s, self.client_runq_wait_pct
         );
+        if let Some(w) = self.server_runq_wait_pct {
+            s += &format!(" server_waited={w:.1}%");
+        }
         s
     }
 
@@ -208,6 +221,8 @@ mod tests {
                 server_cpu: Some(Duration::from_secs(1)),
                 client_cpu: Duration::from_secs(2),
                 client_preemptions: 10,
+                client_runq_wait: Duration::from_millis(20),
+                server_runq_wait: Some(Duration::from_millis(40)),
             },
         );
         assert_eq!(r.iops, 1_000_000.0);
@@ -216,6 +231,8 @@ mod tests {
         assert_eq!(r.server_cpu_us_per_io, Some(0.5));
         assert_eq!(r.client_cpu_pct, 100.0);
         assert_eq!(r.client_preemptions_per_s, 5.0);
+        assert!((r.client_runq_wait_pct - 1.0).abs() < 1e-9);
+        assert_eq!(r.server_runq_wait_pct, Some(2.0));
         let l = r.lat_us.as_ref().unwrap();
         assert!((l.p50 - 2.0).abs() < 0.01, "{l:?}");
         assert!((l.max - 100.0).abs() < 0.1, "{l:?}");
@@ -239,6 +256,8 @@ mod tests {
                 server_cpu: Some(Duration::from_millis(200)),
                 client_cpu: Duration::ZERO,
                 client_preemptions: 0,
+                client_runq_wait: Duration::ZERO,
+                server_runq_wait: None,
             },
         );
         assert!(r.lat_us.is_none());

@@ -128,6 +128,11 @@ fn sample_server_cpu(pid: Option<u32>) -> anyhow::Result<Option<Duration>> {
         .transpose()
 }
 
+fn sample_server_runq_wait(pid: Option<u32>) -> anyhow::Result<Option<Duration>> {
+    pid.map(|p| procstat::process_runqueue_wait(p).with_context(|| format!("server pid {p}")))
+        .transpose()
+}
+
 pub fn run(config: &Config) -> anyhow::Result<Report> {
     if let Some(cpu) = config.cpu {
         ensure!(
@@ -201,6 +206,10 @@ pub fn run(config: &Config) -> anyhow::Result<Report> {
     let mut client_cpu = Duration::ZERO;
     let mut preempt0 = 0;
     let mut client_preemptions = 0;
+    let mut runq_wait0 = Duration::ZERO;
+    let mut client_runq_wait = Duration::ZERO;
+    let mut server_wait0 = None;
+    let mut server_runq_wait = None;
     let submitting = |phase: Phase| phase != Phase::Drain;
 
     while in_flight > 0 {
@@ -256,6 +265,8 @@ pub fn run(config: &Config) -> anyhow::Result<Report> {
                 server_cpu0 = sample_server_cpu(config.server_pid)?;
                 client_cpu0 = procstat::thread_cpu_time()?;
                 preempt0 = procstat::thread_preemptions()?;
+                runq_wait0 = procstat::thread_runqueue_wait()?;
+                server_wait0 = sample_server_runq_wait(config.server_pid)?;
             }
         } else if phase == Phase::Measure && now >= measure_end {
             elapsed = now - measure_start;
@@ -264,6 +275,10 @@ pub fn run(config: &Config) -> anyhow::Result<Report> {
                 .map(|(b, a)| b.saturating_sub(a));
             client_cpu = procstat::thread_cpu_time()?.saturating_sub(client_cpu0);
             client_preemptions = procstat::thread_preemptions()?.saturating_sub(preempt0);
+            client_runq_wait = procstat::thread_runqueue_wait()?.saturating_sub(runq_wait0);
+            server_runq_wait = sample_server_runq_wait(config.server_pid)?
+                .zip(server_wait0)
+                .map(|(b, a)| b.saturating_sub(a));
             phase = Phase::Drain;
         }
     }
@@ -302,6 +317,8 @@ pub fn run(config: &Config) -> anyhow::Result<Report> {
             server_cpu,
             client_cpu,
             client_preemptions,
+            client_runq_wait,
+            server_runq_wait,
         },
     );
     dev.blkio.unmap_mem_region(&dev.region);

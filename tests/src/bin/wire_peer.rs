@@ -24,8 +24,18 @@ struct Args {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into())).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let a = Args::parse();
     let secret = proto::auth::Secret::from_file(&a.secret_file).context("cluster secret")?;
-    run(PeerConfig { listen: a.listen, transport: proto::Config::new(a.cluster, a.node, secret), disk_bytes: a.disk_mib << 20, seed: a.seed })
+    run(PeerConfig {
+        listen: a.listen,
+        transport: proto::Config::new(a.cluster, a.node, secret),
+        disk_bytes: a.disk_mib << 20,
+        seed: a.seed,
+    })
 }
