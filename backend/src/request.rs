@@ -114,8 +114,9 @@ impl Rejection {
     }
 }
 
-/// Reusable storage, so that parsing allocates nothing per request.
-#[derive(Debug, Default)]
+/// Reusable storage, so that parsing allocates nothing per request. Its capacity bounds the
+/// chain length `parse` accepts, so it is only made with [`Scratch::with_capacity`].
+#[derive(Debug)]
 pub struct Scratch {
     descriptors: Vec<(GuestAddress, u32, bool)>,
     /// Data segments of the last parsed request, in order.
@@ -288,7 +289,8 @@ where
 
 fn check_sectors(sector: u64, count: u64, capacity: u64) -> Result<(), &'static str> {
     match sector.checked_add(count) {
-        Some(end) if end <= capacity => Ok(()),
+        // The byte offset must be representable too (sector << 9 must not wrap).
+        Some(end) if end <= capacity && end <= u64::MAX >> SECTOR_SHIFT => Ok(()),
         _ => Err("sectors past the end of the volume"),
     }
 }
