@@ -26,7 +26,13 @@ for dir in backend/fuzz proto/fuzz; do
     [[ -d $dir ]] || continue
     for target in $(cd "$dir" && RUSTC_BOOTSTRAP=1 cargo fuzz list); do
         echo "-- fuzz $dir $target"
-        (cd "$dir" && RUSTC_BOOTSTRAP=1 cargo fuzz run "$target" -- -max_total_time="$FUZZ_SECONDS" -rss_limit_mb=2048 2>&1 | tail -n 5)
+        corpus=()
+        if [[ -d $dir/seeds ]]; then
+            mkdir -p "$dir/corpus/$target"
+            corpus=("corpus/$target" seeds)
+        fi
+        (cd "$dir" && RUSTC_BOOTSTRAP=1 cargo fuzz run "$target" "${corpus[@]}" -- \
+            -max_total_time="$FUZZ_SECONDS" -timeout=10 -rss_limit_mb=2048 2>&1 | tail -n 5)
     done
 done
 echo "== all tests passed"

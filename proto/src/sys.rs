@@ -168,11 +168,13 @@ pub(crate) fn recv_into_some(
     }
 }
 
-/// Waits up to `timeout_ms` for `fd` to become readable (or hung up).
-pub(crate) fn wait_readable(fd: BorrowedFd<'_>, timeout_ms: i32) -> io::Result<bool> {
+/// Waits up to `timeout_ms` for `fd` to become readable (or hung up), or
+/// also writable when `write`.
+pub(crate) fn wait_fd(fd: BorrowedFd<'_>, write: bool, timeout_ms: i32) -> io::Result<bool> {
+    let events = libc::POLLIN | if write { libc::POLLOUT } else { 0 };
     let mut p = libc::pollfd {
         fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
+        events,
         revents: 0,
     };
     // SAFETY: one valid pollfd, count 1.

@@ -53,6 +53,10 @@ pub const ERR_PROTOCOL: u32 = 4;
 /// Frames the writer thread gathers into one `sendmsg`.
 const WRITE_BATCH: usize = 64;
 
+/// How recently the application must have polled for the background
+/// threads to leave the connection to it.
+const APP_ACTIVE: Duration = Duration::from_millis(1);
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Every critical section below leaves its state consistent at each
     // statement boundary, so a poisoned lock is still safe to use.
@@ -103,7 +107,7 @@ impl OutItem {
 
 struct Out {
     /// Partly sent item; always goes first.
-    current: Option<(OutItem, usize)>,
+    current: VecDeque<(OutItem, usize)>,
     /// Answers to the peer's one-sided operations.
     resp: VecDeque<OutItem>,
     /// Our messages and one-sided requests, in posting order.
@@ -273,7 +277,7 @@ impl Conn {
         {
             let mut o = lock(&self.out);
             o.closed = true;
-            o.current = None;
+            o.current.clear();
             o.resp.clear();
             o.app.clear();
             o.app_msgs = 0;
@@ -303,7 +307,7 @@ impl Conn {
             self.fail("peer exceeds the in-flight operation limit", false);
             return Err(TransportError::Disconnected);
         }
-        if !o.writing && o.current.is_none() && o.resp.is_empty() && o.app.is_empty() {
+        if !o.writing && o.current.is_empty() && o.resp.is_empty() && o.app.is_empty() {
             let chunks: Vec<Chunk<'_>> = item.chunks().collect();
             let sent = match sys::send_vectored(self.sock.as_fd(), &chunks, 0, true) {
                 Ok(n) => n,
@@ -324,7 +328,7 @@ impl Conn {
             if sent == item.len {
                 return Ok(());
             }
-            o.current = Some((item, sent));
+            o.current.push_back((item, sent));
         } else if resp {
             o.resp.push_back(item);
         } else {
@@ -338,33 +342,37 @@ impl Conn {
         Ok(())
     }
 
+    /// True if the application polled within the last millisecond: it then
+    /// drives the connection itself and the background threads stand aside.
+    fn app_active(&self) -> bool {
+        let app = self.last_app_poll_ns.load(Ordering::Relaxed);
+        app != 0 && self.now_ns().saturating_sub(app) < APP_ACTIVE.as_nanos() as u64
+    }
+
+    /// Background sender: drains the output queues with blocking sends when
+    /// the application is not polling (its `poll_*`/`wait` flush otherwise),
+    /// and sends heartbeats on an idle connection.
     fn writer(self: Arc<Self>) {
         let mut seq = 0u64;
         loop {
-            let mut batch: Vec<(OutItem, usize)> = Vec::new();
             {
                 let mut o = lock(&self.out);
                 loop {
                     if o.closed {
                         return;
                     }
-                    if !o.writing
-                        && (o.current.is_some() || !o.resp.is_empty() || !o.app.is_empty())
-                    {
+                    let pending = !o.current.is_empty() || !o.resp.is_empty() || !o.app.is_empty();
+                    if pending && !o.writing && !self.app_active() {
                         break;
                     }
+                    let nap = if pending { APP_ACTIVE } else { self.heartbeat };
                     let (g, _) = self
                         .out_cv
-                        .wait_timeout(o, self.heartbeat)
+                        .wait_timeout(o, nap)
                         .unwrap_or_else(|p| p.into_inner());
                     o = g;
-                    if !o.writing
-                        && !o.closed
-                        && o.last_send.elapsed() >= self.heartbeat
-                        && o.current.is_none()
-                        && o.app.is_empty()
-                        && o.resp.is_empty()
-                    {
+                    let idle = o.current.is_empty() && o.app.is_empty() && o.resp.is_empty();
+                    if !o.writing && !o.closed && idle && o.last_send.elapsed() >= self.heartbeat {
                         seq += 1;
                         let hb = Message::Heartbeat(wire::Heartbeat {
                             sequence: seq,
@@ -375,58 +383,93 @@ impl Conn {
                         }
                     }
                 }
-                if let Some(c) = o.current.take() {
-                    batch.push(c);
-                }
-                while batch.len() < WRITE_BATCH {
-                    if let Some(i) = o.resp.pop_front() {
-                        batch.push((i, 0));
-                    } else if let Some(i) = o.app.pop_front() {
-                        if i.app_msg {
-                            o.app_msgs -= 1;
-                        }
-                        batch.push((i, 0));
-                    } else {
-                        break;
-                    }
-                }
-                o.writing = true;
             }
-            let total: usize = batch.iter().map(|(i, s)| i.len - s).sum();
+            if let Err(why) = self.flush(true) {
+                return self.fail(&why, false);
+            }
+        }
+    }
+
+    /// Sends queued output, in order, gathering up to `WRITE_BATCH` items per
+    /// `sendmsg`. Whoever finds nobody else sending does it. `blocking` (the
+    /// writer thread) waits for socket space, bounded by `SO_SNDTIMEO`;
+    /// otherwise it stops at a full socket and leaves the rest queued.
+    /// Returns whether anything was sent.
+    fn flush(&self, blocking: bool) -> Result<bool, String> {
+        let mut batch: VecDeque<(OutItem, usize)> = VecDeque::new();
+        {
+            let mut o = lock(&self.out);
+            if o.writing || o.closed {
+                return Ok(false);
+            }
+            std::mem::swap(&mut batch, &mut o.current);
+            while batch.len() < WRITE_BATCH {
+                if let Some(i) = o.resp.pop_front() {
+                    batch.push_back((i, 0));
+                } else if let Some(i) = o.app.pop_front() {
+                    if i.app_msg {
+                        o.app_msgs -= 1;
+                    }
+                    batch.push_back((i, 0));
+                } else {
+                    break;
+                }
+            }
+            if batch.is_empty() {
+                return Ok(false);
+            }
+            o.writing = true;
+        }
+        let total: usize = batch.iter().map(|(i, s)| i.len - s).sum();
+        let mut done = 0usize;
+        let mut err = None;
+        {
             let chunks: Vec<Chunk<'_>> = batch.iter().flat_map(|(i, _)| i.chunks()).collect();
-            let mut skip: usize = batch.first().map_or(0, |(_, s)| *s);
-            let mut done = 0usize;
-            let mut err = None;
+            let mut skip: usize = batch.front().map_or(0, |(_, s)| *s);
             while done < total {
-                match sys::send_vectored(self.sock.as_fd(), &chunks, skip, false) {
+                match sys::send_vectored(self.sock.as_fd(), &chunks, skip, !blocking) {
                     Ok(n) => {
                         skip += n;
                         done += n;
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && !blocking => break,
                     Err(e) => {
                         err = Some(e);
                         break;
                     }
                 }
             }
-            drop(chunks);
-            drop(batch);
-            {
-                let mut o = lock(&self.out);
-                o.writing = false;
-                o.last_send = Instant::now();
-            }
-            if let Some(e) = err {
-                let why = if e.kind() == std::io::ErrorKind::WouldBlock {
-                    "peer stopped reading (send timed out)".to_owned()
-                } else {
-                    format!("send failed: {e}")
-                };
-                self.fail(&why, false);
-                return;
+        }
+        // Drop what went out; the rest goes back in front, in order.
+        let mut sent = done;
+        while let Some((item, off)) = batch.front_mut() {
+            let left = item.len - *off;
+            if sent >= left {
+                sent -= left;
+                batch.pop_front();
+            } else {
+                *off += sent;
+                break;
             }
         }
+        let mut o = lock(&self.out);
+        o.writing = false;
+        if done > 0 {
+            o.last_send = Instant::now();
+        }
+        if !o.closed {
+            o.current = batch;
+        }
+        drop(o);
+        if let Some(e) = err {
+            return Err(if e.kind() == std::io::ErrorKind::WouldBlock {
+                "peer stopped reading (send timed out)".to_owned()
+            } else {
+                format!("send failed: {e}")
+            });
+        }
+        Ok(done > 0)
     }
 
     /// Background receiver: drives `pump` when the application is not
@@ -438,8 +481,7 @@ impl Conn {
             if self.dead.load(Ordering::Acquire) {
                 return;
             }
-            let app = self.last_app_poll_ns.load(Ordering::Relaxed);
-            if app != 0 && self.now_ns().saturating_sub(app) < idle.as_nanos() as u64 {
+            if self.app_active() {
                 // The application's poller is receiving; stay out of its way,
                 // but notice if nothing arrives any more.
                 std::thread::sleep(idle);
@@ -916,7 +958,7 @@ impl TcpEndpoint {
             peer_node,
             registry,
             out: Mutex::new(Out {
-                current: None,
+                current: VecDeque::new(),
                 resp: VecDeque::new(),
                 app: VecDeque::new(),
                 app_msgs: 0,
@@ -984,7 +1026,11 @@ impl TcpEndpoint {
             self.conn
                 .last_app_poll_ns
                 .store(self.conn.now_ns().max(1), Ordering::Relaxed);
-            let _ = sys::wait_readable(self.conn.sock.as_fd(), 1);
+            let out = {
+                let o = lock(&self.conn.out);
+                !o.current.is_empty() || !o.resp.is_empty() || !o.app.is_empty()
+            };
+            let _ = sys::wait_fd(self.conn.sock.as_fd(), out, 1);
         }
     }
 
@@ -994,7 +1040,11 @@ impl TcpEndpoint {
         self.conn
             .last_app_poll_ns
             .store(self.conn.now_ns().max(1), Ordering::Relaxed);
-        if let Err(r) = self.conn.pump(64, false).map(|_| ()) {
+        let r = self
+            .conn
+            .pump(64, false)
+            .and_then(|_| self.conn.flush(false));
+        if let Err(r) = r {
             self.conn.fail(&r, false);
         }
     }

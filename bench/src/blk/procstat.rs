@@ -152,7 +152,9 @@ mod tests {
         assert_eq!(parse_schedstat_wait_ns("918602"), None);
         assert_eq!(parse_schedstat_wait_ns("1 x 2"), None);
         assert!(thread_runqueue_wait().is_ok());
-        assert!(process_runqueue_wait(std::process::id()).unwrap() >= thread_runqueue_wait().unwrap());
+        assert!(
+            process_runqueue_wait(std::process::id()).unwrap() >= thread_runqueue_wait().unwrap()
+        );
     }
 
     #[test]
