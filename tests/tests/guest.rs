@@ -249,12 +249,14 @@ fn guest_reconnects_after_a_server_restart() -> Result<()> {
 /// Stricter than the idle restart: requests are in flight when the server
 /// stops, and QEMU can only resubmit them if the server tracks in-flight
 /// requests (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD). qemu-storage-daemon 10.0
-/// passed 1 of 4 tries here;
+/// passed 1 of 4 tries here, hcblk 2 of 3 (its graceful stop completes what it had popped,
+/// but requests QEMU had made available and not yet seen processed are resubmitted or lost
+/// depending on timing);
 /// the others ended in "virtio_blk virtio0: req.0:id 5 is not a head!", guest
 /// I/O errors and a hung fio. Run it explicitly against a server that claims
 /// this: `cargo test -p hcblk-tests --test guest -- --ignored`.
 #[test]
-#[ignore = "needs inflight-I/O tracking in the server; qemu-storage-daemon lacks it (see doc comment)"]
+#[ignore = "needs inflight-I/O tracking (INFLIGHT_SHMFD), which neither qemu-storage-daemon nor hcblk (vhost-user-backend 0.24) has; see doc comment"]
 fn guest_io_survives_a_server_restart() -> Result<()> {
     let fx = Fixture::new("restart")?;
     let mut server = start_server(
