@@ -276,7 +276,7 @@ def plot(summary, png, title):
     panels = [
         ("iops", "IOPS (log)", True),
         ("p50_us", "p50 latency µs (log); whisker to p99", True),
-        ("server_cpu_us_per_io", "server CPU µs per I/O", False),
+        ("server_cpu_us_per_io", "server CPU µs per I/O (log)", True),
     ]
     for ax, (metric, label, log) in zip(axes, panels):
         for i, server in enumerate(servers):

@@ -24,6 +24,7 @@
 #   HCBLK_DAEMON_ARGS [""]  extra arguments for `hcblk daemon`
 #   HCBLK [target/release/hcblk]  QSD [/usr/bin/qemu-storage-daemon]  PYTHON [/usr/bin/python3, which has python3-matplotlib]
 set -euo pipefail
+trap 'echo "bench/run.sh: line $LINENO: \"$BASH_COMMAND\" failed" >&2' ERR
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 NICE=${BENCH_NICE:--20}
@@ -294,7 +295,7 @@ fi
 
 # --- metadata ----------------------------------------------------------------------------
 # The command as invoked, with every setting taken from the environment.
-COMMAND="$(env | grep -E '^(BENCH_[A-Z_]*|HCBLK|HCBLK_DAEMON_ARGS|QSD|PYTHON)=' | sort | sed -E "s/=(.*)/='\1'/" | tr '\n' ' ')bench/run.sh"
+COMMAND="$(env | { grep -E '^(BENCH_[A-Z_]*|HCBLK|HCBLK_DAEMON_ARGS|QSD|PYTHON)=' || true; } | sort | sed -E "s/=(.*)/='\1'/" | tr '\n' ' ')bench/run.sh"
 "$PYTHON" - "$OUT/meta.json" <<EOF
 import json, sys, platform, subprocess
 def sh(c):

@@ -19,7 +19,8 @@ echo "== build"
 cargo build --workspace --all-targets --locked
 
 echo "== tests: unit, in-process, multi-process, QEMU guest"
-cargo test --workspace --locked -- --test-threads="${HCBLK_TEST_THREADS:-2}"
+LOG=$(mktemp /tmp/hcblk-test.XXXXXX.log)
+cargo test --workspace --locked -- --test-threads="${HCBLK_TEST_THREADS:-2}" 2>&1 | tee "$LOG"
 
 echo "== fuzz targets, ${FUZZ_SECONDS}s each"
 for dir in backend/fuzz proto/fuzz; do
@@ -35,4 +36,8 @@ for dir in backend/fuzz proto/fuzz; do
             -max_total_time="$FUZZ_SECONDS" -timeout=10 -rss_limit_mb=2048 2>&1 | tail -n 5)
     done
 done
-echo "== all tests passed"
+passed=$(awk '/^test result:/ {sum += $4} END {print sum + 0}' "$LOG")
+failed=$(awk '/^test result:/ {sum += $6} END {print sum + 0}' "$LOG")
+rm -f "$LOG"
+echo "== all tests passed, and every fuzz target ran ${FUZZ_SECONDS}s without a crash"
+echo "${passed} passed, ${failed} failed"

@@ -28,6 +28,8 @@ use crate::request::{self, Op, Rejection, Request, Scratch, STATUS_IOERR, STATUS
 /// Requests a pass over one queue may take before moving on, so one busy queue cannot starve
 /// the others or its own completions.
 const BATCH_MAX: usize = 64;
+/// Longest a poller sleeps waiting for disk completions before looking at its rings again.
+const DISK_WAIT: std::time::Duration = std::time::Duration::from_micros(50);
 /// Iterations between checks of the stop flag while busy.
 const STOP_CHECK_EVERY: u32 = 1024;
 
@@ -158,7 +160,14 @@ impl Poller {
                 PollMode::Adaptive => last_work.elapsed() >= idle,
             };
             if !sleep {
-                std::hint::spin_loop();
+                if self.shard.outstanding() > 0 {
+                    // Only the disk is left to wait for: sleep in the ring (bounded, so new
+                    // guest requests wait at most DISK_WAIT) rather than spin and starve the
+                    // kernel threads that complete O_DIRECT writes on this core.
+                    self.shard.wait_for_disk(DISK_WAIT);
+                } else {
+                    std::hint::spin_loop();
+                }
                 continue;
             }
             // Re-arm guest kicks, then look once more: a request made available between our

@@ -119,6 +119,27 @@ impl ShardQueue {
         Ok(())
     }
 
+    /// Sleeps until the ring completes something or `timeout` passes, if requests are in the
+    /// ring and nothing is waiting to be popped. A poller calls this instead of spinning when
+    /// it only waits for the disk: the kernel work behind O_DIRECT writes (io-wq workers,
+    /// which inherit the poller's core) then gets the core instead of fighting a spinner.
+    pub fn wait_for_disk(&mut self, timeout: std::time::Duration) {
+        if !self.completions.is_empty() {
+            return;
+        }
+        let Some(engine) = self.engine.as_mut() else { return };
+        if engine.free_slots.len() == engine.slots.len() {
+            return;
+        }
+        let ts = types::Timespec::from(timeout);
+        let args = types::SubmitArgs::new().timespec(&ts);
+        match engine.ring.submitter().submit_with_args(1, &args) {
+            Ok(_) => engine.unsubmitted = 0,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR | libc::EBUSY | libc::EAGAIN)) => {}
+            Err(e) => tracing::warn!(error = %e, "io_uring wait failed"),
+        }
+    }
+
     /// Takes one finished request off the completion queue.
     pub fn pop_completion(&self) -> Option<IoCompletion> {
         let completion = self.completions.pop()?;
