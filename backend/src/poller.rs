@@ -161,10 +161,11 @@ impl Poller {
             };
             if !sleep {
                 if self.shard.outstanding() > 0 {
-                    // Only the disk is left to wait for: sleep in the ring (bounded, so new
-                    // guest requests wait at most DISK_WAIT) rather than spin and starve the
-                    // kernel threads that complete O_DIRECT writes on this core.
+                    // Only the disk is left to wait for: with writes in flight, sleep in the
+                    // ring (bounded, so new guest requests wait at most DISK_WAIT) rather than
+                    // spin and starve the kernel threads that run O_DIRECT writes on this core.
                     self.shard.wait_for_disk(DISK_WAIT);
+                    std::hint::spin_loop();
                 } else {
                     std::hint::spin_loop();
                 }

@@ -54,6 +54,8 @@ struct UringEngine {
     /// Signalled by the kernel on every CQE, for pollers that sleep in epoll.
     eventfd: OwnedFd,
     unsubmitted: u32,
+    /// Requests in the ring other than reads: these may need kernel worker threads.
+    non_reads_in_flight: u32,
 }
 
 impl ShardQueue {
@@ -119,16 +121,17 @@ impl ShardQueue {
         Ok(())
     }
 
-    /// Sleeps until the ring completes something or `timeout` passes, if requests are in the
-    /// ring and nothing is waiting to be popped. A poller calls this instead of spinning when
-    /// it only waits for the disk: the kernel work behind O_DIRECT writes (io-wq workers,
-    /// which inherit the poller's core) then gets the core instead of fighting a spinner.
+    /// Sleeps until the ring completes something or `timeout` passes, if writes (or other
+    /// non-read operations) are in the ring and nothing is waiting to be popped. A poller
+    /// calls this instead of spinning when it only waits for the disk: the kernel work behind
+    /// O_DIRECT writes (io-wq workers, which inherit the poller's core) then gets the core
+    /// instead of fighting a spinner. Reads complete from interrupts and are left to spin on.
     pub fn wait_for_disk(&mut self, timeout: std::time::Duration) {
         if !self.completions.is_empty() {
             return;
         }
         let Some(engine) = self.engine.as_mut() else { return };
-        if engine.free_slots.len() == engine.slots.len() {
+        if engine.non_reads_in_flight == 0 {
             return;
         }
         let ts = types::Timespec::from(timeout);
@@ -179,7 +182,7 @@ impl ShardQueue {
 
     fn reap(&mut self) -> usize {
         let Some(engine) = self.engine.as_mut() else { return 0 };
-        let UringEngine { ring, slots, free_slots, .. } = engine;
+        let UringEngine { ring, slots, free_slots, non_reads_in_flight, .. } = engine;
         let mut reaped = 0;
         for cqe in ring.completion() {
             let slot = cqe.user_data() as usize;
@@ -188,6 +191,9 @@ impl ShardQueue {
                 continue;
             };
             free_slots.push(slot as u32);
+            if request.op != Op::Read {
+                *non_reads_in_flight = non_reads_in_flight.saturating_sub(1);
+            }
             let status = status_of(&request, cqe.result());
             // Cannot fail: see `submit`; a completion only exists for an outstanding request.
             let _ = self.completions.push(IoCompletion { user_data: request.user_data, status });
@@ -411,6 +417,7 @@ impl UringEngine {
             free_slots: (0..depth).rev().collect(),
             eventfd,
             unsubmitted: 0,
+            non_reads_in_flight: 0,
         })
     }
 
@@ -433,6 +440,9 @@ impl UringEngine {
             }
         }
         self.unsubmitted += 1;
+        if request.op != Op::Read {
+            self.non_reads_in_flight += 1;
+        }
         None
     }
 }
