@@ -18,6 +18,9 @@ FUZZ_SECONDS=${HCBLK_FUZZ_SECONDS:-60}
 echo "== build"
 cargo build --workspace --all-targets --locked
 
+echo "== lints (undocumented unsafe is an error)"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
 echo "== tests: unit, in-process, multi-process, QEMU guest"
 LOG=$(mktemp /tmp/hcblk-test.XXXXXX.log)
 cargo test --workspace --locked -- --test-threads="${HCBLK_TEST_THREADS:-2}" 2>&1 | tee "$LOG"

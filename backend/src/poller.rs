@@ -141,11 +141,11 @@ impl Poller {
             self.notify(vrings, &mem);
 
             spins = spins.wrapping_add(1);
-            if spins % STOP_CHECK_EVERY == 0 && polling {
+            if spins.is_multiple_of(STOP_CHECK_EVERY) && polling {
                 // Queues enabled since we started polling still have kicks on.
                 self.set_notifications(vrings, &atomic, false);
             }
-            if work > 0 && (spins % STOP_CHECK_EVERY != 0 || !device.stopping.load(Ordering::Acquire)) {
+            if work > 0 && (!spins.is_multiple_of(STOP_CHECK_EVERY) || !device.stopping.load(Ordering::Acquire)) {
                 last_work = Instant::now();
                 continue;
             }

@@ -102,7 +102,7 @@ impl Backing {
         if config.block_size != 512 && config.block_size != 4096 {
             return Err(Error::BlockSize(config.block_size));
         }
-        if config.size_bytes == 0 || config.size_bytes % u64::from(config.block_size) != 0 {
+        if config.size_bytes == 0 || !config.size_bytes.is_multiple_of(u64::from(config.block_size)) {
             return Err(Error::SizeNotAligned {
                 size: config.size_bytes,
                 block_size: config.block_size,
@@ -194,7 +194,7 @@ impl Backing {
         if new_size_bytes < current {
             return Err(Error::Shrink { current, requested: new_size_bytes });
         }
-        if new_size_bytes % u64::from(self.block_size) != 0 {
+        if !new_size_bytes.is_multiple_of(u64::from(self.block_size)) {
             return Err(Error::SizeNotAligned { size: new_size_bytes, block_size: self.block_size });
         }
         match self.kind {

@@ -304,14 +304,14 @@ impl ShardQueue {
     fn is_direct_aligned(&self, request: &IoRequest) -> bool {
         let offset_align = u64::from(self.backing.dio_offset_align());
         let mem_align = self.backing.dio_mem_align() as usize;
-        if request.offset_bytes % offset_align != 0 || request.len_bytes % offset_align != 0 {
+        if !request.offset_bytes.is_multiple_of(offset_align) || !request.len_bytes.is_multiple_of(offset_align) {
             return false;
         }
         // SAFETY: the submit contract: `iov` points at `iov_count` valid iovecs.
         let iovecs = unsafe { iovec_slice(request) };
         iovecs
             .iter()
-            .all(|v| (v.iov_base as usize) % mem_align == 0 && v.iov_len % mem_align == 0)
+            .all(|v| (v.iov_base as usize).is_multiple_of(mem_align) && v.iov_len % mem_align == 0)
     }
 
     /// The slow path, run inline: unaligned reads and writes through the hugepage bounce
