@@ -11,6 +11,8 @@ export PATH="$HOME/.cargo/bin:$PATH"
 cargo build --release --locked -p hcblk
 qemu/build-guest.sh
 
+# Hugepages for the daemon's own buffers; the ones we add are given back on exit.
+export HCBLK_HUGEPAGES_STATE=/tmp/hcblk-hugepages.run.added
 scripts/hugepages.sh reserve "${HCBLK_HUGEPAGES:-32}"
 DEMO=${HCBLK_DEMO_DIR:-/var/tmp/hcblk-demo}
 API="$DEMO/api.sock"
