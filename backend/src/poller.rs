@@ -308,7 +308,7 @@ impl Poller {
             }
         }
         slot.status = request.status;
-        slot.used_len = if writable { request.len_bytes as u32 + 1 } else { 1 };
+        slot.used_len = if writable { u32::try_from(request.len_bytes).unwrap_or(u32::MAX).saturating_add(1) } else { 1 };
         slot.mem = Some(Arc::clone(mem));
         let io = IoRequest {
             user_data: (local as u64) << 16 | u64::from(head),
