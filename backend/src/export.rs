@@ -156,8 +156,8 @@ impl Export {
         self.shared.connected.load(Ordering::Acquire)
     }
 
-    /// Requests completed over the export's lifetime (all connections so far counted by the
-    /// current device only).
+    /// Requests completed on the current (or, once it ended, the last) frontend connection;
+    /// each connection starts counting from zero.
     pub fn completed_requests(&self) -> u64 {
         let device = self.shared.device.lock().unwrap_or_else(|p| p.into_inner()).clone();
         device.map_or(0, |d| d.completed.load(Ordering::Relaxed))

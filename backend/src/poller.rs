@@ -128,7 +128,9 @@ impl Poller {
         let mut last_work = Instant::now();
         let mut spins: u32 = 0;
         loop {
-            let mem = atomic.memory().into_inner();
+            // A guard, not an Arc: the loop only reads the rings through it; requests that
+            // outlive the pass take their own Arc in `pop_requests`.
+            let mem = atomic.memory();
             let mut work = 0;
             let limits = device.limits();
             for local in 0..self.queues.len() {
@@ -160,15 +162,12 @@ impl Poller {
                 PollMode::Adaptive => last_work.elapsed() >= idle,
             };
             if !sleep {
-                if self.shard.outstanding() > 0 {
-                    // Only the disk is left to wait for: with writes in flight, sleep in the
-                    // ring (bounded, so new guest requests wait at most DISK_WAIT) rather than
-                    // spin and starve the kernel threads that run O_DIRECT writes on this core.
-                    self.shard.wait_for_disk(DISK_WAIT);
-                    std::hint::spin_loop();
-                } else {
-                    std::hint::spin_loop();
-                }
+                // Only the disk is left to wait for: with writes in flight the shard sleeps in
+                // the ring (bounded, so new guest requests wait at most DISK_WAIT) rather than
+                // spin and starve the kernel threads that run O_DIRECT writes on this core;
+                // otherwise it returns at once and we keep spinning.
+                self.shard.wait_for_disk(DISK_WAIT);
+                std::hint::spin_loop();
                 continue;
             }
             // Re-arm guest kicks, then look once more: a request made available between our
@@ -210,7 +209,7 @@ impl Poller {
         local: usize,
         vring: &Vring,
         atomic: &GuestMemoryAtomic<GuestMem>,
-        mem: &Arc<GuestMem>,
+        mem: &GuestMem,
         limits: &request::Limits,
     ) -> usize {
         let mut state = vring.get_mut();
@@ -218,7 +217,7 @@ impl Poller {
             return 0;
         }
         let queue = state.get_queue();
-        match queue.avail_idx(&**mem, Ordering::Acquire) {
+        match queue.avail_idx(mem, Ordering::Acquire) {
             Ok(avail) if avail.0 != queue.next_avail() => {}
             _ => return 0,
         }
@@ -371,7 +370,7 @@ impl Poller {
     }
 
     /// Interrupts the guest for queues that completed work, where it asked to be told.
-    fn notify(&mut self, vrings: &[Vring], mem: &Arc<GuestMem>) {
+    fn notify(&mut self, vrings: &[Vring], mem: &GuestMem) {
         if self.to_notify == 0 {
             return;
         }
@@ -380,7 +379,7 @@ impl Poller {
                 continue;
             }
             let mut state = vring.get_mut();
-            if state.get_queue_mut().needs_notification(&**mem).unwrap_or(true) {
+            if state.get_queue_mut().needs_notification(mem).unwrap_or(true) {
                 if let Err(e) = state.signal_used_queue() {
                     tracing::warn!(error = %e, "cannot signal the used queue");
                 }

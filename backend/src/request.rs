@@ -307,8 +307,7 @@ fn read_stream<T: ByteValued + Default, M: GuestMemory + ?Sized>(
     let bytes = value.as_mut_slice();
     let mut filled = 0usize;
     let mut skip = skip;
-    for &(addr, len, w) in descriptors.iter().filter(|d| d.2 == writable) {
-        let _ = w;
+    for &(addr, len, _) in descriptors.iter().filter(|d| d.2 == writable) {
         let len = u64::from(len);
         if skip >= len {
             skip -= len;
