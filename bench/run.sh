@@ -275,20 +275,23 @@ if [[ ! -f $IMG || $(stat -c %s "$IMG") != "$SIZE_BYTES" || -f $IMG.partial ]]; 
 fi
 
 # --- hugepages ---------------------------------------------------------------------------
-# hcblk's ram backing lives in hugepages (plus the daemon's own --hugepages-mb, default 64).
-# Reserve what is missing for the run and give it back on exit.
-if [[ "$SERVERS" == *hcblk-ram* ]]; then
+# Every hcblk daemon needs its own --hugepages-mb (default 64, reserved here with margin: 128 MiB);
+# the ram backing lives in hugepages too. Reserve what is missing and give it back on exit.
+if [[ "$SERVERS" == *hcblk-* ]]; then
     page_kb=$(awk '/^Hugepagesize:/ {print $2}' /proc/meminfo)
     free=$(awk '/^HugePages_Free:/ {print $2}' /proc/meminfo)
-    need=$(((SIZE_BYTES >> 10) / page_kb + (128 << 10) / page_kb))
+    need=$(((128 << 10) / page_kb))
+    if [[ "$SERVERS" == *hcblk-ram* ]]; then
+        need=$((need + (SIZE_BYTES >> 10) / page_kb))
+    fi
     if ((free < need)); then
         total=$(cat /proc/sys/vm/nr_hugepages)
         if [[ $(id -u) == 0 ]]; then
             HUGEPAGES_ORIG=$total
             echo $((total + need - free)) >/proc/sys/vm/nr_hugepages
-            log "reserved $((need - free)) more hugepages for hcblk-ram ($(awk '/^HugePages_Free:/ {print $2}' /proc/meminfo) free)"
+            log "reserved $((need - free)) more hugepages for hcblk ($(awk '/^HugePages_Free:/ {print $2}' /proc/meminfo) free)"
         else
-            log "hcblk-ram needs $need free hugepages, $free free and not root: it will fail"
+            log "hcblk needs $need free hugepages, $free free and not root: it will fail"
         fi
     fi
 fi
