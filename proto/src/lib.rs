@@ -13,6 +13,7 @@ pub mod loopback;
 pub mod mem;
 #[cfg(feature = "rdma")]
 pub mod rdma;
+mod ratelimit;
 mod sys;
 pub mod tcp;
 pub mod wire;

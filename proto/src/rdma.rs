@@ -34,7 +34,7 @@ use rdma_sys::*;
 use std::collections::{HashMap, VecDeque};
 use std::ffi::CStr;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::Arc;
 
 /// The first verbs device found.
@@ -422,6 +422,7 @@ impl RdmaEndpoint {
             })?
             .next()
             .ok_or(TransportError::Handshake("no address"))?;
+        let deadline = crate::tcp::Deadline::after(cfg.handshake_timeout);
         let mut sock =
             TcpStream::connect_timeout(&addr, cfg.handshake_timeout).map_err(|source| {
                 TransportError::Io {
@@ -429,7 +430,7 @@ impl RdmaEndpoint {
                     source,
                 }
             })?;
-        let peer = crate::tcp::client_handshake(&mut sock, cfg)?;
+        let peer = crate::tcp::client_handshake(&mut sock, cfg, &deadline)?;
         Self::establish(&mut sock, cfg, registry, peer)
     }
 
@@ -967,10 +968,12 @@ impl Drop for RdmaEndpoint {
     }
 }
 
-/// Accepts `rdma` connections on a TCP control port.
+/// Accepts `rdma` connections on a TCP control port. The control
+/// connections are authenticated as the `tcp` transport's are (off the
+/// listening thread, one deadline, bounded pending handshakes).
 #[derive(Debug)]
 pub struct RdmaAcceptor {
-    listener: TcpListener,
+    listener: crate::tcp::Listener,
     cfg: Config,
     registry: Arc<Registry>,
 }
@@ -983,28 +986,34 @@ impl RdmaAcceptor {
         registry: Arc<Registry>,
     ) -> Result<Self, TransportError> {
         probe()?;
-        let listener = TcpListener::bind(addr).map_err(|source| TransportError::Io {
-            what: "bind",
-            source,
-        })?;
         Ok(Self {
-            listener,
+            listener: crate::tcp::Listener::bind(addr, cfg.clone())?,
             cfg,
             registry,
         })
     }
 
+    /// Waits for the next authenticated peer and sets up its queue pair.
     pub fn accept(&self) -> Result<RdmaEndpoint, TransportError> {
-        let (mut sock, peer) = self
+        let mut a = self
             .listener
-            .accept()
+            .next(None)?
+            .ok_or(TransportError::Disconnected)?;
+        // The QP exchange is bounded like the handshake was.
+        let t = Some(self.cfg.handshake_timeout);
+        a.sock
+            .set_read_timeout(t)
+            .and_then(|()| a.sock.set_write_timeout(t))
             .map_err(|source| TransportError::Io {
-                what: "accept",
+                what: "setsockopt",
                 source,
             })?;
-        let node = crate::tcp::server_handshake(&mut sock, &self.cfg)
-            .inspect_err(|e| tracing::warn!(peer = %peer, "refused rdma connection: {e}"))?;
-        RdmaEndpoint::establish(&mut sock, &self.cfg, self.registry.clone(), node)
+        RdmaEndpoint::establish(&mut a.sock, &self.cfg, self.registry.clone(), a.node)
+    }
+
+    /// Counters of control-connection handshakes since `bind`.
+    pub fn stats(&self) -> crate::tcp::AcceptorStats {
+        self.listener.stats()
     }
 }
 

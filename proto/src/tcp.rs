@@ -23,8 +23,15 @@
 //! data for that long, is declared dead: in-flight operations complete with
 //! `ConnectionLost`.
 
-use crate::auth::{self, Role};
+mod accept;
+mod handshake;
+
+pub use accept::{AcceptorStats, MAX_PENDING_HANDSHAKES, MAX_READY};
+pub(crate) use accept::{Authenticated, Listener};
+pub(crate) use handshake::{client_handshake, Deadline};
+
 use crate::mem::{Denied, IoPtr, LocalBuf};
+use crate::ratelimit::{LogLimit, LOG_BURST, LOG_INTERVAL};
 use crate::sys::{self, Chunk};
 use crate::wire::{
     self, DataReq, DataResp, ErrorMsg, FrameType, Message, Segment, Status, HEADER_LEN,
@@ -35,9 +42,7 @@ use crate::{
     TransportError,
 };
 use std::collections::VecDeque;
-use std::io::{Read, Write};
-
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -122,9 +127,14 @@ struct Out {
 struct Op {
     id: u64,
     user_data: u64,
+    /// A one-sided WRITE (answered by DATA_WRITE_ACKs), else a READ
+    /// (answered by DATA_READ_RESPs).
+    write: bool,
     local: LocalBuf,
     /// Offset into `local` and length of each remote segment.
     segs: Vec<(usize, u32)>,
+    /// Segments answered so far (bit i = segment i; MAX_SEGMENTS is 128).
+    answered: u128,
     remaining: usize,
     status: Status,
     bytes: u64,
@@ -260,13 +270,17 @@ struct Conn {
     /// When bytes last arrived (ns since `epoch`).
     last_rx_ns: AtomicU64,
     dead_after: Duration,
+    /// Rate limit of the refused-access log lines.
+    denials: LogLimit,
 }
+
 
 impl Conn {
     /// Marks the connection dead, wakes both threads and fails every
     /// in-flight operation. Logs once, at `warn` unless `quiet`.
     fn fail(&self, reason: &str, quiet: bool) {
         if !self.dead.swap(true, Ordering::AcqRel) {
+            self.denials.flush(true, |n| self.denials_summary(n));
             if quiet {
                 tracing::debug!(peer = %self.peer, node = self.peer_node, "connection closed: {reason}");
             } else {
@@ -371,6 +385,7 @@ impl Conn {
                         .wait_timeout(o, nap)
                         .unwrap_or_else(|p| p.into_inner());
                     o = g;
+                    self.denials.flush(false, |n| self.denials_summary(n));
                     let idle = o.current.is_empty() && o.app.is_empty() && o.resp.is_empty();
                     if !o.writing && !o.closed && idle && o.last_send.elapsed() >= self.heartbeat {
                         seq += 1;
@@ -718,8 +733,30 @@ impl Conn {
         format!("malformed frame: {e}")
     }
 
+    /// Tells the peer it broke the protocol (best effort, the connection is
+    /// closed next); returns the reason for `fail`.
+    fn violation(&self, text: &str) -> String {
+        let text: String = text.chars().take(wire::MAX_ERROR_TEXT).collect();
+        let msg = Message::Error(ErrorMsg {
+            code: ERR_PROTOCOL,
+            text: text.clone(),
+        });
+        if let Ok(b) = msg.to_vec() {
+            let _ = sys::send_vectored(self.sock.as_fd(), &[Chunk::Bytes(&b)], 0, true);
+        }
+        format!("protocol violation: {text}")
+    }
+
+    fn denials_summary(&self, n: u64) {
+        tracing::warn!(peer = %self.peer, node = self.peer_node, "{n} more refused one-sided accesses not logged");
+    }
+
+    /// A refused access fails that operation only; the peer can trigger it
+    /// at will, so it is logged rate-limited.
     fn deny(&self, what: &str, d: &DataReq, why: Denied) {
-        tracing::warn!(peer = %self.peer, node = self.peer_node, key = format_args!("{:#x}", d.key), addr = format_args!("{:#x}", d.addr), len = d.len, "refused one-sided {what}: {why:?}");
+        self.denials.log(|n| self.denials_summary(n), || {
+            tracing::warn!(peer = %self.peer, node = self.peer_node, key = format_args!("{:#x}", d.key), addr = format_args!("{:#x}", d.addr), len = d.len, "refused one-sided {what}: {why:?}")
+        });
     }
 
     fn serve_read(&self, d: DataReq) -> Result<(), String> {
@@ -758,15 +795,35 @@ impl Conn {
 
     /// Validates a response against our operation; for a successful READ
     /// response returns the local memory its payload goes to.
+    ///
+    /// A response must match its operation's direction (a DATA_READ_RESP
+    /// answers a one-sided READ only: accepting it for a WRITE would write
+    /// the peer's bytes into our source buffer) and answer each segment
+    /// once (a repeat must not stand in for a missing segment: that would
+    /// complete a torn transfer as Ok). A violation is a protocol error.
     fn check_response(&self, d: &DataResp, read: bool) -> Result<Option<Vec<IoPtr>>, String> {
         let mut ops = lock(&self.ops);
         let op = ops
             .get(d.op_id)
             .ok_or_else(|| format!("response for unknown operation {:#x}", d.op_id))?;
-        let &(off, len) = op
-            .segs
-            .get((d.op_id & SEG_MASK) as usize)
-            .ok_or("response for unknown segment")?;
+        if op.write == read {
+            return Err(self.violation(&format!(
+                "{} for a one-sided {} (operation {:#x})",
+                if read { "DATA_READ_RESP" } else { "DATA_WRITE_ACK" },
+                if op.write { "WRITE" } else { "READ" },
+                d.op_id
+            )));
+        }
+        let seg = (d.op_id & SEG_MASK) as usize;
+        let &(off, len) = op.segs.get(seg).ok_or("response for unknown segment")?;
+        let bit = 1u128 << seg;
+        if op.answered & bit != 0 {
+            return Err(self.violation(&format!(
+                "second response for segment {seg} of operation {:#x}",
+                d.op_id & !SEG_MASK
+            )));
+        }
+        op.answered |= bit;
         if d.status == Status::Ok && d.len != len {
             return Err(format!(
                 "response length {} for a {len}-byte segment",
@@ -812,104 +869,6 @@ fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> TransportError {
     move |source| TransportError::Io { what, source }
 }
 
-fn write_msg(sock: &mut TcpStream, m: &Message) -> Result<(), TransportError> {
-    sock.write_all(&m.to_vec().map_err(TransportError::Encode)?)
-        .map_err(io("handshake send"))
-}
-
-/// Reads one control frame (handshake only; data frames are refused).
-fn read_msg(sock: &mut TcpStream) -> Result<Message, TransportError> {
-    let mut hdr = [0u8; HEADER_LEN];
-    sock.read_exact(&mut hdr).map_err(io("handshake receive"))?;
-    let h = wire::decode_header(&hdr).map_err(TransportError::Decode)?;
-    if h.payload_len() != 0 {
-        return Err(TransportError::Handshake("data frame during the handshake"));
-    }
-    let mut body = vec![0u8; h.fixed_len()];
-    sock.read_exact(&mut body)
-        .map_err(io("handshake receive"))?;
-    wire::decode_body(&h, &body).map_err(TransportError::Decode)
-}
-
-fn refuse(sock: &mut TcpStream, code: u32, text: &str) {
-    let _ = write_msg(
-        sock,
-        &Message::Error(ErrorMsg {
-            code,
-            text: text.to_owned(),
-        }),
-    );
-}
-
-fn refused(e: ErrorMsg) -> TransportError {
-    if e.code == ERR_AUTH {
-        TransportError::AuthFailed("the acceptor rejected our proof of the cluster secret")
-    } else {
-        TransportError::Refused {
-            code: e.code,
-            text: e.text,
-        }
-    }
-}
-
-/// Initiator side of the authenticated handshake on a fresh stream;
-/// returns the acceptor's node id. Also used on the `rdma` transport's
-/// out-of-band connection.
-pub(crate) fn client_handshake(sock: &mut TcpStream, cfg: &Config) -> Result<u64, TransportError> {
-    sock.set_read_timeout(Some(cfg.handshake_timeout))
-        .map_err(io("setsockopt"))?;
-    sock.set_write_timeout(Some(cfg.handshake_timeout))
-        .map_err(io("setsockopt"))?;
-    let client_nonce = auth::nonce().map_err(io("getrandom"))?;
-    write_msg(
-        sock,
-        &Message::Hello(wire::Hello {
-            cluster_id: cfg.cluster_id,
-            node_id: cfg.node_id,
-            nonce: client_nonce,
-        }),
-    )?;
-    let ch = match read_msg(sock)? {
-        Message::Challenge(c) => c,
-        Message::Error(e) => return Err(refused(e)),
-        _ => return Err(TransportError::Handshake("expected CHALLENGE")),
-    };
-    let ctx = auth::Context {
-        cluster_id: cfg.cluster_id,
-        client_node: cfg.node_id,
-        server_node: ch.node_id,
-        client_nonce,
-        server_nonce: ch.nonce,
-    };
-    if !auth::verify(&cfg.secret, Role::Server, &ctx, &ch.mac) {
-        refuse(sock, ERR_AUTH, "acceptor proof invalid");
-        return Err(TransportError::AuthFailed(
-            "the acceptor does not know the cluster secret",
-        ));
-    }
-    write_msg(
-        sock,
-        &Message::Auth(auth::tag(&cfg.secret, Role::Client, &ctx)),
-    )?;
-    match read_msg(sock) {
-        Ok(Message::Ready) => {}
-        Ok(Message::Error(e)) => return Err(refused(e)),
-        Ok(_) => return Err(TransportError::Handshake("expected READY")),
-        // The acceptor closes right after refusing; losing the race to read
-        // its ERROR still means we were refused.
-        Err(TransportError::Io { source, .. })
-            if source.kind() == std::io::ErrorKind::UnexpectedEof
-                || source.kind() == std::io::ErrorKind::ConnectionReset =>
-        {
-            return Err(TransportError::AuthFailed(
-                "the acceptor closed the connection during authentication",
-            ))
-        }
-        Err(e) => return Err(e),
-    }
-    Ok(ch.node_id)
-}
-
 impl TcpEndpoint {
     /// Connects to `addr` and authenticates. Blocking (slow path), bounded by
     /// `cfg.handshake_timeout`.
@@ -923,9 +882,11 @@ impl TcpEndpoint {
             .map_err(io("resolve"))?
             .next()
             .ok_or(TransportError::Handshake("no address"))?;
+        // One deadline for connect and handshake together.
+        let deadline = Deadline::after(cfg.handshake_timeout);
         let mut sock =
             TcpStream::connect_timeout(&addr, cfg.handshake_timeout).map_err(io("connect"))?;
-        let peer_node = client_handshake(&mut sock, cfg)?;
+        let peer_node = client_handshake(&mut sock, cfg, &deadline)?;
         Self::start(sock, addr, peer_node, cfg, registry)
     }
 
@@ -952,6 +913,7 @@ impl TcpEndpoint {
         .map_err(io("setsockopt"))?;
         let max_inflight = cfg.max_inflight.clamp(1, u32::MAX as usize);
         const _: () = assert!(MAX_SEGMENTS as u64 <= SEG_MASK + 1);
+        const _: () = assert!(MAX_SEGMENTS <= u128::BITS as usize);
         let conn = Arc::new(Conn {
             sock,
             peer,
@@ -986,6 +948,7 @@ impl TcpEndpoint {
             last_app_poll_ns: AtomicU64::new(0),
             last_rx_ns: AtomicU64::new(0),
             dead_after: cfg.dead_after,
+            denials: LogLimit::new(LOG_BURST, LOG_INTERVAL),
         });
         let r = conn.clone();
         let reader = std::thread::Builder::new()
@@ -1123,6 +1086,8 @@ impl TcpEndpoint {
             ops.slots[slot] = Some(Op {
                 id: op_id,
                 user_data,
+                write,
+                answered: 0,
                 local,
                 remaining: segs.len(),
                 segs,
@@ -1262,110 +1227,57 @@ impl Drop for TcpEndpoint {
 }
 
 /// Accepts and authenticates incoming connections.
+///
+/// Handshakes run off the listening thread, each under one deadline
+/// (`Config::handshake_timeout`), at most [`MAX_PENDING_HANDSHAKES`] at once
+/// (the oldest is evicted for a newcomer); see [`AcceptorStats`].
 #[derive(Debug)]
 pub struct TcpAcceptor {
-    listener: TcpListener,
+    listener: Listener,
     cfg: Config,
     registry: Arc<Registry>,
 }
 
 impl TcpAcceptor {
+    /// Binds and starts listening and authenticating in the background.
     pub fn bind(
         addr: impl ToSocketAddrs,
         cfg: Config,
         registry: Arc<Registry>,
     ) -> Result<Self, TransportError> {
-        let listener = TcpListener::bind(addr).map_err(io("bind"))?;
         Ok(Self {
-            listener,
+            listener: Listener::bind(addr, cfg.clone())?,
             cfg,
             registry,
         })
     }
 
     pub fn local_addr(&self) -> Result<SocketAddr, TransportError> {
-        self.listener.local_addr().map_err(io("local_addr"))
+        Ok(self.listener.local_addr())
     }
 
-    /// Waits for one connection and authenticates it. A refused peer is
-    /// logged in one line and returned as the error; call again for the next.
+    /// Waits for the next authenticated peer. Refused peers never show up
+    /// here: they are logged (rate-limited) and counted in [`Self::stats`].
     pub fn accept(&self) -> Result<TcpEndpoint, TransportError> {
-        let (mut sock, peer) = self.listener.accept().map_err(io("accept"))?;
-        match server_handshake(&mut sock, &self.cfg) {
-            Ok(node) => TcpEndpoint::start(sock, peer, node, &self.cfg, self.registry.clone()),
-            Err(e) => {
-                tracing::warn!(peer = %peer, "refused connection: {e}");
-                Err(e)
-            }
+        match self.listener.next(None)? {
+            Some(a) => self.start(a),
+            None => Err(TransportError::Disconnected),
         }
     }
-}
 
-/// Acceptor side of the authenticated handshake; returns the initiator's node id.
-pub(crate) fn server_handshake(sock: &mut TcpStream, cfg: &Config) -> Result<u64, TransportError> {
-    sock.set_read_timeout(Some(cfg.handshake_timeout))
-        .map_err(io("setsockopt"))?;
-    sock.set_write_timeout(Some(cfg.handshake_timeout))
-        .map_err(io("setsockopt"))?;
-    let hello = match read_msg(sock) {
-        Ok(Message::Hello(h)) => h,
-        Ok(_) => {
-            refuse(sock, ERR_PROTOCOL, "expected HELLO");
-            return Err(TransportError::Handshake("expected HELLO"));
-        }
-        Err(TransportError::Decode(e)) => {
-            let code = if matches!(e, wire::DecodeError::UnsupportedVersion { .. }) {
-                ERR_VERSION
-            } else {
-                ERR_PROTOCOL
-            };
-            refuse(sock, code, &e.to_string());
-            return Err(TransportError::Decode(e));
-        }
-        Err(e) => return Err(e),
-    };
-    if hello.cluster_id != cfg.cluster_id {
-        refuse(sock, ERR_CLUSTER, "wrong cluster");
-        return Err(TransportError::Handshake("peer belongs to another cluster"));
+    /// As [`Self::accept`], giving up after `timeout` with `Ok(None)`.
+    pub fn accept_timeout(&self, timeout: Duration) -> Result<Option<TcpEndpoint>, TransportError> {
+        self.listener.next(Some(timeout))?.map(|a| self.start(a)).transpose()
     }
-    let server_nonce = auth::nonce().map_err(io("getrandom"))?;
-    let ctx = auth::Context {
-        cluster_id: cfg.cluster_id,
-        client_node: hello.node_id,
-        server_node: cfg.node_id,
-        client_nonce: hello.nonce,
-        server_nonce,
-    };
-    let mac = auth::tag(&cfg.secret, Role::Server, &ctx);
-    write_msg(
-        sock,
-        &Message::Challenge(wire::Challenge {
-            node_id: cfg.node_id,
-            nonce: server_nonce,
-            mac,
-        }),
-    )?;
-    match read_msg(sock)? {
-        Message::Auth(mac) if auth::verify(&cfg.secret, Role::Client, &ctx, &mac) => {}
-        Message::Auth(_) => {
-            refuse(sock, ERR_AUTH, "authentication failed");
-            return Err(TransportError::AuthFailed(
-                "initiator does not know the cluster secret",
-            ));
-        }
-        Message::Error(e) if e.code == ERR_AUTH => {
-            return Err(TransportError::AuthFailed(
-                "the initiator rejected our proof: it holds another cluster secret",
-            ));
-        }
-        Message::Error(e) => return Err(refused(e)),
-        _ => {
-            refuse(sock, ERR_PROTOCOL, "expected AUTH");
-            return Err(TransportError::Handshake("expected AUTH"));
-        }
+
+    /// Counters of handshakes since `bind`.
+    pub fn stats(&self) -> AcceptorStats {
+        self.listener.stats()
     }
-    write_msg(sock, &Message::Ready)?;
-    Ok(hello.node_id)
+
+    fn start(&self, a: Authenticated) -> Result<TcpEndpoint, TransportError> {
+        TcpEndpoint::start(a.sock, a.peer, a.node, &self.cfg, self.registry.clone())
+    }
 }
 
 #[cfg(test)]

@@ -244,8 +244,8 @@ pub enum DecodeError {
     SegmentCount(usize),
     #[error("zero-length segment or range")]
     ZeroLength,
-    #[error("I/O length {0} over limit {MAX_IO_LEN}")]
-    IoTooLarge(u64),
+    #[error("length {len} over the limit of {limit} bytes")]
+    IoTooLarge { len: u64, limit: u32 },
     #[error("offset {offset} + length {length} overflows")]
     Overflow { offset: u64, length: u64 },
     #[error("unknown flags {0:#x}")]
@@ -514,7 +514,10 @@ fn check_desc(d: &Descriptor) -> Result<(), DecodeError> {
         return Err(DecodeError::UnknownFlags(d.flags));
     }
     if d.length > MAX_IO_LEN {
-        return Err(DecodeError::IoTooLarge(d.length.into()));
+        return Err(DecodeError::IoTooLarge {
+            len: d.length.into(),
+            limit: MAX_IO_LEN,
+        });
     }
     if d.offset.checked_add(d.length.into()).is_none() {
         return Err(DecodeError::Overflow {
@@ -566,7 +569,10 @@ fn check_data_req(d: &DataReq) -> Result<(), DecodeError> {
         return Err(DecodeError::ZeroLength);
     }
     if d.len > MAX_DATA_LEN {
-        return Err(DecodeError::IoTooLarge(d.len.into()));
+        return Err(DecodeError::IoTooLarge {
+            len: d.len.into(),
+            limit: MAX_DATA_LEN,
+        });
     }
     if d.addr.checked_add(d.len.into()).is_none() {
         return Err(DecodeError::Overflow {
@@ -579,7 +585,10 @@ fn check_data_req(d: &DataReq) -> Result<(), DecodeError> {
 
 fn check_data_resp(ty: FrameType, d: &DataResp) -> Result<(), DecodeError> {
     if d.len > MAX_DATA_LEN {
-        return Err(DecodeError::IoTooLarge(d.len.into()));
+        return Err(DecodeError::IoTooLarge {
+            len: d.len.into(),
+            limit: MAX_DATA_LEN,
+        });
     }
     if ty == FrameType::DataReadResp && d.status != Status::Ok && d.len != 0 {
         return Err(DecodeError::LengthMismatch {
@@ -964,6 +973,7 @@ impl Message {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use std::error::Error as _;
 
     fn status() -> impl Strategy<Value = Status> {
         (0u32..8).prop_map(|v| Status::from_u32(v).unwrap())
@@ -1261,6 +1271,41 @@ mod tests {
             decode_header(&b3).unwrap_err(),
             DecodeError::BodyLength { .. }
         ));
+    }
+
+    #[test]
+    fn length_limits_name_the_limit_that_applies() {
+        let d = DataReq {
+            op_id: 1,
+            addr: 0x1000,
+            key: 1,
+            len: MAX_DATA_LEN + 1,
+        };
+        let mut b = Message::DataRead(DataReq { len: 1, ..d }).to_vec().unwrap();
+        wr_u32(&mut b, HEADER_LEN + 20, MAX_DATA_LEN + 1);
+        let e = decode(&b).unwrap_err();
+        assert_eq!(
+            e,
+            DecodeError::IoTooLarge {
+                len: (MAX_DATA_LEN + 1).into(),
+                limit: MAX_DATA_LEN
+            }
+        );
+        assert!(e.to_string().contains(&MAX_DATA_LEN.to_string()), "{e}");
+        assert!(!e.to_string().contains(&MAX_IO_LEN.to_string()), "{e}");
+        let big = write_with(
+            vec![
+                Segment {
+                    addr: 0x1000,
+                    key: 1,
+                    len: MAX_DATA_LEN,
+                };
+                5
+            ],
+            0,
+        );
+        let e = Message::Write(big).to_vec().unwrap_err();
+        assert!(e.source().unwrap().to_string().contains(&MAX_IO_LEN.to_string()), "{e}");
     }
 
     #[test]

@@ -1,6 +1,8 @@
+use super::handshake::{read_msg, write_msg};
 use super::*;
-use crate::auth::Secret;
+use crate::auth::{self, Role, Secret};
 use crate::wire::{Completion, Descriptor};
+use std::io::{Read, Write};
 use std::time::Duration;
 
 fn cfg(node: u64) -> Config {
@@ -22,6 +24,65 @@ fn pair_with(
         Ok(s) => (s, client),
         Err(e) => panic!("accept failed: {e}; client: {client:?}"),
     }
+}
+
+/// A deadline for a test's raw handshake steps.
+fn soon() -> Deadline {
+    Deadline::after(Duration::from_secs(5))
+}
+
+/// A hand-driven peer: completes the authenticated handshake with the
+/// cluster secret (the `auth` module directly), then the test writes
+/// whatever frames it likes on the returned stream. Returns the acceptor's
+/// endpoint for it too.
+fn raw_peer(server_cfg: Config) -> (TcpEndpoint, TcpStream) {
+    let acc = TcpAcceptor::bind("127.0.0.1:0", server_cfg, Arc::new(Registry::new())).unwrap();
+    let addr = acc.local_addr().unwrap();
+    let c = cfg(2);
+    let mut raw = TcpStream::connect(addr).unwrap();
+    let cn = [5u8; 32];
+    let hello = Message::Hello(wire::Hello {
+        cluster_id: c.cluster_id,
+        node_id: 2,
+        nonce: cn,
+    });
+    write_msg(&mut raw, &hello, &soon()).unwrap();
+    let Message::Challenge(ch) = read_msg(&mut raw, &soon()).unwrap() else {
+        panic!("expected CHALLENGE")
+    };
+    let ctx = auth::Context {
+        cluster_id: c.cluster_id,
+        client_node: 2,
+        server_node: ch.node_id,
+        client_nonce: cn,
+        server_nonce: ch.nonce,
+    };
+    assert!(auth::verify(&c.secret, Role::Server, &ctx, &ch.mac));
+    let mac = auth::tag(&c.secret, Role::Client, &ctx);
+    write_msg(&mut raw, &Message::Auth(mac), &soon()).unwrap();
+    assert_eq!(read_msg(&mut raw, &soon()).unwrap(), Message::Ready);
+    let server = acc.accept_timeout(Duration::from_secs(5)).unwrap().unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    (server, raw)
+}
+
+/// Writes one crafted frame (and its payload) on a raw stream.
+fn send_raw(raw: &mut TcpStream, m: &Message, payload: &[u8]) {
+    let mut b = m.to_vec().unwrap();
+    b.extend_from_slice(payload);
+    raw.write_all(&b).unwrap();
+}
+
+/// Reads one frame and its payload from a raw stream.
+fn read_raw(raw: &mut TcpStream) -> (Message, Vec<u8>) {
+    let mut frame = vec![0u8; HEADER_LEN];
+    raw.read_exact(&mut frame).unwrap();
+    let h = wire::decode_header(&frame).unwrap();
+    frame.resize(HEADER_LEN + h.body_len as usize, 0);
+    raw.read_exact(&mut frame[HEADER_LEN..]).unwrap();
+    let (m, used) = wire::decode(&frame).unwrap();
+    let payload = frame[used - m.payload_len()..used].to_vec();
+    (m, payload)
 }
 
 fn wait_completions(ep: &mut dyn Endpoint, n: usize) -> Vec<OpCompletion> {
@@ -265,25 +326,37 @@ fn many_operations_in_flight_and_the_limit() {
     assert_eq!(src, dst);
 }
 
+/// Waits until the acceptor has counted `n` refused handshakes.
+fn wait_refused(acc: &TcpAcceptor, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while acc.stats().refused < n {
+        assert!(Instant::now() < deadline, "{:?}", acc.stats());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 #[test]
 fn wrong_secret_is_refused() {
     let mut bad = cfg(2);
     bad.secret = Secret::new(*b"not-the-cluster-secret").unwrap();
     let acc = TcpAcceptor::bind("127.0.0.1:0", cfg(1), Arc::new(Registry::new())).unwrap();
     let addr = acc.local_addr().unwrap();
-    let t = std::thread::spawn(move || acc.accept().map(|_| ()));
     let e = TcpEndpoint::connect(addr, &bad, Arc::new(Registry::new())).unwrap_err();
     assert!(matches!(e, TransportError::AuthFailed(_)), "{e}");
     // The initiator notices the forged acceptor proof first and aborts; the
-    // acceptor sees an error too.
-    assert!(t.join().unwrap().is_err());
+    // acceptor counts a refusal and hands nothing to `accept`.
+    wait_refused(&acc, 1);
+    assert!(acc
+        .accept_timeout(Duration::from_millis(100))
+        .unwrap()
+        .is_none());
+    assert_eq!(acc.stats().authenticated, 0);
 }
 
 #[test]
 fn unknown_major_version_is_refused_with_a_clear_error() {
     let acc = TcpAcceptor::bind("127.0.0.1:0", cfg(1), Arc::new(Registry::new())).unwrap();
     let addr = acc.local_addr().unwrap();
-    let t = std::thread::spawn(move || acc.accept().map(|_| ()));
     let mut s = TcpStream::connect(addr).unwrap();
     let mut hello = Message::Hello(wire::Hello {
         cluster_id: 42,
@@ -294,20 +367,12 @@ fn unknown_major_version_is_refused_with_a_clear_error() {
     .unwrap();
     hello[2] = wire::VERSION_MAJOR + 1;
     s.write_all(&hello).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let Message::Error(e) = read_msg(&mut s).unwrap() else {
+    let Message::Error(e) = read_msg(&mut s, &soon()).unwrap() else {
         panic!("expected ERROR")
     };
     assert_eq!(e.code, ERR_VERSION);
     assert!(e.text.contains("major versions differ"), "{}", e.text);
-    let err = t.join().unwrap().unwrap_err();
-    assert!(
-        matches!(
-            err,
-            TransportError::Decode(wire::DecodeError::UnsupportedVersion { .. })
-        ),
-        "{err}"
-    );
+    wait_refused(&acc, 1);
 }
 
 #[test]
@@ -396,38 +461,7 @@ fn silent_peer_is_declared_dead_and_heartbeats_keep_idle_links_up() {
     drop((server, client));
 
     // A peer that authenticates and then never sends another byte.
-    let acc = TcpAcceptor::bind("127.0.0.1:0", sc, Arc::new(Registry::new())).unwrap();
-    let addr = acc.local_addr().unwrap();
-    let t = std::thread::spawn(move || acc.accept());
-    let c = cfg(2);
-    let mut raw = TcpStream::connect(addr).unwrap();
-    let cn = [5u8; 32];
-    write_msg(
-        &mut raw,
-        &Message::Hello(wire::Hello {
-            cluster_id: c.cluster_id,
-            node_id: 2,
-            nonce: cn,
-        }),
-    )
-    .unwrap();
-    let Message::Challenge(ch) = read_msg(&mut raw).unwrap() else {
-        panic!("expected CHALLENGE")
-    };
-    let ctx = auth::Context {
-        cluster_id: c.cluster_id,
-        client_node: 2,
-        server_node: ch.node_id,
-        client_nonce: cn,
-        server_nonce: ch.nonce,
-    };
-    write_msg(
-        &mut raw,
-        &Message::Auth(auth::tag(&c.secret, Role::Client, &ctx)),
-    )
-    .unwrap();
-    assert_eq!(read_msg(&mut raw).unwrap(), Message::Ready);
-    let server = t.join().unwrap().unwrap();
+    let (server, raw) = raw_peer(sc);
     let start = Instant::now();
     while server.is_connected() {
         assert!(
@@ -495,4 +529,309 @@ fn a_peer_that_stops_reading_pushes_back_and_memory_stays_bounded() {
             bytes: 0,
         }))
         .unwrap();
+}
+
+#[test]
+fn the_handshake_deadline_covers_the_whole_handshake() {
+    // A peer trickling its HELLO one byte per 100 ms: each read would see a
+    // byte well within a per-read timeout, but the handshake as a whole
+    // must end at `handshake_timeout`.
+    let mut sc = cfg(1);
+    sc.handshake_timeout = Duration::from_millis(600);
+    let acc = TcpAcceptor::bind("127.0.0.1:0", sc, Arc::new(Registry::new())).unwrap();
+    let mut s = TcpStream::connect(acc.local_addr().unwrap()).unwrap();
+    s.set_nonblocking(true).unwrap();
+    let hello = Message::Hello(wire::Hello {
+        cluster_id: 42,
+        node_id: 2,
+        nonce: [1; 32],
+    })
+    .to_vec()
+    .unwrap();
+    let t0 = Instant::now();
+    let mut closed_after = None;
+    for b in &hello {
+        if s.write_all(std::slice::from_ref(b)).is_err() {
+            closed_after = Some(t0.elapsed());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        match s.read(&mut [0u8; 64]) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            _ => {
+                closed_after = Some(t0.elapsed());
+                break;
+            }
+        }
+    }
+    let closed_after = closed_after.expect("the trickling peer was never closed");
+    assert!(
+        closed_after < Duration::from_millis(1500),
+        "closed after {closed_after:?}"
+    );
+    wait_refused(&acc, 1);
+}
+
+#[test]
+fn idle_and_trickling_sockets_do_not_keep_a_member_out() {
+    let sc = cfg(1);
+    let acc = TcpAcceptor::bind("127.0.0.1:0", sc, Arc::new(Registry::new())).unwrap();
+    let addr = acc.local_addr().unwrap();
+    // 200 sockets that never send a byte...
+    let idle: Vec<TcpStream> = (0..200).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    // ...and 8 that trickle a HELLO, one byte per 200 ms.
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let loris = std::thread::spawn(move || {
+        let hello = Message::Hello(wire::Hello {
+            cluster_id: 42,
+            node_id: 3,
+            nonce: [2; 32],
+        })
+        .to_vec()
+        .unwrap();
+        let mut socks: Vec<TcpStream> = (0..8).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        for b in &hello {
+            if stop2.load(Ordering::Relaxed) {
+                break;
+            }
+            for s in &mut socks {
+                let _ = s.write_all(std::slice::from_ref(b));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    // A member now connects and must be in within about a second.
+    let t0 = Instant::now();
+    let client = TcpEndpoint::connect(addr, &cfg(2), Arc::new(Registry::new())).unwrap();
+    let server = acc.accept_timeout(Duration::from_secs(2)).unwrap().unwrap();
+    let took = t0.elapsed();
+    assert!(took < Duration::from_secs(1), "member authenticated after {took:?}");
+    assert_eq!(server.peer_node_id(), 2);
+    assert!(client.is_connected() && server.is_connected());
+    let st = acc.stats();
+    assert_eq!(st.authenticated, 1, "{st:?}");
+    // Every socket beyond the bound was evicted (or, on a slow machine,
+    // timed out first).
+    assert!(
+        st.evicted + st.refused >= 200 + 8 + 1 - MAX_PENDING_HANDSHAKES as u64,
+        "{st:?}"
+    );
+    stop.store(true, Ordering::Relaxed);
+    loris.join().unwrap();
+    drop(idle);
+}
+
+#[test]
+fn a_response_in_the_wrong_direction_is_a_protocol_error() {
+    // One-sided WRITE answered with a DATA_READ_RESP carrying bytes: they
+    // must not land in our source buffer, and the WRITE must not complete Ok.
+    let (mut server, mut raw) = raw_peer(cfg(1));
+    let mut src = vec![0x11u8; 4096];
+    // SAFETY: `src` outlives `server` (dropped below before `src` is read).
+    let r = unsafe { server.register_region(src.as_mut_ptr(), src.len()) }.unwrap();
+    let remote = [Segment {
+        addr: 0x10000,
+        key: 7,
+        len: 4096,
+    }];
+    let local = [LocalSeg {
+        region: r,
+        offset: 0,
+        len: 4096,
+    }];
+    server.post_write(&remote, &local, 1).unwrap();
+    let (Message::DataWrite(d), payload) = read_raw(&mut raw) else {
+        panic!("expected DATA_WRITE")
+    };
+    assert_eq!(payload, vec![0x11u8; 4096]);
+    let resp = DataResp {
+        op_id: d.op_id,
+        status: Status::Ok,
+        len: 4096,
+    };
+    send_raw(&mut raw, &Message::DataReadResp(resp), &[0xee; 4096]);
+    let c = wait_completions(&mut server, 1);
+    assert_eq!(c[0].status, Status::ConnectionLost, "{c:?}");
+    assert!(!server.is_connected());
+    let (Message::Error(e), _) = read_raw(&mut raw) else {
+        panic!("expected ERROR")
+    };
+    assert_eq!(e.code, ERR_PROTOCOL);
+    drop(server);
+    assert_eq!(src, vec![0x11u8; 4096], "peer bytes written into the source");
+
+    // One-sided READ answered with a DATA_WRITE_ACK: nothing was transferred.
+    let (mut server, mut raw) = raw_peer(cfg(1));
+    let mut dst = vec![0u8; 4096];
+    // SAFETY: as above.
+    let r = unsafe { server.register_region(dst.as_mut_ptr(), dst.len()) }.unwrap();
+    let local = [LocalSeg {
+        region: r,
+        offset: 0,
+        len: 4096,
+    }];
+    server.post_read(&remote, &local, 2).unwrap();
+    let (Message::DataRead(d), _) = read_raw(&mut raw) else {
+        panic!("expected DATA_READ")
+    };
+    let ack = DataResp {
+        op_id: d.op_id,
+        status: Status::Ok,
+        len: 4096,
+    };
+    send_raw(&mut raw, &Message::DataWriteAck(ack), &[]);
+    let c = wait_completions(&mut server, 1);
+    assert_eq!(c[0].status, Status::ConnectionLost, "{c:?}");
+    assert!(!server.is_connected());
+    drop(server);
+    drop(dst);
+}
+
+#[test]
+fn a_repeated_response_does_not_complete_a_torn_transfer() {
+    // A two-segment READ: segment 0 answered twice, segment 1 never.
+    let (mut server, mut raw) = raw_peer(cfg(1));
+    let mut dst = vec![0u8; 8192];
+    // SAFETY: `dst` outlives `server`.
+    let r = unsafe { server.register_region(dst.as_mut_ptr(), dst.len()) }.unwrap();
+    let remote = [
+        Segment {
+            addr: 0x10000,
+            key: 7,
+            len: 4096,
+        },
+        Segment {
+            addr: 0x20000,
+            key: 7,
+            len: 4096,
+        },
+    ];
+    let local = [LocalSeg {
+        region: r,
+        offset: 0,
+        len: 8192,
+    }];
+    server.post_read(&remote, &local, 3).unwrap();
+    let (Message::DataRead(first), _) = read_raw(&mut raw) else {
+        panic!("expected DATA_READ")
+    };
+    let (Message::DataRead(_second), _) = read_raw(&mut raw) else {
+        panic!("expected DATA_READ")
+    };
+    let resp = Message::DataReadResp(DataResp {
+        op_id: first.op_id,
+        status: Status::Ok,
+        len: 4096,
+    });
+    send_raw(&mut raw, &resp, &[0xab; 4096]);
+    send_raw(&mut raw, &resp, &[0xcd; 4096]);
+    let c = wait_completions(&mut server, 1);
+    assert_eq!(c[0].status, Status::ConnectionLost, "{c:?}");
+    assert_eq!(c[0].bytes, 0);
+    assert!(!server.is_connected());
+    drop(server);
+    drop(dst);
+}
+
+/// Every `warn` line of this test binary, for the log-rate tests.
+fn captured_logs() -> Arc<Mutex<Vec<u8>>> {
+    static LOGS: std::sync::OnceLock<Arc<Mutex<Vec<u8>>>> = std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        struct W(Arc<Mutex<Vec<u8>>>);
+        impl Write for W {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                lock(&self.0).extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let b = buf.clone();
+        let sub = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::WARN)
+            .with_ansi(false)
+            .with_writer(move || W(b.clone()))
+            .finish();
+        tracing::subscriber::set_global_default(sub).expect("no other subscriber in tests");
+        buf
+    })
+    .clone()
+}
+
+#[test]
+fn refused_accesses_are_logged_rate_limited() {
+    let logs = captured_logs();
+    let (server, mut raw) = raw_peer(cfg(1));
+    let me = format!("peer={}", raw.local_addr().unwrap());
+    const N: u64 = 2000;
+    for i in 0..N {
+        let m = Message::DataRead(DataReq {
+            op_id: i,
+            addr: 0x1000,
+            key: 0xdead,
+            len: 512,
+        });
+        send_raw(&mut raw, &m, &[]);
+    }
+    for i in 0..N {
+        let (Message::DataReadResp(r), _) = read_raw(&mut raw) else {
+            panic!("expected DATA_READ_RESP")
+        };
+        assert_eq!((r.op_id, r.status), (i, Status::AccessDenied));
+    }
+    // Each refusal failed one operation only.
+    assert!(server.is_connected());
+    drop(raw);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while server.is_connected() {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let text = String::from_utf8(lock(&logs).clone()).unwrap();
+    let mine: Vec<&str> = text.lines().filter(|l| l.contains(&me)).collect();
+    let refused = mine
+        .iter()
+        .filter(|l| l.contains("refused one-sided read"))
+        .count() as u64;
+    const SUMMARY: &str = " more refused one-sided accesses not logged";
+    let summarised: u64 = mine
+        .iter()
+        .filter_map(|l| l.find(SUMMARY).map(|at| &l[..at]))
+        .map(|head| head.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert!(
+        refused <= u64::from(crate::ratelimit::LOG_BURST),
+        "{refused} refusal lines"
+    );
+    assert_eq!(refused + summarised, N, "{mine:#?}");
+}
+
+#[test]
+fn an_oversized_data_read_is_refused_naming_its_limit() {
+    let (server, mut raw) = raw_peer(cfg(1));
+    let m = Message::DataRead(DataReq {
+        op_id: 1,
+        addr: 0x1000,
+        key: 1,
+        len: 512,
+    });
+    let mut b = m.to_vec().unwrap();
+    // 5 MiB: within a descriptor's limit, over a data frame's.
+    b[HEADER_LEN + 20..HEADER_LEN + 24].copy_from_slice(&(5u32 << 20).to_le_bytes());
+    raw.write_all(&b).unwrap();
+    let (Message::Error(e), _) = read_raw(&mut raw) else {
+        panic!("expected ERROR")
+    };
+    assert_eq!(e.code, ERR_PROTOCOL);
+    assert!(e.text.contains(&MAX_DATA_LEN.to_string()), "{}", e.text);
+    assert!(!e.text.contains(&wire::MAX_IO_LEN.to_string()), "{}", e.text);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while server.is_connected() {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
