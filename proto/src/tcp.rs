@@ -30,11 +30,12 @@ pub use accept::{AcceptorStats, MAX_PENDING_HANDSHAKES, MAX_READY};
 pub(crate) use accept::{Authenticated, Listener};
 pub(crate) use handshake::{client_handshake, Deadline};
 
+use crate::inline::{InlineData, InlinePool};
 use crate::mem::{Denied, IoPtr, LocalBuf};
 use crate::ratelimit::{LogLimit, LOG_BURST, LOG_INTERVAL};
 use crate::sys::{self, Chunk};
 use crate::wire::{
-    self, DataReq, DataResp, ErrorMsg, FrameType, Message, Segment, Status, HEADER_LEN,
+    self, DataReq, DataResp, Descriptor, ErrorMsg, Message, Segment, Status, HEADER_LEN,
     MAX_DATA_LEN, MAX_FRAME, MAX_SEGMENTS,
 };
 use crate::{
@@ -95,6 +96,10 @@ impl OutItem {
         self.len += b.len();
         self.parts.push(Part::Bytes(b));
         Ok(())
+    }
+    fn push_bytes(&mut self, b: Vec<u8>) {
+        self.len += b.len();
+        self.parts.push(Part::Bytes(b));
     }
     fn push_mem(&mut self, pieces: Vec<IoPtr>) {
         for p in pieces {
@@ -206,10 +211,18 @@ impl Ops {
 }
 
 /// What the receiver expects next on the stream.
+// One per connection; boxing the descriptor would allocate per inline WRITE.
+#[allow(clippy::large_enum_variant)]
 enum Stage {
     Header,
-    /// The non-payload part of the body.
-    Fixed(wire::Header),
+    /// The non-payload part of the body: `want` bytes, first the prefix
+    /// that tells the fixed part's length, then the fixed part.
+    Fixed { h: wire::Header, want: usize },
+    /// An inline WRITE waiting for a buffer of the connection's inline
+    /// pool: nothing more is read until one is free (backpressure).
+    AwaitBuffer(Descriptor),
+    /// An inline WRITE's payload, received straight into its pool buffer.
+    Inline { desc: Descriptor, buf: InlineData },
     /// A payload received straight into registered memory.
     Payload {
         pieces: Vec<IoPtr>,
@@ -261,6 +274,8 @@ struct Conn {
     resp_cap: usize,
     heartbeat: Duration,
     rx: Mutex<Rx>,
+    /// Buffers for received inline WRITE payloads (bounded by `inline_budget`).
+    inline_pool: InlinePool,
     /// Received application messages not yet polled (≤ `recv_cap`).
     inbox: Mutex<VecDeque<Message>>,
     recv_cap: usize,
@@ -570,9 +585,25 @@ impl Conn {
                     }
                     sys::recv_some(self.sock.as_fd(), &mut rx.hdr[rx.got..], blocking)
                 }
-                Stage::Fixed(h) => {
-                    let want = h.fixed_len();
-                    sys::recv_some(self.sock.as_fd(), &mut rx.body[rx.got..want], blocking)
+                Stage::Fixed { want, .. } => {
+                    sys::recv_some(self.sock.as_fd(), &mut rx.body[rx.got..*want], blocking)
+                }
+                Stage::AwaitBuffer(d) => match self.inline_pool.take(d.length as usize) {
+                    Some(buf) => {
+                        let desc = std::mem::take(d);
+                        rx.stage = Stage::Inline { desc, buf };
+                        continue;
+                    }
+                    None => {
+                        // Every buffer is held by messages the application
+                        // has not released: stop reading (TCP pushes back).
+                        // Silence we cause ourselves is not the peer's.
+                        self.last_rx_ns.store(self.now_ns(), Ordering::Relaxed);
+                        return Ok(frames);
+                    }
+                },
+                Stage::Inline { buf, .. } => {
+                    sys::recv_some(self.sock.as_fd(), &mut buf.as_mut_slice()[rx.got..], blocking)
                 }
                 Stage::Payload { pieces, .. } => {
                     sys::recv_into_some(self.sock.as_fd(), pieces, rx.got, blocking)
@@ -601,22 +632,45 @@ impl Conn {
                 Stage::Header if rx.got < rx.hdr.len() => continue,
                 Stage::Header => {
                     let h = wire::decode_header(&rx.hdr).map_err(|e| self.protocol_error(&e))?;
-                    if h.fixed_len() < LOOKAHEAD {
+                    let want = h.prefix_len();
+                    if want < LOOKAHEAD {
                         return Err(format!("{:?} frame after the handshake", h.ty));
                     }
                     rx.body[..LOOKAHEAD].copy_from_slice(&rx.hdr[HEADER_LEN..]);
-                    if h.fixed_len() == LOOKAHEAD {
+                    if want == LOOKAHEAD {
+                        // The lookahead holds the whole fixed part (every
+                        // data frame; 24-byte control frames).
                         frames += 1;
                         (self.decode_dispatch(&h, &rx.body[..LOOKAHEAD])?, 0)
                     } else {
-                        (Stage::Fixed(h), LOOKAHEAD)
+                        (Stage::Fixed { h, want }, LOOKAHEAD)
                     }
                 }
-                Stage::Fixed(h) if rx.got < h.fixed_len() => continue,
-                Stage::Fixed(h) => {
+                Stage::Fixed { want, .. } if rx.got < *want => continue,
+                Stage::Fixed { h, want } => {
+                    let fixed = h
+                        .fixed_len(&rx.body[..*want])
+                        .map_err(|e| self.protocol_error(&e))?;
+                    if fixed > *want {
+                        // A WRITE with segments: the rest of its fixed part.
+                        // `fixed` <= MAX_CONTROL_BODY (checked by fixed_len).
+                        *want = fixed;
+                        continue;
+                    }
                     let h = *h;
                     frames += 1;
-                    (self.decode_dispatch(&h, &rx.body[..h.fixed_len()])?, 0)
+                    (self.decode_dispatch(&h, &rx.body[..fixed])?, 0)
+                }
+                Stage::AwaitBuffer(_) => continue,
+                Stage::Inline { buf, .. } if rx.got < buf.len() => continue,
+                Stage::Inline { .. } => {
+                    if let Stage::Inline { mut desc, buf } =
+                        std::mem::replace(&mut rx.stage, Stage::Header)
+                    {
+                        desc.inline = Some(buf);
+                        lock(&self.inbox).push_back(Message::Write(desc));
+                    }
+                    (Stage::Header, 0)
                 }
                 Stage::Payload { total, .. } if rx.got < *total => continue,
                 Stage::Discard { left, .. } if rx.got < *left => continue,
@@ -640,6 +694,7 @@ impl Conn {
     fn dispatch(&self, msg: Message) -> Result<Stage, String> {
         Ok(match msg {
             Message::Heartbeat(_) => Stage::Header,
+            Message::Write(d) if d.is_inline() => Stage::AwaitBuffer(d),
             Message::DataRead(d) => {
                 self.serve_read(d)?;
                 Stage::Header
@@ -942,6 +997,7 @@ impl TcpEndpoint {
                 got: 0,
                 stage: Stage::Header,
             }),
+            inline_pool: InlinePool::new(cfg.inline_budget),
             inbox: Mutex::new(VecDeque::new()),
             recv_cap: cfg.recv_queue.max(1),
             epoch: Instant::now(),
@@ -1010,6 +1066,23 @@ impl TcpEndpoint {
         if let Err(r) = r {
             self.conn.fail(&r, false);
         }
+    }
+
+    /// Room for one more application message in the send queue?
+    fn admit_app_msg(&self) -> Result<(), TransportError> {
+        if self.conn.dead.load(Ordering::Acquire) {
+            return Err(TransportError::Disconnected);
+        }
+        if lock(&self.conn.out).app_msgs >= self.conn.send_queue {
+            return Err(TransportError::QueueFull);
+        }
+        Ok(())
+    }
+
+    /// Bytes of inline payload buffers held by received messages not yet
+    /// dropped (bounded by `Config::inline_budget`).
+    pub fn inline_bytes_held(&self) -> usize {
+        self.conn.inline_pool.lent()
     }
 
     /// The peer's socket address.
@@ -1113,23 +1186,28 @@ impl TcpEndpoint {
 
 impl Endpoint for TcpEndpoint {
     fn send(&mut self, msg: &Message) -> Result<(), TransportError> {
-        match msg.frame_type() {
-            FrameType::Write
-            | FrameType::Read
-            | FrameType::Flush
-            | FrameType::Discard
-            | FrameType::WriteZeroes
-            | FrameType::Completion
-            | FrameType::Error => {}
-            t => return Err(TransportError::NotApplication(t)),
-        }
-        if self.conn.dead.load(Ordering::Acquire) {
-            return Err(TransportError::Disconnected);
-        }
-        if lock(&self.conn.out).app_msgs >= self.conn.send_queue {
-            return Err(TransportError::QueueFull);
-        }
+        crate::check_send(msg)?;
+        self.admit_app_msg()?;
         let mut item = OutItem::frame(msg)?;
+        if let Message::Write(Descriptor {
+            inline: Some(data), ..
+        }) = msg
+        {
+            // A payload we do not own past this call: copied (forwarding
+            // path; registered memory goes through `send_inline`).
+            item.push_bytes(data.to_vec());
+        }
+        item.app_msg = true;
+        self.conn.enqueue(item, false)
+    }
+
+    fn send_inline(&mut self, msg: &Message, payload: &[LocalSeg]) -> Result<(), TransportError> {
+        crate::check_send_inline(msg, payload)?;
+        self.admit_app_msg()?;
+        let local = self.conn.registry.local(payload)?;
+        let mut item = OutItem::frame(msg)?;
+        // Gathered by `sendmsg` straight from the registered memory.
+        item.push_mem(local.pieces);
         item.app_msg = true;
         self.conn.enqueue(item, false)
     }

@@ -103,11 +103,15 @@ pub(crate) fn read_msg(sock: &mut TcpStream, deadline: &Deadline) -> Result<Mess
     let mut hdr = [0u8; HEADER_LEN];
     read_exact_by(sock, &mut hdr, deadline)?;
     let h = wire::decode_header(&hdr).map_err(TransportError::Decode)?;
-    if h.payload_len() != 0 {
+    let len = h.body_len as usize;
+    if h.prefix_len() != len {
         return Err(TransportError::Handshake("data frame during the handshake"));
     }
     let mut body = [0u8; MAX_CONTROL_BODY];
-    let body = &mut body[..h.fixed_len()];
+    // A frame without payload is bounded by MAX_CONTROL_BODY (decode_header).
+    let body = body
+        .get_mut(..len)
+        .ok_or(TransportError::Handshake("oversized frame during the handshake"))?;
     read_exact_by(sock, body, deadline)?;
     wire::decode_body(&h, body).map_err(TransportError::Decode)
 }

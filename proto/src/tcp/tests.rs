@@ -143,6 +143,7 @@ fn multi_segment_one_sided_read_and_write() {
         length: 24196,
         flags: 0,
         segments: grant.segments.clone(),
+        ..Descriptor::default()
     };
     client.send(&Message::Write(desc)).unwrap();
     let Message::Write(w) = wait_msg(&mut server) else {
@@ -834,4 +835,206 @@ fn an_oversized_data_read_is_refused_naming_its_limit() {
         assert!(Instant::now() < deadline);
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+fn inline_desc(request_id: u64, offset: u64, length: u32) -> Descriptor {
+    Descriptor {
+        request_id,
+        volume: 1,
+        generation: 2,
+        offset,
+        length,
+        flags: wire::FLAG_INLINE,
+        epoch: 3,
+        incarnation: 4,
+        floor: request_id,
+        ..Descriptor::default()
+    }
+}
+
+#[test]
+fn inline_writes_arrive_with_their_payload_in_aligned_buffers() {
+    let (mut server, client) = pair_with(cfg(1), cfg(2));
+    let mut client = client.unwrap();
+    let mut guest: Vec<u8> = (0..200_000u32).map(|i| (i * 13 + 5) as u8).collect();
+    // SAFETY: `guest` outlives the endpoints (dropped explicitly below).
+    let g = unsafe { client.register_region(guest.as_mut_ptr(), guest.len()) }.unwrap();
+    let seg = |offset: u64, len: u32| LocalSeg {
+        region: g,
+        offset,
+        len,
+    };
+    // (request id, guest pieces): 1 byte, two pieces, the largest, and a
+    // segmented WRITE between them to check the stream stays framed.
+    let cases: Vec<(u64, Vec<LocalSeg>)> = vec![
+        (1, vec![seg(7, 1)]),
+        (2, vec![seg(100, 3000), seg(50_000, 5000)]),
+        (3, vec![seg(0, wire::MAX_INLINE)]),
+    ];
+    for (id, pieces) in &cases {
+        let len = pieces.iter().map(|p| p.len).sum();
+        client
+            .send_inline(&Message::Write(inline_desc(*id, 4096 * id, len)), pieces)
+            .unwrap();
+        if *id == 2 {
+            let grant = client
+                .grant(g, &[(0, 512)], Access::RemoteRead)
+                .unwrap();
+            let d = Descriptor {
+                request_id: 99,
+                length: 512,
+                segments: grant.segments,
+                ..Descriptor::default()
+            };
+            client.send(&Message::Write(d)).unwrap();
+        }
+    }
+    let mut got = Vec::new();
+    while got.len() < cases.len() + 1 {
+        got.push(wait_msg(&mut server));
+    }
+    let expect = |pieces: &[LocalSeg]| -> Vec<u8> {
+        pieces
+            .iter()
+            .flat_map(|p| guest[p.offset as usize..p.offset as usize + p.len as usize].to_vec())
+            .collect()
+    };
+    let mut inline = got.iter().filter_map(|m| match m {
+        Message::Write(d) if d.is_inline() => Some(d),
+        _ => None,
+    });
+    for (id, pieces) in &cases {
+        let d = inline.next().unwrap();
+        assert_eq!((d.request_id, d.offset, d.floor), (*id, 4096 * id, *id));
+        let data = d.inline.as_ref().expect("payload attached");
+        assert_eq!(data.len(), d.length as usize);
+        assert_eq!(&data[..], &expect(pieces)[..], "request {id}");
+        assert_eq!(data.as_ptr() as usize % crate::inline::INLINE_ALIGN, 0);
+        assert_eq!(data.capacity() % crate::inline::INLINE_ALIGN, 0);
+    }
+    assert!(matches!(&got[2], Message::Write(d) if d.request_id == 99 && d.inline.is_none()));
+    assert!(server.inline_bytes_held() >= 4096 + 8192 + 65536);
+    // Forwarding a received inline WRITE with `send` carries its payload.
+    let Message::Write(fwd) = got.remove(1) else {
+        panic!("expected WRITE")
+    };
+    server.send(&Message::Write(fwd.clone())).unwrap();
+    drop(got);
+    let Message::Write(back) = wait_msg(&mut client) else {
+        panic!("expected WRITE")
+    };
+    assert_eq!(back, fwd);
+    drop(fwd);
+    // Buffers go back to the pool once the messages are dropped.
+    assert_eq!(server.inline_bytes_held(), 0);
+
+    // Misuse is refused before anything is sent.
+    let d = inline_desc(5, 0, 10);
+    assert!(matches!(
+        client.send(&Message::Write(d.clone())),
+        Err(TransportError::Inline(_))
+    ));
+    assert!(matches!(
+        client.send_inline(&Message::Write(d.clone()), &[seg(0, 9)]),
+        Err(TransportError::LengthMismatch { .. })
+    ));
+    let not_inline = Descriptor {
+        flags: 0,
+        ..d.clone()
+    };
+    assert!(matches!(
+        client.send_inline(&Message::Write(not_inline), &[seg(0, 10)]),
+        Err(TransportError::Inline(_))
+    ));
+    assert!(matches!(
+        client.send_inline(&Message::Read(d), &[seg(0, 10)]),
+        Err(TransportError::Inline(_))
+    ));
+    let big = inline_desc(6, 0, wire::MAX_INLINE + 1);
+    assert!(client
+        .send_inline(&Message::Write(big), &[seg(0, wire::MAX_INLINE + 1)])
+        .is_err());
+    assert!(client.is_connected() && server.is_connected());
+    drop(server);
+    drop(client);
+    guest.clear();
+}
+
+#[test]
+fn a_flood_of_inline_writes_meets_backpressure_and_memory_stays_bounded() {
+    const BUDGET: usize = 256 << 10;
+    let mut sc = cfg(1);
+    sc.inline_budget = BUDGET;
+    let mut cc = cfg(2);
+    cc.send_queue = 16;
+    let (mut server, client) = pair_with(sc, cc);
+    let mut client = client.unwrap();
+    let len = wire::MAX_INLINE;
+    let mut guest: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+    // SAFETY: `guest` outlives the endpoints.
+    let g = unsafe { client.register_region(guest.as_mut_ptr(), guest.len()) }.unwrap();
+    let payload = [LocalSeg {
+        region: g,
+        offset: 0,
+        len,
+    }];
+    // The server's application does not poll: its inline buffers run out,
+    // its transport stops reading, and the client meets QueueFull.
+    let mut sent = 0u64;
+    let full = loop {
+        match client.send_inline(&Message::Write(inline_desc(sent, 0, len)), &payload) {
+            Ok(()) => sent += 1,
+            Err(TransportError::QueueFull) => break true,
+            Err(e) => panic!("{e}"),
+        }
+        assert!(server.inline_bytes_held() <= BUDGET);
+        if sent > 100_000 {
+            break false;
+        }
+    };
+    assert!(full, "send queue never filled after {sent} inline writes");
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(server.inline_bytes_held() <= BUDGET);
+    assert!(client.is_connected() && server.is_connected());
+    // Messages the application holds count too: with four 64 KiB
+    // payloads held, nothing more is received until one is released.
+    let mut held: VecDeque<Message> = (0..BUDGET / len as usize)
+        .map(|_| wait_msg(&mut server))
+        .collect();
+    let deadline = Instant::now() + Duration::from_millis(300);
+    while Instant::now() < deadline {
+        assert!(server.poll_recv().unwrap().is_none());
+        std::thread::yield_now();
+    }
+    let mut next = 0u64;
+    let check = |m: &Message, next: u64| {
+        let Message::Write(d) = m else {
+            panic!("expected WRITE")
+        };
+        assert_eq!(d.request_id, next);
+        assert_eq!(&d.inline.as_ref().unwrap()[..], &guest[..]);
+    };
+    // Release them one by one, then drain everything, in order.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while next < sent {
+        if let Some(m) = held.pop_front() {
+            check(&m, next);
+            next += 1;
+            continue;
+        }
+        match server.poll_recv().unwrap() {
+            Some(m) => {
+                check(&m, next);
+                next += 1;
+            }
+            None => {
+                assert!(Instant::now() < deadline, "received {next} of {sent}");
+                std::thread::yield_now();
+            }
+        }
+    }
+    assert_eq!(server.inline_bytes_held(), 0);
+    drop(server);
+    drop(client);
+    guest.clear();
 }
