@@ -7,7 +7,16 @@
 //! scatters into it): no intermediate copy of our own. Every access is
 //! checked against the key's ranges first; a refused access fails that
 //! operation only (the payload, if any, is read and dropped), and the
-//! connection carries on.
+//! connection carries on. A response to one of our operations must match
+//! its direction and answer each segment once, or the peer is cut off.
+//!
+//! An inline WRITE is sent as frame + registered guest pieces in one
+//! gathered `sendmsg`; on receipt its payload goes into a buffer of the
+//! connection's bounded inline pool and travels to the application inside
+//! the message.
+//!
+//! Accepting: [`TcpAcceptor`] authenticates off the listening thread, each
+//! handshake under one deadline, a bounded number at once (`accept`).
 //!
 //! Threads: one reader and one writer per connection. The caller's thread
 //! sends inline with `MSG_DONTWAIT` when nothing is queued, so a QD1 request
@@ -15,8 +24,8 @@
 //! to the bounded queue the writer thread drains. `poll_*` never block.
 //!
 //! Bounds: application messages queued ≤ `send_queue`; received and unpolled
-//! ≤ `recv_queue` (then the reader stops reading: TCP backpressure to the
-//! peer); one-sided operations in flight (completions not yet polled
+//! ≤ `recv_queue`, and inline payload bytes held ≤ `inline_budget` (then the
+//! reader stops reading: TCP backpressure to the peer); one-sided operations in flight (completions not yet polled
 //! included) ≤ `max_inflight`; responses to the peer's operations ≤
 //! `max_inflight * MAX_SEGMENTS`, above which the peer is violating the limit
 //! and is disconnected. A peer silent for `dead_after`, or not draining sent
