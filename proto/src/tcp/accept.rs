@@ -41,7 +41,7 @@ pub struct AcceptorStats {
     /// Peers that completed the handshake.
     pub authenticated: u64,
     /// Handshakes that failed (wrong secret, wrong cluster, version,
-    /// malformed, timed out, closed).
+    /// malformed, timed out, closed by the peer), evictions not included.
     pub refused: u64,
     /// Pending handshakes closed to make room for a newer socket.
     pub evicted: u64,
@@ -219,10 +219,10 @@ fn admit(shared: &Arc<Shared>, sock: TcpStream, peer: SocketAddr, ready: &SyncSe
         let mut p = shared.pending();
         if p.1.len() >= MAX_PENDING_HANDSHAKES {
             if let Some((_, oldest)) = p.1.pop_front() {
+                let victim = oldest.peer_addr().ok();
                 let _ = oldest.shutdown(Shutdown::Both);
                 shared.counters.evicted.fetch_add(1, Ordering::Relaxed);
                 shared.evictions.log(evictions_summary, || {
-                    let victim = oldest.peer_addr().ok();
                     tracing::warn!(
                         peer = ?victim,
                         "{MAX_PENDING_HANDSHAKES} handshakes pending: closed the oldest"
@@ -262,10 +262,12 @@ fn handshake(
         p.1.retain(|(i, _)| *i != id);
         p.1.len() < before
     };
+    if !still_pending {
+        // Evicted (counted and logged then): its socket is shut down.
+        return;
+    }
     let node = match result {
-        Ok(node) if still_pending => node,
-        // Evicted while finishing: its socket is already shut down.
-        Ok(_) => return,
+        Ok(node) => node,
         Err(e) => {
             shared.counters.refused.fetch_add(1, Ordering::Relaxed);
             shared.refusals.log(refusals_summary, || {
