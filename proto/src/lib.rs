@@ -9,16 +9,19 @@
 //! This crate does no disk I/O.
 
 pub mod auth;
+pub mod inline;
 pub mod loopback;
 pub mod mem;
 #[cfg(feature = "rdma")]
 pub mod rdma;
+mod ratelimit;
 mod sys;
 pub mod tcp;
 pub mod wire;
 
+pub use inline::InlineData;
 pub use mem::{Access, Grant, Key, LocalSeg, RegionId, Registry};
-pub use wire::{Message, Segment, Status};
+pub use wire::{Message, Segment, Segments, Status};
 
 use std::time::Duration;
 use thiserror::Error;
@@ -76,6 +79,8 @@ pub enum TransportError {
     NotApplication(wire::FrameType),
     #[error("unknown transport {0:?} (expected auto, tcp, rdma or loopback)")]
     UnknownTransport(String),
+    #[error("inline WRITE: {0}")]
+    Inline(&'static str),
 }
 
 /// Completion of a one-sided operation posted with `post_read`/`post_write`.
@@ -117,8 +122,13 @@ pub struct Config {
     /// Peer declared dead after this long without a frame, or when sent
     /// data stays unacknowledged this long. Default 5 s.
     pub dead_after: Duration,
-    /// Limit for connect + handshake. Default 5 s.
+    /// Limit for connect + handshake, as a whole. Default 5 s.
     pub handshake_timeout: Duration,
+    /// Bytes of inline WRITE payload buffers a connection may hold, lent
+    /// out to received messages not yet dropped included; when they are
+    /// all taken the transport stops reading (backpressure). At least
+    /// `wire::MAX_INLINE` is used. Default 8 MiB.
+    pub inline_budget: usize,
 }
 
 impl Config {
@@ -133,6 +143,7 @@ impl Config {
             heartbeat: Duration::from_secs(1),
             dead_after: Duration::from_secs(5),
             handshake_timeout: Duration::from_secs(5),
+            inline_budget: 8 << 20,
         }
     }
 }
@@ -148,7 +159,18 @@ pub trait Endpoint: Send {
     /// `QueueFull` when the bounded send queue is full.
     fn send(&mut self, msg: &Message) -> Result<(), TransportError>;
 
-    /// Next received application message, if any.
+    /// Sends a WRITE descriptor with `FLAG_INLINE` whose payload (`length`
+    /// bytes, at most `wire::MAX_INLINE`) is gathered from registered
+    /// memory: the replica gets the data with the descriptor and no
+    /// one-sided READ round trip follows. The bytes are read when the frame
+    /// goes out, which is before the peer can answer it: keep them stable
+    /// until its COMPLETION arrives. `msg.inline` must be `None`.
+    /// `QueueFull` when the bounded send queue is full.
+    fn send_inline(&mut self, msg: &Message, payload: &[LocalSeg]) -> Result<(), TransportError>;
+
+    /// Next received application message, if any. An inline WRITE arrives
+    /// with its payload in `Descriptor::inline` (an aligned buffer of the
+    /// connection's pool: drop it once written).
     fn poll_recv(&mut self) -> Result<Option<Message>, TransportError>;
 
     /// Registers memory the peer may be granted access to, or that local
@@ -260,6 +282,52 @@ fn rdma_probe() -> Result<(), TransportError> {
     Err(TransportError::NoRdmaDevice(
         "hcblk-proto built without the `rdma` feature".into(),
     ))
+}
+
+/// Checks what `Endpoint::send_inline` is given: an inline WRITE without
+/// an attached payload, as long as the registered `payload` pieces.
+pub(crate) fn check_send_inline(
+    msg: &Message,
+    payload: &[LocalSeg],
+) -> Result<(), TransportError> {
+    let Message::Write(d) = msg else {
+        return Err(TransportError::Inline("only a WRITE carries its data inline"));
+    };
+    if !d.is_inline() {
+        return Err(TransportError::Inline("FLAG_INLINE is not set"));
+    }
+    if d.inline.is_some() {
+        return Err(TransportError::Inline(
+            "the payload comes from registered memory, not `Descriptor::inline`",
+        ));
+    }
+    let total: u64 = payload.iter().map(|s| u64::from(s.len)).sum();
+    if total != u64::from(d.length) {
+        return Err(TransportError::LengthMismatch {
+            local: total as usize,
+            remote: d.length as usize,
+        });
+    }
+    // The codec's rules cover the rest (MAX_INLINE, offsets, flags).
+    msg.validate()
+        .map_err(|e| TransportError::Encode(wire::EncodeError::Invalid(e)))
+}
+
+/// Checks a message given to `Endpoint::send`: an application type, and
+/// an inline WRITE only with its payload attached.
+pub(crate) fn check_send(msg: &Message) -> Result<(), TransportError> {
+    let ty = msg.frame_type();
+    if !ty.is_application() {
+        return Err(TransportError::NotApplication(ty));
+    }
+    if let Message::Write(d) = msg {
+        if d.is_inline() && d.inline.is_none() {
+            return Err(TransportError::Inline(
+                "no payload attached: use send_inline for registered memory",
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -4,8 +4,10 @@
 //! of events is fully determined by the caller (the basis for a seeded
 //! simulation of replication).
 
+use crate::inline::{InlineData, InlinePool};
 use crate::mem::{Denied, IoPtr};
-use crate::wire::{FrameType, Message, Segment, Status, MAX_DATA_LEN, MAX_SEGMENTS};
+use crate::ratelimit::{LogLimit, LOG_BURST, LOG_INTERVAL};
+use crate::wire::{Message, Segment, Status, MAX_DATA_LEN, MAX_SEGMENTS};
 use crate::{
     Access, Config, Endpoint, Grant, Key, LocalSeg, OpCompletion, RegionId, Registry,
     TransportError,
@@ -20,6 +22,8 @@ struct Side {
     closed: bool,
     /// This side's `recv_queue`.
     cap: usize,
+    /// Buffers for inline WRITE payloads sent to this side.
+    pool: InlinePool,
 }
 
 #[derive(Debug)]
@@ -35,6 +39,8 @@ pub struct LoopbackEndpoint {
     peer_node: u64,
     max_inflight: usize,
     completions: VecDeque<OpCompletion>,
+    /// Rate limit of refused-access log lines.
+    denials: LogLimit,
 }
 
 /// Connects two in-process endpoints. Both must be in the same cluster and
@@ -68,6 +74,7 @@ pub fn pair(
         registry: Arc::new(Registry::new()),
         closed: false,
         cap: c.recv_queue.max(1),
+        pool: InlinePool::new(c.inline_budget),
     };
     let shared = Arc::new(Mutex::new(Shared {
         sides: [side(a), side(b)],
@@ -78,6 +85,7 @@ pub fn pair(
         peer_node: peer.node_id,
         max_inflight: cfg.max_inflight.max(1),
         completions: VecDeque::new(),
+        denials: LogLimit::new(LOG_BURST, LOG_INTERVAL),
     };
     Ok((mk(0, a, b), mk(1, b, a)))
 }
@@ -91,6 +99,38 @@ impl LoopbackEndpoint {
 
     fn registry(&self) -> Arc<Registry> {
         self.lock().sides[self.me].registry.clone()
+    }
+
+    /// Queues `m` for the peer (bounded by its `recv_queue`).
+    fn deliver(&mut self, m: Message) -> Result<(), TransportError> {
+        let me = self.me;
+        let mut s = self.lock();
+        if s.sides[me].closed {
+            return Err(TransportError::Disconnected);
+        }
+        let peer = &mut s.sides[1 - me];
+        if peer.inbox.len() >= peer.cap {
+            return Err(TransportError::QueueFull);
+        }
+        peer.inbox.push_back(m);
+        Ok(())
+    }
+
+    /// Delivers an inline WRITE whose payload `fill` writes into a buffer
+    /// of the peer's inline pool; `QueueFull` while that pool is exhausted.
+    fn deliver_inline(
+        &mut self,
+        d: &crate::wire::Descriptor,
+        fill: impl FnOnce(&mut [u8]),
+    ) -> Result<(), TransportError> {
+        let pool = self.lock().sides[1 - self.me].pool.clone();
+        let mut buf: InlineData = pool
+            .take(d.length as usize)
+            .ok_or(TransportError::QueueFull)?;
+        fill(buf.as_mut_slice());
+        let mut desc = d.clone();
+        desc.inline = Some(buf);
+        self.deliver(Message::Write(desc))
     }
 
     /// Fault injection: the connection fails for both ends.
@@ -155,10 +195,16 @@ impl LoopbackEndpoint {
                 Status::Ok
             }
             Err(why) => {
-                tracing::warn!(
-                    peer = self.peer_node,
-                    "refused one-sided {}: {why:?}",
-                    if write { "write" } else { "read" }
+                let peer = self.peer_node;
+                self.denials.log(
+                    |n| tracing::warn!(peer, "{n} more refused one-sided accesses not logged"),
+                    || {
+                        tracing::warn!(
+                            peer,
+                            "refused one-sided {}: {why:?}",
+                            if write { "write" } else { "read" }
+                        )
+                    },
                 );
                 Status::AccessDenied
             }
@@ -179,29 +225,26 @@ impl LoopbackEndpoint {
 
 impl Endpoint for LoopbackEndpoint {
     fn send(&mut self, msg: &Message) -> Result<(), TransportError> {
-        match msg.frame_type() {
-            FrameType::Write
-            | FrameType::Read
-            | FrameType::Flush
-            | FrameType::Discard
-            | FrameType::WriteZeroes
-            | FrameType::Completion
-            | FrameType::Error => {}
-            t => return Err(TransportError::NotApplication(t)),
-        }
+        crate::check_send(msg)?;
         // Same validation as the encoder: never deliver what the wire would refuse.
-        msg.to_vec().map_err(TransportError::Encode)?;
-        let me = self.me;
-        let mut s = self.lock();
-        if s.sides[me].closed {
-            return Err(TransportError::Disconnected);
+        msg.validate()
+            .map_err(|e| TransportError::Encode(crate::wire::EncodeError::Invalid(e)))?;
+        match msg {
+            Message::Write(d) if d.is_inline() => {
+                let data = d.inline.as_deref().unwrap_or_default();
+                self.deliver_inline(d, |buf| buf.copy_from_slice(data))
+            }
+            m => self.deliver(m.clone()),
         }
-        let peer = &mut s.sides[1 - me];
-        if peer.inbox.len() >= peer.cap {
-            return Err(TransportError::QueueFull);
-        }
-        peer.inbox.push_back(msg.clone());
-        Ok(())
+    }
+
+    fn send_inline(&mut self, msg: &Message, payload: &[LocalSeg]) -> Result<(), TransportError> {
+        crate::check_send_inline(msg, payload)?;
+        let Message::Write(d) = msg else {
+            return Err(TransportError::Inline("only a WRITE carries its data inline"));
+        };
+        let local = self.registry().local(payload)?;
+        self.deliver_inline(d, |buf| crate::mem::gather(&local.pieces, buf))
     }
 
     fn poll_recv(&mut self) -> Result<Option<Message>, TransportError> {
@@ -312,6 +355,7 @@ mod tests {
             length: 1024,
             flags: 0,
             segments: g.segments.clone(),
+            ..Descriptor::default()
         };
         a.send(&Message::Write(d)).unwrap();
         let Some(Message::Write(d)) = b.poll_recv().unwrap() else {
@@ -388,5 +432,58 @@ mod tests {
         a.send(&c).unwrap();
         a.send(&c).unwrap();
         assert!(matches!(a.send(&c), Err(TransportError::QueueFull)));
+    }
+
+    #[test]
+    fn inline_writes_are_copied_into_bounded_aligned_buffers() {
+        let mut small = cfg(2);
+        small.inline_budget = crate::wire::MAX_INLINE as usize;
+        let (mut a, mut b) = pair(&cfg(1), &small).unwrap();
+        let mut guest = (0..70_000u32).map(|i| (i % 253) as u8).collect::<Vec<u8>>();
+        // SAFETY: `guest` outlives the endpoints (dropped after them).
+        let g = unsafe { a.register_region(guest.as_mut_ptr(), guest.len()) }.unwrap();
+        let d = Descriptor {
+            request_id: 3,
+            length: 30_000,
+            flags: crate::wire::FLAG_INLINE,
+            ..Descriptor::default()
+        };
+        let payload = [
+            LocalSeg {
+                region: g,
+                offset: 0,
+                len: 10_000,
+            },
+            LocalSeg {
+                region: g,
+                offset: 40_000,
+                len: 20_000,
+            },
+        ];
+        a.send_inline(&Message::Write(d.clone()), &payload).unwrap();
+        // The receiver's budget (64 KiB) holds two 32 KiB buffers; a third
+        // inline WRITE has to wait: QueueFull.
+        a.send_inline(&Message::Write(d.clone()), &payload).unwrap();
+        assert!(matches!(
+            a.send_inline(&Message::Write(d.clone()), &payload),
+            Err(TransportError::QueueFull)
+        ));
+        let Some(Message::Write(got)) = b.poll_recv().unwrap() else {
+            panic!("expected WRITE")
+        };
+        let data = got.inline.as_ref().unwrap();
+        assert_eq!(data.as_ptr() as usize % crate::inline::INLINE_ALIGN, 0);
+        let want: Vec<u8> = [&guest[..10_000], &guest[40_000..60_000]].concat();
+        assert_eq!(&data[..], &want[..]);
+        // Released: room again.
+        drop(got);
+        a.send_inline(&Message::Write(d.clone()), &payload).unwrap();
+        // `send` of an inline WRITE needs its payload attached.
+        assert!(matches!(
+            a.send(&Message::Write(d.clone())),
+            Err(TransportError::Inline(_))
+        ));
+        drop((a, b));
+        guest.clear();
     }
 }

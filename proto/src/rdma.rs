@@ -25,7 +25,8 @@
 //! so this module is only compiled and its no-device path tested here.
 
 use crate::mem::{IoPtr, LocalBuf};
-use crate::wire::{self, Message, Segment, Status, MAX_FRAME, MAX_SEGMENTS};
+use crate::inline::InlinePool;
+use crate::wire::{self, Message, Segment, Status, MAX_FRAME, MAX_INLINE_FRAME, MAX_SEGMENTS};
 use crate::{
     Access, Config, Endpoint, Grant, Key, LocalSeg, OpCompletion, RegionId, Registry,
     TransportError,
@@ -34,7 +35,7 @@ use rdma_sys::*;
 use std::collections::{HashMap, VecDeque};
 use std::ffi::CStr;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::Arc;
 
 /// The first verbs device found.
@@ -127,7 +128,15 @@ impl QpInfo {
 
 const PORT: u8 = 1;
 const GID_INDEX: i32 = 0;
-/// Receive buffers kept posted (each `MAX_FRAME` bytes).
+/// Bytes of one send or receive buffer: the largest frame, an inline WRITE
+/// with its payload included (the simple way: inline payloads are copied
+/// into and out of these registered buffers).
+const SLOT: usize = if MAX_INLINE_FRAME > MAX_FRAME {
+    MAX_INLINE_FRAME
+} else {
+    MAX_FRAME
+};
+/// Receive buffers kept posted (each `SLOT` bytes).
 const RECV_DEPTH: usize = 64;
 /// Send buffers for messages.
 const SEND_DEPTH: usize = 64;
@@ -378,6 +387,12 @@ pub struct RdmaEndpoint {
     max_inflight: usize,
     inbox: VecDeque<Message>,
     recv_queue: usize,
+    /// Completed receives (slot, bytes) not yet decoded into `inbox`, in
+    /// arrival order: they wait while the inbox is full or the inline pool
+    /// is exhausted, and their buffers are not reposted meanwhile, so the
+    /// sender's SENDs meet receiver-not-ready retries (backpressure).
+    rx_ready: VecDeque<(usize, usize)>,
+    inline_pool: InlinePool,
     completions: VecDeque<OpCompletion>,
     peer_node: u64,
     dead: bool,
@@ -422,6 +437,7 @@ impl RdmaEndpoint {
             })?
             .next()
             .ok_or(TransportError::Handshake("no address"))?;
+        let deadline = crate::tcp::Deadline::after(cfg.handshake_timeout);
         let mut sock =
             TcpStream::connect_timeout(&addr, cfg.handshake_timeout).map_err(|source| {
                 TransportError::Io {
@@ -429,7 +445,7 @@ impl RdmaEndpoint {
                     source,
                 }
             })?;
-        let peer = crate::tcp::client_handshake(&mut sock, cfg)?;
+        let peer = crate::tcp::client_handshake(&mut sock, cfg, &deadline)?;
         Self::establish(&mut sock, cfg, registry, peer)
     }
 
@@ -445,8 +461,8 @@ impl RdmaEndpoint {
         let mine = v.local_info()?;
         let theirs = oob_exchange(sock, &mine)?;
         v.connect_qp(&mine, &theirs)?;
-        let mut recv_buf = vec![0u8; RECV_DEPTH * MAX_FRAME];
-        let mut send_buf = vec![0u8; SEND_DEPTH * MAX_FRAME];
+        let mut recv_buf = vec![0u8; RECV_DEPTH * SLOT];
+        let mut send_buf = vec![0u8; SEND_DEPTH * SLOT];
         let local = ibv_access_flags::IBV_ACCESS_LOCAL_WRITE.0;
         // SAFETY: both buffers live in the endpoint and are deregistered in Drop before being freed.
         let recv_mr = unsafe { v.reg(recv_buf.as_mut_ptr(), recv_buf.len(), local) }?;
@@ -468,6 +484,8 @@ impl RdmaEndpoint {
             max_inflight: cfg.max_inflight.max(1),
             inbox: VecDeque::new(),
             recv_queue: cfg.recv_queue.max(1),
+            rx_ready: VecDeque::with_capacity(RECV_DEPTH),
+            inline_pool: InlinePool::new(cfg.inline_budget),
             completions: VecDeque::new(),
             peer_node,
             dead: false,
@@ -485,8 +503,8 @@ impl RdmaEndpoint {
 
     fn post_recv(&mut self, slot: usize) -> Result<(), TransportError> {
         let mut sge = ibv_sge {
-            addr: self.recv_buf.as_ptr() as u64 + (slot * MAX_FRAME) as u64,
-            length: MAX_FRAME as u32,
+            addr: self.recv_buf.as_ptr() as u64 + (slot * SLOT) as u64,
+            length: SLOT as u32,
             // SAFETY: `recv_mr` is live until Drop.
             lkey: unsafe { (*self.recv_mr).lkey },
         };
@@ -620,6 +638,98 @@ impl RdmaEndpoint {
         Ok(())
     }
 
+    /// SENDs `msg` from a registered send buffer, its payload (an inline
+    /// WRITE's, `msg.payload_len()` bytes) written after the frame by `fill`.
+    fn post_send_frame(
+        &mut self,
+        msg: &Message,
+        fill: impl FnOnce(&mut [u8]),
+    ) -> Result<(), TransportError> {
+        if self.dead {
+            return Err(TransportError::Disconnected);
+        }
+        let slot = self.send_free.pop().ok_or(TransportError::QueueFull)?;
+        let start = slot * SLOT;
+        let buf = &mut self.send_buf[start..start + SLOT];
+        let n = match msg.encode(buf) {
+            // Only application messages get here: the one payload is an
+            // inline WRITE's, which fits a slot (SLOT >= MAX_INLINE_FRAME).
+            Ok(n) if n + msg.payload_len() <= SLOT => n,
+            Ok(_) => {
+                self.send_free.push(slot);
+                return Err(TransportError::NotApplication(msg.frame_type()));
+            }
+            Err(e) => {
+                self.send_free.push(slot);
+                return Err(TransportError::Encode(e));
+            }
+        };
+        let total = n + msg.payload_len();
+        fill(&mut buf[n..total]);
+        // SAFETY: `send_mr` is live until Drop.
+        let lkey = unsafe { (*self.send_mr).lkey };
+        let mut sge = ibv_sge {
+            addr: self.send_buf.as_ptr() as u64 + start as u64,
+            // At most SLOT bytes (checked above).
+            length: total as u32,
+            lkey,
+        };
+        // SAFETY: all-zero is a valid empty WR.
+        let mut wr: ibv_send_wr = unsafe { std::mem::zeroed() };
+        wr.wr_id = TAG_SEND | slot as u64;
+        wr.sg_list = &mut sge;
+        wr.num_sge = 1;
+        wr.opcode = ibv_wr_opcode::IBV_WR_SEND;
+        // A descriptor must not overtake the window binds it refers to.
+        let fence = if std::mem::take(&mut self.fence_next) {
+            ibv_send_flags::IBV_SEND_FENCE.0
+        } else {
+            0
+        };
+        wr.send_flags = ibv_send_flags::IBV_SEND_SIGNALED.0 | fence;
+        let mut bad = std::ptr::null_mut();
+        // SAFETY: the slot is ours until its send completion returns it to `send_free`.
+        verbs_rc("ibv_post_send", unsafe {
+            ibv_post_send(self.v.qp, &mut wr, &mut bad)
+        })
+    }
+
+
+    /// Decodes completed receives into the inbox, in arrival order, while
+    /// it has room and inline payloads get buffers; reposts their buffers.
+    fn drain_rx(&mut self) {
+        while let Some(&(slot, len)) = self.rx_ready.front() {
+            if self.dead || self.inbox.len() >= self.recv_queue {
+                return;
+            }
+            let frame = &self.recv_buf[slot * SLOT..slot * SLOT + len];
+            let decoded = wire::decode(frame).map(|(mut m, used)| {
+                if let Message::Write(d) = &mut m {
+                    if d.is_inline() {
+                        let Some(mut buf) = self.inline_pool.take(d.length as usize) else {
+                            // Every buffer is lent out: wait for one.
+                            return None;
+                        };
+                        // `decode` checked that `length` payload bytes end the frame.
+                        buf.as_mut_slice()
+                            .copy_from_slice(&frame[used - d.length as usize..used]);
+                        d.inline = Some(buf);
+                    }
+                }
+                Some(m)
+            });
+            match decoded {
+                Ok(Some(m)) => self.inbox.push_back(m),
+                Ok(None) => return,
+                Err(e) => return self.fail(&format!("malformed frame: {e}")),
+            }
+            self.rx_ready.pop_front();
+            if self.post_recv(slot).is_err() {
+                return self.fail("cannot repost receive");
+            }
+        }
+    }
+
     fn poll_cq(&mut self) {
         // SAFETY: zeroed ibv_wc is plain data the CQ overwrites.
         let mut wc: [ibv_wc; 32] = unsafe { std::mem::zeroed() };
@@ -630,7 +740,7 @@ impl RdmaEndpoint {
                 if n < 0 {
                     self.fail("ibv_poll_cq failed");
                 }
-                return;
+                return self.drain_rx();
             }
             for w in &wc[..n as usize] {
                 let ok = w.status == ibv_wc_status::IBV_WC_SUCCESS;
@@ -641,19 +751,8 @@ impl RdmaEndpoint {
                             self.fail("receive failed");
                             continue;
                         }
-                        let slot = id as usize;
-                        let start = slot * MAX_FRAME;
-                        let len = (w.byte_len as usize).min(MAX_FRAME);
-                        match wire::decode(&self.recv_buf[start..start + len]) {
-                            Ok((m, _)) if self.inbox.len() < self.recv_queue => {
-                                self.inbox.push_back(m)
-                            }
-                            Ok(_) => self.fail("receive queue overflow"),
-                            Err(e) => self.fail(&format!("malformed frame: {e}")),
-                        }
-                        if !self.dead && self.post_recv(slot).is_err() {
-                            self.fail("cannot repost receive");
-                        }
+                        let len = (w.byte_len as usize).min(SLOT);
+                        self.rx_ready.push_back((id as usize, len));
                     }
                     TAG_SEND => {
                         self.send_free.push(id as usize);
@@ -716,47 +815,18 @@ impl RdmaEndpoint {
 
 impl Endpoint for RdmaEndpoint {
     fn send(&mut self, msg: &Message) -> Result<(), TransportError> {
-        if self.dead {
-            return Err(TransportError::Disconnected);
-        }
-        let slot = self.send_free.pop().ok_or(TransportError::QueueFull)?;
-        let start = slot * MAX_FRAME;
-        let n = match msg.encode(&mut self.send_buf[start..start + MAX_FRAME]) {
-            Ok(n) if msg.payload_len() == 0 => n,
-            Ok(_) => {
-                self.send_free.push(slot);
-                return Err(TransportError::NotApplication(msg.frame_type()));
-            }
-            Err(e) => {
-                self.send_free.push(slot);
-                return Err(TransportError::Encode(e));
-            }
+        crate::check_send(msg)?;
+        let payload: &[u8] = match msg {
+            Message::Write(d) => d.inline.as_deref().unwrap_or_default(),
+            _ => &[],
         };
-        // SAFETY: `send_mr` is live until Drop.
-        let lkey = unsafe { (*self.send_mr).lkey };
-        let mut sge = ibv_sge {
-            addr: self.send_buf.as_ptr() as u64 + start as u64,
-            length: n as u32,
-            lkey,
-        };
-        // SAFETY: all-zero is a valid empty WR.
-        let mut wr: ibv_send_wr = unsafe { std::mem::zeroed() };
-        wr.wr_id = TAG_SEND | slot as u64;
-        wr.sg_list = &mut sge;
-        wr.num_sge = 1;
-        wr.opcode = ibv_wr_opcode::IBV_WR_SEND;
-        // A descriptor must not overtake the window binds it refers to.
-        let fence = if std::mem::take(&mut self.fence_next) {
-            ibv_send_flags::IBV_SEND_FENCE.0
-        } else {
-            0
-        };
-        wr.send_flags = ibv_send_flags::IBV_SEND_SIGNALED.0 | fence;
-        let mut bad = std::ptr::null_mut();
-        // SAFETY: the slot is ours until its send completion returns it to `send_free`.
-        verbs_rc("ibv_post_send", unsafe {
-            ibv_post_send(self.v.qp, &mut wr, &mut bad)
-        })
+        self.post_send_frame(msg, |buf| buf.copy_from_slice(payload))
+    }
+
+    fn send_inline(&mut self, msg: &Message, payload: &[LocalSeg]) -> Result<(), TransportError> {
+        crate::check_send_inline(msg, payload)?;
+        let local = self.registry.local(payload)?;
+        self.post_send_frame(msg, |buf| crate::mem::gather(&local.pieces, buf))
     }
 
     fn poll_recv(&mut self) -> Result<Option<Message>, TransportError> {
@@ -823,7 +893,7 @@ impl Endpoint for RdmaEndpoint {
             .get(&region.0)
             .ok_or(TransportError::UnknownRegion(region.0))?;
         let mut objs = Vec::with_capacity(soft.segments.len());
-        let mut segments = Vec::with_capacity(soft.segments.len());
+        let mut segments = crate::Segments::new();
         let result = (|| {
             for s in &soft.segments {
                 if self.v.mw_type2 {
@@ -967,10 +1037,12 @@ impl Drop for RdmaEndpoint {
     }
 }
 
-/// Accepts `rdma` connections on a TCP control port.
+/// Accepts `rdma` connections on a TCP control port. The control
+/// connections are authenticated as the `tcp` transport's are (off the
+/// listening thread, one deadline, bounded pending handshakes).
 #[derive(Debug)]
 pub struct RdmaAcceptor {
-    listener: TcpListener,
+    listener: crate::tcp::Listener,
     cfg: Config,
     registry: Arc<Registry>,
 }
@@ -983,28 +1055,34 @@ impl RdmaAcceptor {
         registry: Arc<Registry>,
     ) -> Result<Self, TransportError> {
         probe()?;
-        let listener = TcpListener::bind(addr).map_err(|source| TransportError::Io {
-            what: "bind",
-            source,
-        })?;
         Ok(Self {
-            listener,
+            listener: crate::tcp::Listener::bind(addr, cfg.clone())?,
             cfg,
             registry,
         })
     }
 
+    /// Waits for the next authenticated peer and sets up its queue pair.
     pub fn accept(&self) -> Result<RdmaEndpoint, TransportError> {
-        let (mut sock, peer) = self
+        let mut a = self
             .listener
-            .accept()
+            .next(None)?
+            .ok_or(TransportError::Disconnected)?;
+        // The QP exchange is bounded like the handshake was.
+        let t = Some(self.cfg.handshake_timeout);
+        a.sock
+            .set_read_timeout(t)
+            .and_then(|()| a.sock.set_write_timeout(t))
             .map_err(|source| TransportError::Io {
-                what: "accept",
+                what: "setsockopt",
                 source,
             })?;
-        let node = crate::tcp::server_handshake(&mut sock, &self.cfg)
-            .inspect_err(|e| tracing::warn!(peer = %peer, "refused rdma connection: {e}"))?;
-        RdmaEndpoint::establish(&mut sock, &self.cfg, self.registry.clone(), node)
+        RdmaEndpoint::establish(&mut a.sock, &self.cfg, self.registry.clone(), a.node)
+    }
+
+    /// Counters of control-connection handshakes since `bind`.
+    pub fn stats(&self) -> crate::tcp::AcceptorStats {
+        self.listener.stats()
     }
 }
 

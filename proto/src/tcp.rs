@@ -7,7 +7,16 @@
 //! scatters into it): no intermediate copy of our own. Every access is
 //! checked against the key's ranges first; a refused access fails that
 //! operation only (the payload, if any, is read and dropped), and the
-//! connection carries on.
+//! connection carries on. A response to one of our operations must match
+//! its direction and answer each segment once, or the peer is cut off.
+//!
+//! An inline WRITE is sent as frame + registered guest pieces in one
+//! gathered `sendmsg`; on receipt its payload goes into a buffer of the
+//! connection's bounded inline pool and travels to the application inside
+//! the message.
+//!
+//! Accepting: [`TcpAcceptor`] authenticates off the listening thread, each
+//! handshake under one deadline, a bounded number at once (`accept`).
 //!
 //! Threads: one reader and one writer per connection. The caller's thread
 //! sends inline with `MSG_DONTWAIT` when nothing is queued, so a QD1 request
@@ -15,19 +24,27 @@
 //! to the bounded queue the writer thread drains. `poll_*` never block.
 //!
 //! Bounds: application messages queued ≤ `send_queue`; received and unpolled
-//! ≤ `recv_queue` (then the reader stops reading: TCP backpressure to the
-//! peer); one-sided operations in flight (completions not yet polled
+//! ≤ `recv_queue`, and inline payload bytes held ≤ `inline_budget` (then the
+//! reader stops reading: TCP backpressure to the peer); one-sided operations in flight (completions not yet polled
 //! included) ≤ `max_inflight`; responses to the peer's operations ≤
 //! `max_inflight * MAX_SEGMENTS`, above which the peer is violating the limit
 //! and is disconnected. A peer silent for `dead_after`, or not draining sent
 //! data for that long, is declared dead: in-flight operations complete with
 //! `ConnectionLost`.
 
-use crate::auth::{self, Role};
+mod accept;
+mod handshake;
+
+pub use accept::{AcceptorStats, MAX_PENDING_HANDSHAKES, MAX_READY};
+pub(crate) use accept::{Authenticated, Listener};
+pub(crate) use handshake::{client_handshake, Deadline};
+
+use crate::inline::{InlineData, InlinePool};
 use crate::mem::{Denied, IoPtr, LocalBuf};
+use crate::ratelimit::{LogLimit, LOG_BURST, LOG_INTERVAL};
 use crate::sys::{self, Chunk};
 use crate::wire::{
-    self, DataReq, DataResp, ErrorMsg, FrameType, Message, Segment, Status, HEADER_LEN,
+    self, DataReq, DataResp, Descriptor, ErrorMsg, Message, Segment, Status, HEADER_LEN,
     MAX_DATA_LEN, MAX_FRAME, MAX_SEGMENTS,
 };
 use crate::{
@@ -35,9 +52,7 @@ use crate::{
     TransportError,
 };
 use std::collections::VecDeque;
-use std::io::{Read, Write};
-
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -91,6 +106,10 @@ impl OutItem {
         self.parts.push(Part::Bytes(b));
         Ok(())
     }
+    fn push_bytes(&mut self, b: Vec<u8>) {
+        self.len += b.len();
+        self.parts.push(Part::Bytes(b));
+    }
     fn push_mem(&mut self, pieces: Vec<IoPtr>) {
         for p in pieces {
             self.len += p.len;
@@ -122,9 +141,14 @@ struct Out {
 struct Op {
     id: u64,
     user_data: u64,
+    /// A one-sided WRITE (answered by DATA_WRITE_ACKs), else a READ
+    /// (answered by DATA_READ_RESPs).
+    write: bool,
     local: LocalBuf,
     /// Offset into `local` and length of each remote segment.
     segs: Vec<(usize, u32)>,
+    /// Segments answered so far (bit i = segment i; MAX_SEGMENTS is 128).
+    answered: u128,
     remaining: usize,
     status: Status,
     bytes: u64,
@@ -196,10 +220,18 @@ impl Ops {
 }
 
 /// What the receiver expects next on the stream.
+// One per connection; boxing the descriptor would allocate per inline WRITE.
+#[allow(clippy::large_enum_variant)]
 enum Stage {
     Header,
-    /// The non-payload part of the body.
-    Fixed(wire::Header),
+    /// The non-payload part of the body: `want` bytes, first the prefix
+    /// that tells the fixed part's length, then the fixed part.
+    Fixed { h: wire::Header, want: usize },
+    /// An inline WRITE waiting for a buffer of the connection's inline
+    /// pool: nothing more is read until one is free (backpressure).
+    AwaitBuffer(Descriptor),
+    /// An inline WRITE's payload, received straight into its pool buffer.
+    Inline { desc: Descriptor, buf: InlineData },
     /// A payload received straight into registered memory.
     Payload {
         pieces: Vec<IoPtr>,
@@ -251,6 +283,8 @@ struct Conn {
     resp_cap: usize,
     heartbeat: Duration,
     rx: Mutex<Rx>,
+    /// Buffers for received inline WRITE payloads (bounded by `inline_budget`).
+    inline_pool: InlinePool,
     /// Received application messages not yet polled (≤ `recv_cap`).
     inbox: Mutex<VecDeque<Message>>,
     recv_cap: usize,
@@ -260,13 +294,17 @@ struct Conn {
     /// When bytes last arrived (ns since `epoch`).
     last_rx_ns: AtomicU64,
     dead_after: Duration,
+    /// Rate limit of the refused-access log lines.
+    denials: LogLimit,
 }
+
 
 impl Conn {
     /// Marks the connection dead, wakes both threads and fails every
     /// in-flight operation. Logs once, at `warn` unless `quiet`.
     fn fail(&self, reason: &str, quiet: bool) {
         if !self.dead.swap(true, Ordering::AcqRel) {
+            self.denials.flush(true, |n| self.denials_summary(n));
             if quiet {
                 tracing::debug!(peer = %self.peer, node = self.peer_node, "connection closed: {reason}");
             } else {
@@ -371,6 +409,7 @@ impl Conn {
                         .wait_timeout(o, nap)
                         .unwrap_or_else(|p| p.into_inner());
                     o = g;
+                    self.denials.flush(false, |n| self.denials_summary(n));
                     let idle = o.current.is_empty() && o.app.is_empty() && o.resp.is_empty();
                     if !o.writing && !o.closed && idle && o.last_send.elapsed() >= self.heartbeat {
                         seq += 1;
@@ -555,9 +594,25 @@ impl Conn {
                     }
                     sys::recv_some(self.sock.as_fd(), &mut rx.hdr[rx.got..], blocking)
                 }
-                Stage::Fixed(h) => {
-                    let want = h.fixed_len();
-                    sys::recv_some(self.sock.as_fd(), &mut rx.body[rx.got..want], blocking)
+                Stage::Fixed { want, .. } => {
+                    sys::recv_some(self.sock.as_fd(), &mut rx.body[rx.got..*want], blocking)
+                }
+                Stage::AwaitBuffer(d) => match self.inline_pool.take(d.length as usize) {
+                    Some(buf) => {
+                        let desc = std::mem::take(d);
+                        rx.stage = Stage::Inline { desc, buf };
+                        continue;
+                    }
+                    None => {
+                        // Every buffer is held by messages the application
+                        // has not released: stop reading (TCP pushes back).
+                        // Silence we cause ourselves is not the peer's.
+                        self.last_rx_ns.store(self.now_ns(), Ordering::Relaxed);
+                        return Ok(frames);
+                    }
+                },
+                Stage::Inline { buf, .. } => {
+                    sys::recv_some(self.sock.as_fd(), &mut buf.as_mut_slice()[rx.got..], blocking)
                 }
                 Stage::Payload { pieces, .. } => {
                     sys::recv_into_some(self.sock.as_fd(), pieces, rx.got, blocking)
@@ -586,22 +641,45 @@ impl Conn {
                 Stage::Header if rx.got < rx.hdr.len() => continue,
                 Stage::Header => {
                     let h = wire::decode_header(&rx.hdr).map_err(|e| self.protocol_error(&e))?;
-                    if h.fixed_len() < LOOKAHEAD {
+                    let want = h.prefix_len();
+                    if want < LOOKAHEAD {
                         return Err(format!("{:?} frame after the handshake", h.ty));
                     }
                     rx.body[..LOOKAHEAD].copy_from_slice(&rx.hdr[HEADER_LEN..]);
-                    if h.fixed_len() == LOOKAHEAD {
+                    if want == LOOKAHEAD {
+                        // The lookahead holds the whole fixed part (every
+                        // data frame; 24-byte control frames).
                         frames += 1;
                         (self.decode_dispatch(&h, &rx.body[..LOOKAHEAD])?, 0)
                     } else {
-                        (Stage::Fixed(h), LOOKAHEAD)
+                        (Stage::Fixed { h, want }, LOOKAHEAD)
                     }
                 }
-                Stage::Fixed(h) if rx.got < h.fixed_len() => continue,
-                Stage::Fixed(h) => {
+                Stage::Fixed { want, .. } if rx.got < *want => continue,
+                Stage::Fixed { h, want } => {
+                    let fixed = h
+                        .fixed_len(&rx.body[..*want])
+                        .map_err(|e| self.protocol_error(&e))?;
+                    if fixed > *want {
+                        // A WRITE with segments: the rest of its fixed part.
+                        // `fixed` <= MAX_CONTROL_BODY (checked by fixed_len).
+                        *want = fixed;
+                        continue;
+                    }
                     let h = *h;
                     frames += 1;
-                    (self.decode_dispatch(&h, &rx.body[..h.fixed_len()])?, 0)
+                    (self.decode_dispatch(&h, &rx.body[..fixed])?, 0)
+                }
+                Stage::AwaitBuffer(_) => continue,
+                Stage::Inline { buf, .. } if rx.got < buf.len() => continue,
+                Stage::Inline { .. } => {
+                    if let Stage::Inline { mut desc, buf } =
+                        std::mem::replace(&mut rx.stage, Stage::Header)
+                    {
+                        desc.inline = Some(buf);
+                        lock(&self.inbox).push_back(Message::Write(desc));
+                    }
+                    (Stage::Header, 0)
                 }
                 Stage::Payload { total, .. } if rx.got < *total => continue,
                 Stage::Discard { left, .. } if rx.got < *left => continue,
@@ -625,6 +703,7 @@ impl Conn {
     fn dispatch(&self, msg: Message) -> Result<Stage, String> {
         Ok(match msg {
             Message::Heartbeat(_) => Stage::Header,
+            Message::Write(d) if d.is_inline() => Stage::AwaitBuffer(d),
             Message::DataRead(d) => {
                 self.serve_read(d)?;
                 Stage::Header
@@ -718,8 +797,30 @@ impl Conn {
         format!("malformed frame: {e}")
     }
 
+    /// Tells the peer it broke the protocol (best effort, the connection is
+    /// closed next); returns the reason for `fail`.
+    fn violation(&self, text: &str) -> String {
+        let text: String = text.chars().take(wire::MAX_ERROR_TEXT).collect();
+        let msg = Message::Error(ErrorMsg {
+            code: ERR_PROTOCOL,
+            text: text.clone(),
+        });
+        if let Ok(b) = msg.to_vec() {
+            let _ = sys::send_vectored(self.sock.as_fd(), &[Chunk::Bytes(&b)], 0, true);
+        }
+        format!("protocol violation: {text}")
+    }
+
+    fn denials_summary(&self, n: u64) {
+        tracing::warn!(peer = %self.peer, node = self.peer_node, "{n} more refused one-sided accesses not logged");
+    }
+
+    /// A refused access fails that operation only; the peer can trigger it
+    /// at will, so it is logged rate-limited.
     fn deny(&self, what: &str, d: &DataReq, why: Denied) {
-        tracing::warn!(peer = %self.peer, node = self.peer_node, key = format_args!("{:#x}", d.key), addr = format_args!("{:#x}", d.addr), len = d.len, "refused one-sided {what}: {why:?}");
+        self.denials.log(|n| self.denials_summary(n), || {
+            tracing::warn!(peer = %self.peer, node = self.peer_node, key = format_args!("{:#x}", d.key), addr = format_args!("{:#x}", d.addr), len = d.len, "refused one-sided {what}: {why:?}")
+        });
     }
 
     fn serve_read(&self, d: DataReq) -> Result<(), String> {
@@ -758,15 +859,35 @@ impl Conn {
 
     /// Validates a response against our operation; for a successful READ
     /// response returns the local memory its payload goes to.
+    ///
+    /// A response must match its operation's direction (a DATA_READ_RESP
+    /// answers a one-sided READ only: accepting it for a WRITE would write
+    /// the peer's bytes into our source buffer) and answer each segment
+    /// once (a repeat must not stand in for a missing segment: that would
+    /// complete a torn transfer as Ok). A violation is a protocol error.
     fn check_response(&self, d: &DataResp, read: bool) -> Result<Option<Vec<IoPtr>>, String> {
         let mut ops = lock(&self.ops);
         let op = ops
             .get(d.op_id)
             .ok_or_else(|| format!("response for unknown operation {:#x}", d.op_id))?;
-        let &(off, len) = op
-            .segs
-            .get((d.op_id & SEG_MASK) as usize)
-            .ok_or("response for unknown segment")?;
+        if op.write == read {
+            return Err(self.violation(&format!(
+                "{} for a one-sided {} (operation {:#x})",
+                if read { "DATA_READ_RESP" } else { "DATA_WRITE_ACK" },
+                if op.write { "WRITE" } else { "READ" },
+                d.op_id
+            )));
+        }
+        let seg = (d.op_id & SEG_MASK) as usize;
+        let &(off, len) = op.segs.get(seg).ok_or("response for unknown segment")?;
+        let bit = 1u128 << seg;
+        if op.answered & bit != 0 {
+            return Err(self.violation(&format!(
+                "second response for segment {seg} of operation {:#x}",
+                d.op_id & !SEG_MASK
+            )));
+        }
+        op.answered |= bit;
         if d.status == Status::Ok && d.len != len {
             return Err(format!(
                 "response length {} for a {len}-byte segment",
@@ -812,104 +933,6 @@ fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> TransportError {
     move |source| TransportError::Io { what, source }
 }
 
-fn write_msg(sock: &mut TcpStream, m: &Message) -> Result<(), TransportError> {
-    sock.write_all(&m.to_vec().map_err(TransportError::Encode)?)
-        .map_err(io("handshake send"))
-}
-
-/// Reads one control frame (handshake only; data frames are refused).
-fn read_msg(sock: &mut TcpStream) -> Result<Message, TransportError> {
-    let mut hdr = [0u8; HEADER_LEN];
-    sock.read_exact(&mut hdr).map_err(io("handshake receive"))?;
-    let h = wire::decode_header(&hdr).map_err(TransportError::Decode)?;
-    if h.payload_len() != 0 {
-        return Err(TransportError::Handshake("data frame during the handshake"));
-    }
-    let mut body = vec![0u8; h.fixed_len()];
-    sock.read_exact(&mut body)
-        .map_err(io("handshake receive"))?;
-    wire::decode_body(&h, &body).map_err(TransportError::Decode)
-}
-
-fn refuse(sock: &mut TcpStream, code: u32, text: &str) {
-    let _ = write_msg(
-        sock,
-        &Message::Error(ErrorMsg {
-            code,
-            text: text.to_owned(),
-        }),
-    );
-}
-
-fn refused(e: ErrorMsg) -> TransportError {
-    if e.code == ERR_AUTH {
-        TransportError::AuthFailed("the acceptor rejected our proof of the cluster secret")
-    } else {
-        TransportError::Refused {
-            code: e.code,
-            text: e.text,
-        }
-    }
-}
-
-/// Initiator side of the authenticated handshake on a fresh stream;
-/// returns the acceptor's node id. Also used on the `rdma` transport's
-/// out-of-band connection.
-pub(crate) fn client_handshake(sock: &mut TcpStream, cfg: &Config) -> Result<u64, TransportError> {
-    sock.set_read_timeout(Some(cfg.handshake_timeout))
-        .map_err(io("setsockopt"))?;
-    sock.set_write_timeout(Some(cfg.handshake_timeout))
-        .map_err(io("setsockopt"))?;
-    let client_nonce = auth::nonce().map_err(io("getrandom"))?;
-    write_msg(
-        sock,
-        &Message::Hello(wire::Hello {
-            cluster_id: cfg.cluster_id,
-            node_id: cfg.node_id,
-            nonce: client_nonce,
-        }),
-    )?;
-    let ch = match read_msg(sock)? {
-        Message::Challenge(c) => c,
-        Message::Error(e) => return Err(refused(e)),
-        _ => return Err(TransportError::Handshake("expected CHALLENGE")),
-    };
-    let ctx = auth::Context {
-        cluster_id: cfg.cluster_id,
-        client_node: cfg.node_id,
-        server_node: ch.node_id,
-        client_nonce,
-        server_nonce: ch.nonce,
-    };
-    if !auth::verify(&cfg.secret, Role::Server, &ctx, &ch.mac) {
-        refuse(sock, ERR_AUTH, "acceptor proof invalid");
-        return Err(TransportError::AuthFailed(
-            "the acceptor does not know the cluster secret",
-        ));
-    }
-    write_msg(
-        sock,
-        &Message::Auth(auth::tag(&cfg.secret, Role::Client, &ctx)),
-    )?;
-    match read_msg(sock) {
-        Ok(Message::Ready) => {}
-        Ok(Message::Error(e)) => return Err(refused(e)),
-        Ok(_) => return Err(TransportError::Handshake("expected READY")),
-        // The acceptor closes right after refusing; losing the race to read
-        // its ERROR still means we were refused.
-        Err(TransportError::Io { source, .. })
-            if source.kind() == std::io::ErrorKind::UnexpectedEof
-                || source.kind() == std::io::ErrorKind::ConnectionReset =>
-        {
-            return Err(TransportError::AuthFailed(
-                "the acceptor closed the connection during authentication",
-            ))
-        }
-        Err(e) => return Err(e),
-    }
-    Ok(ch.node_id)
-}
-
 impl TcpEndpoint {
     /// Connects to `addr` and authenticates. Blocking (slow path), bounded by
     /// `cfg.handshake_timeout`.
@@ -923,9 +946,11 @@ impl TcpEndpoint {
             .map_err(io("resolve"))?
             .next()
             .ok_or(TransportError::Handshake("no address"))?;
+        // One deadline for connect and handshake together.
+        let deadline = Deadline::after(cfg.handshake_timeout);
         let mut sock =
             TcpStream::connect_timeout(&addr, cfg.handshake_timeout).map_err(io("connect"))?;
-        let peer_node = client_handshake(&mut sock, cfg)?;
+        let peer_node = client_handshake(&mut sock, cfg, &deadline)?;
         Self::start(sock, addr, peer_node, cfg, registry)
     }
 
@@ -952,6 +977,7 @@ impl TcpEndpoint {
         .map_err(io("setsockopt"))?;
         let max_inflight = cfg.max_inflight.clamp(1, u32::MAX as usize);
         const _: () = assert!(MAX_SEGMENTS as u64 <= SEG_MASK + 1);
+        const _: () = assert!(MAX_SEGMENTS <= u128::BITS as usize);
         let conn = Arc::new(Conn {
             sock,
             peer,
@@ -980,12 +1006,14 @@ impl TcpEndpoint {
                 got: 0,
                 stage: Stage::Header,
             }),
+            inline_pool: InlinePool::new(cfg.inline_budget),
             inbox: Mutex::new(VecDeque::new()),
             recv_cap: cfg.recv_queue.max(1),
             epoch: Instant::now(),
             last_app_poll_ns: AtomicU64::new(0),
             last_rx_ns: AtomicU64::new(0),
             dead_after: cfg.dead_after,
+            denials: LogLimit::new(LOG_BURST, LOG_INTERVAL),
         });
         let r = conn.clone();
         let reader = std::thread::Builder::new()
@@ -1047,6 +1075,23 @@ impl TcpEndpoint {
         if let Err(r) = r {
             self.conn.fail(&r, false);
         }
+    }
+
+    /// Room for one more application message in the send queue?
+    fn admit_app_msg(&self) -> Result<(), TransportError> {
+        if self.conn.dead.load(Ordering::Acquire) {
+            return Err(TransportError::Disconnected);
+        }
+        if lock(&self.conn.out).app_msgs >= self.conn.send_queue {
+            return Err(TransportError::QueueFull);
+        }
+        Ok(())
+    }
+
+    /// Bytes of inline payload buffers held by received messages not yet
+    /// dropped (bounded by `Config::inline_budget`).
+    pub fn inline_bytes_held(&self) -> usize {
+        self.conn.inline_pool.lent()
     }
 
     /// The peer's socket address.
@@ -1123,6 +1168,8 @@ impl TcpEndpoint {
             ops.slots[slot] = Some(Op {
                 id: op_id,
                 user_data,
+                write,
+                answered: 0,
                 local,
                 remaining: segs.len(),
                 segs,
@@ -1148,23 +1195,28 @@ impl TcpEndpoint {
 
 impl Endpoint for TcpEndpoint {
     fn send(&mut self, msg: &Message) -> Result<(), TransportError> {
-        match msg.frame_type() {
-            FrameType::Write
-            | FrameType::Read
-            | FrameType::Flush
-            | FrameType::Discard
-            | FrameType::WriteZeroes
-            | FrameType::Completion
-            | FrameType::Error => {}
-            t => return Err(TransportError::NotApplication(t)),
-        }
-        if self.conn.dead.load(Ordering::Acquire) {
-            return Err(TransportError::Disconnected);
-        }
-        if lock(&self.conn.out).app_msgs >= self.conn.send_queue {
-            return Err(TransportError::QueueFull);
-        }
+        crate::check_send(msg)?;
+        self.admit_app_msg()?;
         let mut item = OutItem::frame(msg)?;
+        if let Message::Write(Descriptor {
+            inline: Some(data), ..
+        }) = msg
+        {
+            // A payload we do not own past this call: copied (forwarding
+            // path; registered memory goes through `send_inline`).
+            item.push_bytes(data.to_vec());
+        }
+        item.app_msg = true;
+        self.conn.enqueue(item, false)
+    }
+
+    fn send_inline(&mut self, msg: &Message, payload: &[LocalSeg]) -> Result<(), TransportError> {
+        crate::check_send_inline(msg, payload)?;
+        self.admit_app_msg()?;
+        let local = self.conn.registry.local(payload)?;
+        let mut item = OutItem::frame(msg)?;
+        // Gathered by `sendmsg` straight from the registered memory.
+        item.push_mem(local.pieces);
         item.app_msg = true;
         self.conn.enqueue(item, false)
     }
@@ -1262,110 +1314,57 @@ impl Drop for TcpEndpoint {
 }
 
 /// Accepts and authenticates incoming connections.
+///
+/// Handshakes run off the listening thread, each under one deadline
+/// (`Config::handshake_timeout`), at most [`MAX_PENDING_HANDSHAKES`] at once
+/// (the oldest is evicted for a newcomer); see [`AcceptorStats`].
 #[derive(Debug)]
 pub struct TcpAcceptor {
-    listener: TcpListener,
+    listener: Listener,
     cfg: Config,
     registry: Arc<Registry>,
 }
 
 impl TcpAcceptor {
+    /// Binds and starts listening and authenticating in the background.
     pub fn bind(
         addr: impl ToSocketAddrs,
         cfg: Config,
         registry: Arc<Registry>,
     ) -> Result<Self, TransportError> {
-        let listener = TcpListener::bind(addr).map_err(io("bind"))?;
         Ok(Self {
-            listener,
+            listener: Listener::bind(addr, cfg.clone())?,
             cfg,
             registry,
         })
     }
 
     pub fn local_addr(&self) -> Result<SocketAddr, TransportError> {
-        self.listener.local_addr().map_err(io("local_addr"))
+        Ok(self.listener.local_addr())
     }
 
-    /// Waits for one connection and authenticates it. A refused peer is
-    /// logged in one line and returned as the error; call again for the next.
+    /// Waits for the next authenticated peer. Refused peers never show up
+    /// here: they are logged (rate-limited) and counted in [`Self::stats`].
     pub fn accept(&self) -> Result<TcpEndpoint, TransportError> {
-        let (mut sock, peer) = self.listener.accept().map_err(io("accept"))?;
-        match server_handshake(&mut sock, &self.cfg) {
-            Ok(node) => TcpEndpoint::start(sock, peer, node, &self.cfg, self.registry.clone()),
-            Err(e) => {
-                tracing::warn!(peer = %peer, "refused connection: {e}");
-                Err(e)
-            }
+        match self.listener.next(None)? {
+            Some(a) => self.start(a),
+            None => Err(TransportError::Disconnected),
         }
     }
-}
 
-/// Acceptor side of the authenticated handshake; returns the initiator's node id.
-pub(crate) fn server_handshake(sock: &mut TcpStream, cfg: &Config) -> Result<u64, TransportError> {
-    sock.set_read_timeout(Some(cfg.handshake_timeout))
-        .map_err(io("setsockopt"))?;
-    sock.set_write_timeout(Some(cfg.handshake_timeout))
-        .map_err(io("setsockopt"))?;
-    let hello = match read_msg(sock) {
-        Ok(Message::Hello(h)) => h,
-        Ok(_) => {
-            refuse(sock, ERR_PROTOCOL, "expected HELLO");
-            return Err(TransportError::Handshake("expected HELLO"));
-        }
-        Err(TransportError::Decode(e)) => {
-            let code = if matches!(e, wire::DecodeError::UnsupportedVersion { .. }) {
-                ERR_VERSION
-            } else {
-                ERR_PROTOCOL
-            };
-            refuse(sock, code, &e.to_string());
-            return Err(TransportError::Decode(e));
-        }
-        Err(e) => return Err(e),
-    };
-    if hello.cluster_id != cfg.cluster_id {
-        refuse(sock, ERR_CLUSTER, "wrong cluster");
-        return Err(TransportError::Handshake("peer belongs to another cluster"));
+    /// As [`Self::accept`], giving up after `timeout` with `Ok(None)`.
+    pub fn accept_timeout(&self, timeout: Duration) -> Result<Option<TcpEndpoint>, TransportError> {
+        self.listener.next(Some(timeout))?.map(|a| self.start(a)).transpose()
     }
-    let server_nonce = auth::nonce().map_err(io("getrandom"))?;
-    let ctx = auth::Context {
-        cluster_id: cfg.cluster_id,
-        client_node: hello.node_id,
-        server_node: cfg.node_id,
-        client_nonce: hello.nonce,
-        server_nonce,
-    };
-    let mac = auth::tag(&cfg.secret, Role::Server, &ctx);
-    write_msg(
-        sock,
-        &Message::Challenge(wire::Challenge {
-            node_id: cfg.node_id,
-            nonce: server_nonce,
-            mac,
-        }),
-    )?;
-    match read_msg(sock)? {
-        Message::Auth(mac) if auth::verify(&cfg.secret, Role::Client, &ctx, &mac) => {}
-        Message::Auth(_) => {
-            refuse(sock, ERR_AUTH, "authentication failed");
-            return Err(TransportError::AuthFailed(
-                "initiator does not know the cluster secret",
-            ));
-        }
-        Message::Error(e) if e.code == ERR_AUTH => {
-            return Err(TransportError::AuthFailed(
-                "the initiator rejected our proof: it holds another cluster secret",
-            ));
-        }
-        Message::Error(e) => return Err(refused(e)),
-        _ => {
-            refuse(sock, ERR_PROTOCOL, "expected AUTH");
-            return Err(TransportError::Handshake("expected AUTH"));
-        }
+
+    /// Counters of handshakes since `bind`.
+    pub fn stats(&self) -> AcceptorStats {
+        self.listener.stats()
     }
-    write_msg(sock, &Message::Ready)?;
-    Ok(hello.node_id)
+
+    fn start(&self, a: Authenticated) -> Result<TcpEndpoint, TransportError> {
+        TcpEndpoint::start(a.sock, a.peer, a.node, &self.cfg, self.registry.clone())
+    }
 }
 
 #[cfg(test)]

@@ -1,10 +1,13 @@
-//! `hcblk-wire-peer`: a test replica for the wire protocol. It holds an
+//! `hcblk-wire-peer`: a test replica for the wire protocol (v2). It holds an
 //! in-memory "disk" and serves READ/WRITE descriptors by one-sided
 //! operations on the initiator's granted buffers, as a real replica does:
 //! WRITE → one-sided READ of the guest segments into the disk, READ →
 //! one-sided WRITE of disk bytes into the guest segments, then COMPLETION.
-//! FLUSH completes at once (memory is the medium); DISCARD/WRITE_ZEROES
-//! answer `Unsupported` (this peer exists to exercise the transport).
+//! An inline WRITE's payload arrives with its descriptor and is copied into
+//! the disk at once. FLUSH completes at once (memory is the medium);
+//! DISCARD/WRITE_ZEROES/PROMISE/CLEAR_DIRTY answer `Unsupported`. Generation,
+//! epoch, incarnation and floor are not checked: this peer exists to
+//! exercise the transport.
 
 use anyhow::{Context, Result};
 use proto::tcp::{TcpAcceptor, TcpEndpoint};
@@ -88,6 +91,15 @@ fn start(
         offset: d.offset,
         len: d.length,
     }];
+    if let Some(data) = &d.inline {
+        // The data came with the descriptor: no one-sided READ.
+        let status = match ep.registry().copy_to_local(&local, data) {
+            Ok(()) => Status::Ok,
+            Err(_) => Status::IoError,
+        };
+        let bytes = if status == Status::Ok { d.length } else { 0 };
+        return complete(ep, d.request_id, status, bytes);
+    }
     let posted = if write {
         ep.post_read(&d.segments, &local, d.request_id)
     } else {
@@ -117,6 +129,12 @@ fn serve(mut ep: TcpEndpoint, region: proto::RegionId, disk_bytes: u64) {
                         Message::Flush(f) => complete(&mut ep, f.request_id, Status::Ok, 0),
                         Message::Discard(r) | Message::WriteZeroes(r) => {
                             complete(&mut ep, r.request_id, Status::Unsupported, 0)
+                        }
+                        Message::Promise(p) => {
+                            complete(&mut ep, p.request_id, Status::Unsupported, 0)
+                        }
+                        Message::ClearDirty(c) => {
+                            complete(&mut ep, c.request_id, Status::Unsupported, 0)
                         }
                         _ => true,
                     };

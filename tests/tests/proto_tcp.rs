@@ -8,8 +8,10 @@ use hcblk_tests::netns::{Child, NetnsPair};
 use hcblk_tests::wire_peer::pattern;
 use proto::auth::Secret;
 use proto::tcp::TcpEndpoint;
-use proto::wire::{Completion, Descriptor};
-use proto::{Access, Config, Endpoint, Key, Message, Registry, Status, TransportError};
+use proto::wire::{Completion, Descriptor, FLAG_INLINE, MAX_INLINE};
+use proto::{
+    Access, Config, Endpoint, Key, LocalSeg, Message, Registry, Status, TransportError,
+};
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::process::Stdio;
@@ -138,11 +140,26 @@ fn desc(request_id: u64, offset: u64, g: &proto::Grant) -> Descriptor {
     Descriptor {
         request_id,
         volume: 1,
+        generation: 1,
         epoch: 1,
         offset,
         length,
-        flags: 0,
         segments: g.segments.clone(),
+        ..Descriptor::default()
+    }
+}
+
+/// An inline WRITE descriptor: `length` bytes that travel with it.
+fn inline_desc(request_id: u64, offset: u64, length: u32) -> Descriptor {
+    Descriptor {
+        request_id,
+        volume: 1,
+        generation: 1,
+        epoch: 1,
+        offset,
+        length,
+        flags: FLAG_INLINE,
+        ..Descriptor::default()
     }
 }
 
@@ -282,6 +299,77 @@ fn proto_tcp_one_sided_read_write_between_two_hosts() -> Result<()> {
 }
 
 #[test]
+fn proto_tcp_inline_writes_between_two_hosts() -> Result<()> {
+    let hosts = Hosts::new()?;
+    let _peer = hosts.start_peer()?;
+    let mut ep = hosts.connect(SECRET, Arc::new(Registry::new()))?;
+    let mut g = guest(&mut ep, 16 << 20);
+    let region = g.region;
+    let piece = |offset: u64, len: u32| LocalSeg {
+        region,
+        offset,
+        len,
+    };
+    // 64 inline WRITEs in flight, 1 byte to MAX_INLINE, some gathered from
+    // two guest pieces, with segmented WRITEs between them; each payload
+    // travels with its descriptor (no one-sided READ).
+    let sizes = [1u32, 511, 4096, 4097, 30000, MAX_INLINE - 1, MAX_INLINE];
+    // (request id, disk offset, guest pieces)
+    let mut written: Vec<(u64, u64, Vec<LocalSeg>)> = Vec::new();
+    let mut keys = Vec::new();
+    for i in 0..64u64 {
+        let len = sizes[i as usize % sizes.len()];
+        let src = i * 131_072;
+        let pieces = if len > 2 && i % 2 == 1 {
+            vec![piece(src + 3, len / 2), piece(src + 70_000, len - len / 2)]
+        } else {
+            vec![piece(src + 5, len)]
+        };
+        let offset = (i << 17) + 512 * (i % 3);
+        ep.send_inline(&Message::Write(inline_desc(i, offset, len)), &pieces)?;
+        written.push((i, offset, pieces));
+        if i % 8 == 0 {
+            let gr = ep.grant(g.region, &[(src + 100_000, 8192)], Access::RemoteRead)?;
+            send(&mut ep, Message::Write(desc(1000 + i, (40 << 20) + i * 8192, &gr)));
+            keys.push((1000 + i, gr.key));
+        }
+    }
+    let c = wait_completions(&mut ep, written.len() + keys.len(), Duration::from_secs(20))?;
+    for (id, _, pieces) in &written {
+        let len: u32 = pieces.iter().map(|p| p.len).sum();
+        assert_eq!((c[id].status, c[id].bytes), (Status::Ok, len), "inline {id}");
+    }
+    for (id, key) in keys {
+        assert_eq!(c[&id].status, Status::Ok, "segmented {id}");
+        ep.revoke(key)?;
+    }
+    // Read every inline write back through one-sided WRITEs into another
+    // part of guest memory and compare with what was sent.
+    let back = 12u64 << 20;
+    for (id, offset, pieces) in &written {
+        let len: u32 = pieces.iter().map(|p| p.len).sum();
+        let r = ep.grant(g.region, &[(back, len)], Access::RemoteWrite)?;
+        send(&mut ep, Message::Read(desc(5000 + id, *offset, &r)));
+        let c = wait_completions(&mut ep, 1, Duration::from_secs(10))?;
+        assert_eq!(c[&(5000 + id)].status, Status::Ok);
+        ep.revoke(r.key)?;
+        let sent: Vec<u8> = pieces
+            .iter()
+            .flat_map(|p| g.mem[p.offset as usize..(p.offset + u64::from(p.len)) as usize].to_vec())
+            .collect();
+        assert_eq!(
+            &g.mem[back as usize..back as usize + len as usize],
+            &sent[..],
+            "inline write {id} read back differs"
+        );
+    }
+    assert!(ep.is_connected());
+    drop(ep);
+    g.mem.clear();
+    Ok(())
+}
+
+#[test]
 fn proto_tcp_authentication_failure_is_refused() -> Result<()> {
     let hosts = Hosts::new()?;
     let _peer = hosts.start_peer()?;
@@ -297,7 +385,10 @@ fn proto_tcp_authentication_failure_is_refused() -> Result<()> {
         Message::Flush(proto::wire::Flush {
             request_id: 9,
             volume: 1,
+            generation: 1,
             epoch: 1,
+            incarnation: 0,
+            floor: 9,
         }),
     );
     assert_eq!(

@@ -104,13 +104,9 @@ fn serve(host: &str) -> Result<()> {
         let w = ep.grant(region, &[(0, WINDOW as u32)], Access::RemoteWrite)?;
         let r = ep.grant(region, &[(0, WINDOW as u32)], Access::RemoteRead)?;
         let publish = |g: &proto::Grant| Descriptor {
-            request_id: 0,
-            volume: 0,
-            epoch: 0,
-            offset: 0,
             length: WINDOW as u32,
-            flags: 0,
             segments: g.segments.clone(),
+            ..Descriptor::default()
         };
         ep.send(&Message::Read(publish(&w)))?;
         ep.send(&Message::Write(publish(&r)))?;

@@ -22,10 +22,15 @@ fuzz_target!(|data: &[u8]| {
             Err(_) => break,
         }
     }
-    // The split path (header, then the fixed part only) agrees with `decode`.
+    // The split path (header, the prefix that tells the fixed part's
+    // length, then the fixed part only) agrees with `decode`.
     if let Ok(h) = decode_header(data) {
-        let end = (HEADER_LEN + h.fixed_len()).min(data.len());
-        let split = decode_body(&h, &data[HEADER_LEN..end]);
+        let body = &data[HEADER_LEN..];
+        let prefix = &body[..h.prefix_len().min(body.len())];
+        let split = h.fixed_len(prefix).and_then(|fixed| {
+            assert!(fixed <= h.body_len as usize);
+            decode_body(&h, &body[..fixed.min(body.len())])
+        });
         if let Ok((m, _)) = decode(data) {
             assert_eq!(split.as_ref().ok(), Some(&m));
         }
