@@ -201,13 +201,16 @@ fn connect_to_a_dead_etcd_is_one_clear_error_at_once() {
     let mut f = etcd_server("down");
     let endpoint = f.server.endpoint();
     f.server.kill().unwrap();
+    let mut c = config(&endpoint, Duration::from_secs(5));
+    c.dial_timeout = Duration::from_secs(5);
     let started = Instant::now();
-    let e = Etcd::connect(config(&endpoint, Duration::from_secs(5))).unwrap_err();
-    assert!(started.elapsed() < Duration::from_millis(500), "took {:?}", started.elapsed());
+    let e = Etcd::connect(c).unwrap_err();
+    // A refused connection is an answer: no waiting for the dial timeout.
+    assert!(started.elapsed() < Duration::from_secs(1), "took {:?}", started.elapsed());
     assert!(matches!(e, EtcdError::Unreachable { .. }), "{e:?}");
     let line = backend::control::chain(&e);
     eprintln!("{line}");
-    assert!(line.starts_with(&format!("etcd is unreachable: no answer from {endpoint} within 1s")), "{line}");
+    assert!(line.starts_with(&format!("etcd is unreachable: no answer from {endpoint} within 5s")), "{line}");
     assert!(line.contains("Connection refused"), "{line}");
 }
 
@@ -249,7 +252,7 @@ fn after_a_timeout_the_next_call_goes_to_the_next_endpoint() {
     let kv = etcd.get(&key).unwrap().unwrap();
     let rev = if kv.value == b"v2" { kv.mod_revision } else { rev };
     committed(etcd.compare_and_swap(&key, rev, b"v3", &[]).unwrap());
-    assert!(started.elapsed() < Duration::from_millis(500), "took {:?}", started.elapsed());
+    assert!(started.elapsed() < Duration::from_secs(1), "took {:?}", started.elapsed());
 }
 
 #[test]
@@ -333,12 +336,12 @@ fn frozen_etcd_makes_a_cas_unknown_within_the_timeout_and_reads_unreachable() {
     let e = etcd.compare_and_swap(&key, rev, b"v2", &[]).unwrap_err();
     let took = started.elapsed();
     assert!(matches!(e, EtcdError::OutcomeUnknown { .. }), "{e:?}");
-    assert!(took >= Duration::from_secs(1) && took < Duration::from_millis(1500), "took {took:?}");
+    assert!(took >= Duration::from_secs(1) && took < Duration::from_secs(2), "took {took:?}");
 
     let started = Instant::now();
     let e = etcd.get(&key).unwrap_err();
     assert!(matches!(e, EtcdError::Unreachable { .. }), "{e:?}");
-    assert!(started.elapsed() < Duration::from_millis(1500), "took {:?}", started.elapsed());
+    assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
 
     // Thawed, etcd processes what it had received: the CAS sent while frozen may land now,
     // which is exactly why the caller must re-read after OutcomeUnknown.

@@ -71,10 +71,26 @@ fn registration_holds_the_key_under_a_lease_updates_it_and_revokes_on_drop() {
     wait_for("updated value", Duration::from_secs(2), || node_value(&etcd, "n1").as_deref() == Some(b"free=9"));
     assert_eq!(etcd.get("nodes/n1").unwrap().unwrap().lease, Some(lease), "update keeps the lease");
 
+    // Updates every 5 ms (each slower than a write to a local etcd): the latest value lands,
+    // the ones in between are skipped, so etcd sees one write per 100 ms at most, not one per
+    // call.
+    let version_before = etcd.get("nodes/n1").unwrap().unwrap().version;
+    let started = Instant::now();
+    for i in 0..100 {
+        reg.update(format!("free={i}").into_bytes());
+        thread::sleep(Duration::from_millis(5));
+    }
+    wait_for("last value of the burst", Duration::from_secs(2), || {
+        node_value(&etcd, "n1").as_deref() == Some(b"free=99")
+    });
+    let writes = etcd.get("nodes/n1").unwrap().unwrap().version - version_before;
+    let bound = started.elapsed().as_millis() / 100 + 2;
+    assert!(u128::from(writes) <= bound, "{writes} writes for 100 updates (bound {bound})");
+
     // Kept alive well past the TTL.
     thread::sleep(TTL * 2);
     assert!(reg.is_registered());
-    assert_eq!(node_value(&etcd, "n1").as_deref(), Some(&b"free=9"[..]));
+    assert_eq!(node_value(&etcd, "n1").as_deref(), Some(&b"free=99"[..]));
 
     // A clean stop removes the node at once, not one TTL later.
     let started = Instant::now();

@@ -9,11 +9,11 @@
 use super::error::{Cause, EtcdError};
 use etcd_client as ec;
 use std::collections::HashSet;
-use tonic::Code;
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
+use tonic::Code;
 
 /// Default root of hcblk's keys.
 pub const DEFAULT_PREFIX: &str = "/hcblk/v1";

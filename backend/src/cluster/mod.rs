@@ -49,7 +49,15 @@
 //! request may have been sent. After a timeout or a lost connection the next call starts with
 //! the next endpoint, and a timed-out endpoint's connection is dropped and dialled afresh, so
 //! a member that died without closing its sockets is not waited on twice. A node's lease is
-//! renewed every TTL/3 (TTL default 10 s, [`RegistrationConfig::ttl`]).
+//! renewed every TTL/3 (TTL default 10 s, [`RegistrationConfig::ttl`]); dropping a
+//! [`NodeRegistration`] takes at most two request timeouts (a call in flight, then the revoke).
+//!
+//! # Threads
+//!
+//! [`Etcd`] is cheap to clone and `Send + Sync`. It owns a tokio runtime with one worker
+//! thread (`hcblk-etcd`, for the connections' background tasks); each call blocks the calling
+//! thread, so it must not be made from inside an async runtime, and never from the data path.
+//! [`NodeRegistration`] runs one more thread (`hcblk-etcd-reg`).
 
 mod error;
 mod etcd;

@@ -13,6 +13,9 @@ use std::time::{Duration, Instant};
 pub const DEFAULT_TTL: Duration = Duration::from_secs(10);
 /// Longest wait between two attempts while the node is not registered.
 const RETRY_MAX: Duration = Duration::from_secs(1);
+/// Shortest time between two writes of a changed value: a caller updating in a loop costs
+/// etcd at most ten writes a second (values in between are skipped; the latest is written).
+const UPDATE_SPACING: Duration = Duration::from_millis(100);
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RegistrationConfig {
@@ -255,6 +258,7 @@ impl Worker {
     fn run(&mut self) {
         let renew_every = self.ttl / 3;
         let mut next = Instant::now() + renew_every;
+        let mut last_tick = Instant::now();
         loop {
             let (value, generation) = {
                 let mut st = self.shared.lock();
@@ -264,16 +268,17 @@ impl Worker {
                         return;
                     }
                     let now = Instant::now();
-                    let update_due =
-                        st.value_generation != self.written_generation && !self.failing && self.registered();
-                    if update_due || now >= next {
+                    let changed = st.value_generation != self.written_generation && !self.failing && self.registered();
+                    let due = if changed { next.min(last_tick + UPDATE_SPACING) } else { next };
+                    if now >= due {
                         break;
                     }
-                    st = self.shared.wake.wait_timeout(st, next - now).unwrap_or_else(PoisonError::into_inner).0;
+                    st = self.shared.wake.wait_timeout(st, due - now).unwrap_or_else(PoisonError::into_inner).0;
                 }
                 (st.value.clone(), st.value_generation)
             };
             let tick = self.tick(&value, generation);
+            last_tick = Instant::now();
             self.failing = matches!(tick, Tick::Failed);
             self.shared.lock().lease = self.lease.map(|l| l.id);
             let wait = if self.registered() { renew_every } else { renew_every.min(RETRY_MAX) };
@@ -362,6 +367,13 @@ impl Worker {
 
     /// Without a lease: grants one and creates the key under it.
     fn register_anew(&mut self, value: &[u8], generation: u64) -> Tick {
+        // Look first: while another lease holds the name, granting and revoking a lease every
+        // retry would only churn etcd.
+        match self.etcd.get(&self.key) {
+            Ok(Some(kv)) => return self.taken(Some(&kv)),
+            Ok(None) => {}
+            Err(e) => return self.failed(e),
+        }
         let sent = Instant::now();
         let lease = match self.etcd.lease_grant(self.ttl) {
             Ok(l) => l,
