@@ -586,7 +586,6 @@ mod tests {
         let pid = server.pid().unwrap();
         drop(server);
         assert!(!Path::new(&format!("/proc/{pid}")).exists(), "killed and reaped on drop");
-        let _ = fs::remove_dir_all(dir);
     }
 
     #[test]
@@ -598,7 +597,6 @@ mod tests {
         let e = format!("{:#}", EtcdServer::start(options).unwrap_err());
         assert!(e.contains("address already in use"), "{e}");
         assert!(e.contains("etcd.log"), "{e}");
-        let _ = fs::remove_dir_all(dir);
     }
 
     #[test]
@@ -607,7 +605,7 @@ mod tests {
         let dir = tempfile_dir("netns");
         let options = EtcdOptions {
             name: "netns".into(),
-            data_dir: dir.clone(),
+            data_dir: dir.to_path_buf(),
             client_addr: SocketAddr::from((pair.addr_a, 2379)),
             peer_addr: SocketAddr::from((pair.addr_a, 2380)),
             netns: Some(pair.a.clone()),
@@ -621,15 +619,30 @@ mod tests {
         assert!(!health(addr).unwrap_or(false));
         drop(server);
         assert!(!in_netns(&pair.b, move || health(addr).unwrap_or(false)));
-        let _ = fs::remove_dir_all(dir);
     }
 
-    fn tempfile_dir(name: &str) -> PathBuf {
+    /// A fresh directory, removed on drop (also when the test fails).
+    struct TestDir(PathBuf);
+
+    impl std::ops::Deref for TestDir {
+        type Target = Path;
+        fn deref(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TestDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn tempfile_dir(name: &str) -> TestDir {
         static N: AtomicU64 = AtomicU64::new(0);
         let n = N.fetch_add(1, Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("hcblk-etcd-test-{}-{name}-{n}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
-        dir
+        TestDir(dir)
     }
 
     #[test]
