@@ -10,6 +10,7 @@
 //!   and completed into the used ring.
 //! - [`control`]: the node daemon around it: volume metadata, the local API, the CLI.
 
+pub mod cluster;
 pub mod control;
 pub mod device;
 mod error;
