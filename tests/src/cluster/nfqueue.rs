@@ -53,6 +53,8 @@ const STOP_POLL: Duration = Duration::from_millis(20);
 /// Messages drained per wakeup before releasing what is due, so a flood of
 /// packets cannot starve the releases.
 const RECV_BATCH_MAX: usize = 256;
+/// Drain-and-accept rounds when stopping, before unbinding regardless.
+const RELEASE_ROUNDS_MAX: usize = 100;
 
 /// A netfilter-queue netlink socket bound to one queue.
 struct QueueSocket {
@@ -270,13 +272,10 @@ impl QueueSocket {
         Ok(())
     }
 
-    /// Sends a config message and waits for its acknowledgement (packet
-    /// notifications arriving meanwhile are passed to `on_packet`).
-    fn config_with(
-        &mut self,
-        attrs: &[(u16, &[u8])],
-        mut on_packet: impl FnMut(u32),
-    ) -> Result<()> {
+    /// Sends a config message and waits for its acknowledgement. Packet
+    /// notifications read meanwhile are ignored: none arrive before the bind
+    /// is acknowledged, and the unbind drops what is still queued anyway.
+    fn config(&mut self, attrs: &[(u16, &[u8])]) -> Result<()> {
         self.seq = self.seq.wrapping_add(1);
         let flags = (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16;
         self.send(&build(NFQNL_MSG_CONFIG, flags, self.seq, self.queue, attrs))?;
@@ -284,12 +283,13 @@ impl QueueSocket {
         let mut buf = vec![0u8; 1 << 16];
         loop {
             let mut ack = None;
-            if let Some(d) = self.recv(&mut buf)? {
-                parse(d, |m| match m {
-                    Incoming::Ack(e) => ack = Some(e),
-                    Incoming::Packet(id) => on_packet(id),
-                    Incoming::Other => {}
-                });
+            match self.recv(&mut buf)? {
+                Some(d) => parse(d, |m| {
+                    if let Incoming::Ack(e) = m {
+                        ack = Some(e);
+                    }
+                }),
+                None => self.wait(Duration::from_millis(100))?,
             }
             match ack {
                 Some(0) => return Ok(()),
@@ -299,13 +299,9 @@ impl QueueSocket {
                 None if Instant::now() > deadline => {
                     bail!("nfnetlink config: no acknowledgement in 5 s")
                 }
-                None => self.wait(Duration::from_millis(100))?,
+                None => {}
             }
         }
-    }
-
-    fn config(&mut self, attrs: &[(u16, &[u8])]) -> Result<()> {
-        self.config_with(attrs, |_| {})
     }
 
     /// Accepts every queued packet whose id is at most `id`.
@@ -476,16 +472,41 @@ fn run(mut sock: QueueSocket, spec: DelaySpec, stop: &AtomicBool) -> Result<()> 
         }
         Ok(())
     })();
-    // Whatever happened, nothing stays held: accept it all, then unbind
-    // (closing the socket alone would drop what is still queued).
+    // Whatever happened, nothing stays held: accept everything, including
+    // notifications still arriving, and only then unbind (unbinding, like
+    // closing the socket, drops what is still queued in the kernel). The
+    // caller removed the NFQUEUE rule first, so the arrivals end; the bound
+    // is for the drop path, where the rule stays until the namespace goes.
     let mut last = held.back().map(|h| h.1);
-    let unbind = sock.config_with(&[(NFQA_CFG_CMD, &[NFQNL_CFG_CMD_UNBIND, 0, 0, 0])], |id| {
-        last = Some(id)
-    });
-    if let Some(id) = last {
-        sock.accept_through(id)?;
+    let mut release = Ok(());
+    for _ in 0..RELEASE_ROUNDS_MAX {
+        let mut arrived = false;
+        loop {
+            match sock.recv(&mut buf) {
+                Ok(Some(d)) => parse(d, |m| {
+                    if let Incoming::Packet(id) = m {
+                        last = Some(id);
+                        arrived = true;
+                    }
+                }),
+                Ok(None) => break,
+                Err(e) => {
+                    release = Err(e);
+                    break;
+                }
+            }
+        }
+        if let Some(id) = last.take() {
+            release = release.and(sock.accept_through(id));
+        }
+        if !arrived {
+            break;
+        }
+        // Let packets just queued by the kernel reach the socket.
+        std::thread::sleep(Duration::from_millis(1));
     }
-    result.and(unbind)
+    let unbind = sock.config(&[(NFQA_CFG_CMD, &[NFQNL_CFG_CMD_UNBIND, 0, 0, 0])]);
+    result.and(release).and(unbind)
 }
 
 #[cfg(test)]
