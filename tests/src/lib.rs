@@ -1,4 +1,5 @@
 //! Helpers shared by the multi-process tests.
+pub mod cluster;
 pub mod etcd;
 pub mod guest;
 pub mod netns;

@@ -8,6 +8,10 @@
 //! * 128 KiB at QD32 (GB/s): one-sided WRITE / READ vs a plain TCP stream
 //!   with 32 requests outstanding.
 //!
+//! `wire-bench serve --host A` and `wire-bench client --host A` are the two
+//! halves alone, for scripts that set up their own hosts (bench/replicated.sh
+//! measures between two of its namespaces this way).
+//!
 //! The serving side publishes its windows once (a READ descriptor whose
 //! segments are its write window, a WRITE descriptor for its read window):
 //! a bench convention so that the measured operation is the one-sided
@@ -57,6 +61,19 @@ enum Cmd {
         #[arg(long)]
         host: String,
     },
+    /// Measuring side only, against a `serve` already running at `--host`
+    /// (for runs whose hosts are set up by a script, e.g. bench/replicated.sh).
+    Client {
+        /// Address of the serving host.
+        #[arg(long)]
+        host: std::net::Ipv4Addr,
+        #[arg(long, default_value_t = 20000)]
+        qd1_ops: usize,
+        #[arg(long, default_value_t = 16384)]
+        qd32_ops: usize,
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
 }
 
 fn cfg(node: u64) -> Result<Config> {
@@ -79,6 +96,12 @@ fn main() -> Result<()> {
             qd32_ops,
             out,
         } => run(qd1_ops, qd32_ops, out),
+        Cmd::Client {
+            host,
+            qd1_ops,
+            qd32_ops,
+            out,
+        } => measure(host, qd1_ops, qd32_ops, out),
     }
 }
 
@@ -355,9 +378,21 @@ fn run(qd1_ops: usize, qd32_ops: usize, out: Option<std::path::PathBuf>) -> Resu
         bail!("server did not start: {line:?}");
     }
     net.enter(&net.a)?;
+    measure(net.addr_b, qd1_ops, qd32_ops, out)?;
+    server.kill();
+    Ok(())
+}
 
+/// Every measurement against the `serve` at `server`, from this thread's
+/// network namespace.
+fn measure(
+    server: std::net::Ipv4Addr,
+    qd1_ops: usize,
+    qd32_ops: usize,
+    out: Option<std::path::PathBuf>,
+) -> Result<()> {
     let mut ep = TcpEndpoint::connect(
-        (net.addr_b, ONE_SIDED_PORT),
+        (server, ONE_SIDED_PORT),
         &cfg(1)?,
         Arc::new(Registry::new()),
     )?;
@@ -366,7 +401,7 @@ fn run(qd1_ops: usize, qd32_ops: usize, out: Option<std::path::PathBuf>) -> Resu
     // SAFETY: `local` outlives `ep` (dropped explicitly below) and is not
     // accessed through Rust while registered.
     let region = unsafe { ep.register_region(local.as_mut_ptr(), local.len()) }?;
-    let mut plain = TcpStream::connect((net.addr_b, PLAIN_PORT))?;
+    let mut plain = TcpStream::connect((server, PLAIN_PORT))?;
     plain.set_nodelay(true)?;
 
     let os_w1 = one_sided_qd1(&mut ep, &windows, region, true, qd1_ops)?;
@@ -409,6 +444,5 @@ fn run(qd1_ops: usize, qd32_ops: usize, out: Option<std::path::PathBuf>) -> Resu
     if let Some(p) = out {
         std::fs::write(&p, &t).with_context(|| format!("write {}", p.display()))?;
     }
-    server.kill();
     Ok(())
 }

@@ -1,0 +1,202 @@
+#!/usr/bin/env python3
+"""Collect one bench/replicated.sh run into a JSON file and a markdown table.
+
+Input: a run directory with meta.json, one blk-bench JSON per measurement named
+IDX__SERVER__WORKLOAD__BS__QD.json (or .error for a failed one), beside it
+IDX__SERVER__WORKLOAD__BS__QD.peers.json (CPU of the servers on the other hosts), and
+wire.md (wire-bench's table) or wire.error.
+
+    python3 bench/replicated_report.py --run-dir bench/out/replicated-TS \
+        --json out.json --markdown out.md
+
+With several rounds each figure is the median over rounds. Ratios are against qsd-local
+(one replica, no network) at the same workload: what replication costs.
+"""
+
+import argparse
+import json
+import os
+import statistics
+
+# Replicas of the volume and where they are, per server kind.
+REPLICAS = {
+    "qsd-local": "1 (n1)",
+    "qsd-quorum": "3 (n1, n2, n3)",
+    "qsd-remote": "1 (n2)",
+}
+REFERENCE = "qsd-local"
+METRICS = ["iops", "p50_us", "p99_us", "server_cpu_pct", "server_cpu_us_per_io",
+           "peer_cpu_pct", "client_runq_wait_pct", "server_runq_wait_pct"]
+# As in plot.py: above this share of the interval waiting for its core, a row is disturbed.
+RUNQ_WAIT_PCT_MAX = 2.0
+
+
+def parse_name(fname):
+    """IDX__SERVER__WORKLOAD__BS__QD.json|.error -> dict, or None for other files."""
+    if fname.endswith(".peers.json"):
+        return None
+    stem, ext = os.path.splitext(fname)
+    parts = stem.split("__")
+    if ext not in (".json", ".error") or len(parts) != 5:
+        return None
+    idx, server, workload, bs, qd = parts
+    try:
+        return {"idx": int(idx), "server": server, "workload": workload,
+                "bs": bs, "qd": int(qd), "ext": ext, "stem": stem}
+    except ValueError:
+        return None
+
+
+def load(run_dir):
+    """One record per measurement: identity plus metrics, or an error."""
+    out = []
+    for f in sorted(os.listdir(run_dir)):
+        n = parse_name(f)
+        if n is None:
+            continue
+        path = os.path.join(run_dir, f)
+        if n["ext"] == ".error":
+            with open(path) as fh:
+                n["error"] = fh.read().strip()
+            out.append(n)
+            continue
+        with open(path) as fh:
+            d = json.load(fh)
+        lat = d.get("lat_us") or {}
+        n.update({
+            "iops": d["iops"],
+            "p50_us": lat.get("p50"),
+            "p99_us": lat.get("p99"),
+            "server_cpu_pct": d.get("server_cpu_pct"),
+            "server_cpu_us_per_io": d.get("server_cpu_us_per_io"),
+            "client_runq_wait_pct": d.get("client_runq_wait_pct"),
+            "server_runq_wait_pct": d.get("server_runq_wait_pct"),
+            "peer_cpu_pct": None,
+        })
+        peers = os.path.join(run_dir, n["stem"] + ".peers.json")
+        if os.path.exists(peers):
+            with open(peers) as fh:
+                n["peer_cpu_pct"] = json.load(fh)["peer_cpu_pct"]
+        out.append(n)
+    return out
+
+
+def summarise(records, servers, workloads):
+    """Median per (workload, server), in the run's order."""
+    rows = []
+    for w in workloads:
+        wl, bs, qd = w.split(":")
+        for s in servers:
+            rs = [r for r in records
+                  if (r["server"], r["workload"], r["bs"], r["qd"]) == (s, wl, bs, int(qd))]
+            row = {"workload": f"{wl}-{bs}-qd{qd}", "server": s,
+                   "replicas": REPLICAS.get(s, "?"), "rounds": len(rs)}
+            ok = [r for r in rs if "error" not in r]
+            row["errors"] = [r["error"] for r in rs if "error" in r]
+            for m in METRICS:
+                vals = [r[m] for r in ok if r.get(m) is not None]
+                row[m] = statistics.median(vals) if vals else None
+            # With peers on n1's server core (the default on 2 cores), n1's server waits
+            # for them by design; only the client's core must be its own then.
+            waits = [row["client_runq_wait_pct"]]
+            if row["peer_cpu_pct"] is None:
+                waits.append(row["server_runq_wait_pct"])
+            row["disturbed"] = any(v is not None and v > RUNQ_WAIT_PCT_MAX for v in waits)
+            rows.append(row)
+    for row in rows:
+        ref = next((r for r in rows
+                    if r["workload"] == row["workload"] and r["server"] == REFERENCE), None)
+        for m in ("iops", "p50_us"):
+            a, b = row[m], ref[m] if ref else None
+            row[m + "_x_local"] = a / b if a is not None and b else None
+    return rows
+
+
+def fmt(v, digits=2):
+    if v is None:
+        return "–"
+    if abs(v) >= 1000:
+        return f"{v:,.0f}"
+    if abs(v) >= 100:
+        return f"{v:.1f}"
+    return f"{v:.{digits}f}"
+
+
+def markdown(meta, rows, wire):
+    lines = [
+        f"Run {meta['timestamp']} (git {meta['git']}), {meta['cpu_model']} ×{meta['nproc']}, "
+        f"kernel {meta['kernel']}, {meta['qemu_storage_daemon']}.",
+        f"Hosts n1 {meta['hosts']['n1']}, n2 {meta['hosts']['n2']}, n3 {meta['hosts']['n3']} "
+        "(network namespaces on one bridge); volume attached on n1. "
+        f"n1's server on core {meta['server_cpu']}, other hosts' servers on "
+        f"{('core ' + meta['peer_cpu']) if meta['peer_cpu'] else 'any core'}, client (blk-bench) "
+        f"on core {meta['client_cpu']}; {meta['seconds']} s measured after {meta['warmup']} s "
+        f"warmup, {meta['rounds']} round(s){', median' if meta['rounds'] > 1 else ''}; "
+        f"images {meta['size']}. quorum: vote-threshold={meta['quorum']['vote_threshold']}, "
+        f"read-pattern={meta['quorum']['read_pattern']}.",
+        "",
+        f"Command: `{meta['command']}`",
+        "",
+        "| workload | server | replicas | IOPS | p50 µs | p99 µs | n1 server CPU % "
+        "| n1 CPU µs/IO | peers' CPU % | IOPS × local | p50 × local | waited % client / server |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if r["errors"] and r["iops"] is None:
+            lines.append(f"| {r['workload']} | {r['server']} | {r['replicas']} | failed: "
+                         f"{r['errors'][0].splitlines()[-1] if r['errors'][0] else '?'} "
+                         "| | | | | | | | |")
+            continue
+        mark = " ⚠" if r["disturbed"] else ""
+        lines.append(
+            f"| {r['workload']} | {r['server']}{mark} | {r['replicas']} | {fmt(r['iops'])} "
+            f"| {fmt(r['p50_us'])} | {fmt(r['p99_us'])} | {fmt(r['server_cpu_pct'], 1)} "
+            f"| {fmt(r['server_cpu_us_per_io'], 3)} | {fmt(r['peer_cpu_pct'], 1)} "
+            f"| {fmt(r['iops_x_local'])} | {fmt(r['p50_us_x_local'])} "
+            f"| {fmt(r['client_runq_wait_pct'], 1)} / {fmt(r['server_runq_wait_pct'], 1)} |")
+    if any(r["disturbed"] for r in rows):
+        lines.append(f"\n⚠ the client (or the server of a single-host row) waited for its core "
+                     f"more than {RUNQ_WAIT_PCT_MAX:.0f} % of the interval: other work took "
+                     "from the measurement; rerun those rows.")
+    lines.append("")
+    lines.append("Peers' CPU: the servers on the other hosts (n2, n3), summed, as % of one core, "
+                 "over the whole blk-bench run (warmup included). Where the peers share n1's "
+                 "server core, n1's \"waited\" includes waiting for them.")
+    lines.append("")
+    lines.append("Transport round trip n1 → n2, same namespaces (wire-bench client/serve):")
+    lines.append("")
+    lines.append(wire.rstrip() if wire else "(not measured)")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run-dir", required=True)
+    ap.add_argument("--json")
+    ap.add_argument("--markdown")
+    a = ap.parse_args()
+    with open(os.path.join(a.run_dir, "meta.json")) as fh:
+        meta = json.load(fh)
+    with open(os.path.join(a.run_dir, "loadavg-end")) as fh:
+        meta["loadavg_end"] = fh.read().split()[:3]
+    rows = summarise(load(a.run_dir), meta["servers"], meta["workloads"])
+    wire = None
+    for name in ("wire.md", "wire.error"):
+        p = os.path.join(a.run_dir, name)
+        if os.path.exists(p):
+            with open(p) as fh:
+                wire = fh.read() if name == "wire.md" else "failed: " + fh.read().strip()
+            break
+    md = markdown(meta, rows, wire)
+    if a.markdown:
+        with open(a.markdown, "w") as fh:
+            fh.write(md)
+    else:
+        print(md, end="")
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump({"meta": meta, "rows": rows, "wire_markdown": wire}, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()
