@@ -66,8 +66,10 @@ pub trait Volume: Send + Sync + 'static {
     fn grow(&self, new_size_bytes: u64) -> Result<(), Error>;
 
     /// The frontend's guest memory table changed (SET_MEM_TABLE, ADD_MEM_REG, REM_MEM_REG):
-    /// `Some(table)`, every region the guest's buffers may lie in; or its connection ended:
-    /// `None`, after every request of that connection has completed.
+    /// `Some(table)`, the whole new table, every region the guest's buffers may lie in (an
+    /// implementation keeps what it registered for regions still in it, registers the new
+    /// ones and lets go of the rest); or its connection ended: `None`, after every request of
+    /// that connection has completed.
     ///
     /// Called on the frontend's thread while pollers run. The new table is already in effect
     /// when this is called (vhost-user-backend swaps it first), but requests that use a region
