@@ -6,56 +6,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use replica::Backing;
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::GuestMemoryAtomic;
 use vmm_sys_util::epoll::EventSet;
 
 use crate::device::{BlkDevice, DeviceConfig};
 use crate::request::ID_BYTES;
-use crate::Error;
-
-/// How poller threads wait for guest requests.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PollMode {
-    /// Busy-poll the avail rings at all times (lowest latency; one core per poller, always).
-    Always,
-    /// Busy-poll while requests keep coming; after `PollConfig::idle` without any, sleep on
-    /// the kick eventfd until the guest kicks again.
-    Adaptive,
-    /// Always sleep on the kick eventfd (classic interrupt mode).
-    Never,
-}
-
-impl std::str::FromStr for PollMode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "always" => Ok(Self::Always),
-            "adaptive" => Ok(Self::Adaptive),
-            "never" => Ok(Self::Never),
-            other => Err(format!("unknown poll mode {other:?} (always, adaptive or never)")),
-        }
-    }
-}
-
-#[derive(Clone, Debug)]
-pub struct PollConfig {
-    /// Default `Adaptive`.
-    pub mode: PollMode,
-    /// Adaptive: how long a queue may stay idle before its poller sleeps. Default 1 ms.
-    pub idle: Duration,
-    /// Cores the poller threads are pinned to, one poller per core (queues are spread over
-    /// them round-robin). Empty: one poller per queue, unpinned.
-    pub cpus: Vec<usize>,
-}
-
-impl Default for PollConfig {
-    fn default() -> Self {
-        Self { mode: PollMode::Adaptive, idle: Duration::from_millis(1), cpus: Vec::new() }
-    }
-}
+use crate::volume::{GuestMem, Volume};
+use crate::{Error, PollConfig};
 
 #[derive(Clone, Debug)]
 pub struct ExportConfig {
@@ -71,26 +30,27 @@ pub struct ExportConfig {
     pub poll: PollConfig,
 }
 
-/// A running export. Dropping it (or `stop`) closes the socket and stops its threads.
-pub struct Export {
-    shared: Arc<ExportShared>,
+/// A running export of volume `V`. Dropping it (or `stop`) closes the socket and stops its
+/// threads.
+pub struct Export<V: Volume> {
+    shared: Arc<ExportShared<V>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-struct ExportShared {
+struct ExportShared<V: Volume> {
     config: ExportConfig,
-    backing: Arc<Backing>,
+    volume: Arc<V>,
     stopping: AtomicBool,
     connected: AtomicBool,
     /// The device of the current (or next) connection.
-    device: Mutex<Option<Arc<BlkDevice>>>,
+    device: Mutex<Option<Arc<BlkDevice<V>>>>,
     shutdown: Mutex<Option<ShutdownHandle>>,
 }
 
-impl Export {
+impl<V: Volume> Export<V> {
     /// Binds the socket (refusing one that another process is listening on) and starts serving
     /// frontends on it, one at a time, until stopped.
-    pub fn start(config: ExportConfig, backing: Arc<Backing>) -> Result<Self, Error> {
+    pub fn start(config: ExportConfig, volume: Arc<V>) -> Result<Self, Error> {
         let path = config.socket_path.clone();
         if path.exists() {
             if UnixStream::connect(&path).is_ok() {
@@ -106,7 +66,7 @@ impl Export {
             .map_err(|e| Error::Listen { path: path.clone(), source: std::io::Error::other(e) })?;
         let shared = Arc::new(ExportShared {
             config,
-            backing,
+            volume,
             stopping: AtomicBool::new(false),
             connected: AtomicBool::new(false),
             device: Mutex::new(None),
@@ -126,7 +86,7 @@ impl Export {
 
     /// Grows the volume and tells a connected frontend through a config-change message.
     pub fn resize(&self, new_size_bytes: u64) -> Result<(), Error> {
-        self.shared.backing.resize(new_size_bytes)?;
+        self.shared.volume.grow(new_size_bytes)?;
         let device = self.shared.device.lock().unwrap_or_else(|p| p.into_inner()).clone();
         if self.is_connected() {
             if let Some(device) = device {
@@ -147,8 +107,8 @@ impl Export {
         &self.shared.config.socket_path
     }
 
-    pub fn backing(&self) -> &Arc<Backing> {
-        &self.shared.backing
+    pub fn volume(&self) -> &Arc<V> {
+        &self.shared.volume
     }
 
     /// Whether a frontend is connected right now.
@@ -160,7 +120,7 @@ impl Export {
     /// each connection starts counting from zero.
     pub fn completed_requests(&self) -> u64 {
         let device = self.shared.device.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        device.map_or(0, |d| d.completed.load(Ordering::Relaxed))
+        device.map_or(0, |d| d.completed_requests())
     }
 
     /// Stops serving and waits for in-flight requests and threads to finish.
@@ -185,14 +145,14 @@ impl Export {
     }
 }
 
-impl Drop for Export {
+impl<V: Volume> Drop for Export<V> {
     fn drop(&mut self) {
         self.shutdown();
     }
 }
 
-impl ExportShared {
-    fn new_device(&self) -> Result<Arc<BlkDevice>, Error> {
+impl<V: Volume> ExportShared<V> {
+    fn new_device(&self) -> Result<Arc<BlkDevice<V>>, Error> {
         let mut serial = [0u8; ID_BYTES];
         let bytes = self.config.serial.as_bytes();
         let n = bytes.len().min(ID_BYTES);
@@ -204,11 +164,11 @@ impl ExportShared {
             serial,
             poll: self.config.poll.clone(),
         };
-        Ok(Arc::new(BlkDevice::new(config, Arc::clone(&self.backing))?))
+        Ok(Arc::new(BlkDevice::new(config, Arc::clone(&self.volume))?))
     }
 
     /// Serves one frontend after another until the export stops.
-    fn serve(&self, mut listener: Listener, first: Arc<BlkDevice>) {
+    fn serve(&self, mut listener: Listener, first: Arc<BlkDevice<V>>) {
         let mut next = Some(first);
         while !self.stopping.load(Ordering::Acquire) {
             let device = match next.take().map_or_else(|| self.new_device(), Ok) {
@@ -228,8 +188,8 @@ impl ExportShared {
         }
     }
 
-    fn serve_one(&self, listener: &mut Listener, device: &Arc<BlkDevice>) -> Result<(), String> {
-        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    fn serve_one(&self, listener: &mut Listener, device: &Arc<BlkDevice<V>>) -> Result<(), String> {
+        let mem = GuestMemoryAtomic::new(GuestMem::new());
         let mut daemon = VhostUserDaemon::new(self.config.name.clone(), Arc::clone(device), mem)
             .map_err(|e| e.to_string())?;
         let handlers = daemon.get_epoll_handlers();
@@ -254,11 +214,15 @@ impl ExportShared {
             tracing::info!(volume = %self.config.name, "frontend disconnected");
             waited
         };
-        // Pollers finish what is in flight, then the worker threads exit.
+        // Pollers finish what is in flight, then the worker threads exit (dropping the daemon
+        // joins them); only then may the volume forget the guest's memory.
         device.stop();
         for handler in &handlers {
             handler.send_exit_event();
         }
+        drop(handlers);
+        drop(daemon);
+        device.disconnected();
         result
     }
 }

@@ -1,37 +1,131 @@
-//! The poll loop of one thread: its virtqueues in, its shard queue through, used rings out.
+//! The poll loop of one thread: its virtqueues in, its volume queue through, used rings out.
 //!
 //! ```text
-//!  avail ring ─pop─▶ request::parse ─▶ iovecs into guest memory ─submit─▶ ShardQueue
+//!  avail ring ─pop─▶ request::parse ─▶ iovecs into guest memory ─submit─▶ VolumeQueue
 //!  used ring ◀─add_used + status byte ◀─ pop_completion ◀─────────── poll ─┘
 //! ```
 //!
 //! Per request there is no allocation and no lock: slots (one per descriptor head) and their
-//! iovec arrays are allocated when the poller is made, and the only locks taken are the
+//! iovec arrays are allocated when the poller is made (an array grows once, for guest memory
+//! layouts that need it: see [`IOVECS_PER_REQUEST_MAX`]), and the only locks taken are the
 //! per-vring ones, once per pass over a queue.
+//!
+//! The poller knows neither the device nor the export: it gets a [`PollContext`] (the
+//! connection's counters, stop flag, limits and identity) and the [`Volume`] it serves, and
+//! drives that volume's [`VolumeQueue`] (statically dispatched: `Poller<Q>`).
 
 use std::os::fd::RawFd;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use replica::{IoRequest, IoStatus, ShardQueue};
-use vhost_user_backend::VringT;
+use replica::{IoRequest, IoStatus};
+use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryAtomic};
 
-use crate::device::{BlkDevice, GuestMem, GuestMemAtomic, Vring};
+use crate::request::{self, Limits, Op, Rejection, Request, Scratch, ID_BYTES, SECTOR_SHIFT, STATUS_IOERR, STATUS_OK, STATUS_UNSUPP};
+use crate::volume::{GuestMem, Volume, VolumeQueue};
 
+pub(crate) type GuestMemAtomic = GuestMemoryAtomic<GuestMem>;
+pub(crate) type Vring = VringRwLock<GuestMemAtomic>;
 type VringWriteGuard<'a> = std::sync::RwLockWriteGuard<'a, vhost_user_backend::VringState<GuestMemAtomic>>;
-use crate::export::PollMode;
-use crate::request::{self, Op, Rejection, Request, Scratch, STATUS_IOERR, STATUS_OK, STATUS_UNSUPP};
 
 /// Requests a pass over one queue may take before moving on, so one busy queue cannot starve
 /// the others or its own completions.
 const BATCH_MAX: usize = 64;
-/// Longest a poller sleeps waiting for disk completions before looking at its rings again.
-const DISK_WAIT: std::time::Duration = std::time::Duration::from_micros(50);
+/// Longest a poller sleeps waiting for in-flight requests before looking at its rings again.
+const COMPLETION_WAIT: Duration = Duration::from_micros(50);
 /// Iterations between checks of the stop flag while busy.
 const STOP_CHECK_EVERY: u32 = 1024;
+/// Most iovecs one request may use: the kernel's UIO_MAXIOV, the most one readv/writev (and
+/// io_uring READV/WRITEV) accepts.
+///
+/// How many a request needs: each data segment (at most `seg_max` of them, each at most
+/// `size_max` bytes, both enforced by the parser) becomes one iovec per guest memory region it
+/// lies in. QEMU merges the adjacent sections of a RAM block into one region, so regions that
+/// touch in guest-physical space are whole RAM blocks (boot RAM, DIMMs, virtio-mem slots), in
+/// practice far larger than `size_max`, and a segment lies in at most two of them: slots start
+/// with room for `2 * seg_max` iovecs, which covers every request of such a frontend. A frontend
+/// may lay out smaller adjacent regions (vhost-user allows 509); a request then needs up to
+/// `seg_max` times the most regions one `size_max` window touches, and its slot grows once, up
+/// to this bound: 1024 covers every layout where no window touches more than 8 regions (126 ×
+/// 8 = 1008; the device warns at SET_MEM_TABLE about layouts that do). A request needing more
+/// could not be one kernel submission anyway and is refused with IOERR.
+pub(crate) const IOVECS_PER_REQUEST_MAX: usize = 1024;
+
+/// How poller threads wait for guest requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PollMode {
+    /// Busy-poll the avail rings at all times (lowest latency; one core per poller, always).
+    Always,
+    /// Busy-poll while requests keep coming; after `PollConfig::idle` without any, sleep on
+    /// the kick eventfd until the guest kicks again.
+    Adaptive,
+    /// Always sleep on the kick eventfd (classic interrupt mode).
+    Never,
+}
+
+impl std::str::FromStr for PollMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "always" => Ok(Self::Always),
+            "adaptive" => Ok(Self::Adaptive),
+            "never" => Ok(Self::Never),
+            other => Err(format!("unknown poll mode {other:?} (always, adaptive or never)")),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct PollConfig {
+    /// Default `Adaptive`.
+    pub mode: PollMode,
+    /// Adaptive: how long a queue may stay idle before its poller sleeps. Default 1 ms.
+    pub idle: Duration,
+    /// Cores the poller threads are pinned to, one poller per core (queues are spread over
+    /// them round-robin). Empty: one poller per queue, unpinned.
+    pub cpus: Vec<usize>,
+}
+
+impl Default for PollConfig {
+    fn default() -> Self {
+        Self { mode: PollMode::Adaptive, idle: Duration::from_millis(1), cpus: Vec::new() }
+    }
+}
+
+/// Per-queue counters the frontend thread reads while a poller runs.
+#[derive(Debug, Default)]
+pub(crate) struct QueueShared {
+    /// Requests taken from the avail ring and not yet in the used ring.
+    pub(crate) in_flight: AtomicU32,
+}
+
+/// What every poller of one connection shares with the device that made it.
+#[derive(Debug)]
+pub(crate) struct PollContext {
+    /// Volume name, for logs.
+    pub(crate) name: String,
+    /// Returned by GET_ID.
+    pub(crate) serial: [u8; ID_BYTES],
+    pub(crate) poll: PollConfig,
+    /// The parser's limits, except the capacity, which is read from the volume on every pass
+    /// (it grows online).
+    pub(crate) limits: Limits,
+    /// Indexed by virtqueue.
+    pub(crate) queues: Vec<QueueShared>,
+    /// Set when the connection ends or the export stops: pollers drain and return.
+    pub(crate) stopping: AtomicBool,
+    /// Requests completed, for metrics.
+    pub(crate) completed: AtomicU64,
+}
+
+impl PollContext {
+    fn limits<V: Volume>(&self, volume: &V) -> Limits {
+        Limits { capacity_sectors: volume.capacity_bytes() >> SECTOR_SHIFT, ..self.limits }
+    }
+}
 
 /// One in-flight request, indexed by its descriptor head.
 struct Slot {
@@ -40,7 +134,7 @@ struct Slot {
     /// Bytes written into device-writable buffers, reported in the used ring.
     used_len: u32,
     in_flight: bool,
-    /// Keeps the guest memory mapping alive while the shard may still touch it.
+    /// Keeps the guest memory mapping alive while the volume may still touch it.
     mem: Option<Arc<GuestMem>>,
 }
 
@@ -50,8 +144,8 @@ struct QueueState {
     slots: Vec<Slot>,
 }
 
-pub(crate) struct Poller {
-    shard: ShardQueue,
+pub(crate) struct Poller<Q: VolumeQueue> {
+    queue: Q,
     queues: Vec<QueueState>,
     scratch: Scratch,
     cpu: Option<usize>,
@@ -61,21 +155,24 @@ pub(crate) struct Poller {
 }
 
 // SAFETY: the raw iovec pointers in the slots point into guest memory kept alive by the slot's
-// `mem` Arc; they are only dereferenced by the shard, which the poller owns. Moving the poller
-// between threads (it is created on the frontend thread, run on its worker) moves no aliasing.
-unsafe impl Send for Poller {}
+// `mem` Arc; they are only dereferenced by the volume queue, which the poller owns (and which
+// is `Send` itself). Moving the poller between threads (it is created on the frontend thread,
+// run on its worker) moves no aliasing.
+unsafe impl<Q: VolumeQueue> Send for Poller<Q> {}
 
-impl Poller {
-    pub(crate) fn new(shard: ShardQueue, mask: u64, cpu: Option<usize>, queue_size: u16, seg_max: u32) -> Self {
-        // A data segment may cross guest memory regions; allow for one split per segment.
-        let iov_max = 2 * seg_max as usize;
+impl<Q: VolumeQueue> Poller<Q> {
+    /// A poller for the virtqueues in `mask` (bit i = queue i), each of `queue_size` entries,
+    /// over `queue`.
+    pub(crate) fn new(queue: Q, mask: u64, cpu: Option<usize>, queue_size: u16, seg_max: u32) -> Self {
+        // Enough for every segment to cross one region boundary; see IOVECS_PER_REQUEST_MAX.
+        let iov_capacity = (2 * seg_max as usize).min(IOVECS_PER_REQUEST_MAX);
         let queues = (0..64)
             .filter(|q| mask & (1u64 << q) != 0)
             .map(|index| QueueState {
                 index,
                 slots: (0..queue_size)
                     .map(|_| Slot {
-                        iov: Vec::with_capacity(iov_max),
+                        iov: Vec::with_capacity(iov_capacity),
                         status: GuestAddress(0),
                         used_len: 0,
                         in_flight: false,
@@ -85,7 +182,7 @@ impl Poller {
             })
             .collect();
         Self {
-            shard,
+            queue,
             queues,
             scratch: Scratch::with_capacity(queue_size as usize),
             cpu,
@@ -95,19 +192,20 @@ impl Poller {
     }
 
     pub(crate) fn completion_eventfd(&self) -> Option<RawFd> {
-        self.shard.completion_eventfd()
+        self.queue.completion_eventfd()
     }
 
     pub(crate) fn consume_completion_event(&self) {
-        if let Some(fd) = self.shard.completion_eventfd() {
+        if let Some(fd) = self.queue.completion_eventfd() {
             let mut value = 0u64;
-            // SAFETY: reads 8 bytes into a live local from a non-blocking eventfd we own.
+            // SAFETY: reads 8 bytes into a live local from a non-blocking eventfd the queue
+            // owns (and keeps open while it lives, which is as long as `self`).
             let _ = unsafe { libc::read(fd, (&mut value as *mut u64).cast(), 8) };
         }
     }
 
-    /// Serves `vrings` until the poll mode says to sleep or the device stops.
-    pub(crate) fn run(&mut self, device: &BlkDevice, vrings: &[Vring]) {
+    /// Serves `vrings` until the poll mode says to sleep or the connection stops.
+    pub(crate) fn run<V: Volume>(&mut self, ctx: &PollContext, volume: &V, vrings: &[Vring], atomic: &GuestMemAtomic) {
         if !self.pinned {
             self.pinned = true;
             if let Some(cpu) = self.cpu {
@@ -116,14 +214,11 @@ impl Poller {
                 }
             }
         }
-        let Some(atomic) = device.mem.read().unwrap_or_else(|p| p.into_inner()).clone() else {
-            return;
-        };
-        let mode = device.config.poll.mode;
-        let idle = device.config.poll.idle;
+        let mode = ctx.poll.mode;
+        let idle = ctx.poll.idle;
         let polling = mode != PollMode::Never;
         if polling {
-            self.set_notifications(vrings, &atomic, false);
+            self.set_notifications(vrings, atomic, false);
         }
         let mut last_work = Instant::now();
         let mut spins: u32 = 0;
@@ -132,49 +227,50 @@ impl Poller {
             // outlive the pass take their own Arc in `pop_requests`.
             let mem = atomic.memory();
             let mut work = 0;
-            let limits = device.limits();
+            let limits = ctx.limits(volume);
             for local in 0..self.queues.len() {
                 if let Some(vring) = vrings.get(local) {
-                    work += self.pop_requests(device, local, vring, &atomic, &mem, &limits);
+                    work += self.pop_requests(ctx, local, vring, atomic, &mem, &limits);
                 }
             }
-            work += self.shard.poll();
-            work += self.complete(device, vrings);
+            work += self.queue.poll();
+            work += self.complete(ctx, vrings);
             self.notify(vrings, &mem);
 
             spins = spins.wrapping_add(1);
             if spins.is_multiple_of(STOP_CHECK_EVERY) && polling {
                 // Queues enabled since we started polling still have kicks on.
-                self.set_notifications(vrings, &atomic, false);
+                self.set_notifications(vrings, atomic, false);
             }
-            if work > 0 && (!spins.is_multiple_of(STOP_CHECK_EVERY) || !device.stopping.load(Ordering::Acquire)) {
+            if work > 0 && (!spins.is_multiple_of(STOP_CHECK_EVERY) || !ctx.stopping.load(Ordering::Acquire)) {
                 last_work = Instant::now();
                 continue;
             }
-            if device.stopping.load(Ordering::Acquire) {
-                self.drain(device, vrings);
+            if ctx.stopping.load(Ordering::Acquire) {
+                self.drain(ctx, vrings);
                 return;
             }
             let sleep = match mode {
                 PollMode::Always => false,
-                // With requests in flight, the shard's completion eventfd wakes us.
+                // With requests in flight, the queue's completion eventfd wakes us.
                 PollMode::Never => true,
                 PollMode::Adaptive => last_work.elapsed() >= idle,
             };
             if !sleep {
-                // Only the disk is left to wait for: with writes in flight the shard sleeps in
-                // the ring (bounded, so new guest requests wait at most DISK_WAIT) rather than
-                // spin and starve the kernel threads that run O_DIRECT writes on this core;
-                // otherwise it returns at once and we keep spinning.
-                self.shard.wait_for_disk(DISK_WAIT);
+                // Only in-flight requests are left to wait for: the local shard, with writes
+                // in flight, sleeps in the ring (bounded, so new guest requests wait at most
+                // COMPLETION_WAIT) rather than spin and starve the kernel threads that run
+                // O_DIRECT writes on this core; otherwise it returns at once and we keep
+                // spinning.
+                self.queue.wait_for_completions(COMPLETION_WAIT);
                 std::hint::spin_loop();
                 continue;
             }
             // Re-arm guest kicks, then look once more: a request made available between our
             // last look and the re-arm would otherwise wait for a kick that never comes.
-            if self.set_notifications(vrings, &atomic, true) {
+            if self.set_notifications(vrings, atomic, true) {
                 if polling {
-                    self.set_notifications(vrings, &atomic, false);
+                    self.set_notifications(vrings, atomic, false);
                 }
                 last_work = Instant::now();
                 continue;
@@ -185,7 +281,7 @@ impl Poller {
 
     /// Enables (or disables) guest kicks on every ready queue. When enabling, returns whether
     /// any queue already has new requests.
-    fn set_notifications(&self, vrings: &[Vring], atomic: &GuestMemoryAtomic<GuestMem>, enable: bool) -> bool {
+    fn set_notifications(&self, vrings: &[Vring], atomic: &GuestMemAtomic, enable: bool) -> bool {
         let mem = atomic.memory();
         let mut pending = false;
         for vring in vrings {
@@ -205,12 +301,12 @@ impl Poller {
 
     fn pop_requests(
         &mut self,
-        device: &BlkDevice,
+        ctx: &PollContext,
         local: usize,
         vring: &Vring,
-        atomic: &GuestMemoryAtomic<GuestMem>,
+        atomic: &GuestMemAtomic,
         mem: &GuestMem,
-        limits: &request::Limits,
+        limits: &Limits,
     ) -> usize {
         let mut state = vring.get_mut();
         if !state.is_enabled() || !state.get_queue().ready() {
@@ -227,24 +323,24 @@ impl Poller {
         let mem = &fresh;
         let mut taken = 0;
         let queue_index = self.queues[local].index;
-        while taken < BATCH_MAX && !self.shard.is_full() {
+        while taken < BATCH_MAX && !self.queue.is_full() {
             let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&**mem) else { break };
             taken += 1;
             let head = chain.head_index();
             let Some(slot) = self.queues[local].slots.get_mut(head as usize) else {
-                tracing::warn!(volume = %device.config.name, queue = queue_index, head, "descriptor head out of range");
+                tracing::warn!(volume = %ctx.name, queue = queue_index, head, "descriptor head out of range");
                 continue;
             };
             if slot.in_flight {
                 // The guest made a head available twice; the first use still owns the slot.
-                tracing::warn!(volume = %device.config.name, queue = queue_index, head, "descriptor head reused while in flight");
+                tracing::warn!(volume = %ctx.name, queue = queue_index, head, "descriptor head reused while in flight");
                 continue;
             }
-            device.queues[queue_index].in_flight.fetch_add(1, Ordering::AcqRel);
+            ctx.queues[queue_index].in_flight.fetch_add(1, Ordering::AcqRel);
             let parsed = request::parse(chain, limits, &mut self.scratch);
             let outcome = match parsed {
-                Ok(request) => self.start(device, local, head, request, mem),
-                Err(rejection) => Some(rejection_outcome(device, queue_index, &rejection)),
+                Ok(request) => self.start(ctx, local, head, request, mem),
+                Err(rejection) => Some(rejection_outcome(ctx, queue_index, &rejection)),
             };
             if let Some((status, status_byte, used_len)) = outcome {
                 let state_queue = state.get_queue_mut();
@@ -252,8 +348,8 @@ impl Poller {
                     let _ = mem.write_obj(status_byte, addr);
                 }
                 let _ = state_queue.add_used(&**mem, head, used_len);
-                device.queues[queue_index].in_flight.fetch_sub(1, Ordering::AcqRel);
-                device.completed.fetch_add(1, Ordering::Relaxed);
+                ctx.queues[queue_index].in_flight.fetch_sub(1, Ordering::AcqRel);
+                ctx.completed.fetch_add(1, Ordering::Relaxed);
                 self.to_notify |= 1 << local;
             }
         }
@@ -261,24 +357,24 @@ impl Poller {
     }
 
     /// Starts a parsed request. Returns (status address, status, used length) when it finished
-    /// at once; otherwise it is in the shard and its slot is marked in flight.
+    /// at once; otherwise it is in the volume queue and its slot is marked in flight.
     fn start(
         &mut self,
-        device: &BlkDevice,
+        ctx: &PollContext,
         local: usize,
         head: u16,
         request: Request,
         mem: &Arc<GuestMem>,
     ) -> Option<(Option<GuestAddress>, u8, u32)> {
         let status = Some(request.status);
-        let shard_op = match request.op {
+        let volume_op = match request.op {
             Op::Read => replica::Op::Read,
             Op::Write => replica::Op::Write,
             Op::Flush => replica::Op::Flush,
             Op::Discard => replica::Op::Discard,
             Op::WriteZeroes { unmap } => replica::Op::WriteZeroes { unmap },
             Op::GetId => {
-                let serial = &device.config.serial;
+                let serial = &ctx.serial;
                 let mut written = 0usize;
                 for segment in &self.scratch.segments {
                     let n = segment.len as usize;
@@ -290,6 +386,7 @@ impl Poller {
                 return Some((status, STATUS_OK, written as u32 + 1));
             }
         };
+        let queue_index = self.queues[local].index;
         let slot = &mut self.queues[local].slots[head as usize];
         slot.iov.clear();
         let writable = request.op == Op::Read;
@@ -300,9 +397,16 @@ impl Poller {
             };
             for slice in slices {
                 let Ok(slice) = slice else { return Some((status, STATUS_IOERR, 1)) };
-                if slot.iov.len() == slot.iov.capacity() {
+                if slot.iov.len() == IOVECS_PER_REQUEST_MAX {
+                    tracing::warn!(
+                        volume = %ctx.name,
+                        queue = queue_index,
+                        "request refused: its buffers lie in more guest memory regions than one submission can carry"
+                    );
                     return Some((status, STATUS_IOERR, 1));
                 }
+                // Grows the slot's array (once, for unusual memory layouts) if the segments
+                // cross more region boundaries than it has room for; see IOVECS_PER_REQUEST_MAX.
                 slot.iov.push(libc::iovec { iov_base: slice.ptr_guard_mut().as_ptr().cast(), iov_len: slice.len() });
             }
         }
@@ -311,18 +415,19 @@ impl Poller {
         slot.mem = Some(Arc::clone(mem));
         let io = IoRequest {
             user_data: (local as u64) << 16 | u64::from(head),
-            op: shard_op,
+            op: volume_op,
             offset_bytes: request.offset_bytes,
             len_bytes: request.len_bytes,
             iov: slot.iov.as_ptr(),
             iov_count: slot.iov.len() as u32,
             fua: false,
         };
-        // SAFETY: the iovecs live in `slot.iov`, which is neither cleared nor reallocated
-        // (capacity is fixed; `in_flight` blocks reuse) until this request's completion is
-        // popped in `complete`, and they point into the guest mapping that `slot.mem` keeps
-        // mapped until then; every range was bounds-checked by vm-memory's get_slices.
-        match unsafe { self.shard.submit(io) } {
+        // SAFETY: the iovecs live in `slot.iov`, which is neither cleared nor pushed to (so
+        // never reallocated) until this request's completion is popped in `complete`:
+        // `in_flight` blocks reuse of the slot. They point into the guest mapping that
+        // `slot.mem` keeps mapped until then; every range was bounds-checked by vm-memory's
+        // get_slices.
+        match unsafe { self.queue.submit(io) } {
             Ok(()) => {
                 slot.in_flight = true;
                 None
@@ -334,12 +439,12 @@ impl Poller {
         }
     }
 
-    /// Moves shard completions into the used rings.
-    fn complete(&mut self, device: &BlkDevice, vrings: &[Vring]) -> usize {
+    /// Moves volume completions into the used rings.
+    fn complete(&mut self, ctx: &PollContext, vrings: &[Vring]) -> usize {
         let mut done = 0;
         // Completions come in runs for the same queue: keep its vring locked across a run.
         let mut locked: Option<(usize, VringWriteGuard<'_>)> = None;
-        while let Some(completion) = self.shard.pop_completion() {
+        while let Some(completion) = self.queue.pop_completion() {
             done += 1;
             let local = (completion.user_data >> 16) as usize;
             let head = (completion.user_data & 0xffff) as u16;
@@ -362,10 +467,10 @@ impl Poller {
                 }
             }
             slot.in_flight = false;
-            device.queues[queue.index].in_flight.fetch_sub(1, Ordering::AcqRel);
+            ctx.queues[queue.index].in_flight.fetch_sub(1, Ordering::AcqRel);
             self.to_notify |= 1 << local;
         }
-        device.completed.fetch_add(done as u64, Ordering::Relaxed);
+        ctx.completed.fetch_add(done as u64, Ordering::Relaxed);
         done
     }
 
@@ -389,25 +494,58 @@ impl Poller {
     }
 
     /// Waits for everything in flight, completing it into the used rings.
-    fn drain(&mut self, device: &BlkDevice, vrings: &[Vring]) {
-        let deadline = Instant::now() + std::time::Duration::from_secs(30);
-        while self.shard.outstanding() > 0 && Instant::now() < deadline {
-            self.shard.poll();
-            self.complete(device, vrings);
+    fn drain(&mut self, ctx: &PollContext, vrings: &[Vring]) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.queue.outstanding() > 0 && Instant::now() < deadline {
+            self.queue.poll();
+            self.complete(ctx, vrings);
             std::thread::yield_now();
         }
-        if self.shard.outstanding() > 0 {
-            tracing::error!(volume = %device.config.name, "requests still in flight after 30 s at disconnect");
+        if self.queue.outstanding() > 0 {
+            tracing::error!(volume = %ctx.name, "requests still in flight after 30 s at disconnect");
         }
     }
 }
 
-fn rejection_outcome(device: &BlkDevice, queue: usize, rejection: &Rejection) -> (Option<GuestAddress>, u8, u32) {
-    tracing::debug!(volume = %device.config.name, queue, reason = rejection.reason, "request rejected");
+impl<Q: VolumeQueue> Poller<Q> {
+    /// After the connection's worker threads are gone: waits (at most 30 s) for requests still
+    /// in the volume queue, whose completions no guest will see, so that nothing touches the
+    /// guest's memory once this returns. Returns how many there were.
+    pub(crate) fn abandon(&mut self, ctx: &PollContext) -> u32 {
+        let mut abandoned = 0;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            self.queue.poll();
+            while let Some(completion) = self.queue.pop_completion() {
+                abandoned += 1;
+                let local = (completion.user_data >> 16) as usize;
+                let head = (completion.user_data & 0xffff) as usize;
+                let Some(queue) = self.queues.get_mut(local) else { continue };
+                if let Some(slot) = queue.slots.get_mut(head) {
+                    slot.in_flight = false;
+                    slot.mem = None;
+                    ctx.queues[queue.index].in_flight.fetch_sub(1, Ordering::AcqRel);
+                }
+            }
+            if self.queue.outstanding() == 0 {
+                return abandoned;
+            }
+            if Instant::now() >= deadline {
+                tracing::error!(volume = %ctx.name, "requests still in flight 30 s after the connection ended");
+                return abandoned;
+            }
+            self.queue.wait_for_completions(COMPLETION_WAIT);
+            std::thread::yield_now();
+        }
+    }
+}
+
+fn rejection_outcome(ctx: &PollContext, queue: usize, rejection: &Rejection) -> (Option<GuestAddress>, u8, u32) {
+    tracing::debug!(volume = %ctx.name, queue, reason = rejection.reason, "request rejected");
     match rejection.status {
         Some(addr) => (Some(addr), rejection.code, 1),
         None => {
-            tracing::warn!(volume = %device.config.name, queue, reason = rejection.reason, "malformed descriptor chain returned without status");
+            tracing::warn!(volume = %ctx.name, queue, reason = rejection.reason, "malformed descriptor chain returned without status");
             (None, STATUS_IOERR, 0)
         }
     }

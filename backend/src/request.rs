@@ -7,6 +7,14 @@
 //! that fails comes back as a [`Rejection`] that says which status to report, if a status byte
 //! could be found at all.
 //!
+//! Beyond the spec's MUSTs, reads and writes are held to the limits the device advertises:
+//! `seg_max` data descriptors, each carrying at most `size_max` data bytes (a descriptor that
+//! also holds the header or the status byte may be that much longer). The spec states these
+//! limits for the driver only (§5.2.3, §5.2.4) and asks nothing of the device when a driver
+//! exceeds them, so the device may serve such a chain or refuse it; it refuses with IOERR, the
+//! status §5.2.6 gives for "device or driver error", so that every request that runs is one
+//! the layers behind the parser were sized for (iovec arrays, replication wire pieces).
+//!
 //! ```text
 //!  readable ──────────────────────────────────────┐ writable ─────────────────────────┐
 //!  [ type:u32 | ioprio:u32 | sector:u64 ][ OUT data / segments ][ IN data / id ][ status:u8 ]
@@ -65,6 +73,8 @@ pub struct Limits {
     pub read_only: bool,
     /// Most data descriptors in one request (config `seg_max`).
     pub seg_max: u32,
+    /// Most bytes in one data descriptor (config `size_max`).
+    pub size_max: u32,
     pub max_discard_sectors: u32,
     pub max_write_zeroes_sectors: u32,
 }
@@ -233,6 +243,9 @@ where
             if scratch.segments.len() > limits.seg_max as usize {
                 return Err(Rejection::ioerr(status, "more data segments than seg_max"));
             }
+            if scratch.segments.iter().any(|segment| segment.len > limits.size_max) {
+                return Err(Rejection::ioerr(status, "data segment larger than size_max"));
+            }
             Ok(Request { op, offset_bytes: sector << SECTOR_SHIFT, len_bytes: data_bytes, status })
         }
         Op::Flush => Ok(Request { op, offset_bytes: 0, len_bytes: 0, status }),
@@ -388,6 +401,7 @@ mod tests {
         capacity_sectors: 1024,
         read_only: false,
         seg_max: 4,
+        size_max: 8192,
         max_discard_sectors: 64,
         max_write_zeroes_sectors: 32,
     };
@@ -814,6 +828,34 @@ mod tests {
         let chain: Vec<_> = std::iter::once(r(HDR, 16)).chain(data(5)).chain([w(STATUS, 1)]).collect();
         let (result, _) = parse_linked(&mem, &chain, &LIMITS);
         assert_rejected(result, Some(STATUS), STATUS_IOERR);
+    }
+
+    #[test]
+    fn data_segments_larger_than_size_max_are_an_ioerr() {
+        let mem = memory();
+        let max = LIMITS.size_max;
+        write_header(&mem, HDR, T_OUT, 0);
+        let (result, segments) = parse_linked(&mem, &[r(HDR, 16), r(DATA, max), r(DATA2, max), w(STATUS, 1)], &LIMITS);
+        assert_eq!(result.unwrap().len_bytes, 2 * u64::from(max), "size_max bounds each segment, not the request");
+        assert_eq!(segments, [seg(DATA, max), seg(DATA2, max)]);
+        let (result, _) = parse_linked(&mem, &[r(HDR, 16), r(DATA, max + 512), w(STATUS, 1)], &LIMITS);
+        assert_rejected(result, Some(STATUS), STATUS_IOERR);
+        // Header and data in one descriptor: only the data counts.
+        let (result, segments) = parse_linked(&mem, &[r(HDR, 16 + max), w(STATUS, 1)], &LIMITS);
+        assert_eq!(result.unwrap().len_bytes, u64::from(max));
+        assert_eq!(segments, [seg(HDR + 16, max)]);
+        let (result, _) = parse_linked(&mem, &[r(HDR, 16 + max + 512), w(STATUS, 1)], &LIMITS);
+        assert_rejected(result, Some(STATUS), STATUS_IOERR);
+
+        write_header(&mem, HDR, T_IN, 0);
+        let (result, _) = parse_linked(&mem, &[r(HDR, 16), w(DATA, max + 512), w(STATUS, 1)], &LIMITS);
+        assert_rejected(result, Some(STATUS), STATUS_IOERR);
+        // Data and status byte in one descriptor: only the data counts.
+        let (result, segments) = parse_linked(&mem, &[r(HDR, 16), w(DATA, max + 1)], &LIMITS);
+        assert_eq!(result.unwrap().status, GuestAddress(DATA + u64::from(max)));
+        assert_eq!(segments, [seg(DATA, max)]);
+        let (result, _) = parse_linked(&mem, &[r(HDR, 16), w(DATA, max + 513)], &LIMITS);
+        assert_rejected(result, Some(DATA + u64::from(max) + 512), STATUS_IOERR);
     }
 
     #[test]

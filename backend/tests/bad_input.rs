@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::sync::mpsc;
 use std::time::Duration;
 
 use backend::{Export, PollMode};
@@ -16,7 +15,7 @@ use common::raw_frontend::{
     T_OUT, T_WRITE_ZEROES,
 };
 use common::{pattern, Client, Volume};
-use replica::BackingKind;
+use replica::{Backing, BackingKind};
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::RawDescriptor;
 use vm_memory::GuestAddress;
@@ -24,8 +23,10 @@ use vm_memory::GuestAddress;
 const MIB: u64 = 1 << 20;
 const VOLUME_BYTES: u64 = 16 * MIB;
 const CAPACITY_SECTORS: u64 = VOLUME_BYTES / 512;
-/// The device's limits (device.rs): seg_max and max_discard_sectors / max_write_zeroes_sectors.
-const SEG_MAX: u64 = 126;
+/// The device's limits (device.rs): seg_max, size_max and max_discard_sectors /
+/// max_write_zeroes_sectors.
+const SEG_MAX: u64 = backend::device::SEG_MAX as u64;
+const SIZE_MAX: u32 = backend::device::SIZE_MAX;
 const MAX_DISCARD_SECTORS: u32 = 1 << 22;
 const WAIT: Duration = Duration::from_secs(10);
 const WATCHDOG: Duration = Duration::from_secs(120);
@@ -36,35 +37,18 @@ const UNSUPP: u8 = 2;
 /// What a status byte holds until the device writes it.
 const UNTOUCHED: u8 = 0xa5;
 
-/// Runs `body` on its own thread and fails if it takes longer than `WATCHDOG`. A body stuck in
-/// the backend is left behind; the test process still exits when the harness is done.
+/// Runs `body` under a watchdog of `WATCHDOG`.
 fn with_watchdog(body: impl FnOnce() + Send + 'static) {
-    common::init_logs();
-    common::require_hugepages();
-    let (done_tx, done_rx) = mpsc::channel();
-    let thread = std::thread::spawn(move || {
-        body();
-        let _ = done_tx.send(());
-    });
-    match done_rx.recv_timeout(WATCHDOG) {
-        Ok(()) => thread.join().expect("test body"),
-        Err(mpsc::RecvTimeoutError::Disconnected) => {
-            // The body panicked: report its panic, not ours.
-            if let Err(panic) = thread.join() {
-                std::panic::resume_unwind(panic);
-            }
-        }
-        Err(mpsc::RecvTimeoutError::Timeout) => panic!("test hung for {WATCHDOG:?}"),
-    }
+    common::with_watchdog(WATCHDOG, body);
 }
 
 /// One export under attack and one bystander export with its own volume and client.
 struct Rig {
     _vol: Volume,
-    export: Export,
+    export: Export<Backing>,
     raw: RawFrontend,
     _other_vol: Volume,
-    _other_export: Export,
+    _other_export: Export<Backing>,
     other: Client,
     read_only: bool,
     /// Contents of the attacked volume (a read-only volume is filled before it is exported).
@@ -397,6 +381,42 @@ fn more_segments_than_seg_max_gets_ioerr() {
                 rig.image[..data.len()].copy_from_slice(&data);
             }
         }
+    });
+}
+
+#[test]
+fn data_segment_larger_than_size_max_gets_ioerr() {
+    with_watchdog(|| {
+        let mut rig = adaptive();
+        // Advertised: VIRTIO_BLK_F_SIZE_MAX with size_max (config bytes 8..12), then seg_max.
+        let offered = rig.raw.offered_features();
+        assert_ne!(offered & (1 << virtio_bindings::virtio_blk::VIRTIO_BLK_F_SIZE_MAX), 0, "SIZE_MAX not offered");
+        let config = rig.raw.config(8, 8);
+        assert_eq!(u32::from_le_bytes(config[0..4].try_into().unwrap()), SIZE_MAX);
+        assert_eq!(u64::from(u32::from_le_bytes(config[4..8].try_into().unwrap())), SEG_MAX);
+
+        let data = pattern(77, SIZE_MAX as usize + 512);
+        let buf = rig.raw.put(&data);
+        // 512 bytes over, in either direction: refused, and a refused read writes nothing.
+        for (request_type, desc) in [(T_OUT, readable(buf, SIZE_MAX + 512)), (T_IN, writable(buf, SIZE_MAX + 512))] {
+            let hdr = rig.header(request_type, 0);
+            let status = rig.status();
+            rig.expect_status(0, &[readable(hdr, 16), desc, writable(status, 1)], status, IOERR);
+            assert!(rig.raw.read(buf, data.len()) == data, "a refused request touched its buffer");
+        }
+        // Exactly size_max is served.
+        let hdr = rig.header(T_OUT, 0);
+        let status = rig.status();
+        let used = rig.send(0, &[readable(hdr, 16), readable(buf, SIZE_MAX), writable(status, 1)]);
+        assert_eq!((rig.raw.read_status(status), used), (OK, 1));
+        rig.image[..SIZE_MAX as usize].copy_from_slice(&data[..SIZE_MAX as usize]);
+        let back = rig.raw.alloc(u64::from(SIZE_MAX));
+        let hdr = rig.header(T_IN, 0);
+        let status = rig.status();
+        let used = rig.send(0, &[readable(hdr, 16), writable(back, SIZE_MAX), writable(status, 1)]);
+        assert_eq!((rig.raw.read_status(status), used), (OK, SIZE_MAX + 1));
+        assert!(rig.raw.read(back, SIZE_MAX as usize) == data[..SIZE_MAX as usize], "size_max read back differently");
+        rig.check_healthy(0);
     });
 }
 

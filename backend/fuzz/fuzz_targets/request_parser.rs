@@ -123,6 +123,7 @@ struct Input {
     capacity_sectors: Result<u32, u64>,
     read_only: bool,
     seg_max: u32,
+    size_max: u32,
     max_discard_sectors: u32,
     max_write_zeroes_sectors: u32,
     /// Queue size 2^(n % 9): 1 ..= 256.
@@ -234,6 +235,7 @@ fuzz_target!(|input: Input| {
         capacity_sectors: either(input.capacity_sectors),
         read_only: input.read_only,
         seg_max: input.seg_max,
+        size_max: input.size_max,
         max_discard_sectors: input.max_discard_sectors,
         max_write_zeroes_sectors: input.max_write_zeroes_sectors,
     };
@@ -264,6 +266,7 @@ fn check_accepted(mem: &GuestMemoryMmap<()>, limits: &Limits, req: &request::Req
         Op::Read | Op::Write => {
             assert_eq!(total, req.len_bytes, "segments do not add up to the request");
             assert!(segments.len() <= limits.seg_max as usize, "more segments than seg_max");
+            assert!(segments.iter().all(|s| s.len <= limits.size_max), "a segment larger than size_max");
             assert_eq!(req.len_bytes % SECTOR_SIZE, 0, "partial sector");
             assert!(!(req.op == Op::Write && limits.read_only), "write accepted on a read-only volume");
         }

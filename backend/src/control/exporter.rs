@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use replica::Backing;
 
-use crate::{Export, ExportConfig};
+use crate::{Export, ExportConfig, Volume};
 
 pub trait Exporter {
     type Handle: ExportHandle;
@@ -27,13 +27,13 @@ pub trait ExportHandle {
 pub struct VhostUser;
 
 impl Exporter for VhostUser {
-    type Handle = Export;
-    fn start(&self, config: ExportConfig, backing: Arc<Backing>) -> Result<Export, crate::Error> {
+    type Handle = Export<Backing>;
+    fn start(&self, config: ExportConfig, backing: Arc<Backing>) -> Result<Export<Backing>, crate::Error> {
         Export::start(config, backing)
     }
 }
 
-impl ExportHandle for Export {
+impl<V: Volume> ExportHandle for Export<V> {
     fn resize(&self, new_size_bytes: u64) -> Result<(), crate::Error> {
         Export::resize(self, new_size_bytes)
     }

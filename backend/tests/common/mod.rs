@@ -49,7 +49,8 @@ impl Volume {
         Arc::new(Backing::open(&config).expect("open backing"))
     }
 
-    pub fn export(&self, backing: Arc<Backing>, num_queues: u16, mode: PollMode) -> Export {
+    /// Exports `volume` (a `Backing`, or a test volume wrapping one) on this fixture's socket.
+    pub fn export<V: backend::Volume>(&self, volume: Arc<V>, num_queues: u16, mode: PollMode) -> Export<V> {
         let config = ExportConfig {
             name: "test".into(),
             socket_path: self.socket.clone(),
@@ -58,7 +59,7 @@ impl Volume {
             serial: "hcblk-test-serial".into(),
             poll: PollConfig { mode, idle: Duration::from_millis(1), cpus: Vec::new() },
         };
-        Export::start(config, backing).expect("start export")
+        Export::start(config, volume).expect("start export")
     }
 }
 
@@ -124,6 +125,44 @@ impl Client {
         self.queues[q].write(offset, ptr, len, 0, ReqFlags::empty());
         self.wait(q)
     }
+}
+
+/// Runs `body` on its own thread and fails if it takes longer than `limit`. A body stuck in
+/// the backend is left behind; the test process still exits when the harness is done.
+pub fn with_watchdog(limit: Duration, body: impl FnOnce() + Send + 'static) {
+    init_logs();
+    require_hugepages();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let thread = std::thread::spawn(move || {
+        body();
+        let _ = done_tx.send(());
+    });
+    match done_rx.recv_timeout(limit) {
+        Ok(()) => thread.join().expect("test body"),
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+            // The body panicked: report its panic, not ours.
+            if let Err(panic) = thread.join() {
+                std::panic::resume_unwind(panic);
+            }
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!("test hung for {limit:?}"),
+    }
+}
+
+/// Fills `buf` with a deterministic pattern that differs per (seed, position), eight bytes at
+/// a time: for buffers of hundreds of MiB, where `pattern` is slow in a debug build.
+pub fn fill_pattern(seed: u64, buf: &mut [u8]) {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut chunks = buf.chunks_exact_mut(8);
+    for chunk in &mut chunks {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes());
+    }
+    let tail = chunks.into_remainder();
+    let n = tail.len();
+    tail.copy_from_slice(&x.rotate_left(32).to_le_bytes()[..n]);
 }
 
 /// A deterministic byte pattern that differs per (seed, position).

@@ -3,7 +3,7 @@
 //! backend chains no real driver (QEMU, libblkio) would ever build.
 //!
 //! ```text
-//!  guest memory (one memfd region, GPA 0 .. MEM_BYTES)
+//!  guest memory (one memfd, GPA 0 .. mem_bytes, MEM_BYTES unless RawOptions says otherwise)
 //!  0x0000_0000  unused page (a ring at GPA 0 reads as "not set up" to virtio-queue)
 //!  0x0000_1000  queue 0: desc table | +0x1000 avail ring | +0x2000 used ring
 //!  0x0000_5000  queue 1: ...                                  (RING_STRIDE apart)
@@ -12,7 +12,9 @@
 //!
 //! The frontend owns the driver side of the rings: free descriptor indices, the avail index,
 //! the used entries it has consumed. The rings are read and written through vm-memory over the
-//! frontend's own mapping of the memfd, which the backend maps too.
+//! frontend's own mapping of the memfd, which the backend maps too: as one memory region, or
+//! cut into several adjacent ones (`RawOptions::region_cuts`) to play a frontend whose guest
+//! buffers straddle regions.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -26,7 +28,7 @@ use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO,
-    VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_WRITE_ZEROES,
+    VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_WRITE_ZEROES,
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
@@ -34,6 +36,7 @@ use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use vm_memory::{Address, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+/// Default guest memory size.
 pub const MEM_BYTES: u64 = 32 << 20;
 /// Where request buffers start; everything below belongs to the rings.
 pub const DATA_START: u64 = 1 << 20;
@@ -49,17 +52,22 @@ pub const T_GET_ID: u32 = 8;
 pub const T_DISCARD: u32 = 11;
 pub const T_WRITE_ZEROES: u32 = 13;
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct RawOptions {
     pub num_queues: usize,
     pub queue_size: u16,
     /// Negotiate VIRTIO_RING_F_EVENT_IDX (used_event/avail_event suppression) or not.
     pub event_idx: bool,
+    /// Guest memory size; default `MEM_BYTES`.
+    pub mem_bytes: u64,
+    /// Guest addresses (page-aligned, above `DATA_START`, ascending) where the memory table
+    /// the backend gets is cut into adjacent regions. Empty: one region.
+    pub region_cuts: Vec<u64>,
 }
 
 impl Default for RawOptions {
     fn default() -> Self {
-        Self { num_queues: 1, queue_size: MAX_QUEUE_SIZE, event_idx: false }
+        Self { num_queues: 1, queue_size: MAX_QUEUE_SIZE, event_idx: false, mem_bytes: MEM_BYTES, region_cuts: Vec::new() }
     }
 }
 
@@ -114,7 +122,10 @@ struct RawQueue {
 
 pub struct RawFrontend {
     frontend: Frontend,
+    /// What the backend offered at GET_FEATURES.
+    offered: u64,
     mem: GuestMemoryMmap<()>,
+    mem_bytes: u64,
     queues: Vec<RawQueue>,
     event_idx: bool,
     next_alloc: u64,
@@ -131,6 +142,7 @@ impl RawFrontend {
         let offered = frontend.get_features().expect("GET_FEATURES");
         let mut wanted = 1 << VIRTIO_F_VERSION_1
             | 1 << VIRTIO_RING_F_INDIRECT_DESC
+            | 1 << VIRTIO_BLK_F_SIZE_MAX
             | 1 << VIRTIO_BLK_F_SEG_MAX
             | 1 << VIRTIO_BLK_F_BLK_SIZE
             | 1 << VIRTIO_BLK_F_TOPOLOGY
@@ -158,16 +170,35 @@ impl RawFrontend {
         let queue_num = frontend.get_queue_num().expect("GET_QUEUE_NUM");
         assert!(queue_num >= options.num_queues as u64, "backend offers {queue_num} queues");
 
+        let mem_bytes = options.mem_bytes;
         let mem = GuestMemoryMmap::<()>::from_ranges_with_files([(
             GuestAddress(0),
-            MEM_BYTES as usize,
-            Some(FileOffset::new(memfd(MEM_BYTES), 0)),
+            mem_bytes as usize,
+            Some(FileOffset::new(memfd(mem_bytes), 0)),
         )])
         .expect("map guest memory");
         let region = mem.find_region(GuestAddress(0)).expect("the one region");
-        let info = VhostUserMemoryRegionInfo::from_guest_region(region).expect("memfd-backed region");
-        let host_base = info.userspace_addr;
-        frontend.set_mem_table(&[info]).expect("SET_MEM_TABLE");
+        let whole = VhostUserMemoryRegionInfo::from_guest_region(region).expect("memfd-backed region");
+        let host_base = whole.userspace_addr;
+        // The same memfd, cut into adjacent regions at the given guest addresses.
+        let mut bounds = vec![0];
+        for &cut in &options.region_cuts {
+            assert!(cut >= DATA_START && cut < mem_bytes && cut % 4096 == 0, "bad region cut {cut:#x}");
+            assert!(cut > *bounds.last().expect("starts with 0"), "region cuts must ascend");
+            bounds.push(cut);
+        }
+        bounds.push(mem_bytes);
+        let table: Vec<VhostUserMemoryRegionInfo> = bounds
+            .windows(2)
+            .map(|w| VhostUserMemoryRegionInfo {
+                guest_phys_addr: w[0],
+                memory_size: w[1] - w[0],
+                userspace_addr: host_base + w[0],
+                mmap_offset: whole.mmap_offset + w[0],
+                mmap_handle: whole.mmap_handle,
+            })
+            .collect();
+        frontend.set_mem_table(&table).expect("SET_MEM_TABLE");
 
         let mut queues = Vec::with_capacity(options.num_queues);
         for index in 0..options.num_queues {
@@ -203,28 +234,39 @@ impl RawFrontend {
             frontend.set_vring_enable(index, true).expect("SET_VRING_ENABLE");
             queues.push(queue);
         }
-        Self { frontend, mem, queues, event_idx: options.event_idx, next_alloc: DATA_START }
+        Self { frontend, offered, mem, mem_bytes, queues, event_idx: options.event_idx, next_alloc: DATA_START }
     }
 
     pub fn mem(&self) -> &GuestMemoryMmap<()> {
         &self.mem
     }
 
-    /// Capacity in 512-byte sectors, from the device's config space.
-    pub fn capacity_sectors(&mut self) -> u64 {
+    /// The virtio features the backend offered.
+    pub fn offered_features(&self) -> u64 {
+        self.offered
+    }
+
+    /// `len` bytes of the device's config space from `offset`.
+    pub fn config(&mut self, offset: u32, len: usize) -> Vec<u8> {
         let (_, data) = self
             .frontend
-            .get_config(0, 8, VhostUserConfigFlags::empty(), &[0u8; 8])
+            .get_config(offset, len as u32, VhostUserConfigFlags::empty(), &vec![0u8; len])
             .expect("GET_CONFIG");
-        u64::from_le_bytes(data[..8].try_into().expect("8 config bytes"))
+        assert_eq!(data.len(), len, "GET_CONFIG returned {} bytes", data.len());
+        data
+    }
+
+    /// Capacity in 512-byte sectors, from the device's config space.
+    pub fn capacity_sectors(&mut self) -> u64 {
+        u64::from_le_bytes(self.config(0, 8).try_into().expect("8 config bytes"))
     }
 
     /// Hands out `len` bytes of guest memory (512-byte aligned), wrapping around to the start
     /// of the data area when full: buffers of finished requests are reused.
     pub fn alloc(&mut self, len: u64) -> GuestAddress {
         let len = len.max(1).next_multiple_of(512);
-        assert!(len <= MEM_BYTES - DATA_START, "{len} bytes do not fit in guest memory");
-        if self.next_alloc + len > MEM_BYTES {
+        assert!(len <= self.mem_bytes - DATA_START, "{len} bytes do not fit in guest memory");
+        if self.next_alloc + len > self.mem_bytes {
             self.next_alloc = DATA_START;
         }
         let at = self.next_alloc;
