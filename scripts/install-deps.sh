@@ -32,9 +32,9 @@ PACKAGES=(
     protobuf-compiler
     # test guest: kernel unpacked from Debian's package, busybox initramfs, fio inside and outside
     busybox-static cpio fio xz-utils zstd
-    # multi-host tests in network namespaces (tc netem / nftables for partitions and loss),
+    # multi-host tests in network namespaces (nftables, iptables NFQUEUE for delay where the kernel has no netem, for partitions and loss),
     # cluster metadata (tests start their own etcd; the packaged service is not used)
-    iproute2 nftables etcd-server etcd-client
+    iproute2 nftables iptables etcd-server etcd-client
     # benchmark chart
     python3-matplotlib
 )
