@@ -24,7 +24,9 @@ pub mod control;
 pub mod device;
 mod error;
 pub mod export;
+pub mod member;
 mod poller;
+pub mod replicated;
 pub mod request;
 pub mod volume;
 

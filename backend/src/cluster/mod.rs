@@ -62,6 +62,7 @@
 mod error;
 mod etcd;
 pub mod keys;
+mod meta;
 mod registration;
 
 pub use error::{Cause, EtcdError};
@@ -69,4 +70,5 @@ pub use etcd::{
     CasOutcome, CreateOutcome, Etcd, EtcdConfig, Kv, Lease, LeaseId, Op, DEFAULT_DIAL_TIMEOUT, DEFAULT_PREFIX,
     DEFAULT_REQUEST_TIMEOUT, KEY_BYTES_MAX, TXN_OPS_MAX,
 };
+pub use meta::{MemoryMeta, MetaError, MetaStore, MetaWrite};
 pub use registration::{NodeRegistration, RegistrationConfig, RegistrationError, DEFAULT_TTL};
