@@ -225,6 +225,15 @@ pub trait Endpoint: Send {
     /// False once the connection has failed; in-flight operations have then
     /// completed with `Status::ConnectionLost`.
     fn is_connected(&self) -> bool;
+
+    /// A file descriptor that becomes readable (level-triggered) when the peer has sent
+    /// something: a caller with nothing else to do sleeps in `poll(2)`/epoll on it instead of
+    /// spinning, then polls the endpoint. A transport's background receiver may take the bytes
+    /// first when the caller has not polled for a while, so sleep with a timeout (a
+    /// millisecond). `None`: no such descriptor; sleep briefly instead.
+    fn poll_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
 }
 
 /// Which transport to use.

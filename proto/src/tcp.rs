@@ -1301,6 +1301,11 @@ impl Endpoint for TcpEndpoint {
     fn is_connected(&self) -> bool {
         !self.conn.dead.load(Ordering::Acquire)
     }
+
+    fn poll_fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        Some(self.conn.sock.as_raw_fd())
+    }
 }
 
 impl Drop for TcpEndpoint {

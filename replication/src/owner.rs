@@ -409,6 +409,9 @@ pub struct Owner {
     /// Test-only switch: acknowledge writes once any one in-sync member has them (a planted
     /// bug the simulator must catch).
     pub plant_bug_ack_early: bool,
+    /// Test-only switch: serve after attach without reconciling what the previous owner was
+    /// writing (a planted bug the simulator must catch).
+    pub plant_bug_skip_reconcile: bool,
 }
 
 impl Owner {
@@ -455,6 +458,7 @@ impl Owner {
             now: 0,
             actions: VecDeque::new(),
             plant_bug_ack_early: false,
+            plant_bug_skip_reconcile: false,
         }
     }
 
@@ -544,6 +548,12 @@ impl Owner {
 
     fn lease_ok(&self) -> bool {
         self.lease_until.is_none_or(|t| self.now < t)
+    }
+
+    /// Reads the volume's document again at the next tick, instead of at the next poll: an
+    /// operator changed it (resize, accepted risk).
+    pub fn refresh_meta(&mut self) {
+        self.next_meta_poll = 0;
     }
 
     /// Stops serving once in-flight requests are done and releases the volume in etcd.
@@ -1908,10 +1918,8 @@ impl Owner {
             }
             return;
         }
-        if self.phase == Phase::Promising && self.peers.values().all(|p| p.asking.is_empty()) {
-            if self.desired_meta().is_none() && self.meta_op == MetaOp::Idle {
-                self.begin_serving();
-            }
+        if self.phase == Phase::Promising && self.peers.values().all(|p| p.asking.is_empty()) && self.desired_meta().is_none() && self.meta_op == MetaOp::Idle {
+            self.begin_serving();
         }
         self.schedule_meta();
         if !self.serving() {
@@ -1947,10 +1955,10 @@ impl Owner {
             for r in bits.iter() {
                 rt.dirty.insert(r, self.now);
             }
-            if servers.len() > 1 {
+            if servers.len() > 1 && !self.plant_bug_skip_reconcile {
                 rt.unreconciled = bits;
             }
-            rt.reconcile_later = servers.is_empty();
+            rt.reconcile_later = servers.is_empty() && !self.plant_bug_skip_reconcile;
             rt.source = None;
             let source = self.copy_source(e);
             self.extents[e as usize].source = source;
@@ -2150,9 +2158,7 @@ impl Owner {
             // Resync and rebuild.
             let nodes: Vec<NodeId> = self.extents[e as usize].syncing.keys().copied().collect();
             for n in nodes {
-                loop {
-                    let Some(job) = self.extents[e as usize].syncing.get(&n) else { break };
-                    let SyncStage::Copying { todo, .. } = &job.stage else { break };
+                while let Some(SyncJob { stage: SyncStage::Copying { todo, .. }, .. }) = self.extents[e as usize].syncing.get(&n) {
                     if todo.is_empty() || self.copy_slots_free.is_empty() || !self.take_copy_budget(false) {
                         break;
                     }

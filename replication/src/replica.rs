@@ -506,6 +506,38 @@ impl Replica {
         self.maybe_persist(volume);
     }
 
+    /// The driver could not write `volume`'s state (its storage is full or failing; a failed
+    /// fsync is not reported here: it is fatal for the process, the kernel may have dropped
+    /// what it was asked to write). Requests waiting for that state to be durable are refused
+    /// with `result`'s status; the state stays changed in memory and the next change tries
+    /// again.
+    pub fn on_persist_failed(&mut self, volume: u64, result: DiskResult) {
+        let Some(vol) = self.volumes.get_mut(&volume) else { return };
+        if !vol.persisting {
+            return;
+        }
+        vol.persisting = false;
+        vol.changed = true;
+        let durable = vol.durable;
+        let status = match result {
+            DiskResult::NoSpace => Status::NoSpace,
+            _ => Status::IoError,
+        };
+        let waiting: Vec<(OpId, NodeId, Request)> = self
+            .ops
+            .iter()
+            .filter(|(_, o)| o.request.volume() == volume && o.need_version > durable)
+            .map(|(id, o)| (*id, o.from, o.request.clone()))
+            .collect();
+        for (op, from, request) in waiting {
+            let reply = match request {
+                Request::Promise { seq, .. } => self.promise_reply(volume, seq, status, 0),
+                r => Reply::Done { seq: r.seq(), status },
+            };
+            self.reply(from, op, reply);
+        }
+    }
+
     /// The op's data arrived from the owner (`ok`) or could not be fetched.
     pub fn on_pulled(&mut self, op: OpId, ok: bool) {
         let Some(o) = self.ops.get_mut(&op) else { return };

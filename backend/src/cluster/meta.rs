@@ -15,7 +15,7 @@ use replication::{NodeInfo, VolumeMeta};
 pub enum MetaWrite {
     Committed { revision: i64 },
     /// The compare failed: the current document and its revision (`None`: deleted).
-    Conflict(Option<(VolumeMeta, i64)>),
+    Conflict(Option<Box<(VolumeMeta, i64)>>),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -118,7 +118,7 @@ impl MetaStore for MemoryMeta {
                 g.volumes.insert(name.to_owned(), (meta.clone(), revision));
                 Ok(MetaWrite::Committed { revision })
             }
-            other => Ok(MetaWrite::Conflict(other)),
+            other => Ok(MetaWrite::Conflict(other.map(Box::new))),
         }
     }
 

@@ -1,19 +1,39 @@
 //! A volume this node owns, served to its VM by replication: the [`Volume`] the vhost-user
 //! export is generic over, fanning every request out to the volume's replicas.
 //!
-//! INTERFACE SKELETON — bodies being written (lead). The public API below is what the
-//! control plane codes against.
+//! ```text
+//!  poller ─submit/poll─▶ Mutex<Core> ◀─ background thread (when the poller is idle)
+//!                          ├ Owner state machine (replication::owner)
+//!                          ├ LocalMember ── this node's replica: guest memory ⇄ disk
+//!                          ├ endpoints ──── other replicas' nodes (descriptors + keys)
+//!                          ├ Memory ─────── guest RAM registered once per memory table
+//!                          └ metadata thread (etcd), connector thread (blocking connects)
+//! ```
+//!
+//! The poller drives the core on every pass while the guest is busy: requests go out and
+//! replies come in on its thread, no hand-off. When it has not polled for a millisecond the
+//! background thread takes over (timers, etcd answers, replies while the guest sleeps), and
+//! wakes the poller through the queue's eventfd when a guest request completes.
 
-use std::os::fd::RawFd;
-use std::sync::Arc;
+mod core;
+mod memory;
+
+use std::collections::BTreeMap;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use proto::{Endpoint, Registry, TransportKind};
 use replica::{IoCompletion, IoRequest};
-use replication::owner::{OwnerConfig, SyncProgress};
-use replication::VolumeMeta;
+use replication::owner::{MetaResult, Owner, OwnerConfig, Phase, SyncProgress};
+use replication::{node_id, NodeId, VolumeMeta};
 
-use crate::cluster::MetaStore;
-use crate::member::Members;
+use self::core::{Connection, Core, MetaAnswer};
+use self::memory::Memory;
+use crate::cluster::{MetaError, MetaStore, MetaWrite};
+use crate::member::{LocalMember, Members};
 use crate::volume::{GuestMem, Volume, VolumeQueue};
 use crate::Error;
 
@@ -48,6 +68,10 @@ pub enum AttachError {
     Timeout(Duration),
     #[error("cannot start the replication client")]
     Start(#[source] std::io::Error),
+    #[error("cannot read the volume's metadata")]
+    Meta(#[source] MetaError),
+    #[error("cannot allocate the replication client's buffers")]
+    Buffers(#[source] replica::Error),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -74,9 +98,48 @@ pub struct VolumeStatus {
     pub guest_requests_in_flight: usize,
 }
 
-pub struct ReplicatedVolume {
-    _private: (),
+/// What the metadata thread does for the owner.
+pub(crate) enum MetaJob {
+    Read,
+    Write(i64, Box<VolumeMeta>),
+    ListNodes,
 }
+
+struct Shared {
+    name: String,
+    core: Mutex<Core>,
+    /// When a poller last drove the core (ns since `start`); 0: never.
+    last_poll: AtomicU64,
+    start: Instant,
+    stopping: AtomicBool,
+    capacity: Arc<AtomicU64>,
+    block_size: u32,
+    read_only: bool,
+    eventfd: OwnedFd,
+    next_queue: AtomicU32,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Core> {
+        self.core.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn now_ns(&self) -> u64 {
+        self.start.elapsed().as_nanos() as u64
+    }
+
+    fn mark_polled(&self) {
+        self.last_poll.store(self.now_ns().max(1), Ordering::Relaxed);
+    }
+}
+
+pub struct ReplicatedVolume {
+    shared: Arc<Shared>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// How long the poller may be away before the background thread drives the core.
+const POLLER_AWAY: Duration = Duration::from_millis(1);
 
 impl ReplicatedVolume {
     /// Claims the volume for this node (generation + 1), collects the members' promises and
@@ -84,81 +147,362 @@ impl ReplicatedVolume {
     /// one poller thread** (`ExportConfig.poll.cpus` of length 1): all its queues' requests go
     /// through one replication client.
     pub fn attach(config: AttachConfig) -> Result<Arc<Self>, AttachError> {
-        let _ = config;
-        todo!("lead: replicated volume")
+        let (meta, _) = config.meta.read_volume(&config.volume).map_err(AttachError::Meta)?.ok_or_else(|| AttachError::NoSuchVolume(config.volume.clone()))?;
+        let nodes = config.meta.list_nodes().unwrap_or_default();
+        let me = node_id(&config.node);
+        let addresses: BTreeMap<NodeId, String> = nodes.iter().map(|n| (n.id, n.address.clone())).collect();
+        let registry = Arc::new(Registry::new());
+        let memory = Memory::new(Arc::clone(&registry), config.owner.copy_slots, meta.region_bytes as usize).map_err(AttachError::Buffers)?;
+
+        // Connections to every other member's node first, in parallel: the owner's promises
+        // go out as soon as it has claimed the volume.
+        let mut connections = BTreeMap::new();
+        let peers: Vec<(NodeId, String)> = meta.member_nodes().iter().map(|n| node_id(n)).filter(|n| *n != me).filter_map(|n| addresses.get(&n).map(|a| (n, a.clone()))).collect();
+        let handles: Vec<_> = peers
+            .into_iter()
+            .map(|(node, addr)| {
+                let (cfg, reg, kind) = (config.transport.clone(), Arc::clone(&registry), config.kind);
+                std::thread::spawn(move || (node, connect(&addr, &cfg, reg, kind)))
+            })
+            .collect();
+        for h in handles {
+            if let Ok((node, result)) = h.join() {
+                match result {
+                    Ok(ep) => {
+                        connections.insert(node, Connection::Up(ep));
+                    }
+                    Err(e) => {
+                        tracing::warn!(volume = %config.volume, node = format_args!("{node:#x}"), error = %e, "cannot connect to replica at attach");
+                        connections.insert(node, Connection::Down(Instant::now() + Duration::from_secs(1)));
+                    }
+                }
+            }
+        }
+
+        // SAFETY: eventfd has no memory preconditions.
+        let raw = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if raw < 0 {
+            return Err(AttachError::Start(std::io::Error::last_os_error()));
+        }
+        // SAFETY: `raw` is a fresh eventfd nothing else owns.
+        let eventfd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let notify_fd = eventfd.as_raw_fd();
+        let local = LocalMember::new(
+            &config.members,
+            Box::new(move || {
+                let one: u64 = 1;
+                // SAFETY: 8 bytes from a live local to an eventfd that lives as long as the
+                // volume (the local member is dropped with it).
+                let _ = unsafe { libc::write(notify_fd, (&one as *const u64).cast(), 8) };
+            }),
+        );
+        let (meta_jobs, meta_rx) = mpsc::channel::<MetaJob>();
+        let (meta_tx, meta_results) = mpsc::channel();
+        let (connect_jobs, connect_rx) = mpsc::channel::<(NodeId, String)>();
+        let (connected_tx, connected) = mpsc::channel();
+        let capacity = Arc::new(AtomicU64::new(meta.size_bytes));
+        let start = Instant::now();
+        let mut owner = Owner::new(config.owner.clone());
+        if let Some(lease) = &config.lease {
+            let until = lease().map_or(0, |t| t.saturating_duration_since(Instant::now()).as_nanos() as u64);
+            owner.set_lease(Some(until));
+        }
+        owner.start(0);
+        let core = Core::new(
+            owner,
+            local,
+            config.volume.clone(),
+            memory,
+            meta_jobs,
+            meta_results,
+            connect_jobs,
+            connected,
+            connections,
+            addresses,
+            config.lease.clone(),
+            Arc::clone(&capacity),
+            notify_fd,
+            start,
+        );
+        let shared = Arc::new(Shared {
+            name: config.volume.clone(),
+            core: Mutex::new(core),
+            last_poll: AtomicU64::new(0),
+            start,
+            stopping: AtomicBool::new(false),
+            capacity,
+            block_size: meta.block_size,
+            read_only: meta.read_only,
+            eventfd,
+            next_queue: AtomicU32::new(1),
+        });
+        let mut threads = Vec::new();
+        let spawn = |name: String, f: Box<dyn FnOnce() + Send>| std::thread::Builder::new().name(name).spawn(f).map_err(AttachError::Start);
+        let store = Arc::clone(&config.meta);
+        let volume_name = config.volume.clone();
+        threads.push(spawn(format!("meta-{}", config.volume), Box::new(move || meta_loop(store.as_ref(), &volume_name, &meta_rx, &meta_tx)))?);
+        let (cfg, reg, kind) = (config.transport.clone(), Arc::clone(&registry), config.kind);
+        threads.push(spawn(
+            format!("connect-{}", config.volume),
+            Box::new(move || {
+                while let Ok((node, addr)) = connect_rx.recv() {
+                    let result = connect(&addr, &cfg, Arc::clone(&reg), kind);
+                    if connected_tx.send((node, result)).is_err() {
+                        return;
+                    }
+                }
+            }),
+        )?);
+        let s = Arc::clone(&shared);
+        threads.push(spawn(format!("repl-{}", config.volume), Box::new(move || background(&s)))?);
+        let volume = Arc::new(Self { shared, threads: Mutex::new(threads) });
+
+        // Wait until it serves (or cannot).
+        let deadline = Instant::now() + config.attach_timeout;
+        loop {
+            match volume.shared.lock().phase().clone() {
+                Phase::Serving => break,
+                Phase::Fenced(reason) => {
+                    volume.stop_threads();
+                    return Err(AttachError::Fenced(reason));
+                }
+                _ => {}
+            }
+            if Instant::now() >= deadline {
+                volume.stop_threads();
+                return Err(AttachError::Timeout(config.attach_timeout));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(volume)
     }
 
     pub fn name(&self) -> &str {
-        todo!()
+        &self.shared.name
     }
 
-    /// Finishes what is in flight and releases the volume in etcd (owner none).
+    /// Finishes what is in flight and releases the volume in etcd (owner none). The export
+    /// must be stopped first (no more guest requests).
     pub fn detach(&self, timeout: Duration) -> Result<(), DetachError> {
-        let _ = timeout;
-        todo!()
+        {
+            let mut core = self.shared.lock();
+            let now = core.now();
+            core.owner.detach(now);
+            core.drive();
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.shared.lock().phase().clone() {
+                Phase::Detached => break,
+                Phase::Fenced(reason) => {
+                    self.stop_threads();
+                    return Err(DetachError::Fenced(reason));
+                }
+                _ => {}
+            }
+            if Instant::now() >= deadline {
+                return Err(DetachError::Timeout(timeout));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.stop_threads();
+        Ok(())
     }
 
     pub fn status(&self) -> VolumeStatus {
-        todo!()
+        let core = self.shared.lock();
+        let phase = match core.phase() {
+            Phase::Loading | Phase::Claiming | Phase::Promising => "attaching".to_owned(),
+            Phase::Serving => "serving".to_owned(),
+            Phase::Detaching => "detaching".to_owned(),
+            Phase::Detached => "detached".to_owned(),
+            Phase::Fenced(reason) => format!("fenced: {reason}"),
+        };
+        VolumeStatus {
+            phase,
+            generation: core.owner.generation(),
+            meta: core.meta().cloned(),
+            suspended_extents: core.owner.suspended_extents(),
+            syncs: core.owner.sync_progress(),
+            unreconciled_regions: core.owner.unreconciled_regions(),
+            guest_requests_in_flight: core.guests_in_flight(),
+        }
+    }
+
+    fn stop_threads(&self) {
+        self.shared.stopping.store(true, Ordering::Release);
+        // Closing the job channels ends the metadata and connector threads.
+        {
+            let mut core = self.shared.lock();
+            let (dead, _) = mpsc::channel();
+            core.meta_jobs = dead;
+            core.close_connector();
+        }
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in threads {
+            let _ = t.join();
+        }
     }
 }
 
+impl Drop for ReplicatedVolume {
+    fn drop(&mut self) {
+        self.stop_threads();
+    }
+}
+
+fn connect(addr: &str, cfg: &proto::Config, registry: Arc<Registry>, kind: TransportKind) -> Result<Box<dyn Endpoint>, String> {
+    let r: Result<Box<dyn Endpoint>, proto::TransportError> = match kind {
+        #[cfg(feature = "rdma")]
+        TransportKind::Rdma => proto::rdma::RdmaEndpoint::connect(addr, cfg, registry).map(|e| Box::new(e) as Box<dyn Endpoint>),
+        _ => proto::tcp::TcpEndpoint::connect(addr, cfg, registry).map(|e| Box::new(e) as Box<dyn Endpoint>),
+    };
+    r.map_err(|e| crate::control::chain(&e))
+}
+
+fn meta_loop(store: &dyn MetaStore, volume: &str, jobs: &mpsc::Receiver<MetaJob>, results: &mpsc::Sender<MetaAnswer>) {
+    while let Ok(job) = jobs.recv() {
+        let answer = match job {
+            MetaJob::Read => MetaAnswer::Meta(Box::new(match store.read_volume(volume) {
+                Ok(doc) => MetaResult::Read(doc),
+                Err(e) => {
+                    tracing::warn!(volume, error = %crate::control::chain(&e), "cannot read the volume's metadata");
+                    MetaResult::Unavailable
+                }
+            })),
+            MetaJob::Write(expect, meta) => MetaAnswer::Meta(Box::new(match store.write_volume(volume, expect, &meta) {
+                Ok(MetaWrite::Committed { revision }) => MetaResult::Committed { revision },
+                Ok(MetaWrite::Conflict(current)) => MetaResult::Conflict(current.map(|c| *c)),
+                Err(e) => {
+                    tracing::warn!(volume, error = %crate::control::chain(&e), "cannot write the volume's metadata (outcome unknown until it is read again)");
+                    MetaResult::Unavailable
+                }
+            })),
+            MetaJob::ListNodes => match store.list_nodes() {
+                Ok(nodes) => MetaAnswer::Nodes(nodes),
+                Err(_) => continue,
+            },
+        };
+        if results.send(answer).is_err() {
+            return;
+        }
+    }
+}
+
+/// Drives the core while no poller does, and sleeps on its sockets and eventfds otherwise.
+fn background(shared: &Shared) {
+    while !shared.stopping.load(Ordering::Acquire) {
+        let away = shared.now_ns().saturating_sub(shared.last_poll.load(Ordering::Relaxed)) > POLLER_AWAY.as_nanos() as u64;
+        let mut fds = Vec::new();
+        if away {
+            if let Ok(mut core) = shared.core.try_lock() {
+                core.drive();
+                fds = core.wait_fds();
+            }
+        }
+        fds.push(shared.eventfd.as_raw_fd());
+        let mut polls: Vec<libc::pollfd> = fds.iter().map(|&fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 }).collect();
+        // The eventfd is the poller's to read (it wakes the poller); here it only ends the
+        // nap early. A millisecond at most: timers, and a transport's background receiver
+        // that may have taken the bytes off a socket.
+        let last = polls.len() - 1;
+        polls[last].fd = -1;
+        // SAFETY: `polls` is a live array of `polls.len()` pollfd structs the kernel may write.
+        unsafe { libc::poll(polls.as_mut_ptr(), polls.len() as libc::nfds_t, 1) };
+    }
+}
+
+/// One poller thread's window onto the replicated volume.
 pub struct ReplicatedQueue {
-    _private: (),
+    shared: Arc<Shared>,
+    id: u32,
+    depth: u32,
+    outstanding: u32,
 }
 
 impl Volume for ReplicatedVolume {
     type Queue = ReplicatedQueue;
+
     fn capacity_bytes(&self) -> u64 {
-        todo!()
+        self.shared.capacity.load(Ordering::Acquire)
     }
+
     fn block_size(&self) -> u32 {
-        todo!()
+        self.shared.block_size
     }
+
     fn read_only(&self) -> bool {
-        todo!()
+        self.shared.read_only
     }
+
     fn physical_block_bytes(&self) -> u32 {
-        todo!()
+        // Replicas write through O_DIRECT on file systems whose unit is 4 KiB.
+        self.shared.block_size.max(4096)
     }
+
     fn new_queue(self: &Arc<Self>, depth: u32) -> Result<ReplicatedQueue, Error> {
-        let _ = depth;
-        todo!()
+        let id = self.shared.next_queue.fetch_add(1, Ordering::Relaxed);
+        Ok(ReplicatedQueue { shared: Arc::clone(&self.shared), id, depth: depth.max(1), outstanding: 0 })
     }
+
     /// Waits (bounded) until the owner has read the grown document from etcd: the control
     /// plane commits the new size and extents first, then calls `Export::resize`.
     fn grow(&self, new_size_bytes: u64) -> Result<(), Error> {
-        let _ = new_size_bytes;
-        todo!()
+        self.shared.lock().owner.refresh_meta();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.capacity_bytes() < new_size_bytes {
+            if Instant::now() >= deadline {
+                return Err(Error::Config(format!("the owner did not see the new size {new_size_bytes} in etcd within 30 s")));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
     }
+
     fn guest_memory_changed(&self, mem: Option<&Arc<GuestMem>>) -> Result<(), Error> {
-        let _ = mem;
-        todo!()
+        let mut core = self.shared.lock();
+        core.memory.set_table(mem).map_err(|e| Error::Config(format!("cannot register guest memory with the transport: {e}")))
     }
 }
 
 impl VolumeQueue for ReplicatedQueue {
     unsafe fn submit(&mut self, request: IoRequest) -> Result<(), IoRequest> {
-        let _ = request;
-        todo!()
+        if self.outstanding >= self.depth {
+            return Err(request);
+        }
+        self.outstanding += 1;
+        self.shared.mark_polled();
+        let mut core = self.shared.lock();
+        // SAFETY: forwarded contract (the iovecs stay valid until the completion is popped).
+        unsafe { core.submit(self.id, request) };
+        Ok(())
     }
+
     fn is_full(&self) -> bool {
-        todo!()
+        self.outstanding >= self.depth
     }
+
     fn poll(&mut self) -> usize {
-        todo!()
+        self.shared.mark_polled();
+        self.shared.lock().drive()
     }
+
     fn pop_completion(&mut self) -> Option<IoCompletion> {
-        todo!()
+        let c = self.shared.lock().pop_completion(self.id)?;
+        self.outstanding -= 1;
+        Some(c)
     }
+
     fn outstanding(&self) -> u32 {
-        todo!()
+        self.outstanding
     }
-    fn wait_for_completions(&mut self, timeout: Duration) {
-        let _ = timeout;
-        todo!()
+
+    fn wait_for_completions(&mut self, _timeout: Duration) {
+        // Replies come from the network and the local disk: keep driving (the poller calls
+        // `poll` right after this).
     }
+
     fn completion_eventfd(&self) -> Option<RawFd> {
-        todo!()
+        Some(self.shared.eventfd.as_raw_fd())
     }
 }

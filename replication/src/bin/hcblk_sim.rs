@@ -1,7 +1,7 @@
 //! `hcblk-sim`: runs the deterministic cluster simulation.
 //!
 //!     hcblk-sim --seed N [--verbose]          # one seed, replayed exactly
-//!     hcblk-sim --seeds 10000 [--from S] [--time-box SECONDS] [--bug ack-early|skip-dirty-persist]
+//!     hcblk-sim --seeds 10000 [--from S] [--time-box SECONDS] [--bug ack-early|skip-dirty-persist|skip-reconcile]
 //!
 //! Exits 1 on the first failing seed, after printing it and how to replay it. With `--bug`,
 //! a bug is planted on purpose and the run fails if no seed catches it.
@@ -37,12 +37,13 @@ fn parse() -> Result<Args, String> {
                 a.bug = Some(match value("--bug")?.as_str() {
                     "ack-early" => PlantedBug::AckEarly,
                     "skip-dirty-persist" => PlantedBug::SkipDirtyPersist,
-                    other => return Err(format!("unknown bug {other:?} (ack-early, skip-dirty-persist)")),
+                    "skip-reconcile" => PlantedBug::SkipReconcile,
+                    other => return Err(format!("unknown bug {other:?} (ack-early, skip-dirty-persist, skip-reconcile)")),
                 })
             }
             "--verbose" => a.verbose = true,
             "-h" | "--help" => {
-                println!("usage: hcblk-sim --seed N [--verbose] | --seeds COUNT [--from S] [--time-box SECONDS] [--bug ack-early|skip-dirty-persist]");
+                println!("usage: hcblk-sim --seed N [--verbose] | --seeds COUNT [--from S] [--time-box SECONDS] [--bug ack-early|skip-dirty-persist|skip-reconcile]");
                 std::process::exit(0);
             }
             other => return Err(format!("unknown argument {other:?}")),

@@ -46,6 +46,8 @@ pub enum PlantedBug {
     AckEarly,
     /// Replicas write data before its dirty bit is durable.
     SkipDirtyPersist,
+    /// A new owner serves without reconciling what the previous one was writing.
+    SkipReconcile,
 }
 
 #[derive(Clone, Debug)]
@@ -225,7 +227,7 @@ enum Who {
 #[derive(Debug)]
 enum EtcdReq {
     Read,
-    Write { expect: i64, meta: VolumeMeta },
+    Write { expect: i64, meta: Box<VolumeMeta> },
     ListNodes,
     ReadById,
     Renew { sent: Time },
@@ -685,6 +687,7 @@ impl Sim {
         self.next_instance += 1;
         let mut sm = Owner::new(self.owner_config(&self.nodes[i].name.clone()));
         sm.plant_bug_ack_early = self.cfg.bug == Some(PlantedBug::AckEarly);
+        sm.plant_bug_skip_reconcile = self.cfg.bug == Some(PlantedBug::SkipReconcile);
         let until = self.etcd.lease_expiry[i].saturating_sub(LEASE_MARGIN);
         sm.set_lease(Some(until));
         sm.start(self.now);
@@ -753,7 +756,7 @@ impl Sim {
 
             OwnerAction::ReadMeta => self.etcd_request(i, Who::Owner(instance), EtcdReq::Read),
             OwnerAction::WriteMeta { expect_revision, meta } => {
-                self.etcd_request(i, Who::Owner(instance), EtcdReq::Write { expect: expect_revision, meta })
+                self.etcd_request(i, Who::Owner(instance), EtcdReq::Write { expect: expect_revision, meta: Box::new(meta) })
             }
             OwnerAction::ListNodes => self.etcd_request(i, Who::Owner(instance), EtcdReq::ListNodes),
             OwnerAction::Event(event) => {
@@ -1001,7 +1004,7 @@ impl Sim {
                         self.etcd.revision += 1;
                         let revision = self.etcd.revision;
                         self.log(format!("etcd commit by {} rev {revision}: gen {} owner {:?} epoch {} {}", self.nodes[i].name, meta.generation, meta.owner, meta.epoch, describe(&meta)));
-                        self.etcd.meta = Some((meta, revision));
+                        self.etcd.meta = Some((*meta, revision));
                         if self.cfg.faults && !self.settling && self.rng.chance(0.03) {
                             // Committed, but the answer is lost.
                             EtcdAnswer::Meta(MetaResult::Unavailable)
@@ -1377,8 +1380,8 @@ impl Sim {
         let i = self.rng.range(0, n as u64 - 1) as usize;
         let roll = self.rng.range(0, 99);
         match roll {
-            0..=17 => {
-                if self.nodes[i].alive {
+            0..=17 if self.nodes[i].alive => {
+                {
                     self.crash(i);
                     // Lost for good only where every extent keeps another in-sync member:
                     // losing the last copy of data is not something the protocol can repair.
