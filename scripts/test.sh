@@ -14,6 +14,10 @@ scripts/hugepages.sh reserve "${HCBLK_TEST_HUGEPAGES:-192}"
 trap 'scripts/hugepages.sh release' EXIT
 
 FUZZ_SECONDS=${HCBLK_FUZZ_SECONDS:-60}
+# The simulator's seeds (one full run each: thousands of crashes, partitions, owner moves)
+# and the wall-clock cap on them; a failing seed replays with `hcblk-sim --seed N --verbose`.
+SIM_SEEDS=${HCBLK_SIM_SEEDS:-10000}
+SIM_SECONDS=${HCBLK_SIM_SECONDS:-600}
 
 echo "== build"
 cargo build --workspace --all-targets --locked
@@ -24,6 +28,10 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== tests: unit, in-process, multi-process, QEMU guest"
 LOG=$(mktemp /tmp/hcblk-test.XXXXXX.log)
 cargo test --workspace --locked -- --test-threads="${HCBLK_TEST_THREADS:-2}" 2>&1 | tee "$LOG"
+
+echo "== deterministic simulation of replication: ${SIM_SEEDS} seeds, at most ${SIM_SECONDS}s"
+cargo run --release --locked -p hcblk-replication --features sim --bin hcblk-sim -- \
+    --seeds "$SIM_SEEDS" --time-box "$SIM_SECONDS"
 
 echo "== fuzz targets, ${FUZZ_SECONDS}s each"
 for dir in backend/fuzz proto/fuzz; do

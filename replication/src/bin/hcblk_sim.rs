@@ -1,15 +1,19 @@
 //! `hcblk-sim`: runs the deterministic cluster simulation.
 //!
 //!     hcblk-sim --seed N [--verbose]          # one seed, replayed exactly
-//!     hcblk-sim --seeds 10000 [--from S] [--time-box SECONDS] [--bug ack-early|skip-dirty-persist|skip-reconcile]
+//!     hcblk-sim --seeds 10000 [--from S] [--jobs N] [--time-box SECONDS] [--bug ack-early|skip-dirty-persist|skip-reconcile]
 //!
-//! Exits 1 on the first failing seed, after printing it and how to replay it. With `--bug`,
-//! a bug is planted on purpose and the run fails if no seed catches it.
+//! Seeds run on `--jobs` threads (default: every core); each seed is one thread's
+//! deterministic run, so a failure replays exactly with `--seed`. Exits 1 on a failing seed
+//! (the lowest found), after printing it and how to replay it. With `--bug`, a bug is
+//! planted on purpose and the run fails if no seed catches it.
 
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use replication::sim::{run_seed, PlantedBug};
+use replication::sim::{run_seed, Failure, PlantedBug};
 
 struct Args {
     seed: Option<u64>,
@@ -18,10 +22,11 @@ struct Args {
     time_box: Option<Duration>,
     bug: Option<PlantedBug>,
     verbose: bool,
+    jobs: usize,
 }
 
 fn parse() -> Result<Args, String> {
-    let mut a = Args { seed: None, seeds: 100, from: 1, time_box: None, bug: None, verbose: false };
+    let mut a = Args { seed: None, seeds: 100, from: 1, time_box: None, bug: None, verbose: false, jobs: 0 };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         let mut value = |name: &str| it.next().ok_or_else(|| format!("{name} needs a value"));
@@ -41,9 +46,10 @@ fn parse() -> Result<Args, String> {
                     other => return Err(format!("unknown bug {other:?} (ack-early, skip-dirty-persist, skip-reconcile)")),
                 })
             }
+            "--jobs" => a.jobs = value("--jobs")?.parse().map_err(|e| format!("--jobs: {e}"))?,
             "--verbose" => a.verbose = true,
             "-h" | "--help" => {
-                println!("usage: hcblk-sim --seed N [--verbose] | --seeds COUNT [--from S] [--time-box SECONDS] [--bug ack-early|skip-dirty-persist|skip-reconcile]");
+                println!("usage: hcblk-sim --seed N [--verbose] | --seeds COUNT [--from S] [--jobs N] [--time-box SECONDS] [--bug ack-early|skip-dirty-persist|skip-reconcile]");
                 std::process::exit(0);
             }
             other => return Err(format!("unknown argument {other:?}")),
@@ -75,38 +81,78 @@ fn main() -> ExitCode {
         };
     }
     let start = Instant::now();
-    let mut ran = 0u64;
-    let (mut acked, mut reads, mut crashes, mut syncs, mut unrecoverable) = (0u64, 0u64, 0u64, 0u64, 0u64);
-    for seed in args.from..args.from + args.seeds {
-        if args.time_box.is_some_and(|t| start.elapsed() > t) {
-            break;
+    let jobs = if args.jobs > 0 { args.jobs } else { std::thread::available_parallelism().map_or(1, |n| n.get()) };
+    let next = AtomicU64::new(args.from);
+    let stop = AtomicBool::new(false);
+    let totals = Mutex::new(Totals::default());
+    let failures: Mutex<Vec<Failure>> = Mutex::new(Vec::new());
+    let end = args.from + args.seeds;
+    std::thread::scope(|scope| {
+        for _ in 0..jobs {
+            scope.spawn(|| loop {
+                if stop.load(Ordering::Relaxed) || args.time_box.is_some_and(|t| start.elapsed() > t) {
+                    return;
+                }
+                let seed = next.fetch_add(1, Ordering::Relaxed);
+                if seed >= end {
+                    return;
+                }
+                let result = run_seed(seed, args.bug, false);
+                let mut t = totals.lock().unwrap_or_else(|e| e.into_inner());
+                t.ran += 1;
+                match result {
+                    Ok(o) => {
+                        t.acked += o.model.writes_acked;
+                        t.reads += o.model.reads_checked;
+                        t.crashes += o.crashes;
+                        t.syncs += o.syncs;
+                        t.unrecoverable += u64::from(o.unrecoverable);
+                    }
+                    Err(f) => {
+                        failures.lock().unwrap_or_else(|e| e.into_inner()).push(f);
+                        stop.store(true, Ordering::Relaxed);
+                    }
+                }
+            });
         }
-        ran += 1;
-        match run_seed(seed, args.bug, false) {
-            Ok(o) => {
-                acked += o.model.writes_acked;
-                reads += o.model.reads_checked;
-                crashes += o.crashes;
-                syncs += o.syncs;
-                unrecoverable += u64::from(o.unrecoverable);
-            }
-            Err(f) if args.bug.is_some() => {
-                println!("planted bug {:?} caught by seed {seed} after {ran} seeds: {}", args.bug, f.what);
-                return ExitCode::SUCCESS;
-            }
-            Err(f) => {
-                println!("{f}");
-                return ExitCode::FAILURE;
-            }
+    });
+    let t = totals.into_inner().unwrap_or_else(|e| e.into_inner());
+    let mut failures = failures.into_inner().unwrap_or_else(|e| e.into_inner());
+    failures.sort_by_key(|f| f.seed);
+    if let Some(f) = failures.into_iter().next() {
+        if args.bug.is_some() {
+            println!("planted bug {:?} caught by seed {} after {} seeds: {}", args.bug, f.seed, t.ran, f.what);
+            return ExitCode::SUCCESS;
         }
-    }
-    if args.bug.is_some() {
-        println!("planted bug {:?} NOT caught in {ran} seeds", args.bug);
+        println!("{f}");
         return ExitCode::FAILURE;
     }
-    println!("{ran} seeds passed in {:.1} s ({acked} writes acknowledged, {reads} reads checked, {crashes} crashes, {syncs} resyncs; {unrecoverable} ended with an extent lost for good)", start.elapsed().as_secs_f64());
-    if ran < args.seeds {
-        println!("(time box reached before all {} seeds)", args.seeds);
+    if args.bug.is_some() {
+        println!("planted bug {:?} NOT caught in {} seeds", args.bug, t.ran);
+        return ExitCode::FAILURE;
+    }
+    println!(
+        "{} seeds passed in {:.1} s on {jobs} threads ({} writes acknowledged, {} reads checked, {} crashes, {} resyncs; {} ended with an extent lost for good)",
+        t.ran,
+        start.elapsed().as_secs_f64(),
+        t.acked,
+        t.reads,
+        t.crashes,
+        t.syncs,
+        t.unrecoverable
+    );
+    if t.ran < args.seeds {
+        println!("(time box reached after {} of {} seeds)", t.ran, args.seeds);
     }
     ExitCode::SUCCESS
+}
+
+#[derive(Default)]
+struct Totals {
+    ran: u64,
+    acked: u64,
+    reads: u64,
+    crashes: u64,
+    syncs: u64,
+    unrecoverable: u64,
 }

@@ -245,7 +245,9 @@ enum EtcdAnswer {
 enum Ev {
     Net(Msg),
     DiskDone { node: usize, inc: u64, op: OpId, result: DiskResult },
-    Persisted { node: usize, inc: u64, volume: u64, version: u64, record: Vec<u8> },
+    /// A state record write finished: `result` decides whether it reached the disk (a full
+    /// disk refuses it; an I/O error stops the daemon, as the driver aborts rather than lie).
+    Persisted { node: usize, inc: u64, volume: u64, version: u64, record: Vec<u8>, result: DiskResult },
     EtcdAt { node: usize, who: Who, req: EtcdReq },
     EtcdReply { node: usize, who: Who, answer: EtcdAnswer },
     OwnerTick { node: usize, instance: u64 },
@@ -531,8 +533,9 @@ impl Sim {
                 self.etcd_request(i, Who::Replica(inc), EtcdReq::ReadById);
             }
             ReplicaAction::Persist { volume, version, state } => {
+                let result = if self.nodes[i].disk.full_until > self.now { DiskResult::NoSpace } else { self.disk_result(i) };
                 let d = self.disk_latency(i);
-                self.after(d, Ev::Persisted { node: i, inc, volume, version, record: state.encode() });
+                self.after(d, Ev::Persisted { node: i, inc, volume, version, record: state.encode(), result });
             }
             ReplicaAction::Pull { op } => {
                 let Some(rop) = self.nodes[i].ops.get(&op) else { return };
@@ -1148,13 +1151,30 @@ impl Sim {
                 }
                 self.replica_actions(node);
             }
-            Ev::Persisted { node, inc, volume, version, record } => {
+            Ev::Persisted { node, inc, volume, version, record, result } => {
                 if !self.live(node, inc) {
                     return;
                 }
-                self.nodes[node].disk.record = Some(record);
-                if let Some(r) = self.nodes[node].replica.as_mut() {
-                    r.on_persisted(volume, version);
+                match result {
+                    DiskResult::Ok => {
+                        self.nodes[node].disk.record = Some(record);
+                        if let Some(r) = self.nodes[node].replica.as_mut() {
+                            r.on_persisted(volume, version);
+                        }
+                    }
+                    DiskResult::NoSpace => {
+                        self.log(format!("{}: state record refused, disk full", self.nodes[node].name));
+                        if let Some(r) = self.nodes[node].replica.as_mut() {
+                            r.on_persist_failed(volume, result);
+                        }
+                    }
+                    DiskResult::IoError => {
+                        self.log(format!("{}: state record write failed: the daemon stops", self.nodes[node].name));
+                        self.crash(node);
+                        let d = self.rng.range(50, 600) * MS;
+                        self.after(d, Ev::Restart { node });
+                        return;
+                    }
                 }
                 self.replica_actions(node);
             }
