@@ -42,6 +42,7 @@ fn start_member(node: &mut Node, meta: &Arc<MemoryMeta>) {
         transport: transport(&node.name),
         kind: proto::TransportKind::Tcp,
         meta: Arc::clone(meta) as Arc<dyn MetaStore>,
+        staging_bytes: 8 << 20,
     })
     .expect("start replica service");
     node.port = members.listen_addr().port();
@@ -108,33 +109,41 @@ fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
+fn attach(node: &Node, meta: &Arc<MemoryMeta>) -> Result<Arc<ReplicatedVolume>, backend::replicated::AttachError> {
+    let mut owner = OwnerConfig::new(&node.name, "vol");
+    owner.io_timeout = 2_000_000_000;
+    owner.probe_interval = 200_000_000;
+    owner.meta_poll = 200_000_000;
+    owner.nodes_poll = 200_000_000;
+    owner.clean_after = 500_000_000;
+    ReplicatedVolume::attach(AttachConfig {
+        node: node.name.clone(),
+        volume: "vol".into(),
+        meta: Arc::clone(meta) as Arc<dyn MetaStore>,
+        members: Arc::clone(node.members.as_ref().unwrap()),
+        transport: transport(&node.name),
+        kind: proto::TransportKind::Tcp,
+        owner,
+        lease: None,
+        attach_timeout: Duration::from_secs(20),
+    })
+}
+
+fn cluster(names: &[&str], meta: &Arc<MemoryMeta>) -> Vec<Node> {
+    let mut nodes: Vec<Node> = names.iter().map(|n| Node { name: (*n).into(), dir: tempfile::tempdir().unwrap(), members: None, port: 0 }).collect();
+    for node in &mut nodes {
+        start_member(node, meta);
+    }
+    nodes
+}
+
 #[test]
 fn replicated_writes_reach_every_replica_and_survive_a_member_restart() {
     common::with_watchdog(Duration::from_secs(180), || {
         let meta = Arc::new(MemoryMeta::new());
-        let mut nodes: Vec<Node> = ["n1", "n2", "n3"].iter().map(|n| Node { name: (*n).into(), dir: tempfile::tempdir().unwrap(), members: None, port: 0 }).collect();
-        for node in &mut nodes {
-            start_member(node, &meta);
-        }
+        let mut nodes = cluster(&["n1", "n2", "n3"], &meta);
         meta.put_volume(volume_meta());
-        let mut owner = OwnerConfig::new("n1", "vol");
-        owner.io_timeout = 2_000_000_000;
-        owner.probe_interval = 200_000_000;
-        owner.meta_poll = 200_000_000;
-        owner.nodes_poll = 200_000_000;
-        owner.clean_after = 500_000_000;
-        let volume = ReplicatedVolume::attach(AttachConfig {
-            node: "n1".into(),
-            volume: "vol".into(),
-            meta: Arc::clone(&meta) as Arc<dyn MetaStore>,
-            members: Arc::clone(nodes[0].members.as_ref().unwrap()),
-            transport: transport("n1"),
-            kind: proto::TransportKind::Tcp,
-            owner,
-            lease: None,
-            attach_timeout: Duration::from_secs(20),
-        })
-        .expect("attach");
+        let volume = attach(&nodes[0], &meta).expect("attach");
         assert_eq!(meta.volume("vol").unwrap().owner.as_deref(), Some("n1"));
         let fixture = Fixture::new();
         let export = fixture.export(Arc::clone(&volume), 1, PollMode::Adaptive);
@@ -176,6 +185,65 @@ fn replicated_writes_reach_every_replica_and_survive_a_member_restart() {
         drop(client);
         export.stop();
         volume.detach(Duration::from_secs(10)).expect("detach");
+        assert_eq!(meta.volume("vol").unwrap().owner, None);
+    });
+}
+
+/// The VM moves to a node that holds no replica while its old owner still runs: the old
+/// owner is fenced (its guest gets errors, never stale data), the new one reads what the old
+/// one acknowledged from remote members and its writes reach every replica.
+#[test]
+fn a_new_owner_fences_the_old_one_and_reads_remote_replicas() {
+    common::with_watchdog(Duration::from_secs(180), || {
+        let meta = Arc::new(MemoryMeta::new());
+        let nodes = cluster(&["n1", "n2", "n3", "n4"], &meta);
+        meta.put_volume(volume_meta());
+
+        let old = attach(&nodes[0], &meta).expect("attach on n1");
+        let fixture1 = Fixture::new();
+        let export1 = fixture1.export(Arc::clone(&old), 1, PollMode::Adaptive);
+        let mut guest1 = Client::connect(&fixture1.socket, 1, 1 << 20);
+        let (a_off, a_len) = (5 * MIB, 256 << 10);
+        guest1.buf()[..a_len].copy_from_slice(&pattern(a_off, a_len, 0xa1));
+        assert_eq!(guest1.write(0, a_off, 0, a_len), 0, "write on n1");
+
+        // n4 takes the volume over (a VM restarted there; its owner does not wait for n1).
+        let new = attach(&nodes[3], &meta).expect("attach on n4");
+        assert_eq!(meta.volume("vol").unwrap().owner.as_deref(), Some("n4"));
+        assert!(meta.volume("vol").unwrap().extents.iter().all(|e| e.member("n4").is_none()), "n4 holds no replica");
+
+        // The old owner learns it lost the volume on its first write to any member.
+        guest1.buf()[..4096].copy_from_slice(&pattern(0, 4096, 0xee));
+        assert_ne!(guest1.write(0, 0, 0, 4096), 0, "a fenced owner's write must fail");
+        wait_until("n1 is fenced", Duration::from_secs(10), || old.status().phase.starts_with("fenced"));
+        assert_ne!(guest1.read(0, a_off, 0, 4096), 0, "a fenced owner serves no reads");
+
+        let fixture4 = Fixture::new();
+        let export4 = fixture4.export(Arc::clone(&new), 1, PollMode::Adaptive);
+        let mut guest4 = Client::connect(&fixture4.socket, 1, 1 << 20);
+        guest4.buf()[..a_len].fill(0);
+        assert_eq!(guest4.read(0, a_off, 0, a_len), 0, "remote read on n4");
+        assert!(guest4.buf()[..a_len] == pattern(a_off, a_len, 0xa1)[..], "n4 reads what n1 acknowledged");
+        guest4.buf()[..4096].fill(0xff);
+        assert_eq!(guest4.read(0, 0, 0, 4096), 0);
+        assert!(guest4.buf()[..4096].iter().all(|&b| b == 0), "the fenced write reached no replica");
+
+        let (b_off, b_len) = (EXTENT * 2 + 12288, 128 << 10);
+        guest4.buf()[..b_len].copy_from_slice(&pattern(b_off, b_len, 0xb4));
+        assert_eq!(guest4.write(0, b_off, 0, b_len), 0, "write on n4");
+        for node in &nodes[..3] {
+            assert!(read_file(&replica_file(node), b_off, b_len) == pattern(b_off, b_len, 0xb4), "replica {} has n4's write", node.name);
+            assert!(read_file(&replica_file(node), 0, 4096).iter().all(|&b| b == 0), "replica {} never saw the fenced write", node.name);
+        }
+        assert!(!replica_file(&nodes[3]).exists(), "n4 keeps no data of a volume it holds no replica of");
+
+        drop(guest1);
+        export1.stop();
+        assert!(old.detach(Duration::from_secs(5)).is_err() || meta.volume("vol").unwrap().owner.as_deref() == Some("n4"), "a fenced owner cannot release n4's claim");
+        assert_eq!(meta.volume("vol").unwrap().owner.as_deref(), Some("n4"));
+        drop(guest4);
+        export4.stop();
+        new.detach(Duration::from_secs(10)).expect("detach n4");
         assert_eq!(meta.volume("vol").unwrap().owner, None);
     });
 }

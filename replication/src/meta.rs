@@ -168,6 +168,9 @@ impl VolumeMeta {
         if !self.region_bytes.is_power_of_two() || self.region_bytes < u64::from(self.block_size) {
             return Err(format!("region size {} is not a power of two >= the block size", self.region_bytes));
         }
+        if self.region_bytes > u64::from(crate::msg::TRANSFER_MAX) {
+            return Err(format!("region size {} is larger than the {} bytes one transfer moves", self.region_bytes, crate::msg::TRANSFER_MAX));
+        }
         if !self.extent_bytes.is_power_of_two() || self.extent_bytes < self.region_bytes {
             return Err(format!("extent size {} is not a power of two >= the region size", self.extent_bytes));
         }

@@ -13,6 +13,15 @@ pub type NodeId = u64;
 /// numbers only grow, across owners too.
 pub type Seq = u64;
 
+/// The most bytes one READ or WRITE moves: owners cut guest requests into pieces no larger,
+/// replicas refuse larger ones (their staging buffers are sized from it), and a region — the
+/// unit resync copies — is no larger either.
+pub const TRANSFER_MAX: u32 = 4 << 20;
+
+/// The alignment of every data request's offset and length (the sector): replicas write with
+/// O_DIRECT and refuse anything else rather than fail the disk request.
+pub const SECTOR: u64 = 512;
+
 /// Bits of a [`Seq`] below the generation.
 pub const SEQ_GENERATION_SHIFT: u32 = 40;
 

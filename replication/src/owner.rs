@@ -68,7 +68,7 @@ pub struct OwnerConfig {
     pub copy_bytes_per_s: u64,
     /// Writes up to this size carry their data inline in the descriptor. Default 32 KiB.
     pub inline_max: u32,
-    /// Largest piece sent as one descriptor (the wire's MAX_IO_LEN). Default 16 MiB.
+    /// Largest piece sent as one descriptor; at most (and by default) [`crate::msg::TRANSFER_MAX`].
     pub piece_max: u64,
     /// Requests to replicas in flight at most; more wait. Default 4096.
     pub inflight_max: usize,
@@ -90,7 +90,7 @@ impl OwnerConfig {
             copy_slots: 4,
             copy_bytes_per_s: 64 << 20,
             inline_max: 32 << 10,
-            piece_max: 16 << 20,
+            piece_max: u64::from(crate::msg::TRANSFER_MAX),
             inflight_max: 4096,
         }
     }
@@ -580,7 +580,9 @@ impl Owner {
             // Not claimed yet: keep it until attach finishes.
             return self.queue_guest(id, op, offset, len);
         };
-        let bad_range = op != GuestOp::Flush && (len == 0 || offset.checked_add(len).is_none_or(|end| end > meta.size_bytes));
+        let sector = crate::msg::SECTOR;
+        let bad_range = op != GuestOp::Flush
+            && (len == 0 || !offset.is_multiple_of(sector) || !len.is_multiple_of(sector) || offset.checked_add(len).is_none_or(|end| end > meta.size_bytes));
         let read_only = meta.read_only && !matches!(op, GuestOp::Read | GuestOp::Flush);
         if bad_range || read_only {
             self.actions.push_back(OwnerAction::Complete { id, status: GuestStatus::IoError });
@@ -606,7 +608,7 @@ impl Owner {
             while at < end {
                 let extent = (at / meta.extent_bytes) as u32;
                 let extent_end = (u64::from(extent) + 1) * meta.extent_bytes;
-                let n = (end.min(extent_end) - at).min(self.cfg.piece_max);
+                let n = (end.min(extent_end) - at).min(self.cfg.piece_max.min(u64::from(crate::msg::TRANSFER_MAX)));
                 cuts.push((extent, at, n, at - offset));
                 at += n;
             }

@@ -359,7 +359,14 @@ impl Replica {
             let start = u64::from(extent) * vol.state.extent_bytes;
             let end = (start + vol.state.extent_bytes).min(vol.state.size_bytes);
             let Some(req_end) = offset.checked_add(len) else { return self.done(from, op, seq, Status::BadRequest) };
-            if offset < start || req_end > end || (len == 0 && !matches!(request, Request::ClearDirty { .. })) {
+            let data = matches!(request, Request::Write { .. } | Request::Read { .. });
+            let misaligned = !offset.is_multiple_of(crate::msg::SECTOR) || !len.is_multiple_of(crate::msg::SECTOR);
+            if offset < start
+                || req_end > end
+                || (len == 0 && !matches!(request, Request::ClearDirty { .. }))
+                || (data && len > u64::from(crate::msg::TRANSFER_MAX))
+                || misaligned
+            {
                 return self.done(from, op, seq, Status::BadRequest);
             }
         }

@@ -50,6 +50,14 @@ pub struct MemberConfig {
     /// `Tcp` or `Rdma`, already resolved.
     pub kind: proto::TransportKind,
     pub meta: Arc<dyn MetaStore>,
+    /// Hugepage staging memory for the data of peers' requests: pulled writes and reads on
+    /// their way out; at least two of the largest transfers ([`MemberConfig::STAGING_DEFAULT`]).
+    pub staging_bytes: usize,
+}
+
+impl MemberConfig {
+    /// 32 MiB: eight of the largest transfers in flight at once.
+    pub const STAGING_DEFAULT: usize = 32 << 20;
 }
 
 #[derive(Debug, thiserror::Error)]

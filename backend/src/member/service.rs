@@ -27,7 +27,6 @@ use super::wire::{reply_to_wire, request_from_wire};
 use super::{Core, Inbox, MemberConfig, MemberError, REMOTE_ORIGIN};
 
 /// The pool remote requests' data moves through. A descriptor carries at most 16 MiB.
-const POOL_BYTES: usize = 32 << 20;
 const CHUNK_BYTES: usize = 64 << 10;
 /// Requests one volume's disk queue takes at once.
 const DISK_DEPTH: u32 = 256;
@@ -121,7 +120,9 @@ enum Acceptor {
 impl Service {
     pub(crate) fn bind(core: Arc<Core>, config: &MemberConfig) -> Result<(Self, SocketAddr), MemberError> {
         let registry = Arc::new(Registry::new());
-        let buf = HugeBuffer::new(POOL_BYTES)?;
+        let transfer_max = replication::msg::TRANSFER_MAX as usize;
+        let bytes = config.staging_bytes.max(2 * transfer_max).next_multiple_of(2 << 20);
+        let buf = HugeBuffer::new(bytes)?;
         // SAFETY: the buffer is owned by the pool, which lives in the service as long as the
         // registry's endpoints (the service drops its connections before the pool, field
         // order in `Service` aside: `stop` clears `conns` first), and is only reached through

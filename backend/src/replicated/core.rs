@@ -22,8 +22,39 @@ use crate::member::wire::{reply_from_wire, request_to_wire};
 use crate::member::LocalMember;
 
 /// Iovecs one chunk of a guest request may have: a descriptor carries at most 128 remote
-/// segments, and a piece of a chunk never has more pieces than the chunk.
+/// segments, and a piece of a chunk never has more segments than the chunk.
 const CHUNK_IOVECS: usize = proto::wire::MAX_SEGMENTS;
+
+/// Bytes one chunk of a guest request may carry (what one descriptor may move).
+const TRANSFER_MAX: u64 = replication::msg::TRANSFER_MAX as u64;
+
+/// Cuts a guest request's iovecs into `(first_iov, iov_count, offset, len)` chunks of at most
+/// CHUNK_IOVECS iovecs and TRANSFER_MAX bytes, each starting on a sector; `None` if a cut
+/// would fall inside a sector or one iovec is larger than a chunk.
+fn chunks(iov: &[libc::iovec], mut offset: u64) -> Option<Vec<(u32, u32, u64, u64)>> {
+    let mut cuts = Vec::new();
+    let (mut first, mut count, mut len) = (0usize, 0usize, 0u64);
+    for (i, v) in iov.iter().enumerate() {
+        let n = v.iov_len as u64;
+        if n > TRANSFER_MAX {
+            return None;
+        }
+        if count == CHUNK_IOVECS || len + n > TRANSFER_MAX {
+            if !len.is_multiple_of(replication::msg::SECTOR) {
+                return None;
+            }
+            cuts.push((first as u32, count as u32, offset, len));
+            offset += len;
+            (first, count, len) = (i, 0, 0);
+        }
+        count += 1;
+        len += n;
+    }
+    if count > 0 {
+        cuts.push((first as u32, count as u32, offset, len));
+    }
+    Some(cuts)
+}
 
 /// A guest request from the poller, split into chunks the owner takes as separate requests.
 struct GuestReq {
@@ -158,16 +189,22 @@ impl Core {
         };
         let parent = (u64::from(queue) << 48) | (request.user_data & ((1 << 48) - 1));
         let data = matches!(op, GuestOp::Read | GuestOp::Write { .. });
-        // Cut at CHUNK_IOVECS iovecs, so every descriptor fits the wire.
+        // Cut into chunks of at most CHUNK_IOVECS iovecs and TRANSFER_MAX bytes, so every
+        // piece fits one descriptor; the owner cuts them further at extent boundaries.
         let mut cuts: Vec<(u32, u32, u64, u64)> = Vec::new();
-        if data && request.iov_count as usize > CHUNK_IOVECS {
+        if data && (request.iov_count as usize > CHUNK_IOVECS || request.len_bytes > TRANSFER_MAX) {
             // SAFETY: the caller's contract: `iov` points at `iov_count` valid iovecs.
             let iov = unsafe { std::slice::from_raw_parts(request.iov, request.iov_count as usize) };
-            let mut offset = request.offset_bytes;
-            for (i, group) in iov.chunks(CHUNK_IOVECS).enumerate() {
-                let len: u64 = group.iter().map(|v| v.iov_len as u64).sum();
-                cuts.push(((i * CHUNK_IOVECS) as u32, group.len() as u32, offset, len));
-                offset += len;
+            match chunks(iov, request.offset_bytes) {
+                Some(c) => cuts = c,
+                None => {
+                    // A chunk boundary inside a sector: only a guest with odd-sized buffers
+                    // gets here; the request fails, the replicas never see it.
+                    tracing::debug!(volume = %self.volume, "guest request cannot be cut on sector boundaries: refused");
+                    self.completions.entry(queue).or_default().push_back(IoCompletion { user_data: request.user_data, status: IoStatus::IoError(libc::EINVAL) });
+                    self.signal();
+                    return;
+                }
             }
         } else {
             cuts.push((0, request.iov_count, request.offset_bytes, request.len_bytes));
@@ -487,6 +524,11 @@ impl Core {
         let g = self.guests.remove(&chunk.parent).expect("present");
         let status = if g.failed { IoStatus::IoError(libc::EIO) } else { IoStatus::Ok };
         self.completions.entry(g.queue).or_default().push_back(IoCompletion { user_data: g.user_data, status });
+        self.signal();
+    }
+
+    /// Wakes the poller: a completion is ready.
+    fn signal(&self) {
         let one: u64 = 1;
         // SAFETY: writes 8 bytes from a live local to the eventfd this core owns.
         let _ = unsafe { libc::write(self.eventfd, (&one as *const u64).cast(), 8) };
@@ -516,5 +558,32 @@ impl Core {
     pub(crate) fn close_connector(&mut self) {
         let (dead, _) = mpsc::channel();
         self.connect_jobs = dead;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn iovs(lens: &[usize]) -> Vec<libc::iovec> {
+        lens.iter().map(|&n| libc::iovec { iov_base: std::ptr::null_mut(), iov_len: n }).collect()
+    }
+
+    #[test]
+    fn chunks_respect_segment_and_byte_bounds() {
+        let v = iovs(&vec![4096; 300]);
+        let c = chunks(&v, 1 << 20).unwrap();
+        assert_eq!(c, vec![(0, 128, 1 << 20, 128 * 4096), (128, 128, (1 << 20) + 128 * 4096, 128 * 4096), (256, 44, (1 << 20) + 256 * 4096, 44 * 4096)]);
+        let v = iovs(&[3 << 20, 2 << 20, 4 << 20]);
+        assert_eq!(chunks(&v, 0).unwrap(), vec![(0, 1, 0, 3 << 20), (1, 1, 3 << 20, 2 << 20), (2, 1, 5 << 20, 4 << 20)]);
+    }
+
+    #[test]
+    fn a_cut_inside_a_sector_is_refused() {
+        let mut lens = vec![4096; 127];
+        lens.push(100);
+        lens.push(412);
+        assert!(chunks(&iovs(&lens), 0).is_none());
+        assert!(chunks(&iovs(&[(4 << 20) + 512]), 0).is_none());
     }
 }

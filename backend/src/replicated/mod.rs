@@ -292,7 +292,9 @@ impl ReplicatedVolume {
         }
         let deadline = Instant::now() + timeout;
         loop {
-            match self.shared.lock().phase().clone() {
+            // Bound first: a guard in the match scrutinee would live through the arms.
+            let phase = self.shared.lock().phase().clone();
+            match phase {
                 Phase::Detached => break,
                 Phase::Fenced(reason) => {
                     self.stop_threads();
