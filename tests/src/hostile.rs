@@ -410,14 +410,14 @@ pub fn drive(conn: &mut HostileConn, m: &Message, payload: &[u8], mem: &mut Memo
             }
             Received::Frame(Message::DataWrite(w), data) => {
                 d.data_writes += 1;
-                let status = match mem.window(w.addr, w.len) {
+                let (status, len) = match mem.window(w.addr, w.len) {
                     Some(win) => {
                         mem.bytes[win].copy_from_slice(&data);
-                        Status::Ok
+                        (Status::Ok, w.len)
                     }
-                    None => Status::AccessDenied,
+                    None => (Status::AccessDenied, 0),
                 };
-                conn.send(&Message::DataWriteAck(DataResp { op_id: w.op_id, status, len: 0 }))?;
+                conn.send(&Message::DataWriteAck(DataResp { op_id: w.op_id, status, len }))?;
             }
             Received::Frame(Message::Error(e), _) => {
                 error.get_or_insert((e.code, e.text.clone()));
