@@ -200,7 +200,12 @@ fn require_file(path: &Path, what: &str) -> Result<()> {
 
 /// Polls `f` every 100 ms until it returns `Ok(Some(value))` or `timeout` passes. `Err`s are
 /// remembered (the last one is part of the timeout error) and polling goes on.
-pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Result<Option<T>>) -> Result<T> {
+pub fn wait_for<T>(timeout: Duration, what: &str, f: impl FnMut() -> Result<Option<T>>) -> Result<T> {
+    wait_for_every(timeout, Duration::from_millis(100), what, f)
+}
+
+/// [`wait_for`] polling every `interval` (for probes that cost a process spawn).
+pub fn wait_for_every<T>(timeout: Duration, interval: Duration, what: &str, mut f: impl FnMut() -> Result<Option<T>>) -> Result<T> {
     let start = Instant::now();
     let mut last_err = None;
     loop {
@@ -215,7 +220,7 @@ pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Result<
                 None => anyhow!("timed out after {timeout:?} waiting for {what}"),
             });
         }
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(interval);
     }
 }
 
@@ -707,6 +712,20 @@ impl Cluster {
         }
         let v = String::from_utf8_lossy(&out.stdout).trim_end_matches('\n').to_owned();
         Ok((!v.is_empty()).then_some(v))
+    }
+
+    /// `etcdctl put KEY VALUE` in etcd's namespace (to inject documents in tests of the tools;
+    /// the daemons own every key under [`ETCD_PREFIX`]).
+    pub fn etcd_put(&self, key: &str, value: &str) -> Result<()> {
+        let mut c = self.net.command("etcd", "etcdctl");
+        c.env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", self.etcd_endpoint()))
+            .args(["--command-timeout=5s", "put", key, value]);
+        let out = output_within(c, Duration::from_secs(15), &format!("etcdctl put {key}"))?;
+        if !out.status.success() {
+            bail!("etcdctl put {key} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(())
     }
 
     /// The volume's document in etcd (`/hcblk/v1/volumes/NAME`), the authority on owner,

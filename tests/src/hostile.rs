@@ -43,6 +43,8 @@ pub struct Identity {
 }
 
 /// One thing read from the target.
+// Matched by value all over the tests; a test reads a few thousand frames at most.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Received {
     /// A frame and the payload that followed it (data frames, inline WRITEs).

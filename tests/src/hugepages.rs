@@ -35,7 +35,7 @@ pub fn pool() -> Result<(u64, u64)> {
         meminfo
             .lines()
             .find_map(|l| l.strip_prefix(name))
-            .and_then(|rest| rest.trim().split_whitespace().next())
+            .and_then(|rest| rest.split_whitespace().next())
             .and_then(|n| n.parse::<u64>().ok())
     };
     match (field("HugePages_Total:"), field("HugePages_Free:")) {

@@ -7,5 +7,6 @@ pub mod hostile;
 pub mod hugepages;
 pub mod netns;
 pub mod replicas;
+pub mod scenario;
 pub mod verify;
 pub mod wire_peer;

@@ -202,6 +202,18 @@ impl Ledger {
         Some((self.done[i], unknown))
     }
 
+    /// A copy without the unknown outcomes of writes numbered above `seq`: for a client whose
+    /// later writes must not have landed anywhere (an old owner cut off from every replica
+    /// before it started them), so that finding one of them is a failure.
+    pub fn forget_unknown_after(&self, seq: u64) -> Ledger {
+        let mut l = self.clone();
+        for v in l.uncertain.values_mut() {
+            v.retain(|&s| s <= seq);
+        }
+        l.uncertain.retain(|_, v| !v.is_empty());
+        l
+    }
+
     /// Blocks with a completed write.
     pub fn written_blocks(&self) -> u64 {
         self.done.iter().filter(|&&s| s != 0).count() as u64
@@ -515,7 +527,14 @@ pub struct Workload {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<(BlkClient, WorkloadReport)>>,
     started: Instant,
-    progress: Arc<std::sync::atomic::AtomicU64>,
+    progress: Arc<Progress>,
+}
+
+/// What the workload thread publishes while it runs.
+#[derive(Default)]
+struct Progress {
+    writes_ok: std::sync::atomic::AtomicU64,
+    last_seq: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Clone, Copy)]
@@ -645,7 +664,7 @@ impl Runner {
         }
     }
 
-    fn run(&mut self, c: &mut BlkClient, stop: &AtomicBool, progress: &std::sync::atomic::AtomicU64) {
+    fn run(&mut self, c: &mut BlkClient, stop: &AtomicBool, progress: &Progress) {
         let mut got = Vec::new();
         let mut draining_since: Option<Instant> = None;
         loop {
@@ -689,6 +708,7 @@ impl Runner {
                     }
                     let Some(first) = self.pick() else { break };
                     self.start_write(c, slot, first);
+                    progress.last_seq.store(self.next_seq - 1, Ordering::Release);
                 }
             }
             let wait = if self.outstanding == 0 { Duration::from_millis(5) } else { Duration::from_millis(200) };
@@ -708,7 +728,7 @@ impl Runner {
             for &(slot, ret) in &got {
                 self.complete(slot, ret);
             }
-            progress.store(self.report.writes_ok, Ordering::Relaxed);
+            progress.writes_ok.store(self.report.writes_ok, Ordering::Relaxed);
             if self.outstanding > 0 && now - self.last_event > self.cfg.stall_limit {
                 self.report.stalled = true;
                 break;
@@ -736,7 +756,7 @@ impl Workload {
         let end = (cfg.first_block + cfg.blocks) * BLOCK as u64;
         ensure!(end <= client.capacity, "range ends at {end}, beyond the device's {} bytes", client.capacity);
         let stop = Arc::new(AtomicBool::new(false));
-        let progress = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let progress = Arc::new(Progress::default());
         let started = Instant::now();
         let (stop2, progress2) = (stop.clone(), progress.clone());
         let thread = std::thread::Builder::new()
@@ -779,7 +799,13 @@ impl Workload {
 
     /// Writes completed successfully so far.
     pub fn writes_ok(&self) -> u64 {
-        self.progress.load(Ordering::Relaxed)
+        self.progress.writes_ok.load(Ordering::Relaxed)
+    }
+
+    /// The number of the last write started so far (0: none): every write started after this
+    /// call has a larger one.
+    pub fn last_seq_started(&self) -> u64 {
+        self.progress.last_seq.load(Ordering::Acquire)
     }
 
     pub fn elapsed(&self) -> Duration {
@@ -868,7 +894,7 @@ pub fn verify(client: &mut BlkClient, ledgers: &[&Ledger], first_block: u64, blo
     let start = Instant::now();
     let mut r = VerifyReport::default();
     let per_read = (client.slot_bytes / BLOCK) as u64;
-    let per_read = per_read.min(VERIFY_CHUNK_BLOCKS).max(1);
+    let per_read = per_read.clamp(1, VERIFY_CHUNK_BLOCKS);
     let end = first_block + blocks;
     ensure!(end * BLOCK as u64 <= client.capacity, "verify range ends beyond the device");
     let mut b = first_block;
@@ -997,6 +1023,10 @@ mod tests {
         assert_eq!(acceptable(&[&a, &b], 0, &Observed::Zero), vec![w(1, 5)]);
         // Out of a ledger's range: not its business.
         assert_eq!(acceptable(&[&a], 100, &Observed::Zero), vec![Observed::Zero]);
+        // Unknown writes after a cut-off are forgotten: finding them is a failure.
+        let strict = a.forget_unknown_after(9);
+        assert_eq!(acceptable(&[&strict], 1, &Observed::Zero), vec![w(1, 6), w(1, 9)]);
+        assert_eq!(acceptable(&[&strict], 2, &Observed::Zero), vec![Observed::Zero]);
         // A later completion clears what was unknown before it.
         a.completed(2, 11);
         assert_eq!(acceptable(&[&a], 2, &Observed::Zero), vec![w(1, 11)]);

@@ -15,7 +15,8 @@ use hcblk_tests::cluster_fixture::{rss_kib, Cluster, ClusterOptions, DaemonMode}
 use hcblk_tests::guest::flip_bytes_in_file;
 use hcblk_tests::hostile::{self, DriveOutcome, HandshakeOutcome, Identity, Memory, ReadPolicy};
 use hcblk_tests::netns::Child;
-use hcblk_tests::verify::{fill_block, verify, verify_file, BlkClient, Observed, Workload, WorkloadConfig, BLOCK};
+use hcblk_tests::scenario;
+use hcblk_tests::verify::{fill_block, verify, verify_file, BlkClient, Ledger, Observed, Workload, WorkloadConfig, BLOCK};
 use hcblk_tests::wire_peer::pattern;
 use proto::auth::Secret;
 use proto::tcp::{ERR_AUTH, ERR_CLUSTER, ERR_PROTOCOL, ERR_VERSION, MAX_PENDING_HANDSHAKES};
@@ -142,6 +143,95 @@ fn verifying_client_against_a_standalone_volume() -> Result<()> {
         ensure!(r.mismatch_count == 3 && bad == vec![flip, lost, foreign], "expected exactly the three damaged blocks, got {:?}", r.mismatches);
         let text = r.ensure_ok().unwrap_err().to_string();
         ensure!(text.contains("checksum") && text.contains("holds zeros") && text.contains(&format!("write {}", done + 1_000_000)), "{text}");
+        Ok(())
+    })
+}
+
+/// The scenario steps that need no cluster-mode daemon, against documents injected into the
+/// fixture's etcd and replica files laid out as the daemons will lay them out.
+#[test]
+fn scenario_checks_against_injected_volume_documents() -> Result<()> {
+    use replication::{ExtentMeta, Member, MemberState, VolumeMeta};
+    let mut c = Cluster::start_with(ClusterOptions::default().nodes(3).mode(DaemonMode::Standalone))?;
+    c.run(|c| {
+        let member = |n: &str, st| Member::new(n, st);
+        let mut meta = VolumeMeta {
+            format: replication::meta::META_FORMAT,
+            name: "vol".into(),
+            id: 0x0123_4567_89ab_cdef,
+            size_bytes: 8 * MIB,
+            block_size: 512,
+            extent_bytes: 4 * MIB,
+            region_bytes: MIB,
+            replicas: 3,
+            min_replicas: 2,
+            queues: 1,
+            serial: "vol".into(),
+            read_only: false,
+            locality: replication::Locality::Prefer,
+            created_unix_s: 0,
+            generation: 3,
+            owner: Some("n1".into()),
+            epoch: 5,
+            extents: vec![
+                ExtentMeta { members: vec![member("n1", MemberState::InSync), member("n2", MemberState::InSync), member("n3", MemberState::Stale)] },
+                ExtentMeta { members: vec![member("n1", MemberState::InSync), member("n2", MemberState::InSync), member("n3", MemberState::InSync)] },
+            ],
+            risk_accepted: None,
+        };
+        let key = format!("{}volumes/vol", hcblk_tests::cluster_fixture::ETCD_PREFIX);
+        ensure!(c.volume_meta("vol")?.is_none(), "no document yet");
+        c.etcd_put(&key, &String::from_utf8(meta.to_json())?)?;
+        c.etcd_put(&format!("{}cluster", hcblk_tests::cluster_fixture::ETCD_PREFIX), r#"{"cluster_id":4242,"created_unix_s":1}"#)?;
+        ensure!(c.cluster_id()? == 4242);
+        ensure!(c.volume_meta("vol")?.as_ref() == Some(&meta));
+        let l = scenario::layout(c, "vol")?;
+        ensure!(l.in_sync(0) == vec!["n1", "n2"] && !l.whole_with(3, &[]));
+        ensure!(scenario::member_except(&l, 0, &["n1"])? == "n2");
+
+        // Replica files where the daemons keep them: the same acknowledged blocks on every
+        // in-sync member; n3's copy of extent 0 is stale (zeros) and not compared.
+        let mut ledger = Ledger::new(0x77, 0, 8 * MIB / BLOCK as u64);
+        let mut img = vec![0u8; (8 * MIB) as usize];
+        for b in (0..2048u64).step_by(3) {
+            fill_block(&mut img[b as usize * BLOCK..(b as usize + 1) * BLOCK], 0x77, b, b + 1);
+            ledger.completed(b, b + 1);
+        }
+        let mut stale = img.clone();
+        stale[..(4 * MIB) as usize].fill(0);
+        for (n, data) in [("n1", &img), ("n2", &img), ("n3", &stale)] {
+            let p = c.replica_path(n, meta.id)?;
+            ensure!(p.ends_with("replicas/0123456789abcdef.img"), "{}", p.display());
+            std::fs::create_dir_all(p.parent().context("parent")?)?;
+            std::fs::write(&p, data)?;
+        }
+        let r = scenario::check_replicas(c, "vol", &[&ledger], 2)?;
+        ensure!(r.extents.len() == 2 && r.bytes_compared == 4 * MIB * 2 + 4 * MIB * 3, "{r:?}");
+        // n3 in sync in extent 0 with its stale copy: both checks catch it.
+        meta.extents[0].members[2].state = MemberState::InSync;
+        meta.epoch += 1;
+        c.etcd_put(&key, &String::from_utf8(meta.to_json())?)?;
+        let e = format!("{:#}", scenario::check_replicas(c, "vol", &[&ledger], 2).unwrap_err());
+        ensure!(e.contains("differ at volume offset 0"), "{e}");
+        // A waiter sees a change made while it waits.
+        let put = {
+            let mut m = meta.clone();
+            m.extents[0].members[2].state = MemberState::Stale;
+            String::from_utf8(m.to_json())?
+        };
+        std::thread::scope(|s| -> Result<()> {
+            let waiter = s.spawn(|| scenario::wait_layout(c, "vol", Duration::from_secs(20), "n3 stale again", None, |l| l.state_of(0, "n3") == Some(MemberState::Stale)));
+            std::thread::sleep(Duration::from_secs(1));
+            c.etcd_put(&key, &put)?;
+            waiter.join().map_err(|_| anyhow::anyhow!("waiter panicked"))??;
+            Ok(())
+        })?;
+        let e = format!("{:#}", scenario::wait_layout(c, "vol", Duration::from_secs(1), "the impossible", None, |_| false).unwrap_err());
+        ensure!(e.contains("the impossible") && e.contains("extent 0: n1=InSync"), "{e}");
+        // A node that wrote nothing, and one that did.
+        ensure!(scenario::replica_files_blank(c, "n1").is_err());
+        std::fs::write(c.replica_path("n3", meta.id)?, vec![0u8; 4096])?;
+        ensure!(scenario::replica_files_blank(c, "n3")?.len() == 1);
         Ok(())
     })
 }
