@@ -20,6 +20,12 @@
 //! (`cargo build -p hcblk`, or `HCBLK_BIN`). Each takes 20–90 s on 2 cores.
 //!
 //! Run: `cargo test -p hcblk-tests --test replication_io -- --nocapture`
+//!
+//! **Soak** (not in the default run; minutes): `replication_soak_replicas_killed_and_partitioned`
+//! keeps a client writing while replicas are killed, restarted, partitioned and healed one
+//! after another for `HCBLK_SOAK_MINUTES` (default 10), each time waiting for the volume to be
+//! whole again, then verifies everything:
+//! `HCBLK_SOAK_MINUTES=30 cargo test -p hcblk-tests --test replication_io -- --ignored --nocapture`
 
 use anyhow::{ensure, Result};
 use hcblk_tests::cluster_fixture::Cluster;
@@ -229,6 +235,53 @@ fn replication_owner_partitioned_no_split_brain() -> Result<()> {
         let whole = wait_layout(c, "vol", Duration::from_secs(120), "three in-sync members everywhere after the heal", None, |l| l.whole_with(3, &[]))?;
         ensure!(whole.owner.as_deref() == Some(new_owner.as_str()), "owner changed again: {}", whole.describe());
         check_replicas(c, "vol", &[&a_strict, &b.ledger], 3)?;
+        ensure_no_panics(c)
+    })
+}
+
+#[test]
+#[ignore = "soak, minutes: HCBLK_SOAK_MINUTES=N cargo test -p hcblk-tests --test replication_io -- --ignored"]
+fn replication_soak_replicas_killed_and_partitioned() -> Result<()> {
+    let minutes: u64 = match std::env::var("HCBLK_SOAK_MINUTES") {
+        Ok(m) => m.parse().map_err(|_| anyhow::anyhow!("HCBLK_SOAK_MINUTES={m:?} is not a whole number of minutes"))?,
+        Err(_) => 10,
+    };
+    let mut c = Cluster::start(4)?;
+    c.run(|c| {
+        let v = create_and_attach(c, "n1", "vol", SIZE_MIB, 3, 2, EXTENT_MIB)?;
+        // 4 KiB and 64 KiB writes over the first extent and a half.
+        let mut cfg = WorkloadConfig::new(0x50a4, 0, 96 * MIB / BLOCK as u64);
+        cfg.blocks_per_write = 4;
+        cfg.stall_limit = Duration::from_secs(120);
+        let w = start_workload(&v.socket, cfg)?;
+        let end = Instant::now() + Duration::from_secs(60 * minutes);
+        let others: Vec<String> = c.node_names().into_iter().filter(|n| n != "n1").collect();
+        let mut round = 0usize;
+        while Instant::now() < end {
+            let victim = others[round % others.len()].clone();
+            let kill = round.is_multiple_of(2);
+            progress(&w, 200, Duration::from_secs(60), "before a fault")?;
+            if kill {
+                c.kill9(&victim)?;
+            } else {
+                c.partition("n1", &victim)?;
+            }
+            progress(&w, 400, Duration::from_secs(60), "a replica away")?;
+            if kill {
+                c.restart(&victim)?;
+            } else {
+                c.heal()?;
+            }
+            wait_layout(c, "vol", Duration::from_secs(180), "the volume whole again", None, |l| l.whole_with(3, &[]))?;
+            eprintln!("soak round {round}: {} {victim}, whole again; {} writes so far", if kill { "killed" } else { "partitioned" }, w.writes_ok());
+            round += 1;
+        }
+        let (_, rep) = w.stop()?;
+        eprintln!("soak: {round} rounds; {}", rep.summary());
+        rep.ensure_clean()?;
+        rep.ensure_gap_below(STALL_MAX)?;
+        verify_through(&v.socket, &[&rep.ledger])?;
+        check_replicas(c, "vol", &[&rep.ledger], 3)?;
         ensure_no_panics(c)
     })
 }

@@ -10,10 +10,10 @@
 //! Run: `cargo test -p hcblk-tests --test replication_membership -- --nocapture`
 
 use anyhow::{ensure, Context, Result};
-use hcblk_tests::cluster_fixture::{Cluster, ClusterOptions};
+use hcblk_tests::cluster_fixture::{wait_for_every, Cluster, ClusterOptions};
 use hcblk_tests::scenario::{
     check_replicas, create_and_attach, ensure_no_panics, holds_for, layout, member_except, progress, replica_files_blank, start_workload,
-    verify_through, wait_layout, SyncWatch, MIB,
+    verify_through, wait_layout, SyncWatch, LAYOUT_POLL, MIB,
 };
 use hcblk_tests::verify::{WorkloadConfig, BLOCK};
 use replication::MemberState;
@@ -101,8 +101,11 @@ fn two_members_lost(accept_risk: bool) -> Result<()> {
         rep.ensure_clean()?;
         ensure!(rep.longest_gap >= Duration::from_secs(6), "writes never stalled with one replica left: {}", rep.summary());
         if accept_risk {
-            let meta = c.volume_meta("vol")?.context("no volume document")?;
-            ensure!(meta.risk_accepted.is_none(), "the owner keeps the risk acceptance on a whole volume: {:?}\n{}", meta.risk_accepted, whole.describe());
+            wait_for_every(Duration::from_secs(30), LAYOUT_POLL, "the owner to clear the risk acceptance of the whole volume", || {
+                let meta = c.volume_meta("vol")?.context("no volume document")?;
+                Ok(meta.risk_accepted.is_none().then_some(()))
+            })
+            .with_context(|| whole.describe())?;
         }
         verify_through(&v.socket, &[&rep.ledger])?;
         check_replicas(c, "vol", &[&rep.ledger], 3)?;
