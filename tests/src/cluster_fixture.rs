@@ -50,6 +50,8 @@ pub const LISTEN_PORT: u16 = 7400;
 /// etcd's client and peer ports on the `etcd` host.
 pub const ETCD_CLIENT_PORT: u16 = 2379;
 pub const ETCD_PEER_PORT: u16 = 2380;
+/// Where Debian's `etcd-client` package installs etcdctl.
+pub const ETCDCTL_BIN: &str = "/usr/bin/etcdctl";
 /// etcd key prefix of the cluster layout (`backend/src/cluster/mod.rs`).
 pub const ETCD_PREFIX: &str = "/hcblk/v1/";
 /// How long a daemon may take from spawn to its ready line. A restarted node may wait for its
@@ -316,6 +318,7 @@ impl Cluster {
         let serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
         let bin = hcblk_binary()?;
         require_file(Path::new(crate::etcd::ETCD_BIN), "the cluster tests need a real etcd (Debian package etcd-server)")?;
+        require_file(Path::new(ETCDCTL_BIN), "the cluster tests read etcd with etcdctl (Debian package etcd-client)")?;
         let names: Vec<String> = (1..=options.nodes).map(|i| format!("n{i}")).collect();
         let mut hosts: Vec<&str> = vec!["etcd"];
         hosts.extend(names.iter().map(String::as_str));
@@ -702,7 +705,7 @@ impl Cluster {
 
     /// `etcdctl get KEY` run in etcd's namespace; `None` if the key does not exist.
     pub fn etcd_get(&self, key: &str) -> Result<Option<String>> {
-        let mut c = self.net.command("etcd", "etcdctl");
+        let mut c = self.net.command("etcd", ETCDCTL_BIN);
         c.env("ETCDCTL_API", "3")
             .arg(format!("--endpoints={}", self.etcd_endpoint()))
             .args(["--command-timeout=5s", "get", key, "--print-value-only"]);
@@ -717,7 +720,7 @@ impl Cluster {
     /// `etcdctl put KEY VALUE` in etcd's namespace (to inject documents in tests of the tools;
     /// the daemons own every key under [`ETCD_PREFIX`]).
     pub fn etcd_put(&self, key: &str, value: &str) -> Result<()> {
-        let mut c = self.net.command("etcd", "etcdctl");
+        let mut c = self.net.command("etcd", ETCDCTL_BIN);
         c.env("ETCDCTL_API", "3")
             .arg(format!("--endpoints={}", self.etcd_endpoint()))
             .args(["--command-timeout=5s", "put", key, value]);
