@@ -869,7 +869,7 @@ impl Conn {
         let mut ops = lock(&self.ops);
         let op = ops
             .get(d.op_id)
-            .ok_or_else(|| format!("response for unknown operation {:#x}", d.op_id))?;
+            .ok_or_else(|| self.violation(&format!("response for unknown operation {:#x}", d.op_id)))?;
         if op.write == read {
             return Err(self.violation(&format!(
                 "{} for a one-sided {} (operation {:#x})",
@@ -879,7 +879,10 @@ impl Conn {
             )));
         }
         let seg = (d.op_id & SEG_MASK) as usize;
-        let &(off, len) = op.segs.get(seg).ok_or("response for unknown segment")?;
+        let &(off, len) = op
+            .segs
+            .get(seg)
+            .ok_or_else(|| self.violation(&format!("response for unknown segment {seg}")))?;
         let bit = 1u128 << seg;
         if op.answered & bit != 0 {
             return Err(self.violation(&format!(
@@ -889,10 +892,10 @@ impl Conn {
         }
         op.answered |= bit;
         if d.status == Status::Ok && d.len != len {
-            return Err(format!(
+            return Err(self.violation(&format!(
                 "response length {} for a {len}-byte segment",
                 d.len
-            ));
+            )));
         }
         Ok((read && d.status == Status::Ok && len > 0).then(|| op.local.sub(off, len as usize)))
     }
