@@ -23,8 +23,10 @@ use super::status::PublishedStatus;
 use super::{keys, EtcdError};
 
 /// Largest volume document written: etcd refuses requests over 1.5 MiB by default
-/// (`--max-request-bytes`), and a document is read whole by every owner's metadata poll. At
-/// about 150 bytes per extent of 3 replicas, this is some 7000 extents: 7 TiB in 1 GiB extents.
+/// (`--max-request-bytes`), and a document is read whole by every owner's metadata poll. The
+/// control plane keeps a document's worst case (every member rebuilding, the largest numbers)
+/// under it: some 210 bytes per extent of 3 replicas with short node names, about 4,800
+/// extents, 4.7 TiB in 1 GiB extents or 18 TiB in 4 GiB ones.
 pub const VOLUME_DOC_BYTES_MAX: usize = 1 << 20;
 /// Attempts to create the cluster key when the answers leave its outcome open.
 const CLUSTER_ATTEMPTS: u32 = 3;

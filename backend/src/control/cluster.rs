@@ -186,21 +186,10 @@ impl<A: Attacher> ClusterVolumes<A> {
         let docs = self.meta.list_volumes()?;
         let nodes = self.placement_nodes(&docs)?;
         let locality = request.locality.unwrap_or_default();
-        let extents = placement::place(
-            &PlacementRequest {
-                size_bytes: request.size_bytes,
-                extent_bytes,
-                replicas,
-                locality,
-                local: Some(&self.config.node),
-            },
-            &nodes,
-        )
-        .map_err(Error::Placement)?;
         let mut meta = VolumeMeta {
             format: replication::meta::META_FORMAT,
             name: name.clone(),
-            id: 0,
+            id: u64::MAX,
             size_bytes: request.size_bytes,
             block_size: request.block_size,
             extent_bytes,
@@ -215,18 +204,31 @@ impl<A: Attacher> ClusterVolumes<A> {
             generation: 0,
             owner: None,
             epoch: 1,
-            extents,
+            extents: Vec::new(),
             risk_accepted: None,
         };
+        check_doc_capacity(&meta, request.size_bytes.div_ceil(extent_bytes), &nodes, "create it with a larger --extent-size")?;
+        meta.extents = placement::place(
+            &PlacementRequest {
+                size_bytes: request.size_bytes,
+                extent_bytes,
+                replicas,
+                locality,
+                local: Some(&self.config.node),
+            },
+            &nodes,
+        )
+        .map_err(Error::Placement)?;
         meta.validate().map_err(Error::Invalid)?;
-        check_doc_size(&meta, "create it with a larger --extent-size")?;
+        // What the answer shows: the document as created, the nodes as listed for placement.
+        let up: BTreeSet<String> = nodes.iter().map(|n| n.name.clone()).collect();
         for _ in 0..ID_ATTEMPTS {
             meta.id = random_nonzero_u64()?;
             match self.meta.create_volume(&meta) {
                 Ok(CreateVolume::Created { .. }) => {
                     tracing::info!(volume = %name, id = meta.id, size_bytes = meta.size_bytes, extents = meta.extents.len(),
                         replicas, min_replicas, "volume created");
-                    return self.info(&name);
+                    return Ok(self.volume_info(&meta, &up, None, true));
                 }
                 Ok(CreateVolume::NameTaken) => return Err(Error::VolumeExists(name)),
                 Ok(CreateVolume::IdTaken) => continue,
@@ -234,7 +236,7 @@ impl<A: Attacher> ClusterVolumes<A> {
                     // It may have landed: our id in the document says it did.
                     if let Ok(Some((stored, _))) = self.meta.read_volume(&name) {
                         if stored.id == meta.id {
-                            return self.info(&name);
+                            return Ok(self.volume_info(&stored, &up, None, true));
                         }
                     }
                     return Err(Error::Meta(MetaError::Unavailable(cause)));
@@ -370,7 +372,6 @@ impl<A: Attacher> ClusterVolumes<A> {
                 return Err(Error::Invalid(format!("volume {name} is read-only and cannot be resized")));
             }
             let grown = self.grown(&meta, new_size_bytes)?;
-            check_doc_size(&grown, "it cannot grow this far with its extent size")?;
             match self.meta.write_volume(name, revision, &grown)? {
                 MetaWrite::Committed { .. } => {
                     committed = true;
@@ -399,9 +400,11 @@ impl<A: Attacher> ClusterVolumes<A> {
     fn grown(&self, meta: &VolumeMeta, new_size_bytes: u64) -> Result<VolumeMeta, Error> {
         let mut grown = VolumeMeta { size_bytes: new_size_bytes, ..meta.clone() };
         let have = meta.extents.len() as u64;
-        if new_size_bytes.div_ceil(meta.extent_bytes) > have {
+        let need = new_size_bytes.div_ceil(meta.extent_bytes);
+        if need > have {
             let docs = self.meta.list_volumes()?;
             let nodes = self.placement_nodes(&docs)?;
+            check_doc_capacity(meta, need, &nodes, "it cannot grow this far with its extent size")?;
             let anchor = match meta.owner.as_deref() {
                 Some(owner) if nodes.iter().any(|n| n.name == owner) => owner,
                 _ => self.config.node.as_str(),
@@ -808,17 +811,51 @@ fn named_nodes<'a>(docs: impl Iterator<Item = &'a VolumeMeta>) -> BTreeSet<Strin
     out
 }
 
-fn check_doc_size(meta: &VolumeMeta, advice: &str) -> Result<(), Error> {
-    let bytes = meta.to_json().len();
-    if bytes > VOLUME_DOC_BYTES_MAX {
+/// Refuses a volume of `extents` extents whose document could outgrow
+/// [`VOLUME_DOC_BYTES_MAX`] at its largest: every member named like the longest registered
+/// node name, rebuilding, with the largest incarnation, and an accepted risk with the longest
+/// reason. Checked before placement, so that the document never becomes too large for etcd as
+/// members change state.
+fn check_doc_capacity(meta: &VolumeMeta, extents: u64, nodes: &[NodeInfo], advice: &str) -> Result<(), Error> {
+    let name_len = nodes.iter().map(|n| n.name.len()).max().unwrap_or(store::NAME_BYTES_MAX);
+    let worst = worst_doc_bytes(meta, extents, name_len);
+    if worst > VOLUME_DOC_BYTES_MAX as u64 {
+        let per_extent = worst_doc_bytes(meta, 1, name_len) - worst_doc_bytes(meta, 0, name_len);
+        let most = (VOLUME_DOC_BYTES_MAX as u64).saturating_sub(worst_doc_bytes(meta, 0, name_len)) / per_extent.max(1);
         return Err(Error::Invalid(format!(
-            "volume {}: its metadata document would be {bytes} bytes ({} extents), more than the \
-             {VOLUME_DOC_BYTES_MAX} one etcd document holds; {advice}",
-            meta.name,
-            meta.extents.len()
+            "volume {}: {extents} extents of {} bytes are more than the {most} its metadata (one etcd document \
+             of at most {VOLUME_DOC_BYTES_MAX} bytes) holds at {} replicas; {advice}",
+            meta.name, meta.extent_bytes, meta.replicas
         )));
     }
     Ok(())
+}
+
+/// The largest `meta`'s document can become with `extents` extents (see
+/// [`check_doc_capacity`]).
+fn worst_doc_bytes(meta: &VolumeMeta, extents: u64, name_len: usize) -> u64 {
+    let risk = RiskAcceptance {
+        by: "x".repeat(BY_BYTES_MAX),
+        at_unix_s: u64::MAX,
+        reason: "x".repeat(REASON_BYTES_MAX),
+    };
+    let base = VolumeMeta {
+        extents: Vec::new(),
+        owner: Some("x".repeat(name_len)),
+        generation: u64::MAX,
+        epoch: u32::MAX,
+        risk_accepted: Some(risk),
+        ..meta.clone()
+    };
+    let member = replication::Member {
+        node: "x".repeat(name_len),
+        state: replication::MemberState::Rebuilding,
+        incarnation: u64::MAX,
+    };
+    let extent = replication::ExtentMeta { members: vec![member; usize::from(meta.replicas)] };
+    // One more byte per extent: the comma between them.
+    let per_extent = serde_json::to_vec(&extent).map_or(0, |b| b.len() as u64) + 1;
+    (base.to_json().len() as u64).saturating_add(per_extent.saturating_mul(extents))
 }
 
 fn now_unix_s() -> u64 {
@@ -979,6 +1016,30 @@ mod tests {
             5,
         );
         assert_eq!((published.region_bytes, published.syncs[0].rate_bytes_per_s), (REGION_BYTES, None));
+    }
+
+    #[test]
+    fn document_capacity_is_bounded_at_its_worst() {
+        let m = meta(&[&[I, I, I]]);
+        let nodes = |len: usize| vec![NodeInfo {
+            name: "n".repeat(len),
+            id: 1,
+            address: "a:1".into(),
+            zone: None,
+            capacity_bytes: 0,
+            free_bytes: 0,
+            version: String::new(),
+            started_unix_s: 0,
+        }];
+        // The estimate is an upper bound of a real document of that many extents.
+        let mut big = m.clone();
+        big.extents = vec![big.extents[0].clone(); 1000];
+        assert!(worst_doc_bytes(&m, 1000, 2) >= big.to_json().len() as u64);
+        // About 4,800 extents of 3 replicas with short node names: 4.7 TiB in 1 GiB extents.
+        check_doc_capacity(&m, 4500, &nodes(2), "").unwrap();
+        let err = check_doc_capacity(&m, 6000, &nodes(2), "use a larger --extent-size").unwrap_err().to_string();
+        assert!(err.contains("6000 extents") && err.contains("larger --extent-size"), "{err}");
+        assert!(check_doc_capacity(&m, 4500, &nodes(64), "").is_err(), "long names take room");
     }
 
     #[test]

@@ -409,7 +409,7 @@ fn fs_free_bytes(dir: &Path) -> Result<u64, Error> {
     if rc != 0 {
         return Err(Error::Io { what: what(), source: io::Error::last_os_error() });
     }
-    Ok(u64::from(st.f_bavail).saturating_mul(st.f_frsize))
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
 /// Carries out requests until a stop arrives (or every sender is gone), running the
