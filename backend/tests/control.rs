@@ -307,10 +307,12 @@ fn restart_keeps_volumes_and_data() {
     let daemon = node.start();
     assert_eq!(node.ok(&["volume", "list"]), list_before);
     let info_after = node.info("db");
+    // The same, but for the connection and the generation, which counts the starts serving it.
     let without_connected = |info: &[(String, String)]| -> Vec<(String, String)> {
-        info.iter().filter(|(k, _)| k != "connected").cloned().collect()
+        info.iter().filter(|(k, _)| k != "connected" && k != "generation").cloned().collect()
     };
     assert_eq!(without_connected(&info_after), without_connected(&info_before));
+    assert_eq!((node.field("db", "generation"), info_before.iter().find(|(k, _)| k == "generation").unwrap().1.as_str()), ("2".into(), "1"));
     assert!(is_socket(&node.sockets().join("db.sock")));
     let on_disk = std::fs::read(node.img("db")).unwrap();
     assert_eq!(&on_disk[3 * MIB as usize..4 * MIB as usize], &data[..]);

@@ -468,6 +468,19 @@ impl Etcd {
         self.guarded("leased put", key, txn, Some(lease))
     }
 
+    /// Writes `value` to `key` attached to `lease`, whatever the key held before (a status the
+    /// previous owner published under its own lease is taken over). Returns the new revision.
+    /// [`EtcdError::LeaseNotFound`] if the lease is gone.
+    pub fn put_leased(&self, key: &str, value: &[u8], lease: LeaseId) -> Result<u64, EtcdError> {
+        check_key(key)?;
+        let abs = self.abs(key);
+        let resp = self.run(Call { op: "leased put", key, write: true, lease: Some(lease) }, |mut c| {
+            let abs = abs.as_str();
+            async move { Ok(c.put(abs, value, Some(ec::PutOptions::new().with_lease(lease.0))).await?) }
+        })?;
+        self.header_revision(resp.header(), key)
+    }
+
     /// Runs a transaction whose else-branch reads `key`.
     fn guarded(
         &self,

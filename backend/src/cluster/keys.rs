@@ -13,6 +13,8 @@ pub const VOLUMES: &str = "volumes/";
 pub const VOLUME_IDS: &str = "volume-ids/";
 /// Prefix of the operators' decisions.
 pub const AUDIT: &str = "audit/";
+/// Prefix of the owners' published volume status (attached to the owner's lease).
+pub const STATUS: &str = "status/";
 
 /// Longest name accepted as a key segment.
 pub const SEGMENT_BYTES_MAX: usize = 255;
@@ -25,6 +27,11 @@ pub fn node(name: &str) -> Result<String, EtcdError> {
 /// `volumes/<name>`.
 pub fn volume(name: &str) -> Result<String, EtcdError> {
     Ok(format!("{VOLUMES}{}", segment("volume name", name)?))
+}
+
+/// `status/<name>`: what the volume's owner publishes about it (phase, resync progress).
+pub fn status(name: &str) -> Result<String, EtcdError> {
+    Ok(format!("{STATUS}{}", segment("volume name", name)?))
 }
 
 /// `volume-ids/<id>`, the id in decimal.
@@ -82,6 +89,7 @@ mod tests {
         assert_eq!(node("n1").unwrap(), "nodes/n1");
         assert_eq!(volume("vol0").unwrap(), "volumes/vol0");
         assert_eq!(volume_id(42), "volume-ids/42");
+        assert_eq!(status("vol0").unwrap(), "status/vol0");
         assert_eq!(audit("vol0", "2026-01-02T03:04:05Z").unwrap(), "audit/vol0/2026-01-02T03:04:05Z");
         assert_eq!(audit_prefix("vol0").unwrap(), "audit/vol0/");
     }
@@ -91,6 +99,7 @@ mod tests {
         for bad in ["", ".", "..", "a/b", "../x", "a b", "é", &"x".repeat(256)] {
             assert!(node(bad).is_err(), "{bad:?}");
             assert!(volume(bad).is_err(), "{bad:?}");
+            assert!(status(bad).is_err(), "{bad:?}");
             assert!(audit("v", bad).is_err(), "{bad:?}");
         }
     }

@@ -16,7 +16,12 @@
 //! /hcblk/v1/volumes/<name>     volume meta JSON; changed only by compare-and-swap on mod_revision
 //! /hcblk/v1/volume-ids/<id>    <name>   (id -> name index, created in the same txn as the volume)
 //! /hcblk/v1/audit/<name>/<ts>  operator decisions (e.g. accepting the risk of too few replicas)
+//! /hcblk/v1/status/<name>      the owner's published status of the volume, attached to the
+//!                              owner's lease (phase, suspended extents, resync progress)
 //! ```
+//!
+//! The documents in the values are in [`EtcdMeta`] (volumes, the cluster key) and
+//! [`PublishedStatus`] (status keys); `nodes/` holds [`replication::NodeInfo`] JSON.
 //!
 //! Every change that matters for safety is one etcd transaction that compares the
 //! `mod_revision` the caller read ([`Etcd::compare_and_swap`], [`Etcd::compare_and_delete`],
@@ -61,14 +66,18 @@
 
 mod error;
 mod etcd;
+mod etcd_meta;
 pub mod keys;
 mod meta;
 mod registration;
+mod status;
 
 pub use error::{Cause, EtcdError};
 pub use etcd::{
     CasOutcome, CreateOutcome, Etcd, EtcdConfig, Kv, Lease, LeaseId, Op, DEFAULT_DIAL_TIMEOUT, DEFAULT_PREFIX,
     DEFAULT_REQUEST_TIMEOUT, KEY_BYTES_MAX, TXN_OPS_MAX,
 };
+pub use etcd_meta::{ClusterDoc, CreateVolume, EtcdMeta, VOLUME_DOC_BYTES_MAX};
 pub use meta::{MemoryMeta, MetaError, MetaStore, MetaWrite};
+pub use status::{PublishedStatus, PublishedSync};
 pub use registration::{NodeRegistration, RegistrationConfig, RegistrationError, DEFAULT_TTL};

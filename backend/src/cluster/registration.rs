@@ -87,6 +87,9 @@ struct State {
     stop: bool,
     /// The lease in use, kept up to date by the thread; revoked on drop.
     lease: Option<LeaseId>,
+    /// When the lease runs out at the earliest: the send time of the last acknowledged grant
+    /// or renewal plus its TTL. `None` without a lease.
+    valid_until: Option<Instant>,
 }
 
 impl Shared {
@@ -123,7 +126,13 @@ impl NodeRegistration {
         }
         tracing::info!(node = name, lease = %lease.id, ttl_s = lease.ttl.as_secs(), "registered in etcd");
         let shared = Arc::new(Shared {
-            state: Mutex::new(State { value, value_generation: 0, stop: false, lease: Some(lease.id) }),
+            state: Mutex::new(State {
+                value,
+                value_generation: 0,
+                stop: false,
+                lease: Some(lease.id),
+                valid_until: Some(sent + lease.ttl),
+            }),
             wake: Condvar::new(),
             registered: AtomicBool::new(true),
         });
@@ -155,6 +164,18 @@ impl NodeRegistration {
     /// rather than late: a lost lease is noticed no later than one TTL after the last renewal.
     pub fn is_registered(&self) -> bool {
         self.shared.registered.load(Ordering::SeqCst)
+    }
+
+    /// Until when this node's registration is certainly alive, as far as it knows: the time the
+    /// last acknowledged lease grant or renewal was *sent* plus the lease's TTL (the send time,
+    /// not the answer's: etcd started the TTL no earlier than that, so this is never later
+    /// than the real expiry). `None` while not registered. A replicated volume's owner starts
+    /// no guest I/O past it: by then another node may have taken the volume over.
+    pub fn valid_until(&self) -> Option<Instant> {
+        if !self.is_registered() {
+            return None;
+        }
+        self.shared.lock().valid_until
     }
 
     /// Replaces the value; the background thread writes it at once (keeping the lease), or
@@ -280,7 +301,10 @@ impl Worker {
             let tick = self.tick(&value, generation);
             last_tick = Instant::now();
             self.failing = matches!(tick, Tick::Failed);
-            self.shared.lock().lease = self.lease.map(|l| l.id);
+            let mut st = self.shared.lock();
+            st.lease = self.lease.map(|l| l.id);
+            st.valid_until = self.lease.map(|l| self.renewed + l.ttl);
+            drop(st);
             let wait = if self.registered() { renew_every } else { renew_every.min(RETRY_MAX) };
             next = Instant::now() + wait;
         }
@@ -313,6 +337,9 @@ impl Worker {
             match self.etcd.lease_keep_alive(lease.id) {
                 Ok(()) => {
                     self.renewed = sent;
+                    // Published now, before the key is checked: an owner waiting on the lease
+                    // clock should not wait for one more round trip.
+                    self.shared.lock().valid_until = Some(sent + lease.ttl);
                     return self.ensure_key(lease, value, generation);
                 }
                 Err(EtcdError::LeaseNotFound { .. }) => {

@@ -3,14 +3,23 @@
 //!
 //! ```text
 //! -> {"op":"create","name":"vm1","size_bytes":10737418240,"block_size":512,"queues":1,
-//!     "backing":"file","path":null,"read_only":false,"serial":null}
+//!     "backing":"file","path":null,"read_only":false,"serial":null,
+//!     "replicas":null,"min_replicas":null,"extent_bytes":null,"locality":null}
 //! -> {"op":"list"}
 //! -> {"op":"info","name":"vm1"}
 //! -> {"op":"resize","name":"vm1","size_bytes":21474836480}
 //! -> {"op":"delete","name":"vm1","force":false}
-//! <- {"status":"volume","volume":{VolumeInfo}}        create, info, resize
+//! -> {"op":"attach","name":"vm1","force":false}                 cluster mode only
+//! -> {"op":"detach","name":"vm1"}                               cluster mode only
+//! -> {"op":"accept_risk","name":"vm1","reason":"..","by":"root@h1"}  cluster mode only
+//! -> {"op":"node_list"}                                         cluster mode only
+//! -> {"op":"cluster_status"}                                    cluster mode only
+//! <- {"status":"volume","volume":{VolumeInfo}}        create, info, resize, attach, accept_risk
 //! <- {"status":"volumes","volumes":[{VolumeInfo},..]} list
 //! <- {"status":"deleted","name":"vm1"}                delete
+//! <- {"status":"detached","name":"vm1"}               detach
+//! <- {"status":"nodes","nodes":[{NodeEntry},..]}      node_list
+//! <- {"status":"cluster","cluster":{ClusterStatus}}   cluster_status
 //! <- {"status":"error","message":"a: b: c"}           any refusal or failure
 //! ```
 //!
@@ -24,17 +33,21 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use replication::{Locality, MemberState, RiskAcceptance};
 use serde::{Deserialize, Serialize};
 
 use super::store::{BackingType, VolumeRecord};
 use super::Error;
+use crate::cluster::{PublishedStatus, PublishedSync};
 
 pub const REQUEST_BYTES_MAX: usize = 64 << 10;
 /// A list of many volumes is long, but bounded: a volume's info is well under 4 KiB.
 pub const RESPONSE_BYTES_MAX: usize = 16 << 20;
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the CLI waits for the daemon to carry a request out: creating a volume allocates
-/// its backing and starts its export, which is quick, but never wait forever.
+/// its backing and starts its export, which is quick; attaching a replicated volume waits at
+/// most 30 s for its replicas, detaching as long for the guest's requests in flight, each
+/// etcd call at most 5 s. Never wait forever.
 pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(120);
 pub const CONNECTIONS_MAX: usize = 16;
 
@@ -53,10 +66,49 @@ pub enum Request {
     },
     Delete {
         name: String,
-        /// Delete even while a frontend is connected.
+        /// Delete even while a frontend is connected (cluster mode: while attached anywhere).
         #[serde(default)]
         force: bool,
     },
+    /// Cluster mode: this node becomes the volume's owner and exports it.
+    Attach {
+        name: String,
+        /// Take the volume over even though its owner is still registered.
+        #[serde(default)]
+        force: bool,
+    },
+    /// Cluster mode: stops this node's export and releases ownership.
+    Detach {
+        name: String,
+    },
+    /// Cluster mode: records the operator's decision to let writes go on with fewer than
+    /// min_replicas members in sync.
+    AcceptRisk {
+        name: String,
+        reason: String,
+        /// Who decided (user@host, as the CLI saw it).
+        by: String,
+    },
+    NodeList {},
+    ClusterStatus {},
+}
+
+impl Request {
+    /// The request's name in logs.
+    pub fn op(&self) -> &'static str {
+        match self {
+            Request::Create(_) => "create",
+            Request::List {} => "list",
+            Request::Info { .. } => "info",
+            Request::Resize { .. } => "resize",
+            Request::Delete { .. } => "delete",
+            Request::Attach { .. } => "attach",
+            Request::Detach { .. } => "detach",
+            Request::AcceptRisk { .. } => "accept-risk",
+            Request::NodeList {} => "node list",
+            Request::ClusterStatus {} => "cluster status",
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -81,6 +133,18 @@ pub struct CreateRequest {
     /// Default: derived from the name.
     #[serde(default)]
     pub serial: Option<String>,
+    /// Default: 3 in cluster mode (1..=5), 1 standalone (where only 1 is accepted).
+    #[serde(default)]
+    pub replicas: Option<u8>,
+    /// Default: a majority of the replicas, N/2+1.
+    #[serde(default)]
+    pub min_replicas: Option<u8>,
+    /// Default 1 GiB; a power of two from 16 MiB to 4 GiB.
+    #[serde(default)]
+    pub extent_bytes: Option<u64>,
+    /// Cluster mode only; default prefer.
+    #[serde(default)]
+    pub locality: Option<Locality>,
 }
 
 fn default_block_size() -> u32 {
@@ -93,6 +157,41 @@ fn default_backing() -> BackingType {
     BackingType::File
 }
 
+/// What serves a volume, as the API and the CLI name it: a standalone volume's backing
+/// ([`BackingType`]), or `replicated` for a cluster volume.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VolumeBacking {
+    File,
+    Device,
+    Ram,
+    Null,
+    Replicated,
+}
+
+impl From<BackingType> for VolumeBacking {
+    fn from(t: BackingType) -> Self {
+        match t {
+            BackingType::File => Self::File,
+            BackingType::Device => Self::Device,
+            BackingType::Ram => Self::Ram,
+            BackingType::Null => Self::Null,
+        }
+    }
+}
+
+impl VolumeBacking {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::File => "file",
+            Self::Device => "device",
+            Self::Ram => "ram",
+            Self::Null => "null",
+            Self::Replicated => "replicated",
+        }
+    }
+}
+
 /// What the daemon tells about a volume.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeInfo {
@@ -100,16 +199,27 @@ pub struct VolumeInfo {
     pub size_bytes: u64,
     pub block_size: u32,
     pub queues: u16,
-    pub backing: BackingType,
+    pub backing: VolumeBacking,
     pub path: Option<PathBuf>,
     pub created_backing: bool,
     pub read_only: bool,
     pub serial: String,
     pub created_unix_s: u64,
-    /// The vhost-user socket QEMU connects to.
-    pub socket: PathBuf,
-    /// Whether a frontend is connected right now.
+    /// The vhost-user socket QEMU connects to; `None` for a cluster volume not attached on
+    /// the node that answers.
+    pub socket: Option<PathBuf>,
+    /// Whether a frontend is connected right now (to the answering node's export).
     pub connected: bool,
+    pub replicas: u8,
+    pub min_replicas: u8,
+    pub extent_bytes: u64,
+    /// Bumped by every attach (cluster) or daemon start serving the volume (standalone).
+    pub generation: u64,
+    /// Membership epoch.
+    pub epoch: u32,
+    /// Cluster mode only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterVolumeInfo>,
 }
 
 impl VolumeInfo {
@@ -119,16 +229,116 @@ impl VolumeInfo {
             size_bytes: record.size_bytes,
             block_size: record.block_size,
             queues: record.queues,
-            backing: record.backing,
+            backing: record.backing.into(),
             path: record.path.clone(),
             created_backing: record.created_backing,
             read_only: record.read_only,
             serial: record.serial.clone(),
             created_unix_s: record.created_unix_s,
-            socket,
+            socket: Some(socket),
             connected,
+            replicas: record.replicas,
+            min_replicas: record.min_replicas,
+            extent_bytes: record.extent_bytes,
+            generation: record.generation,
+            epoch: record.epoch,
+            cluster: None,
         }
     }
+}
+
+/// A cluster volume's health, from its document and its owner's published status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VolumeState {
+    /// Every extent has all its replicas in sync.
+    Healthy,
+    /// Some member is stale, rebuilding or missing; writes go on (min_replicas in sync, or a
+    /// recorded acceptance of the risk).
+    Degraded,
+    /// Some extent's writes wait: fewer than min_replicas in sync and no recorded acceptance.
+    Suspended,
+    /// No owner: no node serves it.
+    Detached,
+}
+
+impl VolumeState {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Healthy => "healthy",
+            Self::Degraded => "degraded",
+            Self::Suspended => "suspended",
+            Self::Detached => "detached",
+        }
+    }
+}
+
+/// What only a cluster volume has.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterVolumeInfo {
+    /// Wire identity.
+    pub id: u64,
+    pub locality: Locality,
+    /// The node serving it to its VM.
+    pub owner: Option<String>,
+    /// The owner is registered (its lease alive).
+    pub owner_up: bool,
+    /// The answering node is the owner and exports it.
+    pub attached_here: bool,
+    pub state: VolumeState,
+    pub risk_accepted: Option<RiskAcceptance>,
+    /// One entry per extent, its members in document order (empty in a `list` answer).
+    pub extents: Vec<Vec<MemberInfo>>,
+    /// The owner's status: live if the answering node owns it, else what the owner published.
+    pub status: Option<PublishedStatus>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberInfo {
+    pub node: String,
+    pub state: MemberState,
+    /// Its node is registered.
+    pub up: bool,
+}
+
+/// One node as `node list` shows it: registered ones (up) with what they registered, and
+/// nodes that volume documents name but that are not registered (down) with their name only.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeEntry {
+    pub name: String,
+    pub up: bool,
+    pub address: Option<String>,
+    pub zone: Option<String>,
+    pub capacity_bytes: Option<u64>,
+    /// Capacity minus the free space it registered.
+    pub used_bytes: Option<u64>,
+    /// Bytes of the extents volume documents place on it (placement keeps them free).
+    pub reserved_bytes: u64,
+    pub version: Option<String>,
+    pub started_unix_s: Option<u64>,
+}
+
+/// `cluster status`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    /// The node that answered.
+    pub node: String,
+    pub nodes_up: Vec<String>,
+    pub nodes_down: Vec<String>,
+    pub healthy: Vec<String>,
+    pub degraded: Vec<String>,
+    pub suspended: Vec<String>,
+    pub detached: Vec<String>,
+    pub syncs: Vec<ClusterSync>,
+}
+
+/// A resync or rebuild in progress, as its volume's owner reports it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterSync {
+    pub volume: String,
+    pub owner: String,
+    pub region_bytes: u64,
+    pub sync: PublishedSync,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -137,6 +347,9 @@ pub enum Response {
     Volume { volume: VolumeInfo },
     Volumes { volumes: Vec<VolumeInfo> },
     Deleted { name: String },
+    Detached { name: String },
+    Nodes { nodes: Vec<NodeEntry> },
+    Cluster { cluster: ClusterStatus },
     Error { message: String },
 }
 
@@ -219,11 +432,20 @@ mod tests {
                 path: Some("/dev/sdb".into()),
                 read_only: true,
                 serial: Some("S1".into()),
+                replicas: Some(3),
+                min_replicas: Some(2),
+                extent_bytes: Some(256 << 20),
+                locality: Some(Locality::None),
             }),
             Request::List {},
             Request::Info { name: "vm1".into() },
             Request::Resize { name: "vm1".into(), size_bytes: 2 << 30 },
             Request::Delete { name: "vm1".into(), force: true },
+            Request::Attach { name: "vm1".into(), force: true },
+            Request::Detach { name: "vm1".into() },
+            Request::AcceptRisk { name: "vm1".into(), reason: "n3 is being replaced".into(), by: "root@h1".into() },
+            Request::NodeList {},
+            Request::ClusterStatus {},
         ];
         for request in requests {
             let line = serde_json::to_vec(&request).unwrap();
@@ -238,11 +460,14 @@ mod tests {
         let Request::Create(create) = request else { panic!("{request:?}") };
         assert_eq!((create.block_size, create.queues, create.backing), (512, 1, BackingType::File));
         assert_eq!((create.path, create.read_only, create.serial), (None, false, None));
+        assert_eq!((create.replicas, create.min_replicas, create.extent_bytes, create.locality), (None, None, None, None));
+        let request = decode_request(br#"{"op":"attach","name":"a"}"#).unwrap();
+        assert_eq!(request, Request::Attach { name: "a".into(), force: false });
     }
 
     #[test]
     fn garbage_is_an_error_not_a_panic() {
-        let garbage: [&[u8]; 12] = [
+        let garbage: [&[u8]; 17] = [
             b"",
             b"{",
             b"null",
@@ -255,6 +480,11 @@ mod tests {
             br#"{"op":"resize","name":"a","size_bytes":18446744073709551616}"#,
             br#"{"op":"list","extra":1}"#,
             br#"{"op":"create","name":"a","size_bytes":1,"backing":"tape"}"#,
+            br#"{"op":"create","name":"a","size_bytes":1,"replicas":256}"#,
+            br#"{"op":"create","name":"a","size_bytes":1,"locality":"far"}"#,
+            br#"{"op":"accept_risk","name":"a","reason":"r"}"#,
+            br#"{"op":"detach","name":"a","force":true}"#,
+            br#"{"op":"node_list","x":1}"#,
         ];
         for line in garbage {
             assert!(decode_request(line).is_err(), "{:?} decoded", String::from_utf8_lossy(line));

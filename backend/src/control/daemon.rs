@@ -1,33 +1,61 @@
-//! `hcblk daemon`: preflight, re-export every volume, serve the local API until a signal.
+//! `hcblk daemon`: preflight, bring the volumes back, serve the local API until a signal.
 //!
 //! Threads: one accepts API connections; one per connection (at most
 //! [`api::CONNECTIONS_MAX`]) reads its request under a timeout; they hand decoded requests to
 //! the main thread, which alone owns the volumes and carries requests out one at a time. So
-//! operations never interleave, and exports need not be shareable between threads.
+//! operations never interleave, and exports need not be shareable between threads. The main
+//! thread also runs the volume manager's periodic work ([`Manager::tick`]) between requests.
+//!
+//! Standalone (no cluster flags): volumes are records in the data dir ([`Volumes`]).
+//!
+//! Cluster mode (`--etcd ...`), in this order: the standalone preflight; the cluster secret
+//! and the transport; etcd (one clear error if it does not answer) and a look at whether the
+//! node name is taken; the data dir; the cluster key (its id, created on first start); the
+//! replica service ([`Members::start`]); the node registration under a lease (with free space
+//! = capacity − what replicas use); the housekeeping thread (replica garbage collection, free
+//! space updates); the volumes this node owned, attached again; then the API accepts. On
+//! SIGTERM the exports and the replica service stop and the registration is revoked, but
+//! ownership stays in etcd: the next start attaches the volumes again. Only `volume detach`
+//! releases a volume.
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
+use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use replica::Backing;
+use replication::NodeInfo;
 use signal_hook::consts::{SIGINT, SIGTERM};
-use signal_hook::iterator::Signals;
+use signal_hook::iterator::{Handle, Signals};
 
 use super::api::{self, Request, Response};
+use super::attach::{OwnerSettings, ReplicatedAttacher};
+use super::cluster::{random_nonzero_u64, ClusterConfig, ClusterVolumes, TICK};
 use super::exporter::{Exporter, VhostUser};
-use super::volumes::Volumes;
+use super::housekeeping::{node_value, Housekeeping};
+use super::volumes::{Volumes, NEEDS_CLUSTER};
 use super::Error;
+use crate::cluster::{keys, Etcd, EtcdConfig, EtcdMeta, MetaStore, NodeRegistration, RegistrationConfig, RegistrationError};
+use crate::member::{MemberConfig, Members};
+use crate::replicated::LeaseClock;
 use crate::PollConfig;
+
+/// The environment variable a cluster secret may come from (instead of a file), so that it
+/// never shows on a command line.
+pub const SECRET_ENV: &str = "HCBLK_CLUSTER_SECRET";
 
 /// `hcblk daemon`, validated. Paths are absolute.
 #[derive(Clone, Debug)]
 pub struct DaemonConfig {
-    /// Metadata and file backings (`DATA_DIR/volumes/`). Default /var/lib/hcblk.
+    /// Metadata and file backings (`DATA_DIR/volumes/`); cluster mode: replicas
+    /// (`DATA_DIR/replicas/`). Default /var/lib/hcblk.
     pub data_dir: PathBuf,
     /// One vhost-user socket per volume, `SOCKET_DIR/NAME.sock`. Default /run/hcblk.
     pub socket_dir: PathBuf,
@@ -37,101 +65,392 @@ pub struct DaemonConfig {
     pub poll: PollConfig,
     /// Free hugepage memory required at start, for the data path's own buffers. Default 64.
     pub hugepages_mb: u32,
+    /// Cluster mode; `None`: standalone (the default).
+    pub cluster: Option<ClusterOptions>,
+}
+
+/// The cluster flags of `hcblk daemon`, validated.
+#[derive(Clone, Debug)]
+pub struct ClusterOptions {
+    /// etcd client URLs (`--etcd`, comma-separated). No default.
+    pub etcd: Vec<String>,
+    /// This node's name (`--node`), unique in the cluster. No default.
+    pub node: String,
+    /// The replica service's address (`--listen`), registered for peers to dial: a specific
+    /// address and port. No default.
+    pub listen: SocketAddr,
+    /// `--cluster-secret-file`, or [`SECRET_ENV`]; exactly one of them.
+    pub secret: SecretSource,
+    /// Failure domain (`--zone`); default none: the node is its own domain.
+    pub zone: Option<String>,
+    /// `--transport`; default auto (rdma if a device is usable, else tcp).
+    pub transport: proto::TransportKind,
+    /// `--io-timeout`, `--replace-after`, `--resync-rate`.
+    pub owner: OwnerSettings,
+    /// `--capacity`; default: the free space of the data dir's filesystem at start.
+    pub capacity_bytes: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SecretSource {
+    File(PathBuf),
+    /// [`SECRET_ENV`], read at start.
+    Env,
+}
+
+/// What the daemon's main thread serves requests with: the standalone [`Volumes`] or the
+/// cluster's [`ClusterVolumes`].
+pub trait Manager {
+    fn execute(&mut self, request: Request) -> Result<Response, Error>;
+    /// How often [`Manager::tick`] runs; `None`: never.
+    fn tick_every(&self) -> Option<Duration> {
+        None
+    }
+    /// Periodic work, between requests.
+    fn tick(&mut self) {}
+}
+
+impl<E: Exporter<Backing>> Manager for Volumes<E> {
+    fn execute(&mut self, request: Request) -> Result<Response, Error> {
+        match request {
+            Request::Create(create) => self.create(create).map(|volume| Response::Volume { volume }),
+            Request::List {} => Ok(Response::Volumes { volumes: self.list() }),
+            Request::Info { name } => self.get(&name).map(|volume| Response::Volume { volume }),
+            Request::Resize { name, size_bytes } => self.resize(&name, size_bytes).map(|volume| Response::Volume { volume }),
+            Request::Delete { name, force } => self.delete(&name, force).map(|()| Response::Deleted { name }),
+            Request::Attach { .. }
+            | Request::Detach { .. }
+            | Request::AcceptRisk { .. }
+            | Request::NodeList {}
+            | Request::ClusterStatus {} => Err(Error::Invalid(format!("{} {NEEDS_CLUSTER}", request.op()))),
+        }
+    }
+}
+
+impl<A: super::attach::Attacher> Manager for ClusterVolumes<A> {
+    fn execute(&mut self, request: Request) -> Result<Response, Error> {
+        match request {
+            Request::Create(create) => self.create(create).map(|volume| Response::Volume { volume }),
+            Request::List {} => self.list().map(|volumes| Response::Volumes { volumes }),
+            Request::Info { name } => self.info(&name).map(|volume| Response::Volume { volume }),
+            Request::Resize { name, size_bytes } => self.resize(&name, size_bytes).map(|volume| Response::Volume { volume }),
+            Request::Delete { name, force } => self.delete(&name, force).map(|()| Response::Deleted { name }),
+            Request::Attach { name, force } => self.attach(&name, force).map(|volume| Response::Volume { volume }),
+            Request::Detach { name } => self.detach(&name).map(|()| Response::Detached { name }),
+            Request::AcceptRisk { name, reason, by } => {
+                self.accept_risk(&name, &reason, &by).map(|volume| Response::Volume { volume })
+            }
+            Request::NodeList {} => self.nodes().map(|nodes| Response::Nodes { nodes }),
+            Request::ClusterStatus {} => self.cluster_status().map(|cluster| Response::Cluster { cluster }),
+        }
+    }
+    fn tick_every(&self) -> Option<Duration> {
+        Some(TICK)
+    }
+    fn tick(&mut self) {
+        ClusterVolumes::tick(self);
+    }
 }
 
 /// Requests flow from connection threads to the main thread.
 enum Event {
     Request(Request, mpsc::Sender<Response>),
-    Signal(i32),
+    /// A signal (its number), or a stop asked for in-process.
+    Stop(i32),
+}
+
+/// The main thread's end of the API: connection threads send it requests.
+pub struct Inbox {
+    events: mpsc::SyncSender<Event>,
+    inbox: mpsc::Receiver<Event>,
+}
+
+impl Default for Inbox {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Inbox {
+    pub fn new() -> Self {
+        let (events, inbox) = mpsc::sync_channel(api::CONNECTIONS_MAX);
+        Self { events, inbox }
+    }
+
+    /// Accepts API connections on `listener` from a thread of its own, for good.
+    pub fn accept(&self, listener: UnixListener) -> Result<(), Error> {
+        let events = self.events.clone();
+        std::thread::Builder::new()
+            .name("api-accept".into())
+            .spawn(move || accept_loop(listener, events))
+            .map(|_| ())
+            .map_err(Error::io("start the API thread"))
+    }
+
+    /// Makes [`serve`] return (tests, in-process daemons).
+    pub fn stopper(&self) -> Stopper {
+        Stopper(self.events.clone())
+    }
+
+    /// Turns SIGINT/SIGTERM into a stop; a second signal exits at once.
+    fn install_signals(&self) -> Result<Handle, Error> {
+        let mut signals = Signals::new([SIGINT, SIGTERM]).map_err(Error::io("install signal handlers"))?;
+        let handle = signals.handle();
+        let events = self.events.clone();
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                let mut received = 0;
+                for signal in signals.forever() {
+                    received += 1;
+                    if received > 1 {
+                        tracing::warn!(signal, "second signal: exiting without stopping exports");
+                        std::process::exit(1);
+                    }
+                    let _ = events.send(Event::Stop(signal));
+                }
+            })
+            .map_err(Error::io("start the signal thread"))?;
+        Ok(handle)
+    }
+}
+
+#[derive(Clone)]
+pub struct Stopper(mpsc::SyncSender<Event>);
+
+impl Stopper {
+    pub fn stop(&self) {
+        let _ = self.0.send(Event::Stop(0));
+    }
 }
 
 pub fn run(config: DaemonConfig) -> Result<(), Error> {
     check_hugepages(replica::free_hugepages(), config.hugepages_mb)?;
     // Before creating anything: a second daemon must leave the first one's files alone.
     check_api_socket(&config.api_socket)?;
+    let cluster = match &config.cluster {
+        Some(options) => Some((options, connect_cluster(options)?)),
+        None => None,
+    };
     for dir in [&config.data_dir, &config.socket_dir] {
         fs::create_dir_all(dir).map_err(Error::io(format!("create directory {}", dir.display())))?;
     }
     let _lock = lock_data_dir(&config.data_dir)?;
     let listener = bind_api_socket(&config.api_socket)?;
-    let result = serve_until_signal(&config, listener);
+    let result = match cluster {
+        None => serve_standalone(&config, listener),
+        Some((options, connected)) => serve_cluster(&config, options, connected, listener),
+    };
     let _ = fs::remove_file(&config.api_socket);
     result
 }
 
-fn serve_until_signal(config: &DaemonConfig, listener: UnixListener) -> Result<(), Error> {
-    let (events, inbox) = mpsc::sync_channel(api::CONNECTIONS_MAX);
-    let mut signals = Signals::new([SIGINT, SIGTERM]).map_err(Error::io("install signal handlers"))?;
-    let signal_handle = signals.handle();
-    let signal_events = events.clone();
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            let mut received = 0;
-            for signal in signals.forever() {
-                received += 1;
-                if received > 1 {
-                    tracing::warn!(signal, "second signal: exiting without stopping exports");
-                    std::process::exit(1);
-                }
-                let _ = signal_events.send(Event::Signal(signal));
-            }
-        })
-        .map_err(Error::io("start the signal thread"))?;
-
+fn serve_standalone(config: &DaemonConfig, listener: UnixListener) -> Result<(), Error> {
+    let inbox = Inbox::new();
+    let signals = inbox.install_signals()?;
     // Volumes are restored while the API socket is already bound: clients (and a second
     // daemon's liveness check) queue in the backlog instead of finding no daemon.
     let mut volumes = Volumes::open(VhostUser, &config.data_dir, &config.socket_dir, config.poll.clone())?;
     tracing::info!(volumes = volumes.list().len(), data_dir = %config.data_dir.display(), "volumes restored");
-
-    std::thread::Builder::new()
-        .name("api-accept".into())
-        .spawn(move || accept_loop(listener, events))
-        .map_err(Error::io("start the API thread"))?;
+    inbox.accept(listener)?;
     // Scripts and tests wait for this exact line, so it does not depend on RUST_LOG.
     eprintln!("hcblk daemon ready api={}", config.api_socket.display());
-
     serve(&mut volumes, &inbox);
-    signal_handle.close();
+    signals.close();
     volumes.shutdown();
     tracing::info!("daemon stopped");
     Ok(())
 }
 
-/// Carries out requests until a signal arrives (or every sender is gone).
-fn serve<E: Exporter>(volumes: &mut Volumes<E>, inbox: &mpsc::Receiver<Event>) {
-    while let Ok(event) = inbox.recv() {
+/// What cluster mode has checked before anything is created locally.
+struct Connected {
+    secret: proto::auth::Secret,
+    kind: proto::TransportKind,
+    meta: EtcdMeta,
+}
+
+fn connect_cluster(options: &ClusterOptions) -> Result<Connected, Error> {
+    let secret = match &options.secret {
+        SecretSource::File(path) => proto::auth::Secret::from_file(path).map_err(Error::Secret)?,
+        SecretSource::Env => {
+            let value = std::env::var_os(SECRET_ENV).ok_or_else(|| Error::Invalid(format!("{SECRET_ENV} is not set")))?;
+            proto::auth::Secret::new(value.as_bytes().to_vec()).map_err(Error::Secret)?
+        }
+    };
+    let kind = proto::resolve_transport(options.transport).map_err(Error::Transport)?;
+    let etcd = Etcd::connect(EtcdConfig::new(options.etcd.clone()))?;
+    // A look before anything starts: a second daemon with this name would otherwise bind
+    // its replica service first. The registration itself decides (atomically) later.
+    let key = keys::node(&options.node)?;
+    if let Some(kv) = etcd.get(&key)? {
+        return Err(match kv.lease {
+            Some(lease) => RegistrationError::NameInUse {
+                name: options.node.clone(),
+                lease,
+                ttl_left: etcd.lease_time_to_live(lease).ok().flatten(),
+            },
+            None => RegistrationError::KeyWithoutLease { name: options.node.clone(), key },
+        }
+        .into());
+    }
+    Ok(Connected { secret, kind, meta: EtcdMeta::new(etcd) })
+}
+
+fn serve_cluster(
+    config: &DaemonConfig,
+    options: &ClusterOptions,
+    connected: Connected,
+    listener: UnixListener,
+) -> Result<(), Error> {
+    let Connected { secret, kind, meta } = connected;
+    let node = options.node.clone();
+    let capacity_bytes = match options.capacity_bytes {
+        Some(c) => c,
+        None => fs_free_bytes(&config.data_dir)?,
+    };
+    let now_unix_s = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let cluster_id = meta.cluster_id(random_nonzero_u64()?, now_unix_s)?;
+    let transport = proto::Config::new(cluster_id, replication::node_id(&node), secret);
+    let store: Arc<dyn MetaStore> = Arc::new(meta.clone());
+    let inbox = Inbox::new();
+    let signals = inbox.install_signals()?;
+    let members = Members::start(MemberConfig {
+        node: node.clone(),
+        data_dir: config.data_dir.clone(),
+        listen: options.listen,
+        transport: transport.clone(),
+        kind,
+        meta: Arc::clone(&store),
+    })
+    .map_err(Error::Members)?;
+    let template = NodeInfo {
+        name: node.clone(),
+        id: replication::node_id(&node),
+        address: options.listen.to_string(),
+        zone: options.zone.clone(),
+        capacity_bytes,
+        free_bytes: 0,
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        started_unix_s: now_unix_s,
+    };
+    let value = node_value(&template, members.used_bytes());
+    let registration = match NodeRegistration::start(meta.etcd(), &node, value, RegistrationConfig::default()) {
+        Ok(r) => Arc::new(r),
+        Err(e) => {
+            members.stop();
+            return Err(e.into());
+        }
+    };
+    tracing::info!(node = %node, cluster_id, address = %options.listen, transport = ?kind, capacity_bytes, "joined the cluster");
+    let housekeeping = Housekeeping::start(
+        Arc::clone(&store),
+        Arc::clone(&members) as Arc<dyn super::housekeeping::ReplicaHost>,
+        Arc::clone(&registration),
+        template,
+    );
+    let housekeeping = match housekeeping {
+        Ok(h) => h,
+        Err(e) => {
+            members.stop();
+            return Err(e);
+        }
+    };
+    let lease_clock: LeaseClock = {
+        let registration = Arc::clone(&registration);
+        Arc::new(move || registration.valid_until())
+    };
+    let attacher = ReplicatedAttacher {
+        node: node.clone(),
+        meta: Arc::clone(&store),
+        members: Arc::clone(&members),
+        transport,
+        kind,
+        owner: options.owner,
+        lease: Some(lease_clock),
+        exporter: VhostUser,
+    };
+    let cluster_config = ClusterConfig { node: node.clone(), socket_dir: config.socket_dir.clone(), poll: config.poll.clone() };
+    let mut volumes = ClusterVolumes::new(cluster_config, meta, attacher, Arc::clone(&registration));
+    let attached = volumes.reattach_owned();
+    tracing::info!(attached, "volumes owned by this node attached");
+    inbox.accept(listener)?;
+    eprintln!("hcblk daemon ready api={} node={node}", config.api_socket.display());
+
+    serve(&mut volumes, &inbox);
+    signals.close();
+    volumes.shutdown();
+    drop(volumes);
+    housekeeping.stop();
+    members.stop();
+    // The attacher's lease clock and the housekeeping thread are gone: the last reference.
+    match Arc::try_unwrap(registration) {
+        Ok(registration) => {
+            if let Err(e) = registration.deregister() {
+                tracing::warn!(error = %super::chain(&e), "cannot revoke the node's lease; it expires within its TTL");
+            }
+        }
+        Err(_) => tracing::warn!("the node registration is still in use; its lease expires within its TTL"),
+    }
+    tracing::info!("daemon stopped; volumes owned here stay owned and are attached again at the next start");
+    Ok(())
+}
+
+/// Bytes available to an unprivileged writer on the filesystem holding `dir`.
+fn fs_free_bytes(dir: &Path) -> Result<u64, Error> {
+    let what = || format!("read the free space of {}", dir.display());
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| Error::Invalid(format!("{} contains a NUL byte", dir.display())))?;
+    // SAFETY: `statvfs` is a plain C struct of integers, for which all-zero bytes are a valid
+    // value.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is NUL-terminated and outlives the call; `st` is a live, writable
+    // `statvfs` that the call fills in.
+    let rc = unsafe { libc::statvfs(path.as_ptr(), &mut st) };
+    if rc != 0 {
+        return Err(Error::Io { what: what(), source: io::Error::last_os_error() });
+    }
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
+/// Carries out requests until a stop arrives (or every sender is gone), running the
+/// manager's periodic work in between.
+pub fn serve<M: Manager>(manager: &mut M, inbox: &Inbox) {
+    let every = manager.tick_every();
+    let mut next_tick = every.map(|d| Instant::now() + d);
+    loop {
+        let event = match next_tick {
+            None => inbox.inbox.recv().ok(),
+            Some(at) => match inbox.inbox.recv_timeout(at.saturating_duration_since(Instant::now())) {
+                Ok(event) => Some(event),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            },
+        };
         match event {
-            Event::Request(request, reply) => {
-                let response = execute(volumes, request);
+            Some(Event::Request(request, reply)) => {
+                let response = execute(manager, request);
                 let _ = reply.send(response);
             }
-            Event::Signal(signal) => {
+            Some(Event::Stop(signal)) => {
                 tracing::info!(signal, "stopping");
                 return;
+            }
+            None if next_tick.is_none() => return,
+            None => {}
+        }
+        // Also after a request: a busy API must not starve the periodic work.
+        if let (Some(every), Some(at)) = (every, next_tick) {
+            if Instant::now() >= at {
+                manager.tick();
+                next_tick = Some(Instant::now() + every);
             }
         }
     }
 }
 
-pub(crate) fn execute<E: Exporter>(volumes: &mut Volumes<E>, request: Request) -> Response {
-    let op = match &request {
-        Request::Create(_) => "create",
-        Request::List {} => "list",
-        Request::Info { .. } => "info",
-        Request::Resize { .. } => "resize",
-        Request::Delete { .. } => "delete",
-    };
-    let result = match request {
-        Request::Create(create) => volumes.create(create).map(|volume| Response::Volume { volume }),
-        Request::List {} => Ok(Response::Volumes { volumes: volumes.list() }),
-        Request::Info { name } => volumes.get(&name).map(|volume| Response::Volume { volume }),
-        Request::Resize { name, size_bytes } => {
-            volumes.resize(&name, size_bytes).map(|volume| Response::Volume { volume })
-        }
-        Request::Delete { name, force } => volumes.delete(&name, force).map(|()| Response::Deleted { name }),
-    };
-    result.unwrap_or_else(|error| {
+pub(crate) fn execute<M: Manager>(manager: &mut M, request: Request) -> Response {
+    let op = request.op();
+    manager.execute(request).unwrap_or_else(|error| {
         tracing::info!(op, error = %super::error::chain(&error), "request refused");
         Response::error(&error)
     })
@@ -222,7 +541,7 @@ pub fn check_hugepages(free_pages: Option<u64>, hugepages_mb: u32) -> Result<(),
 }
 
 /// Fails if a live daemon answers on the API socket, or the path is something else.
-fn check_api_socket(path: &Path) -> Result<(), Error> {
+pub fn check_api_socket(path: &Path) -> Result<(), Error> {
     match fs::symlink_metadata(path) {
         Ok(m) if !m.file_type().is_socket() => Err(Error::NotASocket { path: path.to_owned() }),
         Ok(_) if UnixStream::connect(path).is_ok() => Err(Error::ApiSocketInUse { path: path.to_owned() }),
@@ -232,7 +551,8 @@ fn check_api_socket(path: &Path) -> Result<(), Error> {
     }
 }
 
-fn bind_api_socket(path: &Path) -> Result<UnixListener, Error> {
+/// Binds the API socket (mode 0600), replacing a stale one; refuses one a live daemon serves.
+pub fn bind_api_socket(path: &Path) -> Result<UnixListener, Error> {
     // Checked again under the data-dir lock: another daemon may have started meanwhile.
     check_api_socket(path)?;
     if fs::symlink_metadata(path).is_ok() {
@@ -320,9 +640,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let api_path = dir.path().join("api.sock");
         let listener = bind_api_socket(&api_path).unwrap();
-        let (events, inbox) = mpsc::sync_channel(api::CONNECTIONS_MAX);
-        let stop = events.clone();
-        std::thread::spawn(move || accept_loop(listener, events));
+        let inbox = Inbox::new();
+        let stop = inbox.stopper();
+        inbox.accept(listener).unwrap();
         let data = dir.path().join("data");
         let sockets = dir.path().join("sock");
         fs::create_dir_all(&sockets).unwrap();
@@ -349,6 +669,10 @@ mod tests {
             path: None,
             read_only: false,
             serial: None,
+            replicas: None,
+            min_replicas: None,
+            extent_bytes: None,
+            locality: None,
         });
         let Response::Volume { volume } = api::call(&api_path, &create).unwrap() else { panic!() };
         assert_eq!(volume.name, "vm");
@@ -356,8 +680,13 @@ mod tests {
         assert_eq!(err.to_string(), "volume vm already exists");
         let Response::Volumes { volumes } = api::call(&api_path, &Request::List {}).unwrap() else { panic!() };
         assert_eq!(volumes.len(), 1);
+        // Cluster verbs are refused by a standalone daemon, in one line.
+        let err = api::call(&api_path, &Request::Attach { name: "vm".into(), force: false }).unwrap_err();
+        assert!(err.to_string().starts_with("attach needs cluster mode"), "{err}");
+        let err = api::call(&api_path, &Request::NodeList {}).unwrap_err();
+        assert!(err.to_string().contains("needs cluster mode"), "{err}");
 
-        stop.send(Event::Signal(SIGTERM)).unwrap();
+        stop.stop();
         assert_eq!(server.join().unwrap(), 1);
     }
 }

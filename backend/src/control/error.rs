@@ -98,6 +98,46 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// Cluster mode: etcd did not answer, or holds a document that is not valid.
+    #[error(transparent)]
+    Meta(#[from] crate::cluster::MetaError),
+    #[error(transparent)]
+    Etcd(#[from] crate::cluster::EtcdError),
+    #[error(transparent)]
+    Registration(#[from] crate::cluster::RegistrationError),
+    #[error("cannot place the volume's extents")]
+    Placement(#[source] replication::placement::PlacementError),
+    #[error(
+        "volume {name} is attached on node {node}, which is up; detach it there, or pass --force to take it over"
+    )]
+    AttachedElsewhere { name: String, node: String },
+    #[error("volume {name} is attached on node {node}; detach it first or pass --force")]
+    Attached { name: String, node: String },
+    #[error("volume {name} is already attached on this node (socket {socket})")]
+    AlreadyAttached { name: String, socket: PathBuf },
+    #[error("volume {name} is not attached{}", match .owner { Some(o) => format!(" here (its owner is node {o}: detach it there)"), None => String::new() })]
+    NotAttached { name: String, owner: Option<String> },
+    #[error("cannot attach volume {name}")]
+    Attach {
+        name: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("cannot detach volume {name}")]
+    Detach {
+        name: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A compare-and-swap kept losing to other writers (the owner changing membership).
+    #[error("volume {name} kept changing in etcd during the {op}; retry")]
+    Contended { name: String, op: &'static str },
+    #[error("cluster secret")]
+    Secret(#[source] proto::auth::SecretError),
+    #[error("--transport")]
+    Transport(#[source] proto::TransportError),
+    #[error("cannot start the replica service")]
+    Members(#[source] crate::member::MemberError),
 }
 
 impl Error {

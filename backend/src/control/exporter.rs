@@ -1,17 +1,19 @@
-//! The seam between the control plane and the data path: the volume manager starts, resizes
-//! and stops exports through these traits, so its logic (validation, rollback, persistence) is
-//! tested against [`fake::FakeExporter`] without a vhost-user frontend.
+//! The seam between the control plane and the data path: the volume managers start, resize
+//! and stop exports through these traits, so their logic (validation, rollback, persistence)
+//! is tested against [`fake::FakeExporter`] without a vhost-user frontend.
+//!
+//! An exporter serves volumes of type `V`: the local shard ([`replica::Backing`]) for the
+//! standalone manager, the replicated volume for the cluster's (through
+//! [`Attacher`](super::attach::Attacher), which also claims the volume in etcd).
 
 use std::sync::Arc;
 
-use replica::Backing;
-
 use crate::{Export, ExportConfig, Volume};
 
-pub trait Exporter {
+pub trait Exporter<V: Volume> {
     type Handle: ExportHandle;
     /// Binds `config.socket_path` and serves frontends on it until the handle is stopped.
-    fn start(&self, config: ExportConfig, backing: Arc<Backing>) -> Result<Self::Handle, crate::Error>;
+    fn start(&self, config: ExportConfig, volume: Arc<V>) -> Result<Self::Handle, crate::Error>;
 }
 
 pub trait ExportHandle {
@@ -26,10 +28,10 @@ pub trait ExportHandle {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct VhostUser;
 
-impl Exporter for VhostUser {
-    type Handle = Export<Backing>;
-    fn start(&self, config: ExportConfig, backing: Arc<Backing>) -> Result<Export<Backing>, crate::Error> {
-        Export::start(config, backing)
+impl<V: Volume> Exporter<V> for VhostUser {
+    type Handle = Export<V>;
+    fn start(&self, config: ExportConfig, volume: Arc<V>) -> Result<Export<V>, crate::Error> {
+        Export::start(config, volume)
     }
 }
 
@@ -52,13 +54,11 @@ pub(crate) mod fake {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Mutex};
 
-    use replica::Backing;
-
     use super::{ExportHandle, Exporter};
-    use crate::ExportConfig;
+    use crate::{ExportConfig, Volume};
 
     /// Behaves like the real export at the socket level (binds it, refuses one in use, removes
-    /// it on stop) and grows the backing on resize; failures can be injected.
+    /// it on stop) and grows the volume on resize; failures can be injected.
     #[derive(Default)]
     pub(crate) struct FakeExporter {
         pub fail_start: AtomicBool,
@@ -68,17 +68,17 @@ pub(crate) mod fake {
         pub started: Mutex<Vec<ExportConfig>>,
     }
 
-    pub(crate) struct FakeExport {
+    pub(crate) struct FakeExport<V> {
         _listener: UnixListener,
         path: PathBuf,
-        backing: Arc<Backing>,
+        volume: Arc<V>,
         fail_resize: Arc<AtomicBool>,
         connected: Arc<AtomicBool>,
     }
 
-    impl Exporter for FakeExporter {
-        type Handle = FakeExport;
-        fn start(&self, config: ExportConfig, backing: Arc<Backing>) -> Result<FakeExport, crate::Error> {
+    impl<V: Volume> Exporter<V> for FakeExporter {
+        type Handle = FakeExport<V>;
+        fn start(&self, config: ExportConfig, volume: Arc<V>) -> Result<FakeExport<V>, crate::Error> {
             if self.fail_start.load(Ordering::Relaxed) {
                 return Err(crate::Error::Config("injected start failure".into()));
             }
@@ -95,19 +95,19 @@ pub(crate) mod fake {
             Ok(FakeExport {
                 _listener: listener,
                 path,
-                backing,
+                volume,
                 fail_resize: Arc::clone(&self.fail_resize),
                 connected: Arc::clone(&self.connected),
             })
         }
     }
 
-    impl ExportHandle for FakeExport {
+    impl<V: Volume> ExportHandle for FakeExport<V> {
         fn resize(&self, new_size_bytes: u64) -> Result<(), crate::Error> {
             if self.fail_resize.load(Ordering::Relaxed) {
                 return Err(crate::Error::ConfigChange(std::io::Error::other("injected resize failure")));
             }
-            Ok(self.backing.resize(new_size_bytes)?)
+            self.volume.grow(new_size_bytes)
         }
         fn is_connected(&self) -> bool {
             self.connected.load(Ordering::Relaxed)

@@ -16,22 +16,45 @@
 //! dot-files never collide with a volume.
 //!
 //! ```json
-//! {"format":1,"name":"vm1","size_bytes":10737418240,"block_size":512,"queues":1,
+//! {"format":2,"name":"vm1","size_bytes":10737418240,"block_size":512,"queues":1,
 //!  "backing":"file","path":"/var/lib/hcblk/volumes/vm1.img","created_backing":true,
-//!  "read_only":false,"serial":"vm1","created_unix_s":1795317910}
+//!  "read_only":false,"serial":"vm1","created_unix_s":1795317910,
+//!  "replicas":1,"min_replicas":1,"extent_bytes":1073741824,"generation":3,"epoch":1}
 //! ```
+//!
+//! Format 2 adds the fields a replicated volume's document has (`replicas`, `min_replicas`,
+//! `extent_bytes`, `generation`, `epoch`), so that `volume info` reads the same in both modes.
+//! A standalone volume has one replica, its membership never changes (epoch 1), and its
+//! generation counts the daemon starts that served it: it is bumped, durably, before the
+//! export starts. Format 1 records (the first eleven fields only) are still read: they are
+//! upgraded in memory (replicas 1, min_replicas 1, the default extent size, generation 0,
+//! epoch 1) and written as format 2 by the next save, which is the generation bump of the
+//! next start.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
 use replica::BackingKind;
+use replication::meta::REGIONS_PER_EXTENT_MAX;
 use serde::{Deserialize, Serialize};
 
 use super::Error;
 
-/// The record format this code writes and reads.
-const FORMAT: u32 = 1;
+/// The record format this code writes.
+pub const FORMAT: u32 = 2;
+/// The first format, still read (and upgraded in memory).
+const FORMAT_1: u32 = 1;
+/// Granularity of dirty tracking and resync of a replicated volume (`VolumeMeta.region_bytes`).
+pub const REGION_BYTES: u64 = 1 << 20;
+/// Default extent size: see docs/cli.md (`--extent-size`) for why.
+pub const EXTENT_BYTES_DEFAULT: u64 = 1 << 30;
+/// Smallest extent size accepted: smaller extents only make the volume document longer.
+pub const EXTENT_BYTES_MIN: u64 = 16 << 20;
+/// Largest extent size: an extent's dirty bitmap (one bit per region) must fit one message.
+pub const EXTENT_BYTES_MAX: u64 = REGIONS_PER_EXTENT_MAX * REGION_BYTES;
+const _: () = assert!(EXTENT_BYTES_MAX == 4 << 30 && EXTENT_BYTES_MIN <= EXTENT_BYTES_DEFAULT);
+const _: () = assert!(EXTENT_BYTES_DEFAULT <= EXTENT_BYTES_MAX && EXTENT_BYTES_MIN >= REGION_BYTES);
 /// Records are a few hundred bytes; anything much larger is not ours.
 const RECORD_BYTES_MAX: u64 = 64 << 10;
 /// Volume names: also file names and socket names, hence the short, plain alphabet.
@@ -82,7 +105,8 @@ impl std::str::FromStr for BackingType {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VolumeRecord {
-    /// Always [`FORMAT`]; a reader refuses formats it does not know.
+    /// Always [`FORMAT`] in memory (format 1 is upgraded when read); a reader refuses formats
+    /// it does not know.
     pub format: u32,
     pub name: String,
     pub size_bytes: u64,
@@ -98,6 +122,58 @@ pub struct VolumeRecord {
     pub read_only: bool,
     pub serial: String,
     pub created_unix_s: u64,
+    /// Always 1 for a standalone volume.
+    pub replicas: u8,
+    /// Always 1 for a standalone volume.
+    pub min_replicas: u8,
+    /// A power of two in [`EXTENT_BYTES_MIN`]..=[`EXTENT_BYTES_MAX`]; default
+    /// [`EXTENT_BYTES_DEFAULT`]. Recorded only: a standalone volume is one local file.
+    pub extent_bytes: u64,
+    /// Daemon starts (and the create) that served this volume; bumped before each.
+    pub generation: u64,
+    /// Membership epoch: 1, as a standalone volume's membership never changes.
+    pub epoch: u32,
+}
+
+/// Format 1, as written before format 2: read and upgraded, never written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RecordV1 {
+    format: u32,
+    name: String,
+    size_bytes: u64,
+    block_size: u32,
+    queues: u16,
+    backing: BackingType,
+    path: Option<PathBuf>,
+    created_backing: bool,
+    read_only: bool,
+    serial: String,
+    created_unix_s: u64,
+}
+
+impl From<RecordV1> for VolumeRecord {
+    fn from(v1: RecordV1) -> Self {
+        debug_assert_eq!(v1.format, FORMAT_1);
+        Self {
+            format: FORMAT,
+            name: v1.name,
+            size_bytes: v1.size_bytes,
+            block_size: v1.block_size,
+            queues: v1.queues,
+            backing: v1.backing,
+            path: v1.path,
+            created_backing: v1.created_backing,
+            read_only: v1.read_only,
+            serial: v1.serial,
+            created_unix_s: v1.created_unix_s,
+            replicas: 1,
+            min_replicas: 1,
+            extent_bytes: EXTENT_BYTES_DEFAULT,
+            generation: 0,
+            epoch: 1,
+        }
+    }
 }
 
 impl VolumeRecord {
@@ -110,6 +186,16 @@ impl VolumeRecord {
         validate_name(&self.name).map_err(|e| e.to_string())?;
         validate_geometry(self.size_bytes, self.block_size, self.queues).map_err(|e| e.to_string())?;
         validate_serial(&self.serial).map_err(|e| e.to_string())?;
+        if self.replicas != 1 || self.min_replicas != 1 {
+            return Err(format!(
+                "replicas {} and min_replicas {} (a standalone volume has exactly 1 of each)",
+                self.replicas, self.min_replicas
+            ));
+        }
+        validate_extent_bytes(self.extent_bytes).map_err(|e| e.to_string())?;
+        if self.epoch == 0 {
+            return Err("epoch 0 (epochs start at 1)".into());
+        }
         match (self.backing, &self.path) {
             (BackingType::File | BackingType::Device, None) => Err("a file or device backing needs a path".into()),
             (BackingType::File | BackingType::Device, Some(p)) if !p.is_absolute() => {
@@ -156,6 +242,16 @@ pub fn validate_geometry(size_bytes: u64, block_size: u32, queues: u16) -> Resul
     }
     if queues == 0 || queues > QUEUES_MAX {
         return Err(Error::Invalid(format!("queues {queues} is out of range 1..={QUEUES_MAX}")));
+    }
+    Ok(())
+}
+
+/// A power of two from [`EXTENT_BYTES_MIN`] (16 MiB) to [`EXTENT_BYTES_MAX`] (4 GiB).
+pub fn validate_extent_bytes(extent_bytes: u64) -> Result<(), Error> {
+    if !extent_bytes.is_power_of_two() || !(EXTENT_BYTES_MIN..=EXTENT_BYTES_MAX).contains(&extent_bytes) {
+        return Err(Error::Invalid(format!(
+            "extent size {extent_bytes} bytes is not a power of two from 16M to 4G"
+        )));
     }
     Ok(())
 }
@@ -336,7 +432,17 @@ pub fn decode_record(bytes: &[u8], expected_name: &str) -> Result<VolumeRecord, 
     if bytes.len() as u64 > RECORD_BYTES_MAX {
         return Err(format!("more than {RECORD_BYTES_MAX} bytes, more than a record can be"));
     }
-    let record: VolumeRecord = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    // The format decides which fields are expected, so look at it first.
+    #[derive(Deserialize)]
+    struct Format {
+        format: u32,
+    }
+    let Format { format } = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    let record: VolumeRecord = match format {
+        FORMAT_1 => serde_json::from_slice::<RecordV1>(bytes).map_err(|e| e.to_string())?.into(),
+        FORMAT => serde_json::from_slice(bytes).map_err(|e| e.to_string())?,
+        other => return Err(format!("unknown format {other} (this hcblk reads {FORMAT_1} and {FORMAT})")),
+    };
     record.validate()?;
     if record.name != expected_name {
         return Err(format!("holds volume {:?}, but the file is named for {expected_name:?}", record.name));
@@ -361,6 +467,11 @@ mod tests {
             read_only: false,
             serial: default_serial(name),
             created_unix_s: 1_795_317_910,
+            replicas: 1,
+            min_replicas: 1,
+            extent_bytes: EXTENT_BYTES_DEFAULT,
+            generation: 1,
+            epoch: 1,
         }
     }
 
@@ -383,6 +494,55 @@ mod tests {
         store.save(&grown).unwrap();
         let (_, loaded) = Store::open(dir.path()).unwrap();
         assert_eq!(loaded.volumes[0], grown);
+    }
+
+    /// A record exactly as format 1 wrote it: read, upgraded in memory, written as format 2 by
+    /// the next save, and read back the same.
+    #[test]
+    fn format_1_records_are_read_and_upgraded() {
+        let dir = tempfile::tempdir().unwrap();
+        let v1 = r#"{
+  "format": 1,
+  "name": "old",
+  "size_bytes": 10737418240,
+  "block_size": 512,
+  "queues": 1,
+  "backing": "file",
+  "path": "/var/lib/hcblk/volumes/old.img",
+  "created_backing": true,
+  "read_only": false,
+  "serial": "old",
+  "created_unix_s": 1795317910
+}
+"#;
+        fs::write(dir.path().join("old.json"), v1).unwrap();
+        let (store, loaded) = Store::open(dir.path()).unwrap();
+        let expected = VolumeRecord {
+            size_bytes: 10 << 30,
+            queues: 1,
+            generation: 0,
+            path: Some("/var/lib/hcblk/volumes/old.img".into()),
+            ..record("old")
+        };
+        assert_eq!(loaded.volumes, vec![expected.clone()]);
+        // Untouched until saved.
+        assert_eq!(fs::read_to_string(dir.path().join("old.json")).unwrap(), v1);
+        let bumped = VolumeRecord { generation: 1, ..expected };
+        store.save(&bumped).unwrap();
+        let text = fs::read_to_string(dir.path().join("old.json")).unwrap();
+        assert!(text.contains("\"format\": 2") && text.contains("\"generation\": 1"), "{text}");
+        let (_, loaded) = Store::open(dir.path()).unwrap();
+        assert_eq!(loaded.volumes, vec![bumped]);
+    }
+
+    #[test]
+    fn extent_sizes() {
+        for good in [16 << 20, 1 << 30, 4 << 30] {
+            validate_extent_bytes(good).unwrap();
+        }
+        for bad in [0, 8 << 20, 3 << 20, (1 << 30) + 1, 8 << 30] {
+            assert!(validate_extent_bytes(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
@@ -420,13 +580,25 @@ mod tests {
     #[test]
     fn corrupt_records_stop_the_load_and_are_named() {
         let huge = vec![b' '; RECORD_BYTES_MAX as usize + 1];
-        let cases: [(&str, &[u8]); 6] = [
+        // Format 2 fields in a format-1 record, and a format-2 record without them.
+        let v1_with_v2_fields = r#"{"format":1,"name":"mixed","size_bytes":1048576,"block_size":512,"queues":1,
+            "backing":"null","path":null,"created_backing":false,"read_only":false,"serial":"mixed",
+            "created_unix_s":0,"generation":4}"#;
+        let v2_without = r#"{"format":2,"name":"short","size_bytes":1048576,"block_size":512,"queues":1,
+            "backing":"null","path":null,"created_backing":false,"read_only":false,"serial":"short",
+            "created_unix_s":0}"#;
+        let cases: [(&str, &[u8]); 11] = [
             ("huge", &huge),
             ("torn", b"{\"format\":1,\"name\":\"torn\""),
             ("garbage", b"\x00\xff\xfe not json"),
             ("misnamed", &serde_json::to_vec(&record("other")).unwrap()),
-            ("future", &serde_json::to_vec(&VolumeRecord { format: 2, ..record("future") }).unwrap()),
+            ("future", &serde_json::to_vec(&VolumeRecord { format: 3, ..record("future") }).unwrap()),
+            ("replicated", &serde_json::to_vec(&VolumeRecord { replicas: 3, ..record("replicated") }).unwrap()),
+            ("extent", &serde_json::to_vec(&VolumeRecord { extent_bytes: 3 << 20, ..record("extent") }).unwrap()),
+            ("epoch", &serde_json::to_vec(&VolumeRecord { epoch: 0, ..record("epoch") }).unwrap()),
             ("unaligned", &serde_json::to_vec(&VolumeRecord { size_bytes: 1000, ..record("unaligned") }).unwrap()),
+            ("mixed", v1_with_v2_fields.as_bytes()),
+            ("short", v2_without.as_bytes()),
         ];
         for (name, bytes) in cases {
             let dir = tempfile::tempdir().unwrap();

@@ -1,4 +1,6 @@
-//! Operator-facing values: sizes with binary suffixes, CPU lists, timestamps.
+//! Operator-facing values: sizes with binary suffixes, durations, rates, CPU lists, timestamps.
+
+use std::time::Duration;
 
 use super::Error;
 
@@ -86,6 +88,73 @@ pub fn format_size_human(bytes: u64) -> String {
     }
 }
 
+/// A size for tables, short and approximate: `512`, `1.5K`, `10G`, `931.3G` (binary units;
+/// one decimal unless the value is whole).
+pub fn format_size_short(bytes: u64) -> String {
+    let mut index = 0;
+    let mut value = bytes as f64;
+    while value >= 1024.0 && index + 1 < UNITS.len() + 1 {
+        value /= 1024.0;
+        index += 1;
+    }
+    if index == 0 {
+        return bytes.to_string();
+    }
+    let unit = UNITS[index - 1].0;
+    if value.fract() == 0.0 {
+        format!("{value:.0}{unit}")
+    } else {
+        format!("{value:.1}{unit}")
+    }
+}
+
+/// Parses `500ms`, `5s`, `10m`, `2h` or `1d`: a whole number and one unit. A bare number is
+/// refused (seconds or milliseconds? the operator says which).
+pub fn parse_duration(input: &str) -> Result<Duration, Error> {
+    let bad = |reason: &str| Error::Invalid(format!("invalid duration {input:?}: {reason}"));
+    let s = input.trim();
+    let digits_end = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(digits_end);
+    if number.is_empty() {
+        return Err(bad("expected a whole number and a unit: ms, s, m, h or d (e.g. 5s, 10m)"));
+    }
+    if number.len() > 12 {
+        return Err(bad("too large"));
+    }
+    let n: u64 = number.parse().map_err(|_| bad("malformed number"))?;
+    let unit_ms: u64 = match unit {
+        "ms" => 1,
+        "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        "" => return Err(bad("no unit (ms, s, m, h or d)")),
+        _ => return Err(bad("unknown unit (ms, s, m, h or d)")),
+    };
+    let ms = n.checked_mul(unit_ms).ok_or_else(|| bad("too large"))?;
+    Ok(Duration::from_millis(ms))
+}
+
+/// A duration for people, exact to the second: `45s`, `14m05s`, `3h02m`, `2d04h`.
+pub fn format_duration_s(seconds: u64) -> String {
+    let (d, h, m, s) = (seconds / 86_400, (seconds / 3600) % 24, (seconds / 60) % 60, seconds % 60);
+    if d > 0 {
+        format!("{d}d{h:02}h")
+    } else if h > 0 {
+        format!("{h}h{m:02}m")
+    } else if m > 0 {
+        format!("{m}m{s:02}s")
+    } else {
+        format!("{s}s")
+    }
+}
+
+/// Parses a rate in bytes per second: a size ([`parse_size`]), optionally followed by `/s`.
+pub fn parse_rate(input: &str) -> Result<u64, Error> {
+    let trimmed = input.trim();
+    parse_size(trimmed.strip_suffix("/s").unwrap_or(trimmed))
+}
+
 /// Parses a Linux CPU list as in /sys/devices/system/cpu/online: `0`, `0-3`, `0,2-3`.
 /// Returns the sorted, deduplicated CPU numbers.
 pub fn parse_cpu_list(input: &str) -> Result<Vec<usize>, Error> {
@@ -129,6 +198,13 @@ pub fn format_rfc3339(unix_s: u64) -> String {
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + u64::from(month <= 2);
     format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", secs / 3600, (secs / 60) % 60, secs % 60)
+}
+
+/// `2026-11-22T03:25:10.000000042Z` for a time since the Unix epoch: sortable, and distinct
+/// for two events in the same second (audit keys).
+pub fn format_rfc3339_nanos(since_epoch: Duration) -> String {
+    let seconds = format_rfc3339(since_epoch.as_secs());
+    format!("{}.{:09}Z", &seconds[..seconds.len() - 1], since_epoch.subsec_nanos())
 }
 
 #[cfg(test)]
@@ -187,9 +263,42 @@ mod tests {
     }
 
     #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
+        assert_eq!(parse_duration("10m").unwrap(), Duration::from_secs(600));
+        assert_eq!(parse_duration(" 2h ").unwrap(), Duration::from_secs(7200));
+        assert_eq!(parse_duration("1d").unwrap(), Duration::from_secs(86_400));
+        for bad in ["", "5", "s", "5 s", "1.5s", "-1s", "5sec", "5S", "9999999999999d", "5m3s"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} was accepted");
+        }
+        assert_eq!(format_duration_s(45), "45s");
+        assert_eq!(format_duration_s(845), "14m05s");
+        assert_eq!(format_duration_s(3 * 3600 + 125), "3h02m");
+        assert_eq!(format_duration_s(2 * 86_400 + 4 * 3600 + 59), "2d04h");
+    }
+
+    #[test]
+    fn rates_and_short_sizes() {
+        assert_eq!(parse_rate("64M").unwrap(), 64 << 20);
+        assert_eq!(parse_rate("64M/s").unwrap(), 64 << 20);
+        assert_eq!(parse_rate("0").unwrap(), 0);
+        assert!(parse_rate("64MB/s").is_err());
+        assert_eq!(format_size_short(512), "512");
+        assert_eq!(format_size_short(1536), "1.5K");
+        assert_eq!(format_size_short(10 << 30), "10G");
+        assert_eq!(format_size_short(1_000_000_000_000), "931.3G");
+        assert_eq!(format_size_short(u64::MAX), "16384P");
+    }
+
+    #[test]
     fn rfc3339() {
         assert_eq!(format_rfc3339(0), "1970-01-01T00:00:00Z");
         assert_eq!(format_rfc3339(951_782_400), "2000-02-29T00:00:00Z");
         assert_eq!(format_rfc3339(1_795_317_910), "2026-11-22T03:25:10Z");
+        assert_eq!(
+            format_rfc3339_nanos(Duration::new(1_795_317_910, 42)),
+            "2026-11-22T03:25:10.000000042Z"
+        );
     }
 }

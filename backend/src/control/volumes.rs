@@ -14,21 +14,24 @@ use replica::{Backing, BackingConfig};
 
 use super::api::{CreateRequest, VolumeInfo};
 use super::exporter::{ExportHandle, Exporter};
-use super::store::{self, BackingType, Store, VolumeRecord};
+use super::store::{self, BackingType, Store, VolumeRecord, EXTENT_BYTES_DEFAULT, FORMAT};
 use super::Error;
 use crate::{ExportConfig, PollConfig};
 
 /// `sun_path` holds 108 bytes including the terminating NUL.
 const SOCKET_PATH_BYTES_MAX: usize = 107;
 /// The largest virtqueue a frontend may configure (QEMU's vhost-user-blk default is 256).
-const QUEUE_SIZE: u16 = 256;
+pub(crate) const QUEUE_SIZE: u16 = 256;
+/// What a request for a cluster-only feature is told by a standalone daemon.
+pub(crate) const NEEDS_CLUSTER: &str =
+    "needs cluster mode (start the daemon with --etcd, --node, --listen and a cluster secret)";
 
 struct Live<H> {
     record: VolumeRecord,
     export: H,
 }
 
-pub struct Volumes<E: Exporter> {
+pub struct Volumes<E: Exporter<Backing>> {
     exporter: E,
     store: Store,
     socket_dir: PathBuf,
@@ -36,7 +39,7 @@ pub struct Volumes<E: Exporter> {
     live: BTreeMap<String, Live<E::Handle>>,
 }
 
-impl<E: Exporter> Volumes<E> {
+impl<E: Exporter<Backing>> Volumes<E> {
     /// Loads the metadata under `data_dir`, finishes interrupted deletions and re-exports every
     /// volume. Fails (stopping whatever it had started) if any volume cannot be brought back:
     /// a daemon that silently left a VM's disk out would be worse than one that does not start.
@@ -50,6 +53,12 @@ impl<E: Exporter> Volumes<E> {
             }
         }
         for record in loaded.volumes {
+            // The generation counts the starts that served the volume: durable before serving.
+            let record = VolumeRecord { generation: record.generation + 1, ..record };
+            if let Err(e) = volumes.store.save(&record) {
+                volumes.shutdown();
+                return Err(e);
+            }
             match volumes.start(&record, false) {
                 Ok(export) => {
                     tracing::info!(volume = %record.name, size_bytes = record.size_bytes, backing = record.backing.name(), "volume restored");
@@ -96,6 +105,17 @@ impl<E: Exporter> Volumes<E> {
             None => store::default_serial(&name),
         };
         store::validate_serial(&serial)?;
+        if let Some(replicas) = request.replicas.filter(|&r| r != 1) {
+            return Err(Error::Invalid(format!("--replicas {replicas} {NEEDS_CLUSTER}; a standalone volume has 1")));
+        }
+        if let Some(min) = request.min_replicas.filter(|&m| m != 1) {
+            return Err(Error::Invalid(format!("--min-replicas {min} {NEEDS_CLUSTER}; a standalone volume has 1")));
+        }
+        if request.locality.is_some() {
+            return Err(Error::Invalid(format!("--locality {NEEDS_CLUSTER}")));
+        }
+        let extent_bytes = request.extent_bytes.unwrap_or(EXTENT_BYTES_DEFAULT);
+        store::validate_extent_bytes(extent_bytes)?;
         // A deletion of this name that did not finish owns files a new volume could reuse.
         if let Some(pending) = self.store.pending_delete(&name)? {
             self.finish_delete(&pending)?;
@@ -104,7 +124,7 @@ impl<E: Exporter> Volumes<E> {
         let socket = self.socket_path(&name);
         check_socket_path(&socket)?;
         let record = VolumeRecord {
-            format: 1,
+            format: FORMAT,
             name: name.clone(),
             size_bytes: request.size_bytes,
             block_size: request.block_size,
@@ -115,6 +135,12 @@ impl<E: Exporter> Volumes<E> {
             read_only: request.read_only,
             serial,
             created_unix_s: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            replicas: 1,
+            min_replicas: 1,
+            extent_bytes,
+            // Served from now on: the first generation.
+            generation: 1,
+            epoch: 1,
         };
         record.validate().map_err(Error::Invalid)?;
 
@@ -379,7 +405,7 @@ impl BackingUndo {
 
 /// Refuses a socket path that is too long, held by a live process, or not a socket; removes a
 /// stale socket left by a process that is gone.
-fn check_socket_path(path: &Path) -> Result<(), Error> {
+pub(crate) fn check_socket_path(path: &Path) -> Result<(), Error> {
     if path.as_os_str().len() > SOCKET_PATH_BYTES_MAX {
         return Err(Error::Invalid(format!(
             "socket path {} is longer than {SOCKET_PATH_BYTES_MAX} bytes; use a shorter --socket-dir or name",
@@ -400,7 +426,7 @@ fn check_socket_path(path: &Path) -> Result<(), Error> {
     fs::remove_file(path).map_err(Error::io(format!("remove the stale socket {}", path.display())))
 }
 
-fn remove_stale_socket(path: &Path) {
+pub(crate) fn remove_stale_socket(path: &Path) {
     if fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
         let _ = fs::remove_file(path);
     }
@@ -468,6 +494,10 @@ mod tests {
             path: None,
             read_only: false,
             serial: None,
+            replicas: None,
+            min_replicas: None,
+            extent_bytes: None,
+            locality: None,
         }
     }
 
@@ -476,8 +506,9 @@ mod tests {
         let setup = Setup::new();
         let mut volumes = setup.open();
         let info = volumes.create(create("vm1", 1 << 20, BackingType::File)).unwrap();
-        assert_eq!(info.socket, setup.sockets().join("vm1.sock"));
-        assert!(info.socket.exists());
+        let socket = info.socket.clone().unwrap();
+        assert_eq!(socket, setup.sockets().join("vm1.sock"));
+        assert!(socket.exists());
         assert_eq!(info.path.as_deref(), Some(setup.img("vm1").as_path()));
         assert!(info.created_backing);
         assert_eq!(fs::metadata(setup.img("vm1")).unwrap().len(), 1 << 20);
@@ -490,7 +521,7 @@ mod tests {
 
         volumes.delete("vm1", false).unwrap();
         assert!(volumes.list().is_empty());
-        assert!(!info.socket.exists());
+        assert!(!socket.exists());
         assert!(!setup.img("vm1").exists());
         assert!(!setup.json("vm1").exists());
         assert!(matches!(volumes.get("vm1"), Err(Error::NoSuchVolume(_))));
@@ -542,6 +573,11 @@ mod tests {
             with(&|r| r.path = Some(setup.data().join("volumes").join("other.img"))),
             with(&|r| r.name = "busy".into()),
             with(&|r| r.name = "regular".into()),
+            with(&|r| r.replicas = Some(3)),
+            with(&|r| r.min_replicas = Some(2)),
+            with(&|r| r.locality = Some(replication::Locality::None)),
+            with(&|r| r.extent_bytes = Some(3 << 20)),
+            with(&|r| r.extent_bytes = Some(8 << 30)),
         ];
         for request in refused {
             let what = format!("{request:?}");
@@ -617,12 +653,15 @@ mod tests {
         volumes.create(create("b", 4 << 20, BackingType::Null)).unwrap();
         volumes.resize("a", 3 << 20).unwrap();
         let listed = volumes.list();
+        assert!(listed.iter().all(|v| v.generation == 1), "{listed:?}");
         fs::write(setup.img("a"), vec![0x5a; 3 << 20]).unwrap();
         volumes.shutdown();
         assert!(!setup.sockets().join("a.sock").exists());
 
         let volumes = setup.open();
-        assert_eq!(volumes.list(), listed);
+        // The same volumes, one generation later.
+        let bumped: Vec<VolumeInfo> = listed.into_iter().map(|v| VolumeInfo { generation: 2, ..v }).collect();
+        assert_eq!(volumes.list(), bumped);
         assert!(setup.sockets().join("a.sock").exists());
         assert!(fs::read(setup.img("a")).unwrap().iter().all(|b| *b == 0x5a));
         let started = volumes.exporter.started.lock().unwrap();
