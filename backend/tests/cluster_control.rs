@@ -79,7 +79,7 @@ struct FakeHandle {
 impl Attacher for FakeAttacher {
     type Handle = FakeHandle;
 
-    fn attach(&self, name: &str, export: ExportConfig) -> Result<FakeHandle, Error> {
+    fn attach(&self, name: &str, export: ExportConfig, _takeover_of: Option<&str>) -> Result<FakeHandle, Error> {
         if self.state.fail_attach.load(Ordering::Relaxed) {
             return Err(Error::Attach { name: name.into(), source: "injected attach failure".into() });
         }
@@ -788,10 +788,9 @@ fn cluster_daemon_start_up_refusals_change_nothing() {
     }
 }
 
-/// The whole daemon in cluster mode. Needs the replica service (`Members::start`), which is
-/// `todo!()` in this branch until the member service is merged.
+/// The whole daemon in cluster mode: registration, the replica service, create, attach, and
+/// ownership kept across a restart (attached again at start).
 #[test]
-#[ignore = "needs the member service (Members::start)"]
 fn cluster_daemon_registers_creates_and_keeps_ownership_across_a_restart() {
     let c = Cluster::new("daemon-full");
     let dirs = DaemonDirs::new();
@@ -836,6 +835,16 @@ fn cluster_daemon_registers_creates_and_keeps_ownership_across_a_restart() {
     assert_eq!(c.doc("v").owner.as_deref(), Some("solo"), "ownership kept");
     let mut child = start();
     assert!(is_socket(&dirs.dir.path().join("sock/v.sock")), "attached again at start");
+    // kill -9: its registration's lease is still live (10 s TTL), yet the next start of the
+    // same node must not wait for it, and the volume is attached again.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let restarted = Instant::now();
+    let mut child = start();
+    assert!(restarted.elapsed() < Duration::from_secs(8), "restart after kill -9 took {:?}", restarted.elapsed());
+    assert!(c.meta.read_node("solo").unwrap().is_some(), "registered again");
+    assert!(is_socket(&dirs.dir.path().join("sock/v.sock")), "attached again after kill -9");
+    assert_eq!(c.doc("v").owner.as_deref(), Some("solo"));
     let _ = child.kill();
     let _ = child.wait();
 }

@@ -136,9 +136,10 @@ fn a_volume_and_its_id_index_are_created_and_deleted_together() {
     let status = PublishedStatus { node: "n1".into(), phase: "serving".into(), ..PublishedStatus::default() };
     meta.etcd().compare_and_swap(&keys::status("vol0").unwrap(), 0, &status.to_json(), &[]).unwrap();
     let later = committed(meta.write_volume("vol0", rev, &VolumeMeta { epoch: 2, ..v.clone() }).unwrap());
-    let MetaWrite::Conflict(Some((current, current_rev))) = meta.delete_volume("vol0", rev, 42).unwrap() else {
+    let MetaWrite::Conflict(Some(conflict)) = meta.delete_volume("vol0", rev, 42).unwrap() else {
         panic!("a delete on a stale revision must conflict")
     };
+    let (current, current_rev) = *conflict;
     assert_eq!((current.epoch, current_rev), (2, later));
     committed(meta.delete_volume("vol0", later, 42).unwrap());
     assert_eq!(meta.read_volume("vol0").unwrap(), None);
@@ -181,12 +182,13 @@ fn a_cas_race_from_one_revision_has_one_winner_and_the_loser_gets_the_current_do
         let (won, win) = winners[0];
         let win_rev = committed(win.clone());
         let (_, lost) = results.iter().find(|(_, w)| matches!(w, MetaWrite::Conflict(_))).unwrap();
-        assert_eq!(lost, &MetaWrite::Conflict(Some((won.clone(), win_rev))), "round {round}");
+        assert_eq!(lost, &MetaWrite::Conflict(Some(Box::new((won.clone(), win_rev)))), "round {round}");
         rev = win_rev;
     }
     // Expecting 0 ("absent") never creates a document without its index: it is a conflict.
     let before = revision(&meta);
-    let MetaWrite::Conflict(Some((current, _))) = meta.write_volume("vol0", 0, &v).unwrap() else { panic!() };
+    let MetaWrite::Conflict(Some(conflict)) = meta.write_volume("vol0", 0, &v).unwrap() else { panic!() };
+    let (current, _) = *conflict;
     assert_eq!(current.generation, 30);
     assert_eq!(meta.write_volume("nothing", 0, &volume("nothing", 5)).unwrap(), MetaWrite::Conflict(None));
     assert_eq!(meta.write_volume("nothing", 7, &volume("nothing", 5)).unwrap(), MetaWrite::Conflict(None));
@@ -224,7 +226,7 @@ fn an_unanswered_write_is_unavailable_and_a_re_read_tells_what_happened() {
     };
     let retry = meta.write_volume("vol0", rev, &VolumeMeta { epoch: 2, ..v.clone() }).unwrap();
     if doc.epoch == 2 {
-        assert_eq!(retry, MetaWrite::Conflict(Some((doc, now_rev))), "landed: the retry conflicts");
+        assert_eq!(retry, MetaWrite::Conflict(Some(Box::new((doc, now_rev)))), "landed: the retry conflicts");
     } else {
         assert_eq!((doc.epoch, now_rev), (1, rev), "not landed: nothing changed");
         committed(retry);

@@ -116,6 +116,8 @@ fn attach(node: &Node, meta: &Arc<MemoryMeta>) -> Result<Arc<ReplicatedVolume>, 
     owner.meta_poll = 200_000_000;
     owner.nodes_poll = 200_000_000;
     owner.clean_after = 500_000_000;
+    // As `volume attach --force`: whoever owns it now is taken over.
+    owner.takeover_of = meta.volume("vol").and_then(|m| m.owner);
     ReplicatedVolume::attach(AttachConfig {
         node: node.name.clone(),
         volume: "vol".into(),

@@ -72,6 +72,10 @@ pub struct OwnerConfig {
     pub piece_max: u64,
     /// Requests to replicas in flight at most; more wait. Default 4096.
     pub inflight_max: usize,
+    /// The owner the caller saw and agreed to take the volume over from (a dead node, or an
+    /// operator's `--force`). Attach refuses a volume owned by any other node: one that
+    /// claimed it since the caller looked must not be fenced by accident.
+    pub takeover_of: Option<String>,
 }
 
 impl OwnerConfig {
@@ -92,6 +96,7 @@ impl OwnerConfig {
             inline_max: 32 << 10,
             piece_max: u64::from(crate::msg::TRANSFER_MAX),
             inflight_max: 4096,
+            takeover_of: None,
         }
     }
 }
@@ -802,6 +807,9 @@ impl Owner {
     fn claim(&mut self, mut meta: VolumeMeta, revision: i64) {
         if let Err(e) = meta.validate() {
             return self.fence(&format!("the volume's metadata is invalid: {e}"));
+        }
+        if let Some(other) = meta.owner.as_deref().filter(|o| *o != self.cfg.node && self.cfg.takeover_of.as_deref() != Some(*o)) {
+            return self.fence(&format!("the volume is attached on {other}"));
         }
         meta.generation += 1;
         meta.owner = Some(self.cfg.node.clone());

@@ -4,32 +4,25 @@
 //!
 //! # What is read from `volume info --json`
 //!
-//! [`Layout::from_info_json`] takes the document from the object itself or from its `meta`
-//! member (the owner's `VolumeStatus` carries the volume document there), with the field names
-//! of `replication::VolumeMeta`:
+//! [`Layout::from_info_json`] reads the cluster-mode form (`docs/cli.md`):
 //!
 //! ```text
-//! id             the volume id: a number, or a string of 16 hex digits ("0x..." also taken)
-//! size_bytes     volume size
-//! extent_bytes   bytes per extent
-//! region_bytes   (optional) resync granularity
-//! owner          (optional) node name or null
-//! generation     (optional)
-//! extents        [{"members": [{"node": "n1", "state": "in_sync"|"stale"|"rebuilding"}, ...]}, ...]
+//! size_bytes, extent_bytes, generation           at the top level
+//! cluster.id                                     the volume id (a number, or 16 hex digits)
+//! cluster.owner                                  node name or null
+//! cluster.extents                                [[{"node": "n1", "state": "in_sync"|"stale"|"rebuilding", "up": true}, ...], ...]
+//! cluster.status.region_bytes                    (optional) resync granularity
 //! ```
 //!
-//! and [`Syncs::from_info_json`] the resyncs in progress from `syncs` (top level or under
-//! `status`), each `{"node", "extent", "rebuild", "regions_done", "regions_total",
-//! "bytes_done"}` as `replication::owner::SyncProgress` names them. The authority on the
+//! and [`Syncs::from_info_json`] the resyncs in progress from `cluster.status.syncs`, each
+//! `{"node", "extent", "rebuild", "regions_done", "regions_total", "bytes_done"}`. The authority on the
 //! layout is the volume's document in etcd ([`Layout::from_meta`]); the tests use both and
 //! the comparator takes either.
 //!
 //! # What is read from a daemon log
 //!
-//! [`resyncs_in_log`] finds finished resyncs in an owner's log: lines naming the node that
-//! mention a sync being done (`SyncDone`, or `sync` and `done`/`finished`/`complete`) and carry
-//! `regions=N` (or `regions: N`), with `extent=E` when present — the owner's
-//! `OwnerEvent::SyncDone { node, extent, regions }` logged with its fields.
+//! [`resyncs_in_log`] finds finished resyncs in an owner's log: the owner's
+//! `replica sync done: back in sync … node=N extent=E regions=R` lines for the node.
 
 use anyhow::{anyhow, bail, Context, Result};
 use replication::{MemberState, VolumeMeta};
@@ -97,27 +90,25 @@ impl Layout {
 
     /// See the module documentation for the fields read.
     pub fn from_info_json(info: &Value) -> Result<Self> {
-        let doc = match info.get("meta") {
-            Some(m) if m.is_object() => m,
-            _ => info,
-        };
+        // `volume info --json` in cluster mode: geometry at the top level, the layout under
+        // `cluster` (`id`, `owner`, and `extents` as one array of members per extent).
         let parse = || -> Result<Self> {
-            let id = parse_id(doc.get("id").ok_or_else(|| anyhow!("no `id`"))?)?;
-            let size_bytes = u64_field(doc, "size_bytes")?;
-            let extent_bytes = u64_field(doc, "extent_bytes")?;
+            let cluster = info.get("cluster").filter(|c| c.is_object()).ok_or_else(|| anyhow!("no `cluster` section"))?;
+            let id = parse_id(cluster.get("id").ok_or_else(|| anyhow!("no `cluster.id`"))?)?;
+            let size_bytes = u64_field(info, "size_bytes")?;
+            let extent_bytes = u64_field(info, "extent_bytes")?;
             if extent_bytes == 0 {
                 bail!("extent_bytes is 0");
             }
-            let extents = doc
+            let extents = cluster
                 .get("extents")
                 .and_then(Value::as_array)
-                .ok_or_else(|| anyhow!("no `extents` array"))?
+                .ok_or_else(|| anyhow!("no `cluster.extents` array"))?
                 .iter()
                 .enumerate()
                 .map(|(i, e)| {
-                    e.get("members")
-                        .and_then(Value::as_array)
-                        .ok_or_else(|| anyhow!("extent {i} has no `members` array"))?
+                    e.as_array()
+                        .ok_or_else(|| anyhow!("extent {i} is not an array of members"))?
                         .iter()
                         .map(|m| {
                             let node = m.get("node").and_then(Value::as_str).ok_or_else(|| anyhow!("extent {i}: a member without `node`"))?;
@@ -134,9 +125,9 @@ impl Layout {
                 id,
                 size_bytes,
                 extent_bytes,
-                region_bytes: doc.get("region_bytes").and_then(Value::as_u64),
-                owner: doc.get("owner").and_then(Value::as_str).map(str::to_owned),
-                generation: doc.get("generation").and_then(Value::as_u64),
+                region_bytes: cluster.get("status").and_then(|s| s.get("region_bytes")).and_then(Value::as_u64),
+                owner: cluster.get("owner").and_then(Value::as_str).map(str::to_owned),
+                generation: info.get("generation").and_then(Value::as_u64),
                 extents,
             })
         };
@@ -287,7 +278,7 @@ pub struct Syncs;
 
 impl Syncs {
     pub fn from_info_json(info: &Value) -> Vec<SyncSeen> {
-        let list = info.get("syncs").or_else(|| info.get("status").and_then(|s| s.get("syncs")));
+        let list = info.get("cluster").and_then(|c| c.get("status")).and_then(|s| s.get("syncs"));
         let Some(list) = list.and_then(Value::as_array) else { return Vec::new() };
         list.iter()
             .filter_map(|s| {
@@ -333,10 +324,9 @@ fn names_node(line: &str, node: &str) -> bool {
 pub fn resyncs_in_log(log: &str, node: &str) -> Vec<SyncSeen> {
     log.lines()
         .filter(|l| {
-            let low = l.to_ascii_lowercase();
-            let done = low.contains("syncdone")
-                || (low.contains("sync") && (low.contains("done") || low.contains("finished") || low.contains("complete")));
-            done && names_node(l, node)
+            // The owner's line (backend/src/replicated/core.rs):
+            // `replica sync done: back in sync volume=V node=N extent=E regions=R`.
+            l.contains("replica sync done") && names_node(l, node)
         })
         .filter_map(|l| {
             Some(SyncSeen {
@@ -377,16 +367,18 @@ mod tests {
 
     fn info() -> Value {
         json!({
-            "name": "v", "state": "serving",
-            "meta": {
-                "id": "00000000000004d2", "size_bytes": 3u64 << 20, "extent_bytes": 2u64 << 20,
-                "region_bytes": 1u64 << 20, "owner": "n1", "generation": 4,
+            "name": "v", "size_bytes": 3u64 << 20, "extent_bytes": 2u64 << 20, "generation": 4,
+            "cluster": {
+                "id": "00000000000004d2", "owner": "n1",
                 "extents": [
-                    {"members": [{"node": "a", "state": "in_sync"}, {"node": "b", "state": "in_sync"}, {"node": "c", "state": "stale"}]},
-                    {"members": [{"node": "a", "state": "in_sync"}, {"node": "b", "state": "rebuilding"}, {"node": "d", "state": "in_sync"}]}
-                ]
-            },
-            "syncs": [{"node": "c", "extent": 0, "rebuild": false, "regions_done": 2, "regions_total": 5, "bytes_done": 2097152, "started": 1}]
+                    [{"node": "a", "state": "in_sync", "up": true}, {"node": "b", "state": "in_sync", "up": true}, {"node": "c", "state": "stale", "up": false}],
+                    [{"node": "a", "state": "in_sync", "up": true}, {"node": "b", "state": "rebuilding", "up": true}, {"node": "d", "state": "in_sync", "up": true}]
+                ],
+                "status": {
+                    "phase": "serving", "region_bytes": 1u64 << 20,
+                    "syncs": [{"node": "c", "extent": 0, "rebuild": false, "regions_done": 2, "regions_total": 5, "bytes_done": 2097152}]
+                }
+            }
         })
     }
 
@@ -400,12 +392,11 @@ mod tests {
         assert_eq!(l.owner.as_deref(), Some("n1"));
         assert!(!l.whole_with(3, &[]));
         assert_eq!(l.nodes(), vec!["a", "b", "c", "d"]);
-        // The document may also be the top-level object, with a numeric id.
-        let mut flat = info()["meta"].clone();
-        flat["id"] = json!(99);
-        assert_eq!(Layout::from_info_json(&flat).unwrap().id, 99);
+        let mut numeric = info();
+        numeric["cluster"]["id"] = json!(99);
+        assert_eq!(Layout::from_info_json(&numeric).unwrap().id, 99);
         let mut bad = info();
-        bad["meta"]["extents"][0]["members"][0]["state"] = json!("confused");
+        bad["cluster"]["extents"][0][0]["state"] = json!("confused");
         let e = format!("{:#}", Layout::from_info_json(&bad).unwrap_err());
         assert!(e.contains("confused"), "{e}");
         let s = Syncs::from_info_json(&info());
@@ -416,10 +407,10 @@ mod tests {
     #[test]
     fn resyncs_are_found_in_logs() {
         let log = "\
-2024 INFO owner: SyncDone { node: \"n3\", extent: 0, regions: 3 }
-2024 INFO owner: sync done node=n3 extent=1 regions=2
-2024 INFO owner: sync done node=n30 extent=1 regions=99
-2024 INFO owner: sync started node=n3 extent=2 regions=7
+2024 INFO backend::replicated::core: replica sync done: back in sync volume=v node=n3 extent=0 regions=3
+2024 INFO backend::replicated::core: replica sync done: back in sync volume=v node=n3 extent=1 regions=2
+2024 INFO backend::replicated::core: replica sync done: back in sync volume=v node=n30 extent=1 regions=99
+2024 INFO backend::replicated::core: replica sync started volume=v node=n3 extent=2 regions=7 kind=resync
 ";
         let s = resyncs_in_log(log, "n3");
         assert_eq!(s.iter().map(|s| (s.extent, s.regions_done)).collect::<Vec<_>>(), vec![(Some(0), 3), (Some(1), 2)]);

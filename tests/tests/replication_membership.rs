@@ -30,8 +30,8 @@ fn hot_workload(seed: u64) -> WorkloadConfig {
 
 #[test]
 fn replication_node_lost_for_good_is_replaced_and_rebuilt() -> Result<()> {
-    // Replacement 8 s after the node's registration is gone (its lease: 10 s after the kill).
-    let mut c = Cluster::start_with(ClusterOptions::default().nodes(4).replace_after("8s"))?;
+    // Replacement 10 s (the shortest allowed) after the node's registration is gone (its lease: 10 s after the kill).
+    let mut c = Cluster::start_with(ClusterOptions::default().nodes(4).replace_after("10s"))?;
     c.run(|c| {
         let v = create_and_attach(c, "n1", "vol", 128, 3, 2, 32)?;
         let l = layout(c, "vol")?;

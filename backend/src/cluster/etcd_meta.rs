@@ -128,12 +128,12 @@ impl EtcdMeta {
         }
         // Revisions start at 1: "expecting 0" would create a volume without its id index.
         let Ok(expect @ 1..) = u64::try_from(expect_revision) else {
-            return Ok(MetaWrite::Conflict(self.read_volume(name)?));
+            return Ok(MetaWrite::Conflict(self.read_volume(name)?.map(Box::new)));
         };
         let doc = encode_volume(&key, meta)?;
         match self.etcd.compare_and_swap(&key, expect, &doc, extra) {
             Ok(CasOutcome::Committed { revision }) => Ok(MetaWrite::Committed { revision: revision_i64(revision, &key)? }),
-            Ok(CasOutcome::Conflict { current }) => Ok(MetaWrite::Conflict(current.map(|kv| decode_volume(&kv, name)).transpose()?)),
+            Ok(CasOutcome::Conflict { current }) => Ok(MetaWrite::Conflict(current.map(|kv| decode_volume(&kv, name)).transpose()?.map(Box::new))),
             Err(e) => Err(meta_error(e, &key)),
         }
     }
@@ -143,13 +143,13 @@ impl EtcdMeta {
     pub fn delete_volume(&self, name: &str, expect_revision: i64, id: u64) -> Result<MetaWrite, MetaError> {
         let key = volume_key(name)?;
         let Ok(expect @ 1..) = u64::try_from(expect_revision) else {
-            return Ok(MetaWrite::Conflict(self.read_volume(name)?));
+            return Ok(MetaWrite::Conflict(self.read_volume(name)?.map(Box::new)));
         };
         let status = keys::status(name).map_err(|e| meta_error(e, &key))?;
         let extra = [Op::delete(keys::volume_id(id)), Op::delete(status)];
         match self.etcd.compare_and_delete(&key, expect, &extra) {
             Ok(CasOutcome::Committed { revision }) => Ok(MetaWrite::Committed { revision: revision_i64(revision, &key)? }),
-            Ok(CasOutcome::Conflict { current }) => Ok(MetaWrite::Conflict(current.map(|kv| decode_volume(&kv, name)).transpose()?)),
+            Ok(CasOutcome::Conflict { current }) => Ok(MetaWrite::Conflict(current.map(|kv| decode_volume(&kv, name)).transpose()?.map(Box::new))),
             Err(e) => Err(meta_error(e, &key)),
         }
     }

@@ -11,9 +11,6 @@ use std::sync::Mutex;
 use replication::{NodeInfo, VolumeMeta};
 
 /// The answer to [`MetaStore::write_volume`].
-// One per etcd round trip, never held in bulk: boxing the document would only add an
-// allocation to every conflict.
-#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MetaWrite {
     Committed { revision: i64 },

@@ -107,11 +107,31 @@ impl NodeRegistration {
         value: Vec<u8>,
         config: RegistrationConfig,
     ) -> Result<Self, RegistrationError> {
+        Self::start_reclaiming(etcd, name, value, config, |_| false)
+    }
+
+    /// As [`start`](Self::start), but a key held by a live lease whose value
+    /// `is_previous_run` recognises (this node's own earlier run, killed less than a TTL ago)
+    /// is taken over: that lease is revoked and the key created afresh. A restart after a
+    /// crash then need not wait for the dead run's lease to expire.
+    pub fn start_reclaiming(
+        etcd: &Etcd,
+        name: &str,
+        value: Vec<u8>,
+        config: RegistrationConfig,
+        is_previous_run: impl Fn(&[u8]) -> bool,
+    ) -> Result<Self, RegistrationError> {
+        let key = keys::node(name)?;
+        if let Some(kv) = etcd.get(&key)? {
+            if let Some(lease) = kv.lease.filter(|_| is_previous_run(&kv.value)) {
+                tracing::warn!(node = name, lease = %lease, "registration of this node's previous run still live (it did not stop cleanly): revoking it");
+                etcd.lease_revoke(lease)?;
+            }
+        }
         let ttl = config.ttl;
         if ttl.subsec_nanos() != 0 || !(1..=600).contains(&ttl.as_secs()) {
             return Err(RegistrationError::Invalid(format!("lease TTL {ttl:?}: whole seconds in 1..=600")));
         }
-        let key = keys::node(name)?;
         let sent = Instant::now();
         let lease = etcd.lease_grant(ttl)?;
         let created = etcd.create_with_lease(&key, &value, lease.id);

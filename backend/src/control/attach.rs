@@ -29,8 +29,9 @@ pub trait Attacher {
     type Handle: AttachedVolume;
     /// Claims volume `name` for this node (its generation + 1, owner = this node) and serves it
     /// on `export.socket_path`. On failure nothing is left running here, and a claim that was
-    /// made is released.
-    fn attach(&self, name: &str, export: ExportConfig) -> Result<Self::Handle, Error>;
+    /// made is released. `takeover_of`: the other node the caller found owning it and agreed
+    /// to take it from (down, or forced); a volume owned by any other node is refused.
+    fn attach(&self, name: &str, export: ExportConfig, takeover_of: Option<&str>) -> Result<Self::Handle, Error>;
 }
 
 /// A volume this node owns and exports.
@@ -129,7 +130,9 @@ pub struct ReplicatedAttacher<E> {
 impl<E: Exporter<ReplicatedVolume>> Attacher for ReplicatedAttacher<E> {
     type Handle = ReplicatedHandle<E::Handle>;
 
-    fn attach(&self, name: &str, export: ExportConfig) -> Result<Self::Handle, Error> {
+    fn attach(&self, name: &str, export: ExportConfig, takeover_of: Option<&str>) -> Result<Self::Handle, Error> {
+        let mut owner = self.owner.owner_config(&self.node, name);
+        owner.takeover_of = takeover_of.map(str::to_owned);
         let config = AttachConfig {
             node: self.node.clone(),
             volume: name.to_owned(),
@@ -137,7 +140,7 @@ impl<E: Exporter<ReplicatedVolume>> Attacher for ReplicatedAttacher<E> {
             members: Arc::clone(&self.members),
             transport: self.transport.clone(),
             kind: self.kind,
-            owner: self.owner.owner_config(&self.node, name),
+            owner,
             lease: self.lease.clone(),
             attach_timeout: ATTACH_TIMEOUT,
         };

@@ -509,7 +509,8 @@ impl<A: Attacher> ClusterVolumes<A> {
             return Err(Error::AlreadyAttached { name: name.to_owned(), socket: a.socket.clone() });
         }
         let (meta, _) = self.read(name)?;
-        if let Some(owner) = meta.owner.as_deref().filter(|o| *o != self.config.node) {
+        let takeover_of = meta.owner.as_deref().filter(|o| *o != self.config.node);
+        if let Some(owner) = takeover_of {
             let up = self.meta.read_node(owner)?.is_some();
             if up && !force {
                 return Err(Error::AttachedElsewhere { name: name.to_owned(), node: owner.to_owned() });
@@ -530,7 +531,7 @@ impl<A: Attacher> ClusterVolumes<A> {
             // One poller thread: all the volume's queues go through one replication client.
             poll: PollConfig { cpus: vec![cpu], ..self.config.poll.clone() },
         };
-        let handle = self.attacher.attach(name, export)?;
+        let handle = self.attacher.attach(name, export, takeover_of)?;
         self.next_cpu = self.next_cpu.wrapping_add(1);
         let exported_bytes = handle.status().size_bytes.unwrap_or(meta.size_bytes);
         tracing::info!(volume = name, socket = %socket.display(), cpu, "volume attached");

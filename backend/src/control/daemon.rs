@@ -282,7 +282,7 @@ fn connect_cluster(options: &ClusterOptions) -> Result<Connected, Error> {
     // A look before anything starts: a second daemon with this name would otherwise bind
     // its replica service first. The registration itself decides (atomically) later.
     let key = keys::node(&options.node)?;
-    if let Some(kv) = etcd.get(&key)? {
+    if let Some(kv) = etcd.get(&key)?.filter(|kv| !is_previous_run(&kv.value, options)) {
         return Err(match kv.lease {
             Some(lease) => RegistrationError::NameInUse {
                 name: options.node.clone(),
@@ -294,6 +294,13 @@ fn connect_cluster(options: &ClusterOptions) -> Result<Connected, Error> {
         .into());
     }
     Ok(Connected { secret, kind, meta: EtcdMeta::new(etcd) })
+}
+
+/// A node registration written by this node's own earlier run: same name (the key) and the
+/// same replica service address. Another live daemon with that address would hold the port,
+/// and this start fails when it binds it; one on another host has another address.
+fn is_previous_run(value: &[u8], options: &ClusterOptions) -> bool {
+    serde_json::from_slice::<NodeInfo>(value).is_ok_and(|n| n.name == options.node && n.address == options.listen.to_string())
 }
 
 fn serve_cluster(
@@ -321,6 +328,8 @@ fn serve_cluster(
         transport: transport.clone(),
         kind,
         meta: Arc::clone(&store),
+        // Half of what --hugepages-mb reserves for the data path; the rest is the pollers'.
+        staging_bytes: MemberConfig::STAGING_DEFAULT.min((config.hugepages_mb as usize) << 19),
     })
     .map_err(Error::Members)?;
     let template = NodeInfo {
@@ -334,7 +343,8 @@ fn serve_cluster(
         started_unix_s: now_unix_s,
     };
     let value = node_value(&template, members.used_bytes());
-    let registration = match NodeRegistration::start(meta.etcd(), &node, value, RegistrationConfig::default()) {
+    let previous = |v: &[u8]| is_previous_run(v, options);
+    let registration = match NodeRegistration::start_reclaiming(meta.etcd(), &node, value, RegistrationConfig::default(), previous) {
         Ok(r) => Arc::new(r),
         Err(e) => {
             members.stop();

@@ -408,7 +408,7 @@ impl Core {
             OwnerEvent::SyncStarted { node, extent, regions, rebuild } => {
                 tracing::info!(volume = %v, node = %node, extent, regions, kind = if *rebuild { "rebuild" } else { "resync" }, "replica sync started")
             }
-            OwnerEvent::SyncDone { node, extent, regions } => tracing::info!(volume = %v, node = %node, extent, regions, "replica back in sync"),
+            OwnerEvent::SyncDone { node, extent, regions } => tracing::info!(volume = %v, node = %node, extent, regions, "replica sync done: back in sync"),
             OwnerEvent::Reconciled { extent, regions } => tracing::info!(volume = %v, extent, regions, "regions written by the previous owner reconciled"),
             OwnerEvent::Replacing { extent, lost, new } => tracing::warn!(volume = %v, extent, lost = %lost, new = %new, "replacing a lost replica (full copy)"),
             OwnerEvent::Fenced { reason } => tracing::error!(volume = %v, reason = %reason, "no longer the owner: stopped serving"),

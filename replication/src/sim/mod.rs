@@ -688,7 +688,11 @@ impl Sim {
     fn attach(&mut self, i: usize) {
         let instance = self.next_instance;
         self.next_instance += 1;
-        let mut sm = Owner::new(self.owner_config(&self.nodes[i].name.clone()));
+        let mut cfg = self.owner_config(&self.nodes[i].name.clone());
+        // The operator (or the orchestrator restarting the VM) took the volume over from
+        // whoever etcd names now: a dead node, or a stale one behind a partition (`--force`).
+        cfg.takeover_of = self.etcd.meta.as_ref().and_then(|(m, _)| m.owner.clone());
+        let mut sm = Owner::new(cfg);
         sm.plant_bug_ack_early = self.cfg.bug == Some(PlantedBug::AckEarly);
         sm.plant_bug_skip_reconcile = self.cfg.bug == Some(PlantedBug::SkipReconcile);
         let until = self.etcd.lease_expiry[i].saturating_sub(LEASE_MARGIN);
