@@ -991,7 +991,7 @@ impl Owner {
             // Never remove the last in-sync member an extent can still be served from, nor the
             // last clean one (that did not restart) for members that restarted: it alone may
             // hold writes they lost. Unless it is gone for good.
-            let clean_n = self.is_clean(e, n) && !self.gone(n);
+            let clean_n = self.may_be_clean(e, n) && !self.gone(n);
             let other = ext.in_sync().any(|o| {
                 let oid = node_id(o);
                 oid != n
@@ -1017,9 +1017,20 @@ impl Owner {
         }
         // Record the incarnations of in-sync members, once their extent is reconciled (a
         // restarted member is trusted as a source only after its regions were copied over).
+        // Not while a clean member is away: the extent had nothing to reconcile from, and that
+        // member alone may hold writes the restarted ones lost.
         for (e, ext) in m.extents.iter_mut().enumerate() {
             let rt = &self.extents[e];
             if !self.serving() || !rt.unreconciled.is_empty() || !rt.reconciling.is_empty() {
+                continue;
+            }
+            let clean_away = committed.extents[e].in_sync().any(|c| {
+                let cid = node_id(c);
+                self.may_be_clean(e as u32, cid)
+                    && !self.gone(cid)
+                    && (self.must_remove.contains(&(e as u32, cid)) || !self.peers.get(&cid).is_some_and(|p| p.usable(e as u32)))
+            });
+            if clean_away {
                 continue;
             }
             for mm in &mut ext.members {
@@ -1407,6 +1418,12 @@ impl Owner {
         m.incarnation == 0 || self.peers.get(&node).and_then(|p| p.incarnation.or(p.last_incarnation)) == Some(m.incarnation)
     }
 
+    /// As [`is_clean`](Self::is_clean), but also true for a member this owner has not heard
+    /// from yet: it may well hold everything, so it is waited for, never written off.
+    fn may_be_clean(&self, extent: u32, node: NodeId) -> bool {
+        self.is_clean(extent, node) || self.peers.get(&node).is_none_or(|p| p.incarnation.or(p.last_incarnation).is_none())
+    }
+
     /// Where a region of `extent` may be copied from: a usable in-sync member that did not
     /// restart (its copy of every acknowledged write is intact). Only if no in-sync member of
     /// the extent is clean any more may a restarted one serve: then every copy of the writes it
@@ -1425,7 +1442,7 @@ impl Owner {
         // lost) unless it is gone for good; removal keeps it in sync meanwhile.
         let clean_elsewhere = meta.extents[extent as usize].in_sync().any(|m| {
             let n = node_id(m);
-            self.is_clean(extent, n) && !self.gone(n)
+            self.may_be_clean(extent, n) && !self.gone(n)
         });
         if clean_elsewhere {
             return None; // wait for it, or for its removal
