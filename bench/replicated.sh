@@ -9,11 +9,18 @@
 #               of n2's and n3's QSDs, each exporting a raw file over NBD
 #   qsd-remote  0 local replicas: n1's QSD exports an NBD client of n2's QSD (a volume attached
 #               on a node that holds no replica of it)
-# hcblk's cluster mode is added as more server kinds (see "Adding a server kind" in
-# bench/README.md). For every workload each server is started, measured by blk-bench (libblkio,
-# busy-polled queue, in the root namespace: the vhost-user socket is a unix socket) and stopped,
-# alternating as bench/run.sh does. Then wire-bench measures the tcp transport's round trip
-# between n1 and n2 of the same namespaces.
+# and hcblk's cluster mode (one etcd in n1's namespace, one `hcblk daemon` per host, transport
+# tcp, --poll adaptive), three volumes attached on n1:
+#   hcblk-1       1 replica, on n1 (local reads and writes, nothing leaves the node)
+#   hcblk-3       3 replicas, on n1, n2 and n3 (writes to all three; reads local)
+#   hcblk-remote  1 replica, on n2 (a volume attached on a node that holds none of it: every
+#                 read and write crosses the network)
+# The hcblk cluster is started once, on the first hcblk measurement, and its volumes are
+# written whole first (`blk-bench --workload fill`), as the QSD images are; its daemons stay up
+# (idle, sleeping on their sockets) while other kinds are measured. For every workload each
+# server kind is measured by blk-bench (libblkio, busy-polled queue, in the root namespace: the
+# vhost-user socket is a unix socket), alternating as bench/run.sh does. Then wire-bench
+# measures the tcp transport's round trip between n1 and n2 of the same namespaces.
 #
 # Usage: bench/replicated.sh     (root: network namespaces)
 # Environment (defaults in brackets):
@@ -21,15 +28,15 @@
 #   BENCH_SERVER_CPU [1]  core of n1's server (the one the client talks to)
 #   BENCH_PEER_CPU [$BENCH_SERVER_CPU]  core of the other hosts' servers ("": unpinned)
 #   BENCH_CLIENT_CPU [0]
-#   BENCH_SERVERS ["qsd-local qsd-quorum qsd-remote"]
+#   BENCH_SERVERS ["qsd-local qsd-quorum qsd-remote hcblk-1 hcblk-3 hcblk-remote"]
 #   BENCH_WORKLOADS ["randwrite:4k:1 randwrite:4k:32 randread:4k:1 randread:4k:32"]
 #   BENCH_QUORUM_VOTE_THRESHOLD [2]  BENCH_QUORUM_READ_PATTERN [fifo]
 #   BENCH_WIRE [1]  (0: skip wire-bench)  BENCH_WIRE_QD1_OPS [20000]  BENCH_WIRE_QD32_OPS [2048]
 #   BENCH_IMG_DIR [bench/out/replicated]  (one image per host)  BENCH_SIZE [1G]
 #   BENCH_BUILD [1]  (0: use the binaries already built)
 #   BENCH_NICE [-20]  BENCH_QUIET_WAIT [10]  BENCH_QUIET_PCT [10]  (as in bench/run.sh)
-#   QSD [/usr/bin/qemu-storage-daemon]  PYTHON [/usr/bin/python3]
-#   CARGO_TARGET_DIR [target]  where blk-bench and wire-bench are built
+#   QSD [/usr/bin/qemu-storage-daemon]  PYTHON [/usr/bin/python3]  ETCD [/usr/bin/etcd]
+#   CARGO_TARGET_DIR [target]  where hcblk, blk-bench and wire-bench are built (release)
 set -euo pipefail
 trap 'echo "bench/replicated.sh: line $LINENO: \"$BASH_COMMAND\" failed" >&2' ERR
 
@@ -57,7 +64,7 @@ ROUNDS=${BENCH_ROUNDS:-1}
 SCPU=${BENCH_SERVER_CPU:-1}
 PCPU=${BENCH_PEER_CPU-$SCPU}
 CCPU=${BENCH_CLIENT_CPU:-0}
-SERVERS=${BENCH_SERVERS:-qsd-local qsd-quorum qsd-remote}
+SERVERS=${BENCH_SERVERS:-qsd-local qsd-quorum qsd-remote hcblk-1 hcblk-3 hcblk-remote}
 WORKLOADS=${BENCH_WORKLOADS:-randwrite:4k:1 randwrite:4k:32 randread:4k:1 randread:4k:32}
 VOTE_THRESHOLD=${BENCH_QUORUM_VOTE_THRESHOLD:-2}
 READ_PATTERN=${BENCH_QUORUM_READ_PATTERN:-fifo}
@@ -71,7 +78,9 @@ QUIET_WAIT=${BENCH_QUIET_WAIT:-10}
 QUIET_PCT=${BENCH_QUIET_PCT:-10}
 QSD=${QSD:-/usr/bin/qemu-storage-daemon}
 PYTHON=${PYTHON:-/usr/bin/python3}
+ETCD=${ETCD:-/usr/bin/etcd}
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
+HCBLK=$TARGET/release/hcblk
 BLK_BENCH=$TARGET/release/blk-bench
 WIRE_BENCH=$TARGET/release/wire-bench
 PRIO=()
@@ -166,7 +175,9 @@ stop_servers() {
 
 cleanup() {
     stop_servers
+    stop_hcblk_cluster
     teardown_hosts
+    if [[ -n ${HUGEPAGES_ORIG:-} ]]; then echo "$HUGEPAGES_ORIG" >/proc/sys/vm/nr_hugepages || true; fi
     rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -287,12 +298,116 @@ start_qsd_remote() {
     start_qsd_n1 "$logf" r2 "$(nbd_blockdev r2 n2)"
 }
 
+
+# --- hcblk cluster -----------------------------------------------------------------------
+# etcd in n1's namespace, a daemon per host (n1's pinned to the server core, the others to the
+# peer core), three volumes attached on n1. Started once (start_hcblk_cluster), kept for every
+# hcblk measurement, stopped at exit.
+HCBLK_UP=0
+HCBLK_FAILED=0
+HCBLK_PIDS=()
+declare -A HCBLK_PID=() HCBLK_SOCK=()
+ETCD_PID=
+HCBLK_PORT=7400
+HCBLK_VOLUMES="r1 r3 remote"
+
+hcblk_cli() {
+    local host=$1
+    shift
+    ip netns exec "$(ns "$host")" "$HCBLK" --api-socket "$WORK/hcblk/$host/api.sock" "$@"
+}
+
+start_hcblk_cluster() {
+    ((HCBLK_UP)) && return 0
+    ((HCBLK_FAILED)) && return 1
+    HCBLK_FAILED=1
+    local logf=$OUT/logs/hcblk-cluster.log h
+    mkdir -p "$WORK/hcblk/etcd"
+    "${PRIO[@]}" ip netns exec "$(ns n1)" "$ETCD" --name bench --data-dir "$WORK/hcblk/etcd" \
+        --listen-client-urls "http://${ADDR[n1]}:2379" --advertise-client-urls "http://${ADDR[n1]}:2379" \
+        --listen-peer-urls "http://127.0.0.1:2380" --initial-advertise-peer-urls "http://127.0.0.1:2380" \
+        --initial-cluster "bench=http://127.0.0.1:2380" >>"$WORK/hcblk/etcd.log" 2>&1 &
+    ETCD_PID=$!
+    wait_listen "$ETCD_PID" n1 2379 || { log "etcd did not start (see $WORK/hcblk/etcd.log)"; return 1; }
+    head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$WORK/hcblk/secret"
+    for h in "${HOSTS[@]}"; do
+        local dir=$WORK/hcblk/$h cpu=$PCPU
+        [[ $h == n1 ]] && cpu=$SCPU
+        mkdir -p "$dir/data" "$dir/run"
+        local -a pin=()
+        [[ -n $cpu ]] && pin=(--cpus "$cpu")
+        in_host "$h" "$cpu" "$HCBLK" daemon --data-dir "$dir/data" --socket-dir "$dir/run" \
+            --api-socket "$dir/api.sock" --poll adaptive "${pin[@]}" \
+            --etcd "http://${ADDR[n1]}:2379" --node "$h" --listen "${ADDR[$h]}:$HCBLK_PORT" \
+            --cluster-secret-file "$WORK/hcblk/secret" --transport tcp >"$dir/daemon.log" 2>&1
+        HCBLK_PID[$h]=$!
+        HCBLK_PIDS+=("${HCBLK_PID[$h]}")
+    done
+    for h in "${HOSTS[@]}"; do
+        local ok=0
+        for _ in $(seq 300); do
+            grep -q "hcblk daemon ready" "$WORK/hcblk/$h/daemon.log" 2>/dev/null && { ok=1; break; }
+            kill -0 "${HCBLK_PID[$h]}" 2>/dev/null || break
+            sleep 0.1
+        done
+        ((ok)) || { log "hcblk daemon on $h did not start:"; tail -n 5 "$WORK/hcblk/$h/daemon.log" >&2; return 1; }
+    done
+    log "hcblk cluster up (etcd ${ADDR[n1]}:2379, daemons on n1 n2 n3)"
+    # r1 and r3 are created on n1 (placement puts a member on the creating node), remote on n2.
+    hcblk_cli n1 volume create r1 --size "$SIZE" --replicas 1 --min-replicas 1 >>"$logf" 2>&1 &&
+        hcblk_cli n1 volume create r3 --size "$SIZE" --replicas 3 --min-replicas 2 >>"$logf" 2>&1 &&
+        hcblk_cli n2 volume create remote --size "$SIZE" --replicas 1 --min-replicas 1 >>"$logf" 2>&1 ||
+        { log "hcblk volume create failed (see $logf)"; return 1; }
+    local v out
+    for v in $HCBLK_VOLUMES; do
+        out=$(hcblk_cli n1 volume attach "$v" 2>>"$logf") || { log "hcblk volume attach $v failed (see $logf)"; return 1; }
+        HCBLK_SOCK[$v]=$(sed -n 's/^socket: //p' <<<"$out")
+        [[ -S ${HCBLK_SOCK[$v]} ]] || { log "hcblk volume attach $v printed no socket: $out"; return 1; }
+        hcblk_cli n1 volume info "$v" >>"$logf" 2>&1 || true
+    done
+    # Written whole, so reads hit the replicas' disks (as the QSD images, written with data).
+    for v in $HCBLK_VOLUMES; do
+        log "hcblk: filling volume $v ($SIZE)"
+        "$BLK_BENCH" --socket "${HCBLK_SOCK[$v]}" --workload fill --bs 1m --qd 8 --warmup 0 \
+            --seconds 3600 --label "fill-$v" >>"$logf" 2>&1 || { log "filling $v failed (see $logf)"; return 1; }
+    done
+    HCBLK_FAILED=0
+    HCBLK_UP=1
+}
+
+stop_hcblk_cluster() {
+    local pid h
+    for pid in "${HCBLK_PIDS[@]}"; do stop_pid "$pid"; done
+    # The daemons' logs go with the results.
+    for h in "${HOSTS[@]}"; do
+        [[ -f $WORK/hcblk/$h/daemon.log ]] && cp "$WORK/hcblk/$h/daemon.log" "$OUT/logs/hcblk-$h.log"
+    done
+    HCBLK_PIDS=()
+    [[ -n $ETCD_PID ]] && stop_pid "$ETCD_PID"
+    ETCD_PID=
+    HCBLK_UP=0
+}
+
+# A measurement of one of the cluster's volumes: the cluster keeps running after it
+# (stop_servers stops only what is in PIDS).
+start_hcblk() {
+    local vol=$1 logf=$2
+    start_hcblk_cluster || return 1
+    SOCK=${HCBLK_SOCK[$vol]}
+    SERVER_PID=${HCBLK_PID[n1]}
+    PEER_PIDS=("${HCBLK_PID[n2]}" "${HCBLK_PID[n3]}")
+    echo "hcblk volume $vol on $SOCK" >>"$logf"
+}
+
 start_server() {
     local name=$1 logf=$2
     case $name in
     qsd-local) start_qsd_local "$logf" ;;
     qsd-quorum) start_qsd_quorum "$logf" ;;
     qsd-remote) start_qsd_remote "$logf" ;;
+    hcblk-1) start_hcblk r1 "$logf" ;;
+    hcblk-3) start_hcblk r3 "$logf" ;;
+    hcblk-remote) start_hcblk remote "$logf" ;;
     *) log "unknown server $name"; return 1 ;;
     esac
 }
@@ -390,10 +505,23 @@ measure_wire() {
 
 # --- build -------------------------------------------------------------------------------
 if [[ $BUILD == 1 ]]; then
-    log "cargo build --release -p hcblk-bench"
-    (cd "$ROOT" && cargo build --release -p hcblk-bench >&2)
+    log "cargo build --release -p hcblk-bench -p hcblk"
+    (cd "$ROOT" && cargo build --release -p hcblk-bench -p hcblk >&2)
 fi
 [[ -x $BLK_BENCH ]] || { log "missing $BLK_BENCH"; exit 1; }
+if [[ $SERVERS == *hcblk-* ]]; then
+    [[ -x $HCBLK ]] || { log "missing $HCBLK"; exit 1; }
+    [[ -x $ETCD ]] || { log "missing $ETCD (Debian: etcd-server)"; exit 1; }
+    # Three daemons with --hugepages-mb 64 each.
+    page_kb=$(awk '/^Hugepagesize:/ {print $2}' /proc/meminfo)
+    need=$(((3 * 64 << 10) / page_kb))
+    free=$(awk '/^HugePages_Free:/ {print $2}' /proc/meminfo)
+    if ((free < need)); then
+        HUGEPAGES_ORIG=$(cat /proc/sys/vm/nr_hugepages)
+        echo $((HUGEPAGES_ORIG + need - free)) >/proc/sys/vm/nr_hugepages
+        log "reserved $((need - free)) more hugepages for the hcblk daemons"
+    fi
+fi
 [[ $WIRE == 0 || -x $WIRE_BENCH ]] || { log "missing $WIRE_BENCH"; exit 1; }
 
 # --- images ------------------------------------------------------------------------------

@@ -10,12 +10,17 @@ wire.md (wire-bench's table) or wire.error.
         --json out.json --markdown out.md
 
 With several rounds each figure is the median over rounds. Ratios are against qsd-local
-(one replica, no network) at the same workload: what replication costs.
+(one replica, no network) at the same workload: what replication costs. Below the table, the
+replication targets of the issue, each computed from this run only:
+  3-replica QD1 write p50 <= 1-replica p50 + 1.5 x the transport's 4k round trip
+  3-replica QD32 write IOPS >= 2 x qsd-quorum's, and >= 0.5 x 1-replica's
+  remote read QD1 p50 <= local read p50 + 1.5 x the transport's 4k round trip
 """
 
 import argparse
 import json
 import os
+import re
 import statistics
 
 # Replicas of the volume and where they are, per server kind.
@@ -23,6 +28,9 @@ REPLICAS = {
     "qsd-local": "1 (n1)",
     "qsd-quorum": "3 (n1, n2, n3)",
     "qsd-remote": "1 (n2)",
+    "hcblk-1": "1 (n1)",
+    "hcblk-3": "3 (n1, n2, n3)",
+    "hcblk-remote": "1 (n2)",
 }
 REFERENCE = "qsd-local"
 METRICS = ["iops", "p50_us", "p99_us", "server_cpu_pct", "server_cpu_us_per_io",
@@ -112,6 +120,44 @@ def summarise(records, servers, workloads):
     return rows
 
 
+def wire_p50_us(wire, case):
+    """p50 µs of a one-sided QD1 case ("4 KiB WRITE" / "4 KiB READ") in wire-bench's table."""
+    if not wire:
+        return None
+    m = re.search(re.escape(case) + r" QD1 p50 / p99 \| ([0-9.]+) / [0-9.]+ µs", wire)
+    return float(m.group(1)) if m else None
+
+
+def targets(rows, wire):
+    """The issue's targets as (what, value, limit, ok) rows; None where a figure is missing."""
+    def get(server, workload, metric):
+        r = next((r for r in rows if r["server"] == server and r["workload"] == workload), None)
+        return r[metric] if r else None
+
+    rtt_w = wire_p50_us(wire, "4 KiB WRITE")
+    rtt_r = wire_p50_us(wire, "4 KiB READ")
+    out = []
+    w1, w3 = get("hcblk-1", "randwrite-4k-qd1", "p50_us"), get("hcblk-3", "randwrite-4k-qd1", "p50_us")
+    if None not in (w1, w3, rtt_w):
+        limit = w1 + 1.5 * rtt_w
+        out.append(("3-replica 4k write QD1 p50 ≤ 1-replica p50 + 1.5 × round trip",
+                    f"{w3:.1f} µs", f"{w1:.1f} + 1.5 × {rtt_w:.1f} = {limit:.1f} µs", w3 <= limit))
+    i3, iq, i1 = (get("hcblk-3", "randwrite-4k-qd32", "iops"), get("qsd-quorum", "randwrite-4k-qd32", "iops"),
+                  get("hcblk-1", "randwrite-4k-qd32", "iops"))
+    if None not in (i3, iq):
+        out.append(("3-replica 4k write QD32 IOPS ≥ 2 × qsd-quorum", f"{i3:,.0f} ({i3 / iq:.2f}×)",
+                    f"2 × {iq:,.0f} = {2 * iq:,.0f}", i3 >= 2 * iq))
+    if None not in (i3, i1):
+        out.append(("3-replica 4k write QD32 IOPS ≥ 0.5 × 1-replica", f"{i3:,.0f} ({i3 / i1:.2f}×)",
+                    f"0.5 × {i1:,.0f} = {0.5 * i1:,.0f}", i3 >= 0.5 * i1))
+    rl, rr = get("hcblk-1", "randread-4k-qd1", "p50_us"), get("hcblk-remote", "randread-4k-qd1", "p50_us")
+    if None not in (rl, rr, rtt_r):
+        limit = rl + 1.5 * rtt_r
+        out.append(("remote 4k read QD1 p50 ≤ local p50 + 1.5 × round trip", f"{rr:.1f} µs",
+                    f"{rl:.1f} + 1.5 × {rtt_r:.1f} = {limit:.1f} µs", rr <= limit))
+    return out
+
+
 def fmt(v, digits=2):
     if v is None:
         return "–"
@@ -166,6 +212,15 @@ def markdown(meta, rows, wire):
     lines.append("Transport round trip n1 → n2, same namespaces (wire-bench client/serve):")
     lines.append("")
     lines.append(wire.rstrip() if wire else "(not measured)")
+    t = targets(rows, wire)
+    if t:
+        lines.append("")
+        lines.append("Replication targets, from this run:")
+        lines.append("")
+        lines.append("| target | measured | limit | |")
+        lines.append("|---|---:|---:|---|")
+        for what, value, limit, ok in t:
+            lines.append(f"| {what} | {value} | {limit} | {'✅' if ok else '❌'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -195,7 +250,9 @@ def main():
         print(md, end="")
     if a.json:
         with open(a.json, "w") as fh:
-            json.dump({"meta": meta, "rows": rows, "wire_markdown": wire}, fh, indent=2)
+            json.dump({"meta": meta, "rows": rows, "wire_markdown": wire,
+                       "targets": [{"target": w, "measured": v, "limit": l, "ok": ok}
+                                   for w, v, l, ok in targets(rows, wire)]}, fh, indent=2)
 
 
 if __name__ == "__main__":

@@ -196,12 +196,7 @@ impl<Q: VolumeQueue> Poller<Q> {
     }
 
     pub(crate) fn consume_completion_event(&self) {
-        if let Some(fd) = self.queue.completion_eventfd() {
-            let mut value = 0u64;
-            // SAFETY: reads 8 bytes into a live local from a non-blocking eventfd the queue
-            // owns (and keeps open while it lives, which is as long as `self`).
-            let _ = unsafe { libc::read(fd, (&mut value as *mut u64).cast(), 8) };
-        }
+        self.queue.consume_completion_event();
     }
 
     /// Serves `vrings` until the poll mode says to sleep or the connection stops.

@@ -116,6 +116,16 @@ pub trait VolumeQueue: Send {
     /// requests complete: it wakes a poller that sleeps in epoll with requests in flight, and
     /// the poller reads it to re-arm it. `None` if every request completes within `poll`.
     fn completion_eventfd(&self) -> Option<RawFd>;
+
+    /// Re-arms `completion_eventfd` after it woke the poller (reads the eventfd back to 0).
+    fn consume_completion_event(&self) {
+        if let Some(fd) = self.completion_eventfd() {
+            let mut value = 0u64;
+            // SAFETY: reads 8 bytes into a live local from a non-blocking eventfd the queue
+            // owns and keeps open while it lives.
+            let _ = unsafe { libc::read(fd, (&mut value as *mut u64).cast(), 8) };
+        }
+    }
 }
 
 /// The local shard: a volume stored in one [`Backing`] on this node.

@@ -43,6 +43,7 @@ fn start_member(node: &mut Node, meta: &Arc<MemoryMeta>) {
         kind: proto::TransportKind::Tcp,
         meta: Arc::clone(meta) as Arc<dyn MetaStore>,
         staging_bytes: 8 << 20,
+        spin: Duration::from_micros(50),
     })
     .expect("start replica service");
     node.port = members.listen_addr().port();

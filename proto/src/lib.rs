@@ -226,11 +226,12 @@ pub trait Endpoint: Send {
     /// completed with `Status::ConnectionLost`.
     fn is_connected(&self) -> bool;
 
-    /// A file descriptor that becomes readable (level-triggered) when the peer has sent
-    /// something: a caller with nothing else to do sleeps in `poll(2)`/epoll on it instead of
-    /// spinning, then polls the endpoint. A transport's background receiver may take the bytes
-    /// first when the caller has not polled for a while, so sleep with a timeout (a
-    /// millisecond). `None`: no such descriptor; sleep briefly instead.
+    /// A file descriptor that is readable (level-triggered) while a message or a completion
+    /// may be waiting: a caller with nothing else to do sleeps in `poll(2)`/epoll on it
+    /// instead of spinning, then calls both `poll_recv` and `poll_completions` until each
+    /// has nothing more (the endpoint makes the descriptor unreadable again when it finds
+    /// nothing to return; a spurious wake-up costs one empty poll). It also becomes readable
+    /// when the connection fails. `None`: no such descriptor; the caller must poll on a timer.
     fn poll_fd(&self) -> Option<std::os::fd::RawFd> {
         None
     }

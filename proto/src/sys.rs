@@ -188,3 +188,39 @@ pub(crate) fn wait_fd(fd: BorrowedFd<'_>, write: bool, timeout_ms: i32) -> io::R
     }
     Ok(n > 0)
 }
+
+/// A non-blocking eventfd: the "something to poll" signal a transport gives its caller.
+pub(crate) struct EventFd(std::os::fd::OwnedFd);
+
+impl EventFd {
+    pub(crate) fn new() -> io::Result<Self> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: eventfd has no memory-safety preconditions; the result is checked.
+        let raw = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a fresh descriptor nothing else owns.
+        Ok(Self(unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) }))
+    }
+
+    /// Makes the descriptor readable (adds 1 to its counter).
+    pub(crate) fn signal(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live local to a descriptor this struct owns. A full
+        // counter (EAGAIN) still leaves it readable, which is all a signal must do.
+        let _ = unsafe { libc::write(self.0.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+
+    /// Makes it unreadable again (reads the counter back to 0).
+    pub(crate) fn clear(&self) {
+        let mut v: u64 = 0;
+        // SAFETY: reads 8 bytes into a live local from a non-blocking descriptor this struct
+        // owns; EAGAIN (already clear) is fine.
+        let _ = unsafe { libc::read(self.0.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+    }
+
+    pub(crate) fn raw(&self) -> std::os::fd::RawFd {
+        self.0.as_raw_fd()
+    }
+}

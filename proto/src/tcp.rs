@@ -296,12 +296,37 @@ struct Conn {
     dead_after: Duration,
     /// Rate limit of the refused-access log lines.
     denials: LogLimit,
+    /// Readable while a message or a completion may be waiting for the application
+    /// ([`Endpoint::poll_fd`]); `signalled` saves the write when it already is.
+    notify: sys::EventFd,
+    signalled: AtomicBool,
 }
 
 
 impl Conn {
     /// Marks the connection dead, wakes both threads and fails every
     /// in-flight operation. Logs once, at `warn` unless `quiet`.
+    /// Something was queued for the application: make `notify` readable.
+    fn signal(&self) {
+        if !self.signalled.swap(true, Ordering::AcqRel) {
+            self.notify.signal();
+        }
+    }
+
+    /// The application found nothing to poll: make `notify` unreadable again, unless
+    /// something arrived meanwhile (checked after clearing, so no signal is lost).
+    fn rearm(&self) {
+        if !self.signalled.load(Ordering::Acquire) {
+            return;
+        }
+        self.signalled.store(false, Ordering::Release);
+        self.notify.clear();
+        let pending = !lock(&self.inbox).is_empty() || !lock(&self.ops).completions.is_empty();
+        if pending || self.dead.load(Ordering::Acquire) {
+            self.signal();
+        }
+    }
+
     fn fail(&self, reason: &str, quiet: bool) {
         if !self.dead.swap(true, Ordering::AcqRel) {
             self.denials.flush(true, |n| self.denials_summary(n));
@@ -332,6 +357,7 @@ impl Conn {
         }
         drop(ops);
         self.ops_cv.notify_all();
+        self.signal();
     }
 
     /// Sends inline if nothing is queued (never blocks), else queues.
@@ -678,6 +704,7 @@ impl Conn {
                     {
                         desc.inline = Some(buf);
                         lock(&self.inbox).push_back(Message::Write(desc));
+                        self.signal();
                     }
                     (Stage::Header, 0)
                 }
@@ -765,6 +792,7 @@ impl Conn {
                     tracing::warn!(peer = %self.peer, code = e.code, "peer reported: {}", e.text);
                 }
                 lock(&self.inbox).push_back(m);
+                self.signal();
                 Stage::Header
             }
         })
@@ -912,6 +940,7 @@ impl Conn {
                 ops.finish(d.op_id);
                 drop(ops);
                 self.ops_cv.notify_one();
+                self.signal();
             }
         }
     }
@@ -981,6 +1010,7 @@ impl TcpEndpoint {
         let max_inflight = cfg.max_inflight.clamp(1, u32::MAX as usize);
         const _: () = assert!(MAX_SEGMENTS as u64 <= SEG_MASK + 1);
         const _: () = assert!(MAX_SEGMENTS <= u128::BITS as usize);
+        let notify = sys::EventFd::new().map_err(io("eventfd"))?;
         let conn = Arc::new(Conn {
             sock,
             peer,
@@ -1017,6 +1047,8 @@ impl TcpEndpoint {
             last_rx_ns: AtomicU64::new(0),
             dead_after: cfg.dead_after,
             denials: LogLimit::new(LOG_BURST, LOG_INTERVAL),
+            notify,
+            signalled: AtomicBool::new(false),
         });
         let r = conn.clone();
         let reader = std::thread::Builder::new()
@@ -1190,6 +1222,8 @@ impl TcpEndpoint {
                 op.status = Status::ConnectionLost;
                 ops.finish(op_id);
             }
+            drop(ops);
+            self.conn.signal();
             return Err(e);
         }
         Ok(())
@@ -1229,10 +1263,15 @@ impl Endpoint for TcpEndpoint {
             return Ok(Some(m));
         }
         self.drive();
-        match lock(&self.conn.inbox).pop_front() {
+        // Bound first: a guard in the match scrutinee would be held through `rearm`.
+        let next = lock(&self.conn.inbox).pop_front();
+        match next {
             Some(m) => Ok(Some(m)),
             None if self.conn.dead.load(Ordering::Acquire) => Err(TransportError::Disconnected),
-            None => Ok(None),
+            None => {
+                self.conn.rearm();
+                Ok(None)
+            }
         }
     }
 
@@ -1294,6 +1333,10 @@ impl Endpoint for TcpEndpoint {
             }
         }
         ops.outstanding -= n;
+        drop(ops);
+        if n == 0 {
+            self.conn.rearm();
+        }
         n
     }
 
@@ -1306,8 +1349,7 @@ impl Endpoint for TcpEndpoint {
     }
 
     fn poll_fd(&self) -> Option<std::os::fd::RawFd> {
-        use std::os::fd::AsRawFd;
-        Some(self.conn.sock.as_raw_fd())
+        Some(self.conn.notify.raw())
     }
 }
 

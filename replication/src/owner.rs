@@ -58,8 +58,14 @@ pub struct OwnerConfig {
     pub meta_poll: Time,
     /// How often the registered nodes are listed (node loss, replacement). Default 5 s.
     pub nodes_poll: Time,
-    /// A region quiet this long on a volume that is whole is flushed and cleaned. Default 2 s.
+    /// A region quiet this long on a volume that is whole is flushed and cleaned. Default
+    /// 30 s: a region stays dirty while it is written (so only its first write since it was
+    /// cleaned waits for the dirty bit's fdatasync, as DRBD's activity log).
     pub clean_after: Time,
+    /// Dirty regions kept at most, over the volume: beyond, the least recently written are
+    /// cleaned first, quiet or not. Bounds what a returning member or a new owner copies.
+    /// Default 4096 (4 GiB at 1 MiB regions).
+    pub dirty_max: usize,
     /// A member whose node has been gone from etcd this long is replaced. Default 10 min.
     pub replace_after: Time,
     /// Copy buffers of `region_bytes` each the driver provides (resync, rebuild, reconcile).
@@ -89,7 +95,8 @@ impl OwnerConfig {
             meta_retry: 500 * MS,
             meta_poll: 2 * SECOND,
             nodes_poll: 5 * SECOND,
-            clean_after: 2 * SECOND,
+            clean_after: 30 * SECOND,
+            dirty_max: 4096,
             replace_after: 600 * SECOND,
             copy_slots: 4,
             copy_bytes_per_s: 64 << 20,
@@ -632,6 +639,9 @@ impl Owner {
                     p.fail = true;
                 }
             }
+            // Out at once, not at the next tick: a guest request's latency must not include a
+            // timer. (One that cannot go yet stays queued for the next recheck.)
+            self.advance(pid);
         }
     }
 
@@ -2221,6 +2231,16 @@ impl Owner {
             return;
         }
         let Some(meta) = self.meta.clone() else { return };
+        // Over the cap, regions written at or before `cutoff` are cleaned too.
+        let total: usize = self.extents.iter().map(|rt| rt.dirty.len()).sum();
+        let cutoff = if total > self.cfg.dirty_max {
+            let mut times: Vec<Time> = self.extents.iter().flat_map(|rt| rt.dirty.values().copied()).collect();
+            let k = total - self.cfg.dirty_max;
+            *times.select_nth_unstable(k - 1).1
+        } else {
+            0
+        };
+        let over = total > self.cfg.dirty_max;
         for e in 0..meta.extent_count() {
             let ext = &meta.extents[e as usize];
             let rt = &self.extents[e as usize];
@@ -2234,7 +2254,13 @@ impl Owner {
             if !whole || rt.cleaning {
                 continue;
             }
-            let quiet: Vec<u32> = rt.dirty.iter().filter(|(_, t)| **t + self.cfg.clean_after <= self.now).map(|(r, _)| *r).take(64).collect();
+            let quiet: Vec<u32> = rt
+                .dirty
+                .iter()
+                .filter(|(_, t)| **t + self.cfg.clean_after <= self.now || (over && **t <= cutoff))
+                .map(|(r, _)| *r)
+                .take(64)
+                .collect();
             if quiet.is_empty() {
                 continue;
             }

@@ -296,6 +296,16 @@ fn connect_cluster(options: &ClusterOptions) -> Result<Connected, Error> {
     Ok(Connected { secret, kind, meta: EtcdMeta::new(etcd) })
 }
 
+/// How long the replica service polls before it sleeps: never with `--poll never`, else up
+/// to 50 µs (the idle time of `--poll adaptive`, capped: it serves every owner of this node's
+/// replicas from one thread, and a node's cores belong to its VMs first).
+fn member_spin(poll: &crate::PollConfig) -> std::time::Duration {
+    match poll.mode {
+        crate::PollMode::Never => std::time::Duration::ZERO,
+        _ => poll.idle.min(std::time::Duration::from_micros(50)),
+    }
+}
+
 /// A node registration written by this node's own earlier run: same name (the key) and the
 /// same replica service address. Another live daemon with that address would hold the port,
 /// and this start fails when it binds it; one on another host has another address.
@@ -330,6 +340,7 @@ fn serve_cluster(
         meta: Arc::clone(&store),
         // Half of what --hugepages-mb reserves for the data path; the rest is the pollers'.
         staging_bytes: MemberConfig::STAGING_DEFAULT.min((config.hugepages_mb as usize) << 19),
+        spin: member_spin(&config.poll),
     })
     .map_err(Error::Members)?;
     let template = NodeInfo {

@@ -47,6 +47,10 @@ pub struct MemberConfig {
     pub listen: SocketAddr,
     /// Cluster id, this node's id (`replication::node_id(node)`), the secret and the bounds.
     pub transport: proto::Config,
+    /// How long the service thread keeps polling after its last work before it sleeps on
+    /// its sockets and disk queues: latency against the core it takes (zero: sleep at once,
+    /// `--poll never`).
+    pub spin: std::time::Duration,
     /// `Tcp` or `Rdma`, already resolved.
     pub kind: proto::TransportKind,
     pub meta: Arc<dyn MetaStore>,
@@ -137,6 +141,9 @@ pub(crate) struct Core {
     writer: Mutex<mpsc::Sender<WriterJob>>,
     meta_jobs: Mutex<mpsc::Sender<u64>>,
     pub(crate) stopping: AtomicBool,
+    /// Wakes the service thread from its sleep: actions routed to it from other threads, a
+    /// new connection, stop.
+    pub(crate) service_wake: vmm_sys_util::eventfd::EventFd,
 }
 
 impl Core {
@@ -252,6 +259,7 @@ impl Members {
             writer: Mutex::new(writer_tx),
             meta_jobs: Mutex::new(meta_tx),
             stopping: AtomicBool::new(false),
+            service_wake: vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).map_err(MemberError::Start)?,
         });
         let (service, listen) = service::Service::bind(Arc::clone(&core), &config)?;
         let mut threads = Vec::new();
@@ -317,6 +325,7 @@ impl Members {
         if self.core.stopping.swap(true, Ordering::AcqRel) {
             return;
         }
+        let _ = self.core.service_wake.write(1);
         // Closing the job channels ends the writer and meta threads once they are drained.
         let (dead_writer, _) = mpsc::channel();
         *self.core.writer.lock().unwrap_or_else(|p| p.into_inner()) = dead_writer;

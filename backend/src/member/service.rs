@@ -11,6 +11,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
@@ -31,7 +32,9 @@ const CHUNK_BYTES: usize = 64 << 10;
 /// Requests one volume's disk queue takes at once.
 const DISK_DEPTH: u32 = 256;
 /// Spin this long after the last work before sleeping on the sockets.
-const SPIN: Duration = Duration::from_micros(500);
+/// The longest sleep: the service has no timers of its own; this only bounds how long a
+/// missed wake-up could stall it.
+const NAP_MAX_MS: i32 = 100;
 /// Requests waiting for a pool buffer or a disk slot, at most (then new requests are refused
 /// as busy, which fails the member for that owner: a flood, not a workload).
 const BACKLOG_MAX: usize = 4096;
@@ -104,6 +107,7 @@ pub(crate) struct Service {
     /// Actions that could not run yet (no buffer, disk queue full), in order.
     backlog: VecDeque<ReplicaAction>,
     accepted_tx: Option<mpsc::SyncSender<Box<dyn Endpoint>>>,
+    spin: Duration,
 }
 
 // SAFETY: the raw pointers a `Service` holds (the ops' iovecs) point into its own pool buffer or
@@ -144,7 +148,10 @@ impl Service {
             }
         };
         let (accepted_tx, accepted) = mpsc::sync_channel(64);
-        let inbox = Arc::new(Inbox::new(Box::new(|| {})));
+        let waker = Arc::clone(&core);
+        let inbox = Arc::new(Inbox::new(Box::new(move || {
+            let _ = waker.service_wake.write(1);
+        })));
         core.inboxes.lock().unwrap_or_else(|p| p.into_inner()).insert(REMOTE_ORIGIN, Arc::clone(&inbox));
         let service = Self {
             core,
@@ -159,6 +166,7 @@ impl Service {
             disks: HashMap::new(),
             backlog: VecDeque::new(),
             accepted_tx: Some(accepted_tx),
+            spin: config.spin,
         };
         tracing::info!(listen = %listen, "replica service listening");
         Ok((service, listen))
@@ -199,7 +207,7 @@ impl Service {
             work += self.actions();
             if work > 0 {
                 last_work = Instant::now();
-            } else if last_work.elapsed() > SPIN {
+            } else if last_work.elapsed() >= self.spin {
                 self.sleep();
             } else {
                 std::hint::spin_loop();
@@ -207,15 +215,26 @@ impl Service {
         }
     }
 
-    /// Sleeps until a socket is readable, at most a millisecond.
+    /// Sleeps until something may need the service: a connection's notification (a request
+    /// or a transfer's completion), a disk queue's completion eventfd, or the wake eventfd
+    /// (actions from other threads, a new connection, stop). The eventfds are drained here;
+    /// the next pass then finds whatever woke it.
     fn sleep(&self) {
-        let mut fds: Vec<libc::pollfd> = self.conns.values().filter_map(|c| c.ep.poll_fd()).map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 }).collect();
-        if fds.is_empty() || !self.backlog.is_empty() || !self.disks.is_empty() && self.ops.values().any(|o| o.in_disk) {
-            std::thread::sleep(Duration::from_micros(200));
-            return;
-        }
+        let mut fds: Vec<libc::pollfd> = Vec::with_capacity(self.conns.len() + self.disks.len() + 1);
+        fds.push(libc::pollfd { fd: self.core.service_wake.as_raw_fd(), events: libc::POLLIN, revents: 0 });
+        fds.extend(self.conns.values().filter_map(|c| c.ep.poll_fd()).map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 }));
+        let timers = self.conns.values().any(|c| c.ep.poll_fd().is_none());
+        let disk_fds: Vec<RawFd> = self.disks.values().filter_map(ShardQueue::completion_eventfd).collect();
+        fds.extend(disk_fds.iter().map(|&fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 }));
+        // A transport without a notification fd (rdma's completion channel is not one yet)
+        // is polled on a short timer instead.
+        let timeout = if timers { 1 } else { NAP_MAX_MS };
         // SAFETY: `fds` is a live array of `fds.len()` pollfd structs the kernel may write.
-        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 1) };
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+        let _ = self.core.service_wake.read();
+        for fd in disk_fds {
+            drain_eventfd(fd);
+        }
     }
 
     fn receive(&mut self) -> usize {
@@ -487,6 +506,14 @@ fn msg_seq(m: &Message) -> u64 {
     }
 }
 
+/// Resets a non-blocking eventfd the service does not own (a disk queue's).
+fn drain_eventfd(fd: RawFd) {
+    let mut value = 0u64;
+    // SAFETY: reads 8 bytes into a live local from a non-blocking eventfd that the disk queue
+    // owning it keeps open while the service holds the queue.
+    let _ = unsafe { libc::read(fd, (&mut value as *mut u64).cast(), 8) };
+}
+
 fn accept_loop(acceptor: Acceptor, tx: mpsc::SyncSender<Box<dyn Endpoint>>, core: &Core) {
     while !core.stopping.load(Ordering::Acquire) {
         let next: Result<Option<Box<dyn Endpoint>>, proto::TransportError> = match &acceptor {
@@ -499,6 +526,7 @@ fn accept_loop(acceptor: Acceptor, tx: mpsc::SyncSender<Box<dyn Endpoint>>, core
                 if tx.send(ep).is_err() {
                     return;
                 }
+                let _ = core.service_wake.write(1);
             }
             Ok(None) => {}
             Err(e) => {

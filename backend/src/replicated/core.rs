@@ -17,6 +17,7 @@ use replication::owner::{DataRef, GuestOp, GuestStatus, MetaResult, Owner, Owner
 use replication::{NodeId, NodeInfo, Request, Seq, VolumeMeta};
 
 use super::memory::Memory;
+use super::events::{drain_eventfd, signal_eventfd, EpollSet};
 use super::{LeaseClock, MetaJob};
 use crate::member::wire::{reply_from_wire, request_to_wire};
 use crate::member::LocalMember;
@@ -113,6 +114,11 @@ pub(crate) struct Core {
     pub(crate) eventfd: RawFd,
     /// Nodes whose requests failed on send in this pass: the owner is told after the pass.
     unreachable: Vec<NodeId>,
+    /// Every source of work (see `events.rs`), kept in step with the connections and the
+    /// local member's disk queues at the end of each `drive`.
+    events: EpollSet,
+    /// The metadata and connector threads' wake eventfd, always in `events`.
+    wake_fd: RawFd,
 }
 
 pub(crate) enum MetaAnswer {
@@ -142,6 +148,8 @@ impl Core {
         capacity: Arc<AtomicU64>,
         eventfd: RawFd,
         start: Instant,
+        events: EpollSet,
+        wake_fd: RawFd,
     ) -> Self {
         let me = local.node_id();
         Self {
@@ -168,6 +176,8 @@ impl Core {
             capacity,
             eventfd,
             unreachable: Vec::new(),
+            events,
+            wake_fd,
         }
     }
 
@@ -225,6 +235,10 @@ impl Core {
 
     /// Does everything that can be done now; returns how much (0 = idle).
     pub(crate) fn drive(&mut self) -> usize {
+        // Drained before the disk queues are reaped: a completion after this signals again.
+        for fd in self.local.eventfds() {
+            drain_eventfd(fd);
+        }
         let mut work = 0;
         for _ in 0..8 {
             let mut round = self.execute_actions();
@@ -236,6 +250,8 @@ impl Core {
             }
         }
         self.memory.retire();
+        let fds: std::collections::BTreeSet<RawFd> = self.wait_fds().into_iter().collect();
+        self.events.sync(&fds, &[self.wake_fd]);
         work
     }
 
@@ -529,9 +545,7 @@ impl Core {
 
     /// Wakes the poller: a completion is ready.
     fn signal(&self) {
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a live local to the eventfd this core owns.
-        let _ = unsafe { libc::write(self.eventfd, (&one as *const u64).cast(), 8) };
+        signal_eventfd(self.eventfd);
     }
 
     /// File descriptors a sleeping driver waits on.

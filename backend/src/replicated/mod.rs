@@ -11,11 +11,15 @@
 //! ```
 //!
 //! The poller drives the core on every pass while the guest is busy: requests go out and
-//! replies come in on its thread, no hand-off. When it has not polled for a millisecond the
-//! background thread takes over (timers, etcd answers, replies while the guest sleeps), and
-//! wakes the poller through the queue's eventfd when a guest request completes.
+//! replies come in on its thread, no hand-off. A poller that sleeps with requests in flight
+//! sleeps on every source of work at once (`events.rs`) and drives the core itself when one
+//! fires. The background thread does the rest: timers and etcd answers always, and replies
+//! and disk completions while no guest request is in flight (resync, cleaning, probes, or no
+//! frontend at all); it wakes the poller through the queue's eventfd when a guest request
+//! completes.
 
 mod core;
+mod events;
 mod memory;
 
 use std::collections::BTreeMap;
@@ -108,15 +112,21 @@ pub(crate) enum MetaJob {
 struct Shared {
     name: String,
     core: Mutex<Core>,
-    /// When a poller last drove the core (ns since `start`); 0: never.
-    last_poll: AtomicU64,
-    start: Instant,
     stopping: AtomicBool,
     capacity: Arc<AtomicU64>,
     block_size: u32,
     read_only: bool,
     eventfd: OwnedFd,
     next_queue: AtomicU32,
+    /// The core's set of work sources (it lives in `core`); the background thread sleeps on it.
+    events_fd: RawFd,
+    /// That set plus `eventfd`: what a sleeping poller waits on (`completion_eventfd`).
+    poller_events: events::EpollSet,
+    /// Written by the metadata and connector threads after they answer, and by `stop_threads`.
+    wake: OwnedFd,
+    /// Queues (pollers) alive, and guest requests they have in flight, over all of them.
+    live_queues: AtomicU32,
+    in_flight: AtomicU32,
 }
 
 impl Shared {
@@ -124,13 +134,7 @@ impl Shared {
         self.core.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn now_ns(&self) -> u64 {
-        self.start.elapsed().as_nanos() as u64
-    }
 
-    fn mark_polled(&self) {
-        self.last_poll.store(self.now_ns().max(1), Ordering::Relaxed);
-    }
 }
 
 pub struct ReplicatedVolume {
@@ -138,8 +142,6 @@ pub struct ReplicatedVolume {
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
-/// How long the poller may be away before the background thread drives the core.
-const POLLER_AWAY: Duration = Duration::from_millis(1);
 
 impl ReplicatedVolume {
     /// Claims the volume for this node (generation + 1), collects the members' promises and
@@ -179,21 +181,24 @@ impl ReplicatedVolume {
             }
         }
 
-        // SAFETY: eventfd has no memory preconditions.
-        let raw = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        if raw < 0 {
-            return Err(AttachError::Start(std::io::Error::last_os_error()));
-        }
-        // SAFETY: `raw` is a fresh eventfd nothing else owns.
-        let eventfd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let eventfd = new_eventfd().map_err(AttachError::Start)?;
         let notify_fd = eventfd.as_raw_fd();
+        let wake = new_eventfd().map_err(AttachError::Start)?;
+        let wake_fd = wake.as_raw_fd();
+        let mut core_events = events::EpollSet::new().map_err(AttachError::Start)?;
+        core_events.add(wake_fd).map_err(AttachError::Start)?;
+        let events_fd = core_events.raw();
+        let mut poller_events = events::EpollSet::new().map_err(AttachError::Start)?;
+        poller_events.add(events_fd).map_err(AttachError::Start)?;
+        poller_events.add(notify_fd).map_err(AttachError::Start)?;
         let local = LocalMember::new(
             &config.members,
+            // Work for the local member from another thread (the state writer): whoever
+            // sleeps, poller or background thread, must drive. Both eventfds live as long as
+            // the volume, which drops the local member first.
             Box::new(move || {
-                let one: u64 = 1;
-                // SAFETY: 8 bytes from a live local to an eventfd that lives as long as the
-                // volume (the local member is dropped with it).
-                let _ = unsafe { libc::write(notify_fd, (&one as *const u64).cast(), 8) };
+                events::signal_eventfd(notify_fd);
+                events::signal_eventfd(wake_fd);
             }),
         );
         let (meta_jobs, meta_rx) = mpsc::channel::<MetaJob>();
@@ -223,24 +228,29 @@ impl ReplicatedVolume {
             Arc::clone(&capacity),
             notify_fd,
             start,
+            core_events,
+            wake_fd,
         );
         let shared = Arc::new(Shared {
             name: config.volume.clone(),
             core: Mutex::new(core),
-            last_poll: AtomicU64::new(0),
-            start,
             stopping: AtomicBool::new(false),
             capacity,
             block_size: meta.block_size,
             read_only: meta.read_only,
             eventfd,
             next_queue: AtomicU32::new(1),
+            events_fd,
+            poller_events,
+            wake,
+            live_queues: AtomicU32::new(0),
+            in_flight: AtomicU32::new(0),
         });
         let mut threads = Vec::new();
         let spawn = |name: String, f: Box<dyn FnOnce() + Send>| std::thread::Builder::new().name(name).spawn(f).map_err(AttachError::Start);
         let store = Arc::clone(&config.meta);
         let volume_name = config.volume.clone();
-        threads.push(spawn(format!("meta-{}", config.volume), Box::new(move || meta_loop(store.as_ref(), &volume_name, &meta_rx, &meta_tx)))?);
+        threads.push(spawn(format!("meta-{}", config.volume), Box::new(move || meta_loop(store.as_ref(), &volume_name, &meta_rx, &meta_tx, wake_fd)))?);
         let (cfg, reg, kind) = (config.transport.clone(), Arc::clone(&registry), config.kind);
         threads.push(spawn(
             format!("connect-{}", config.volume),
@@ -250,6 +260,8 @@ impl ReplicatedVolume {
                     if connected_tx.send((node, result)).is_err() {
                         return;
                     }
+                    // The thread ends before the volume (and `wake_fd`) is dropped.
+                    events::signal_eventfd(wake_fd);
                 }
             }),
         )?);
@@ -260,7 +272,9 @@ impl ReplicatedVolume {
         // Wait until it serves (or cannot).
         let deadline = Instant::now() + config.attach_timeout;
         loop {
-            match volume.shared.lock().phase().clone() {
+            // Bound first: a guard in the match scrutinee would live through `stop_threads`.
+            let phase = volume.shared.lock().phase().clone();
+            match phase {
                 Phase::Serving => break,
                 Phase::Fenced(reason) => {
                     volume.stop_threads();
@@ -333,6 +347,7 @@ impl ReplicatedVolume {
 
     fn stop_threads(&self) {
         self.shared.stopping.store(true, Ordering::Release);
+        events::signal_eventfd(self.shared.wake.as_raw_fd());
         // Closing the job channels ends the metadata and connector threads.
         {
             let mut core = self.shared.lock();
@@ -362,7 +377,18 @@ fn connect(addr: &str, cfg: &proto::Config, registry: Arc<Registry>, kind: Trans
     r.map_err(|e| crate::control::chain(&e))
 }
 
-fn meta_loop(store: &dyn MetaStore, volume: &str, jobs: &mpsc::Receiver<MetaJob>, results: &mpsc::Sender<MetaAnswer>) {
+fn new_eventfd() -> std::io::Result<OwnedFd> {
+    // SAFETY: eventfd has no memory preconditions; the result is checked.
+    let raw = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a fresh eventfd nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// `wake_fd` is the volume's, open until this thread has been joined.
+fn meta_loop(store: &dyn MetaStore, volume: &str, jobs: &mpsc::Receiver<MetaJob>, results: &mpsc::Sender<MetaAnswer>, wake_fd: RawFd) {
     while let Ok(job) = jobs.recv() {
         let answer = match job {
             MetaJob::Read => MetaAnswer::Meta(Box::new(match store.read_volume(volume) {
@@ -388,29 +414,28 @@ fn meta_loop(store: &dyn MetaStore, volume: &str, jobs: &mpsc::Receiver<MetaJob>
         if results.send(answer).is_err() {
             return;
         }
+        events::signal_eventfd(wake_fd);
     }
 }
 
-/// Drives the core while no poller does, and sleeps on its sockets and eventfds otherwise.
+/// Timers (probes, io timeouts, etcd polls) need the core driven this often at least.
+const TICK: Duration = Duration::from_millis(10);
+
+/// Drives the core for everything no poller drives: it sleeps on every source of work while
+/// no guest request is in flight (a poller with requests in flight sleeps on them itself, or
+/// spins), else only on its wake eventfd, and at least every `TICK` for the timers.
 fn background(shared: &Shared) {
     while !shared.stopping.load(Ordering::Acquire) {
-        let away = shared.now_ns().saturating_sub(shared.last_poll.load(Ordering::Relaxed)) > POLLER_AWAY.as_nanos() as u64;
-        let mut fds = Vec::new();
-        if away {
-            if let Ok(mut core) = shared.core.try_lock() {
-                core.drive();
-                fds = core.wait_fds();
-            }
+        let poller_waits = shared.live_queues.load(Ordering::Acquire) > 0 && shared.in_flight.load(Ordering::Acquire) > 0;
+        let fd = if poller_waits { shared.wake.as_raw_fd() } else { shared.events_fd };
+        events::wait_readable(fd, TICK);
+        events::drain_eventfd(shared.wake.as_raw_fd());
+        if let Ok(mut core) = shared.core.try_lock() {
+            core.drive();
+        } else {
+            // The poller is driving: let it finish rather than wake again at once.
+            std::thread::yield_now();
         }
-        fds.push(shared.eventfd.as_raw_fd());
-        let mut polls: Vec<libc::pollfd> = fds.iter().map(|&fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 }).collect();
-        // The eventfd is the poller's to read (it wakes the poller); here it only ends the
-        // nap early. A millisecond at most: timers, and a transport's background receiver
-        // that may have taken the bytes off a socket.
-        let last = polls.len() - 1;
-        polls[last].fd = -1;
-        // SAFETY: `polls` is a live array of `polls.len()` pollfd structs the kernel may write.
-        unsafe { libc::poll(polls.as_mut_ptr(), polls.len() as libc::nfds_t, 1) };
     }
 }
 
@@ -444,6 +469,7 @@ impl Volume for ReplicatedVolume {
 
     fn new_queue(self: &Arc<Self>, depth: u32) -> Result<ReplicatedQueue, Error> {
         let id = self.shared.next_queue.fetch_add(1, Ordering::Relaxed);
+        self.shared.live_queues.fetch_add(1, Ordering::AcqRel);
         Ok(ReplicatedQueue { shared: Arc::clone(&self.shared), id, depth: depth.max(1), outstanding: 0 })
     }
 
@@ -467,13 +493,20 @@ impl Volume for ReplicatedVolume {
     }
 }
 
+impl Drop for ReplicatedQueue {
+    fn drop(&mut self) {
+        self.shared.live_queues.fetch_sub(1, Ordering::AcqRel);
+        self.shared.in_flight.fetch_sub(self.outstanding, Ordering::AcqRel);
+    }
+}
+
 impl VolumeQueue for ReplicatedQueue {
     unsafe fn submit(&mut self, request: IoRequest) -> Result<(), IoRequest> {
         if self.outstanding >= self.depth {
             return Err(request);
         }
         self.outstanding += 1;
-        self.shared.mark_polled();
+        self.shared.in_flight.fetch_add(1, Ordering::AcqRel);
         let mut core = self.shared.lock();
         // SAFETY: forwarded contract (the iovecs stay valid until the completion is popped).
         unsafe { core.submit(self.id, request) };
@@ -485,13 +518,16 @@ impl VolumeQueue for ReplicatedQueue {
     }
 
     fn poll(&mut self) -> usize {
-        self.shared.mark_polled();
+        // The completion eventfd is only the poller's wake-up (see `completion_eventfd`):
+        // cleared before driving, so a completion from here on signals it again.
+        events::drain_eventfd(self.shared.eventfd.as_raw_fd());
         self.shared.lock().drive()
     }
 
     fn pop_completion(&mut self) -> Option<IoCompletion> {
         let c = self.shared.lock().pop_completion(self.id)?;
         self.outstanding -= 1;
+        self.shared.in_flight.fetch_sub(1, Ordering::AcqRel);
         Some(c)
     }
 
@@ -499,12 +535,20 @@ impl VolumeQueue for ReplicatedQueue {
         self.outstanding
     }
 
-    fn wait_for_completions(&mut self, _timeout: Duration) {
-        // Replies come from the network and the local disk: keep driving (the poller calls
-        // `poll` right after this).
+    fn wait_for_completions(&mut self, timeout: Duration) {
+        // Replies come from the network and the local disk: sleep (briefly) until one may
+        // have, rather than spin on a core the transport and the disk's kernel threads need.
+        events::wait_readable(self.shared.poller_events.raw(), timeout);
     }
 
+    /// An epoll set over the guest-completion eventfd and every source of work, so that a
+    /// poller asleep with requests in flight wakes for a reply and drives the core itself.
     fn completion_eventfd(&self) -> Option<RawFd> {
-        Some(self.shared.eventfd.as_raw_fd())
+        Some(self.shared.poller_events.raw())
+    }
+
+    /// The set's other members are re-armed by whoever drives the core.
+    fn consume_completion_event(&self) {
+        events::drain_eventfd(self.shared.eventfd.as_raw_fd());
     }
 }

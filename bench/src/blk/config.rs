@@ -20,8 +20,9 @@ pub struct Args {
     /// vhost-user-blk Unix socket of the server under test.
     #[arg(long)]
     pub socket: PathBuf,
-    /// Access pattern: randread, randwrite, seqread, or idle (randread during the warmup,
-    /// then no I/O for --seconds while the server's CPU use is sampled).
+    /// Access pattern: randread, randwrite, seqread, idle (randread during the warmup,
+    /// then no I/O for --seconds while the server's CPU use is sampled), or fill (writes the
+    /// span once, sequentially, then stops: prepares a volume so reads hit its disks).
     #[arg(long)]
     pub workload: String,
     /// Request size, bytes with optional k/m suffix (binary), e.g. 4k, 128k.
@@ -61,15 +62,16 @@ pub enum Workload {
     RandWrite,
     SeqRead,
     Idle,
+    Fill,
 }
 
 impl Workload {
     pub fn is_write(self) -> bool {
-        matches!(self, Workload::RandWrite)
+        matches!(self, Workload::RandWrite | Workload::Fill)
     }
 
     pub fn is_random(self) -> bool {
-        !matches!(self, Workload::SeqRead)
+        !matches!(self, Workload::SeqRead | Workload::Fill)
     }
 
     pub fn name(self) -> &'static str {
@@ -78,6 +80,7 @@ impl Workload {
             Workload::RandWrite => "randwrite",
             Workload::SeqRead => "seqread",
             Workload::Idle => "idle",
+            Workload::Fill => "fill",
         }
     }
 }
@@ -91,6 +94,7 @@ impl std::str::FromStr for Workload {
             "randwrite" => Ok(Workload::RandWrite),
             "seqread" => Ok(Workload::SeqRead),
             "idle" => Ok(Workload::Idle),
+            "fill" => Ok(Workload::Fill),
             other => Err(ConfigError::Workload(other.to_string())),
         }
     }

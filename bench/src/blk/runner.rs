@@ -182,7 +182,13 @@ pub fn run(config: &Config) -> anyhow::Result<Report> {
         (0..qd).map(|_| MaybeUninit::uninit()).collect();
     let started = Instant::now();
     let mut issued_at = vec![started; qd];
+    // Requests still to submit: `fill` writes each block of the span once.
+    let mut left = if config.workload == Workload::Fill { span_bytes / config.bs_bytes } else { u64::MAX };
     for slot in 0..qd {
+        if left == 0 {
+            break;
+        }
+        left -= 1;
         submit(
             &mut dev.queue,
             config.workload,
@@ -192,7 +198,7 @@ pub fn run(config: &Config) -> anyhow::Result<Report> {
             slot,
         );
     }
-    let mut in_flight = qd;
+    let mut in_flight = qd.min(usize::try_from(span_bytes / config.bs_bytes).unwrap_or(usize::MAX));
 
     let warmup_end = started + config.warmup;
     let mut phase = Phase::Warmup;
@@ -240,7 +246,8 @@ pub fn run(config: &Config) -> anyhow::Result<Report> {
                 latency_ns.saturating_record(ns.clamp(1, LATENCY_NS_MAX));
                 ios += 1;
             }
-            if submitting(phase) {
+            if submitting(phase) && left > 0 {
+                left -= 1;
                 issued_at[slot] = now;
                 submit(
                     &mut dev.queue,
@@ -283,6 +290,10 @@ pub fn run(config: &Config) -> anyhow::Result<Report> {
         }
     }
 
+    if config.workload == Workload::Fill && elapsed.is_zero() {
+        // Done before the measured interval ended: it measured until the last completion.
+        elapsed = measure_start.elapsed();
+    }
     if config.workload == Workload::Idle {
         // Connected, queue started, nothing submitted: what does the server burn?
         let cpu0 = sample_server_cpu(config.server_pid)?;

@@ -1038,3 +1038,35 @@ fn a_flood_of_inline_writes_meets_backpressure_and_memory_stays_bounded() {
     drop(client);
     guest.clear();
 }
+
+fn readable(fd: std::os::fd::RawFd, timeout_ms: i32) -> bool {
+    let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    // SAFETY: one live pollfd the kernel may write.
+    unsafe { libc::poll(&mut p, 1, timeout_ms) == 1 }
+}
+
+/// A caller can sleep on `poll_fd` instead of spinning: it becomes readable when a message
+/// or a completion arrives (whoever took the bytes off the socket) and unreadable once the
+/// caller found nothing more to poll; a failed connection makes it readable too.
+#[test]
+fn poll_fd_wakes_a_sleeping_caller_and_goes_quiet_when_drained() {
+    let (mut server, client) = pair_with(cfg(1), cfg(2));
+    let mut client = client.unwrap();
+    let fd = server.poll_fd().expect("tcp has a poll fd");
+    assert!(!readable(fd, 50), "nothing sent yet");
+    let flush = |id| Message::Flush(crate::wire::Flush { request_id: id, volume: 7, generation: 1, ..Default::default() });
+    for round in 0..3 {
+        // Give the background receiver time to take the bytes: the socket is then empty,
+        // and only the notification can wake the caller.
+        client.send(&flush(round)).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(readable(fd, 2000), "round {round}: a message arrived but the fd is not readable");
+        assert!(matches!(server.poll_recv().unwrap(), Some(Message::Flush(_))));
+        assert!(server.poll_recv().unwrap().is_none());
+        assert_eq!(server.poll_completions(&mut [OpCompletion::EMPTY; 4]), 0);
+        assert!(!readable(fd, 0), "round {round}: drained, yet still readable");
+    }
+    drop(client);
+    assert!(readable(fd, 5000), "a failed connection must wake the caller");
+    assert!(server.poll_recv().is_err());
+}
