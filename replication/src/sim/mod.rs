@@ -678,7 +678,7 @@ impl Sim {
         c.nodes_poll = 100 * MS;
         c.clean_after = 60 * MS;
         // Half the seeds keep at most two dirty regions: cleaning then races every write.
-        c.dirty_max = if self.cfg.seed % 2 == 0 { 2 } else { 4096 };
+        c.dirty_max = if self.cfg.seed.is_multiple_of(2) { 2 } else { 4096 };
         c.replace_after = if self.cfg.replace_after == 0 { Time::MAX / 4 } else { self.cfg.replace_after };
         c.copy_slots = 2;
         c.copy_bytes_per_s = 0;
