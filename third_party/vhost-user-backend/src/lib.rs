@@ -90,6 +90,21 @@ impl Display for Error {
     }
 }
 
+// hcblk patch: an error type, so that callers can keep it as the source of their own.
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::NewVhostUserHandler(e) => Some(e),
+            Error::CreateBackendListener(e)
+            | Error::CreateBackendReqHandler(e)
+            | Error::CreateVhostUserListener(e)
+            | Error::HandleRequest(e) => Some(e),
+            Error::StartDaemon(e) => Some(e),
+            Error::WaitDaemon(_) => None,
+        }
+    }
+}
+
 /// Result of vhost-user daemon operations.
 pub type Result<T> = std::result::Result<T, Error>;
 

@@ -65,7 +65,12 @@ where
     /// * `desc_table` - the address of the descriptor table.
     /// * `queue_size` - the size of the queue, which is also the maximum size of a descriptor chain.
     /// * `head_index` - the descriptor index of the chain head.
-    pub(crate) fn new(mem: M, desc_table: GuestAddress, queue_size: u16, head_index: u16) -> Self {
+    ///
+    /// hcblk patch: public so that a vhost-user backend can resubmit the chain of a head it
+    /// recorded in its inflight region (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD) after a restart,
+    /// when that head is no longer in the available ring. Nothing is read here; iterating the
+    /// chain checks every index against `queue_size` as for a chain popped from the ring.
+    pub fn new(mem: M, desc_table: GuestAddress, queue_size: u16, head_index: u16) -> Self {
         Self::with_ttl(mem, desc_table, queue_size, queue_size, head_index)
     }
 
