@@ -567,6 +567,18 @@ where
 
         vring.set_call(file);
 
+        // hcblk patch: with inflight tracking, a backend that restarted may have put requests
+        // in the used ring (or resubmitted and completed them) while the frontend was still
+        // switching call notifiers, and QEMU drops what was signalled on the old one. One
+        // interrupt on every new call fd makes the driver look at the used ring again, as
+        // libvhost-user does ("in case of I/O hang after reconnecting"); a spurious one costs
+        // the driver a look.
+        if self.acked_protocol_features & VhostUserProtocolFeatures::INFLIGHT_SHMFD.bits() != 0 {
+            if let Err(e) = vring.signal_used_queue() {
+                warn!("vring {index}: cannot signal the new call fd: {e}");
+            }
+        }
+
         if self.vring_needs_init(vring) {
             self.initialize_vring(vring, index)?;
         }
