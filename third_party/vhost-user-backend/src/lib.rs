@@ -90,20 +90,9 @@ impl Display for Error {
     }
 }
 
-// hcblk patch: an error type, so that callers can keep it as the source of their own.
-impl std::error::Error for Error {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            Error::NewVhostUserHandler(e) => Some(e),
-            Error::CreateBackendListener(e)
-            | Error::CreateBackendReqHandler(e)
-            | Error::CreateVhostUserListener(e)
-            | Error::HandleRequest(e) => Some(e),
-            Error::StartDaemon(e) => Some(e),
-            Error::WaitDaemon(_) => None,
-        }
-    }
-}
+// hcblk patch: an error type, so that callers can keep it as the source of their own. No
+// `source()`: `Display` already prints the cause, and a chain printer would print it twice.
+impl std::error::Error for Error {}
 
 /// Result of vhost-user daemon operations.
 pub type Result<T> = std::result::Result<T, Error>;
