@@ -182,7 +182,7 @@ impl InflightRegion {
         if !meta.file_type().is_file() {
             return Err(InflightError::NotAFile);
         }
-        let end = mmap_offset.checked_add(mmap_size).unwrap_or(u64::MAX);
+        let end = mmap_offset.saturating_add(mmap_size);
         if end > meta.len() {
             return Err(InflightError::FileTooShort { mmap_offset, end, file_bytes: meta.len() });
         }

@@ -148,7 +148,7 @@ fn memory_regions_longer_than_their_files_are_refused_without_sigbus() {
         }
 
         // Regions that fit exactly are accepted, on every kind of file.
-        let mut frontend = rig.frontend();
+        let frontend = rig.frontend();
         frontend
             .set_mem_table(&[
                 region(&two_mib, 0, MIB, MIB),
