@@ -377,6 +377,7 @@ impl<V: Volume> VhostUserBackend for BlkDevice<V> {
                 volume = %self.ctx.name,
                 queue = queue_index,
                 resubmitted = recovered.resubmitted,
+                out_of_ring_order = recovered.out_of_ring_order,
                 completed_at_crash = recovered.last_batch,
                 next_avail = virtio_queue::QueueT::next_avail(state.get_queue()),
                 "recovered inflight requests"

@@ -60,7 +60,7 @@ use std::sync::{Arc, Mutex};
 
 use vhost::vhost_user::message::VhostUserInflight;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
-use vm_memory::{FileOffset, GuestAddress, GuestMemory, MmapRegion};
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemory, MmapRegion};
 
 use crate::volume::GuestMem;
 
@@ -416,6 +416,17 @@ pub(crate) fn recover(
         )));
     }
 
+    // For the log: how many of them a backend restarting from the avail ring alone (at the
+    // used idx QEMU sends) would have got wrong, because requests completed out of order.
+    let window: Vec<u16> = (0..in_flight)
+        .filter_map(|i| {
+            let slot = u64::from(used_idx.wrapping_add(i) % size.max(1));
+            let at = GuestAddress(queue.avail_ring().checked_add(4 + 2 * slot)?);
+            mem.read_obj::<u16>(at).ok().map(u16::from_le)
+        })
+        .collect();
+    recovered.out_of_ring_order = marked.iter().filter(|&&(_, head)| !window.contains(&head)).count() as u16;
+
     // 3. Every request taken was either used or is marked.
     queue.set_next_avail(used_idx.wrapping_add(in_flight));
     queue.set_next_used(used_idx);
@@ -438,6 +449,10 @@ pub(crate) struct Recovered {
     pub(crate) last_batch: u16,
     /// Requests to resubmit.
     pub(crate) resubmitted: u16,
+    /// Of those, how many are not in the avail ring where a backend without inflight
+    /// tracking would look for them (from the used idx on): requests completed out of order
+    /// before the crash, which such a backend would have completed twice, or lost.
+    pub(crate) out_of_ring_order: u16,
 }
 
 /// The poller's side of one virtqueue's tracking: marks requests as it takes and completes
@@ -682,7 +697,9 @@ mod tests {
         let mut queue = rings.restarted();
         queue.set_next_avail(rings.used_idx()); // what QEMU sends after a crash
         let (mut after, recovered) = recover(&region, 0, &mut queue, &rings.mem).unwrap();
-        assert_eq!(recovered, Recovered { fresh: false, last_batch: 0, resubmitted: 4 });
+        // 4 completed before 1: from the used idx (2), a backend without tracking would take
+        // 4 (again) and never 1.
+        assert_eq!(recovered, Recovered { fresh: false, last_batch: 0, resubmitted: 4, out_of_ring_order: 1 });
         assert_eq!(queue.next_avail(), 2 + 4, "next from the avail ring: 7");
         let mut resubmitted = Vec::new();
         while let Some(chain) = after.next_resubmitted(&queue, &rings.mem) {
@@ -709,7 +726,8 @@ mod tests {
 
         let mut queue = rings.restarted();
         let (mut after, recovered) = recover(&region, 0, &mut queue, &rings.mem).unwrap();
-        assert_eq!(recovered, Recovered { fresh: false, last_batch: 1, resubmitted: 1 });
+        // 5 completed before 2: without tracking, 5 would run again and 2 never.
+        assert_eq!(recovered, Recovered { fresh: false, last_batch: 1, resubmitted: 1, out_of_ring_order: 1 });
         assert_eq!(after.next_resubmitted(&queue, &rings.mem).map(|c| c.head_index()), Some(2));
         assert!(after.next_resubmitted(&queue, &rings.mem).is_none());
         assert_eq!(queue.next_avail(), 2);

@@ -240,7 +240,16 @@ impl Server for HcblkServer {
 
     fn kill_and_restart(&mut self) -> Result<()> {
         self.child.kill().context("SIGKILL to the hcblk daemon")?;
+        let killed = Instant::now();
         self.child.wait().context("reaping the killed daemon")?;
+        if killed.elapsed() > Duration::from_secs(1) {
+            // The kernel lets a killed process go only once the disk I/O it had in
+            // flight (an fdatasync of the image, say) has finished.
+            eprintln!(
+                "the killed hcblk daemon took {} ms to exit (its in-flight disk I/O finished first)",
+                killed.elapsed().as_millis()
+            );
+        }
         // Standalone mode: the daemon re-exports every volume on its socket at start.
         self.child = Self::spawn_daemon(&self.bin, &self.dir)?;
         Ok(())
@@ -687,16 +696,18 @@ pub fn run_guest(
             if !fio_started && console_has(&log, "HCBLK-FIO-START") {
                 fio_started = true;
                 if let Err(e) = cb(GuestEvent::FioStarted) {
-                    let _ = child.kill();
-                    let _ = child.wait();
+                    // SIGTERM: run-guest.sh stops QEMU on its way out (SIGKILL would
+                    // leave QEMU running on its own).
+                    let _ = stop_gracefully(&mut child, Duration::from_secs(10));
                     return Err(e.context("handling FioStarted"));
                 }
             }
             if !idle_seen && console_has(&log, "HCBLK-IDLE ") {
                 idle_seen = true;
                 if let Err(e) = cb(GuestEvent::Idle) {
-                    let _ = child.kill();
-                    let _ = child.wait();
+                    // SIGTERM: run-guest.sh stops QEMU on its way out (SIGKILL would
+                    // leave QEMU running on its own).
+                    let _ = stop_gracefully(&mut child, Duration::from_secs(10));
                     return Err(e.context("handling Idle"));
                 }
             }
