@@ -3,7 +3,7 @@
 //!
 //! The server is behind [`Server`], so the same tests run against
 //! `qemu-storage-daemon` (the reference) and against hcblk. [`start_server`]
-//! picks the implementation from `HCBLK_GUEST_SERVER` (default `qsd`).
+//! picks the implementation from `HCBLK_GUEST_SERVER` (default `hcblk`).
 //!
 //! Everything here reports a missing facility (QEMU, the storage daemon, apt
 //! for the guest build) as an error that names it: a real-guest test that

@@ -1,7 +1,7 @@
 //! Real-guest tests: a Linux guest under QEMU (TCG) drives a vhost-user-blk
 //! server through virtio-blk and fio. The server comes from
-//! `hcblk_tests::guest::start_server` (`HCBLK_GUEST_SERVER`, default
-//! `qemu-storage-daemon`). Each test takes one to three guest boots of
+//! `hcblk_tests::guest::start_server` (`HCBLK_GUEST_SERVER`: `hcblk`, the
+//! default, or `qsd`). Each test takes one to three guest boots of
 //! 8–25 s; they run one at a time because TCG guests are CPU bound.
 //!
 //! Run: `cargo test -p hcblk-tests --test guest -- --nocapture`
