@@ -7,7 +7,7 @@
 # Options:
 #   --socket PATH         vhost-user-blk server socket (required)
 #   --mode MODE           fio-verify (default) | fio-write | fio-verify-only |
-#                         reconnect | resize | read-only | info
+#                         fio-kill | reconnect | resize | read-only | info
 #                         (see qemu/guest/init)
 #   --timeout SECS        wall-clock limit for the whole boot; default 300
 #   --queues N            virtio-blk queues (num-queues); default 2

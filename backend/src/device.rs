@@ -10,9 +10,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
-use vhost_user_backend::VhostUserBackend;
+use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
     VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_TOPOLOGY,
@@ -24,6 +24,7 @@ use vm_memory::{GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
 
+use crate::inflight::{self, InflightRegion};
 use crate::poller::{GuestMemAtomic, PollConfig, PollContext, Poller, QueueShared, Vring};
 use crate::request::{Limits, ID_BYTES, SECTOR_SHIFT};
 use crate::volume::{GuestMem, Volume};
@@ -69,6 +70,8 @@ pub struct BlkDevice<V: Volume> {
     mem: RwLock<Option<GuestMemAtomic>>,
     acked_features: AtomicU64,
     backend_req: Mutex<Option<Backend>>,
+    /// The inflight region the frontend set (SET_INFLIGHT_FD), used by vrings started after.
+    inflight: Mutex<Option<Arc<InflightRegion>>>,
 }
 
 impl<V: Volume> BlkDevice<V> {
@@ -123,6 +126,7 @@ impl<V: Volume> BlkDevice<V> {
             mem: RwLock::new(None),
             acked_features: AtomicU64::new(0),
             backend_req: Mutex::new(None),
+            inflight: Mutex::new(None),
         })
     }
 
@@ -264,6 +268,7 @@ impl<V: Volume> VhostUserBackend for BlkDevice<V> {
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::BACKEND_REQ
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
     }
 
     fn set_event_idx(&self, _enabled: bool) {
@@ -311,6 +316,80 @@ impl<V: Volume> VhostUserBackend for BlkDevice<V> {
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
         new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()
+    }
+
+    fn get_inflight_fd(&self, request: &VhostUserInflight) -> std::io::Result<(VhostUserInflight, std::fs::File)> {
+        match InflightRegion::create(request, self.num_queues, self.queue_size) {
+            Ok((region, file)) => {
+                tracing::info!(
+                    volume = %self.ctx.name,
+                    queues = region.num_queues,
+                    queue_size = region.queue_size,
+                    bytes = region.mmap_size,
+                    "inflight region created"
+                );
+                Ok((region, file))
+            }
+            Err(e) => {
+                tracing::error!(volume = %self.ctx.name, error = %e, "GET_INFLIGHT_FD refused; closing the connection");
+                Err(e.into())
+            }
+        }
+    }
+
+    fn set_inflight_fd(&self, msg: &VhostUserInflight, file: std::fs::File) -> std::io::Result<()> {
+        match InflightRegion::open(msg, file, self.num_queues, self.queue_size) {
+            Ok(region) => {
+                tracing::debug!(volume = %self.ctx.name, queues = region.num_queues(), queue_size = region.queue_size(), "inflight region set");
+                *self.inflight.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(region));
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(volume = %self.ctx.name, error = %e, "SET_INFLIGHT_FD refused; closing the connection");
+                Err(e.into())
+            }
+        }
+    }
+
+    fn start_vring(&self, queue_index: u32, vring: &Vring) -> std::io::Result<()> {
+        let Some(shared) = self.ctx.queues.get(queue_index as usize) else { return Ok(()) };
+        let region = self.inflight.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let Some(region) = region else {
+            // No region set: requests are not tracked on this queue.
+            shared.inflight.publish(inflight::QueueTracker::default());
+            return Ok(());
+        };
+        let Some(mem) = self.mem.read().unwrap_or_else(|p| p.into_inner()).clone() else {
+            tracing::error!(volume = %self.ctx.name, queue = queue_index, "vring started before any memory table; closing the connection");
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "vring started before any memory table"));
+        };
+        let mut state = vring.get_mut();
+        let table = mem.memory();
+        let (tracker, recovered) = match inflight::recover(&region, queue_index, state.get_queue_mut(), &table) {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::error!(volume = %self.ctx.name, queue = queue_index, error = %e, "inflight recovery refused; closing the connection");
+                return Err(e.into());
+            }
+        };
+        if recovered.resubmitted > 0 || recovered.last_batch > 0 {
+            tracing::info!(
+                volume = %self.ctx.name,
+                queue = queue_index,
+                resubmitted = recovered.resubmitted,
+                out_of_ring_order = recovered.out_of_ring_order,
+                completed_at_crash = recovered.last_batch,
+                next_avail = virtio_queue::QueueT::next_avail(state.get_queue()),
+                "recovered inflight requests"
+            );
+        }
+        shared.inflight.publish(tracker);
+        if let Some(kick) = state.get_kick() {
+            if let Err(e) = inflight::kick(std::os::fd::AsRawFd::as_raw_fd(kick)) {
+                tracing::warn!(volume = %self.ctx.name, queue = queue_index, error = %e, "cannot kick the restarted queue");
+            }
+        }
+        Ok(())
     }
 
     fn stop_vring(&self, queue_index: u32) -> std::io::Result<()> {

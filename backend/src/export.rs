@@ -1,20 +1,47 @@
 //! One volume exported on one vhost-user socket.
+//!
+//! A serving thread waits for a frontend, serves it until it goes away, and waits for the next
+//! one (one at a time: every connection gets a fresh device over the same volume). While it
+//! waits it watches the listening socket and a stop eventfd in one epoll set, and wakes at
+//! least every [`SOCKET_CHECK`] to check that the socket file still names its socket: a file
+//! removed under a running daemon (by an operator, a tmpfiles cleaner) is bound again, with a
+//! warning, instead of leaving the volume unreachable for the next frontend. A file someone
+//! else is listening on is left alone (and reported).
+//!
+//! Stopping never depends on the file: it signals the eventfd (and shuts the socket of a
+//! connected frontend down), and waits for the serving thread at most [`STOP_TIMEOUT`].
 
-use std::os::unix::net::UnixStream;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::GuestMemoryAtomic;
-use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::device::{BlkDevice, DeviceConfig};
 use crate::request::ID_BYTES;
 use crate::volume::{GuestMem, Volume};
 use crate::{Error, PollConfig};
+
+/// Longest the serving thread waits between two checks of the socket file.
+pub const SOCKET_CHECK: Duration = Duration::from_secs(1);
+/// Longest `stop` (and drop) waits for the serving thread: the frontend's requests drain
+/// first, normally in milliseconds. A thread still busy after that (a disk that does not
+/// answer) is left behind with an error in the log; requests it never completed are still
+/// marked in the frontend's inflight region, so the next daemon resubmits them.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Epoll ids of the serving thread's waits.
+const LISTENER_EVENT: u64 = 0;
+const STOP_EVENT: u64 = 1;
 
 #[derive(Clone, Debug)]
 pub struct ExportConfig {
@@ -30,11 +57,32 @@ pub struct ExportConfig {
     pub poll: PollConfig,
 }
 
+/// Why one frontend connection ended badly. The export carries on with the next frontend.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectionError {
+    #[error("cannot set up the vhost-user device")]
+    Setup(#[source] vhost_user_backend::Error),
+    #[error("cannot watch the completions of poller {thread}")]
+    Completions {
+        thread: usize,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot accept the frontend")]
+    Accept(#[source] vhost_user_backend::Error),
+    #[error("the frontend connection failed")]
+    Connection(#[source] vhost_user_backend::Error),
+}
+
 /// A running export of volume `V`. Dropping it (or `stop`) closes the socket and stops its
 /// threads.
 pub struct Export<V: Volume> {
     shared: Arc<ExportShared<V>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// Disconnected once the serving thread has ended (its sender is dropped, even by a
+    /// panic): what `stop` waits on, with a timeout, before joining it.
+    finished: mpsc::Receiver<()>,
 }
 
 struct ExportShared<V: Volume> {
@@ -44,7 +92,47 @@ struct ExportShared<V: Volume> {
     connected: AtomicBool,
     /// The device of the current (or next) connection.
     device: Mutex<Option<Arc<BlkDevice<V>>>>,
+    /// Ends the current connection; published before `stopping` is looked at (see
+    /// `serve_one`), so that `stop` either finds it or the serving thread sees `stopping`.
     shutdown: Mutex<Option<ShutdownHandle>>,
+    /// Wakes the serving thread out of its wait for a frontend.
+    stop_event: EventFd,
+    /// (device, inode) of the socket file the export bound last: only that file is removed
+    /// at stop, never one another process bound at the same path.
+    bound: Mutex<Option<(u64, u64)>>,
+}
+
+/// The listening socket and the identity of the file it was bound at.
+struct Bound {
+    listener: Listener,
+    id: Option<(u64, u64)>,
+}
+
+/// The (device, inode) of the file at `path`, if there is one.
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    std::fs::symlink_metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+fn bind(path: &Path) -> io::Result<Bound> {
+    let listener = UnixListener::bind(path)?;
+    let id = file_id(path);
+    // From a UnixListener, vhost's Listener does not remove the file when dropped: the export
+    // decides (only its own file, at stop).
+    Ok(Bound { listener: Listener::from(listener), id })
+}
+
+/// The error and its causes on one line, `a: b: c`.
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut out = error.to_string();
+    let mut cause = error.source();
+    // Bounded: error chains are short, but a cyclic source() would otherwise never end.
+    for _ in 0..16 {
+        let Some(c) = cause else { break };
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
 }
 
 impl<V: Volume> Export<V> {
@@ -62,8 +150,8 @@ impl<V: Volume> Export<V> {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(|source| Error::Listen { path: path.clone(), source })?;
         }
-        let listener = Listener::new(&path, true)
-            .map_err(|e| Error::Listen { path: path.clone(), source: std::io::Error::other(e) })?;
+        let bound = bind(&path).map_err(|source| Error::Listen { path: path.clone(), source })?;
+        let stop_event = EventFd::new(EFD_NONBLOCK).map_err(Error::Daemon)?;
         let shared = Arc::new(ExportShared {
             config,
             volume,
@@ -71,17 +159,24 @@ impl<V: Volume> Export<V> {
             connected: AtomicBool::new(false),
             device: Mutex::new(None),
             shutdown: Mutex::new(None),
+            stop_event,
+            bound: Mutex::new(bound.id),
         });
         // The first device is made here so that a bad configuration (or an empty hugepage pool)
         // fails `start` instead of a background thread.
         let first = shared.new_device()?;
+        let epoll = shared.new_epoll(&bound).map_err(Error::Daemon)?;
         let thread_shared = Arc::clone(&shared);
+        let (finished_tx, finished) = mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
             .name(format!("export-{}", shared.config.name))
-            .spawn(move || thread_shared.serve(listener, first))
+            .spawn(move || {
+                let _finished = finished_tx;
+                thread_shared.serve(bound, epoll, first);
+            })
             .map_err(Error::Daemon)?;
         tracing::info!(volume = %shared.config.name, socket = %path.display(), "exported");
-        Ok(Self { shared, thread: Some(thread) })
+        Ok(Self { shared, thread: Some(thread), finished })
     }
 
     /// Grows the volume and tells a connected frontend through a config-change message.
@@ -123,25 +218,42 @@ impl<V: Volume> Export<V> {
         device.map_or(0, |d| d.completed_requests())
     }
 
-    /// Stops serving and waits for in-flight requests and threads to finish.
+    /// Stops serving and waits (at most [`STOP_TIMEOUT`]) for in-flight requests and threads
+    /// to finish.
     pub fn stop(mut self) {
         self.shutdown();
     }
 
     fn shutdown(&mut self) {
         let Some(thread) = self.thread.take() else { return };
-        self.shared.stopping.store(true, Ordering::Release);
+        let name = &self.shared.config.name;
+        self.shared.stopping.store(true, Ordering::SeqCst);
         if let Some(device) = self.shared.device.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
             device.stop();
         }
         if let Some(handle) = self.shared.shutdown.lock().unwrap_or_else(|p| p.into_inner()).take() {
             handle.shutdown();
         }
-        // Wakes the accept() the serving thread may be blocked in.
-        let _ = UnixStream::connect(&self.shared.config.socket_path);
-        let _ = thread.join();
-        let _ = std::fs::remove_file(&self.shared.config.socket_path);
-        tracing::info!(volume = %self.shared.config.name, "export stopped");
+        if let Err(e) = self.shared.stop_event.write(1) {
+            tracing::error!(volume = %name, error = %e, "cannot wake the serving thread");
+        }
+        match self.finished.recv_timeout(STOP_TIMEOUT) {
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                tracing::error!(volume = %name, "export still busy {STOP_TIMEOUT:?} after the stop request; leaving its thread behind");
+            }
+            // The sender is only ever dropped: the thread is done, the join returns at once.
+            Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => {
+                if thread.join().is_err() {
+                    tracing::error!(volume = %name, "the export's serving thread panicked");
+                }
+            }
+        }
+        let path = &self.shared.config.socket_path;
+        let ours = *self.shared.bound.lock().unwrap_or_else(|p| p.into_inner());
+        if ours.is_some() && file_id(path) == ours {
+            let _ = std::fs::remove_file(path);
+        }
+        tracing::info!(volume = %name, "export stopped");
     }
 }
 
@@ -149,6 +261,14 @@ impl<V: Volume> Drop for Export<V> {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+/// What the wait for a frontend ended with.
+enum Wake {
+    Frontend,
+    Stop,
+    /// Nothing within `SOCKET_CHECK`.
+    Timeout,
 }
 
 impl<V: Volume> ExportShared<V> {
@@ -167,52 +287,156 @@ impl<V: Volume> ExportShared<V> {
         Ok(Arc::new(BlkDevice::new(config, Arc::clone(&self.volume))?))
     }
 
+    fn new_epoll(&self, bound: &Bound) -> io::Result<Epoll> {
+        let epoll = Epoll::new()?;
+        epoll.ctl(ControlOperation::Add, bound.listener.as_raw_fd(), EpollEvent::new(EventSet::IN, LISTENER_EVENT))?;
+        epoll.ctl(ControlOperation::Add, self.stop_event.as_raw_fd(), EpollEvent::new(EventSet::IN, STOP_EVENT))?;
+        Ok(epoll)
+    }
+
+    fn wait(&self, epoll: &Epoll) -> io::Result<Wake> {
+        let mut events = [EpollEvent::default(); 2];
+        let timeout_ms = i32::try_from(SOCKET_CHECK.as_millis()).unwrap_or(i32::MAX);
+        let n = match epoll.wait(timeout_ms, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(Wake::Timeout),
+            Err(e) => return Err(e),
+        };
+        let ready = &events[..n.min(events.len())];
+        if ready.iter().any(|e| e.data() == STOP_EVENT) {
+            return Ok(Wake::Stop);
+        }
+        Ok(if ready.iter().any(|e| e.data() == LISTENER_EVENT) { Wake::Frontend } else { Wake::Timeout })
+    }
+
     /// Serves one frontend after another until the export stops.
-    fn serve(&self, mut listener: Listener, first: Arc<BlkDevice<V>>) {
+    fn serve(&self, mut bound: Bound, epoll: Epoll, first: Arc<BlkDevice<V>>) {
         let mut next = Some(first);
-        while !self.stopping.load(Ordering::Acquire) {
+        // The last problem with the socket file that was logged, so that a lasting one is
+        // logged once, not every SOCKET_CHECK.
+        let mut socket_problem: Option<String> = None;
+        while !self.stopping.load(Ordering::SeqCst) {
+            match self.wait(&epoll) {
+                Ok(Wake::Frontend) => {}
+                Ok(Wake::Stop) => break,
+                Ok(Wake::Timeout) => {
+                    self.check_socket_file(&mut bound, &epoll, &mut socket_problem);
+                    continue;
+                }
+                Err(e) => {
+                    tracing::error!(volume = %self.config.name, error = %e, "cannot wait for a frontend; retrying in 1 s");
+                    std::thread::sleep(SOCKET_CHECK);
+                    continue;
+                }
+            }
+            if self.stopping.load(Ordering::SeqCst) {
+                break;
+            }
             let device = match next.take().map_or_else(|| self.new_device(), Ok) {
                 Ok(device) => device,
                 Err(e) => {
-                    tracing::error!(volume = %self.config.name, error = %e, "cannot set up the device; retrying in 1 s");
+                    tracing::error!(volume = %self.config.name, error = %chain(&e), "cannot set up the device; retrying in 1 s");
                     std::thread::sleep(Duration::from_secs(1));
                     continue;
                 }
             };
             *self.device.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(&device));
-            if let Err(e) = self.serve_one(&mut listener, &device) {
-                if !self.stopping.load(Ordering::Acquire) {
-                    tracing::warn!(volume = %self.config.name, error = %e, "connection ended with an error");
+            match self.serve_one(&mut bound.listener, &device) {
+                Ok(()) => {}
+                Err(e) if self.stopping.load(Ordering::SeqCst) => {
+                    tracing::debug!(volume = %self.config.name, error = %chain(&e), "connection ended by the stop");
                 }
+                Err(e @ ConnectionError::Accept(_)) => {
+                    // Not the frontend's doing (out of descriptors, say): do not spin on it.
+                    tracing::warn!(volume = %self.config.name, error = %chain(&e), "cannot accept a frontend; retrying in 100 ms");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => tracing::warn!(volume = %self.config.name, error = %chain(&e), "connection ended with an error"),
             }
         }
     }
 
-    fn serve_one(&self, listener: &mut Listener, device: &Arc<BlkDevice<V>>) -> Result<(), String> {
+    /// Binds the socket again if its file is gone, or is a stale socket of some other process.
+    fn check_socket_file(&self, bound: &mut Bound, epoll: &Epoll, logged: &mut Option<String>) {
+        let path = &self.config.socket_path;
+        let now = file_id(path);
+        if now.is_some() && now == bound.id {
+            *logged = None;
+            return;
+        }
+        let mut report = |problem: String, error: bool| {
+            if logged.as_deref() != Some(problem.as_str()) {
+                if error {
+                    tracing::error!(volume = %self.config.name, socket = %path.display(), "{problem}");
+                } else {
+                    tracing::warn!(volume = %self.config.name, socket = %path.display(), "{problem}");
+                }
+                *logged = Some(problem);
+            }
+        };
+        if now.is_some() {
+            if UnixStream::connect(path).is_ok() {
+                report("the socket file was replaced by one another process listens on; leaving it alone".into(), true);
+                return;
+            }
+            if let Err(e) = std::fs::remove_file(path) {
+                report(format!("the socket file was replaced and cannot be removed: {e}"), true);
+                return;
+            }
+        }
+        let new = match bind(path) {
+            Ok(new) => new,
+            Err(e) => {
+                report(format!("the socket file is gone and cannot be bound again: {e}"), true);
+                return;
+            }
+        };
+        let swapped = epoll
+            .ctl(ControlOperation::Add, new.listener.as_raw_fd(), EpollEvent::new(EventSet::IN, LISTENER_EVENT))
+            .and_then(|()| epoll.ctl(ControlOperation::Delete, bound.listener.as_raw_fd(), EpollEvent::default()));
+        if let Err(e) = swapped {
+            let _ = std::fs::remove_file(path);
+            report(format!("the socket file is gone and its new socket cannot be watched: {e}"), true);
+            return;
+        }
+        *bound = new;
+        *self.bound.lock().unwrap_or_else(|p| p.into_inner()) = bound.id;
+        *logged = None;
+        tracing::warn!(volume = %self.config.name, socket = %path.display(), "the socket file had vanished; bound a new one");
+    }
+
+    fn serve_one(&self, listener: &mut Listener, device: &Arc<BlkDevice<V>>) -> Result<(), ConnectionError> {
         let mem = GuestMemoryAtomic::new(GuestMem::new());
-        let mut daemon = VhostUserDaemon::new(self.config.name.clone(), Arc::clone(device), mem)
-            .map_err(|e| e.to_string())?;
+        let mut daemon =
+            VhostUserDaemon::new(self.config.name.clone(), Arc::clone(device), mem).map_err(ConnectionError::Setup)?;
         let handlers = daemon.get_epoll_handlers();
         for (thread, handler) in handlers.iter().enumerate() {
             if let Some((fd, id)) = device.completion_event(thread) {
-                handler.register_listener(fd, EventSet::IN, id).map_err(|e| e.to_string())?;
+                handler
+                    .register_listener(fd, EventSet::IN, id)
+                    .map_err(|source| ConnectionError::Completions { thread, source })?;
             }
         }
-        let started = daemon.start(listener).map_err(|e| e.to_string());
-        let result = if self.stopping.load(Ordering::Acquire) {
-            // The connection was our own wake-up call from `Export::stop`.
-            Ok(())
-        } else if let Err(e) = started {
-            Err(e)
-        } else {
-            tracing::info!(volume = %self.config.name, "frontend connected");
-            *self.shutdown.lock().unwrap_or_else(|p| p.into_inner()) = daemon.shutdown_handle();
-            self.connected.store(true, Ordering::Release);
-            let waited = daemon.wait().map_err(|e| e.to_string());
-            self.connected.store(false, Ordering::Release);
-            *self.shutdown.lock().unwrap_or_else(|p| p.into_inner()) = None;
-            tracing::info!(volume = %self.config.name, "frontend disconnected");
-            waited
+        // The listener is readable: a frontend is waiting, so this accept does not block.
+        let result = match daemon.start(listener) {
+            Err(e) => Err(ConnectionError::Accept(e)),
+            Ok(()) => {
+                let handle = daemon.shutdown_handle();
+                *self.shutdown.lock().unwrap_or_else(|p| p.into_inner()) = handle.clone();
+                if self.stopping.load(Ordering::SeqCst) {
+                    // `stop` may have looked for the handle before it was published.
+                    if let Some(handle) = handle {
+                        handle.shutdown();
+                    }
+                }
+                tracing::info!(volume = %self.config.name, "frontend connected");
+                self.connected.store(true, Ordering::Release);
+                let waited = daemon.wait().map_err(ConnectionError::Connection);
+                self.connected.store(false, Ordering::Release);
+                *self.shutdown.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                tracing::info!(volume = %self.config.name, "frontend disconnected");
+                waited
+            }
         };
         // Pollers finish what is in flight, then the worker threads exit (dropping the daemon
         // joins them); only then may the volume forget the guest's memory.

@@ -24,6 +24,7 @@ pub mod control;
 pub mod device;
 mod error;
 pub mod export;
+mod inflight;
 pub mod member;
 mod poller;
 pub mod replicated;

@@ -24,6 +24,7 @@ use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryAtomic};
 
+use crate::inflight::{QueueTracker, TrackerHandoff};
 use crate::request::{self, Limits, Op, Rejection, Request, Scratch, ID_BYTES, SECTOR_SHIFT, STATUS_IOERR, STATUS_OK, STATUS_UNSUPP};
 use crate::volume::{GuestMem, Volume, VolumeQueue};
 
@@ -100,6 +101,8 @@ impl Default for PollConfig {
 pub(crate) struct QueueShared {
     /// Requests taken from the avail ring and not yet in the used ring.
     pub(crate) in_flight: AtomicU32,
+    /// The queue's inflight tracker, handed over when its vring (re)starts.
+    pub(crate) inflight: TrackerHandoff,
 }
 
 /// What every poller of one connection shares with the device that made it.
@@ -142,6 +145,9 @@ struct QueueState {
     /// Index of this queue in the device.
     index: usize,
     slots: Vec<Slot>,
+    /// Marks requests in the inflight region (when the frontend set one) and holds those to
+    /// resubmit after a restart.
+    inflight: QueueTracker,
 }
 
 pub(crate) struct Poller<Q: VolumeQueue> {
@@ -179,6 +185,7 @@ impl<Q: VolumeQueue> Poller<Q> {
                         mem: None,
                     })
                     .collect(),
+                inflight: QueueTracker::default(),
             })
             .collect();
         Self {
@@ -307,19 +314,31 @@ impl<Q: VolumeQueue> Poller<Q> {
         if !state.is_enabled() || !state.get_queue().ready() {
             return 0;
         }
+        let queue_index = self.queues[local].index;
+        if let Some(tracker) = ctx.queues[queue_index].inflight.take() {
+            self.queues[local].inflight = tracker;
+        }
         let queue = state.get_queue();
-        match queue.avail_idx(mem, Ordering::Acquire) {
-            Ok(avail) if avail.0 != queue.next_avail() => {}
-            _ => return 0,
+        if !self.queues[local].inflight.resubmitting() {
+            match queue.avail_idx(mem, Ordering::Acquire) {
+                Ok(avail) if avail.0 != queue.next_avail() => {}
+                _ => return 0,
+            }
         }
         // Load the memory map only after seeing new requests: a frontend that added a memory
         // region (and got our ack) before making a request available must find it mapped.
         let fresh = atomic.memory().into_inner();
         let mem = &fresh;
         let mut taken = 0;
-        let queue_index = self.queues[local].index;
         while taken < BATCH_MAX && !self.queue.is_full() {
-            let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&**mem) else { break };
+            // Requests from before a restart first: they are older than anything in the ring.
+            let (chain, resubmitted) = match self.queues[local].inflight.next_resubmitted(state.get_queue(), mem) {
+                Some(chain) => (chain, true),
+                None => match state.get_queue_mut().pop_descriptor_chain(&**mem) {
+                    Some(chain) => (chain, false),
+                    None => break,
+                },
+            };
             taken += 1;
             let head = chain.head_index();
             let Some(slot) = self.queues[local].slots.get_mut(head as usize) else {
@@ -330,6 +349,9 @@ impl<Q: VolumeQueue> Poller<Q> {
                 // The guest made a head available twice; the first use still owns the slot.
                 tracing::warn!(volume = %ctx.name, queue = queue_index, head, "descriptor head reused while in flight");
                 continue;
+            }
+            if !resubmitted {
+                self.queues[local].inflight.taken(head);
             }
             ctx.queues[queue_index].in_flight.fetch_add(1, Ordering::AcqRel);
             let parsed = request::parse(chain, limits, &mut self.scratch);
@@ -342,7 +364,7 @@ impl<Q: VolumeQueue> Poller<Q> {
                 if let Some(addr) = status {
                     let _ = mem.write_obj(status_byte, addr);
                 }
-                let _ = state_queue.add_used(&**mem, head, used_len);
+                let _ = self.queues[local].inflight.add_used(state_queue, &**mem, head, used_len);
                 ctx.queues[queue_index].in_flight.fetch_sub(1, Ordering::AcqRel);
                 ctx.completed.fetch_add(1, Ordering::Relaxed);
                 self.to_notify |= 1 << local;
@@ -458,7 +480,7 @@ impl<Q: VolumeQueue> Poller<Q> {
                     locked = Some((local, vring.get_mut()));
                 }
                 if let Some((_, state)) = locked.as_mut() {
-                    let _ = state.get_queue_mut().add_used(&*mem, head, used_len);
+                    let _ = queue.inflight.add_used(state.get_queue_mut(), &*mem, head, used_len);
                 }
             }
             slot.in_flight = false;

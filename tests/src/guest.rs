@@ -3,7 +3,7 @@
 //!
 //! The server is behind [`Server`], so the same tests run against
 //! `qemu-storage-daemon` (the reference) and against hcblk. [`start_server`]
-//! picks the implementation from `HCBLK_GUEST_SERVER` (default `qsd`).
+//! picks the implementation from `HCBLK_GUEST_SERVER` (default `hcblk`).
 //!
 //! Everything here reports a missing facility (QEMU, the storage daemon, apt
 //! for the guest build) as an error that names it: a real-guest test that
@@ -84,6 +84,11 @@ pub trait Server {
     /// the same socket and data, while a guest may be attached: QEMU with
     /// `reconnect-ms` reconnects and the guest's in-flight I/O must complete.
     fn restart(&mut self) -> Result<()>;
+    /// Kills the server with SIGKILL (no chance to finish anything) and starts it
+    /// again on the same socket and data; returns once it serves again. With
+    /// inflight tracking, the guest's requests in flight at the kill complete once
+    /// QEMU has reconnected.
+    fn kill_and_restart(&mut self) -> Result<()>;
 }
 
 /// Starts the server selected by `HCBLK_GUEST_SERVER` (`hcblk`, the default, or `qsd`, the
@@ -162,6 +167,12 @@ impl HcblkServer {
             .append(true)
             .open(&log)
             .with_context(|| format!("opening {}", log.display()))?;
+        // The log is appended to by every incarnation: only what this one writes counts.
+        let since = log_file.metadata().map_or(0, |m| m.len()) as usize;
+        let new_output = || {
+            let text = fs::read(&log).unwrap_or_default();
+            String::from_utf8_lossy(text.get(since..).unwrap_or_default()).into_owned()
+        };
         let mut child = Command::new(bin)
             .arg("daemon")
             .arg("--data-dir")
@@ -177,16 +188,16 @@ impl HcblkServer {
             .with_context(|| format!("spawning {}", bin.display()))?;
         let start = Instant::now();
         loop {
-            if fs::read_to_string(&log).unwrap_or_default().contains("hcblk daemon ready") {
+            if new_output().contains("hcblk daemon ready") {
                 return Ok(child);
             }
             if let Some(status) = child.try_wait().context("polling the daemon")? {
-                bail!("hcblk daemon exited ({status}):\n{}", fs::read_to_string(&log).unwrap_or_default());
+                bail!("hcblk daemon exited ({status}):\n{}", new_output());
             }
             if start.elapsed() > Duration::from_secs(20) {
                 let _ = child.kill();
                 let _ = child.wait();
-                bail!("hcblk daemon not ready within 20 s:\n{}", fs::read_to_string(&log).unwrap_or_default());
+                bail!("hcblk daemon not ready within 20 s:\n{}", new_output());
             }
             sleep(Duration::from_millis(20));
         }
@@ -223,6 +234,23 @@ impl Server for HcblkServer {
 
     fn restart(&mut self) -> Result<()> {
         stop_gracefully(&mut self.child, Duration::from_secs(10))?;
+        self.child = Self::spawn_daemon(&self.bin, &self.dir)?;
+        Ok(())
+    }
+
+    fn kill_and_restart(&mut self) -> Result<()> {
+        self.child.kill().context("SIGKILL to the hcblk daemon")?;
+        let killed = Instant::now();
+        self.child.wait().context("reaping the killed daemon")?;
+        if killed.elapsed() > Duration::from_secs(1) {
+            // The kernel lets a killed process go only once the disk I/O it had in
+            // flight (an fdatasync of the image, say) has finished.
+            eprintln!(
+                "the killed hcblk daemon took {} ms to exit (its in-flight disk I/O finished first)",
+                killed.elapsed().as_millis()
+            );
+        }
+        // Standalone mode: the daemon re-exports every volume on its socket at start.
         self.child = Self::spawn_daemon(&self.bin, &self.dir)?;
         Ok(())
     }
@@ -416,6 +444,13 @@ impl Server for QsdServer {
         self.child = Self::spawn(&self.args, &self.socket, &self.qmp, &self.log)?;
         Ok(())
     }
+
+    fn kill_and_restart(&mut self) -> Result<()> {
+        self.child.kill().context("SIGKILL to qemu-storage-daemon")?;
+        self.child.wait().context("reaping the killed qemu-storage-daemon")?;
+        self.child = Self::spawn(&self.args, &self.socket, &self.qmp, &self.log)?;
+        Ok(())
+    }
 }
 
 /// SIGTERM, then SIGKILL if `child` has not exited within `limit`.
@@ -463,6 +498,8 @@ pub struct GuestRun {
     pub timeout_s: u32,
     /// QEMU reconnects to a restarted server after this many ms; `None`: never.
     pub reconnect_ms: Option<u32>,
+    /// The console log; `None`: `<dir>/<mode>-<n>.log`, the first that does not exist.
+    pub log: Option<PathBuf>,
 }
 
 impl GuestRun {
@@ -474,7 +511,15 @@ impl GuestRun {
             smp: 2,
             timeout_s: 300,
             reconnect_ms: None,
+            log: None,
         }
+    }
+
+    /// Writes the console to `log`, so that an event handler can read it while the
+    /// guest runs.
+    pub fn log(mut self, log: &Path) -> Self {
+        self.log = Some(log.to_owned());
+        self
     }
 
     pub fn param(mut self, key: &str, value: &str) -> Self {
@@ -582,6 +627,7 @@ pub fn run_guest(
         }
         n += 1;
     };
+    let log = run.log.clone().unwrap_or(log);
     let request = dir.join(format!("resize-{n}.request"));
     let done = dir.join(format!("resize-{n}.done"));
     let _ = fs::remove_file(&request);
@@ -650,16 +696,18 @@ pub fn run_guest(
             if !fio_started && console_has(&log, "HCBLK-FIO-START") {
                 fio_started = true;
                 if let Err(e) = cb(GuestEvent::FioStarted) {
-                    let _ = child.kill();
-                    let _ = child.wait();
+                    // SIGTERM: run-guest.sh stops QEMU on its way out (SIGKILL would
+                    // leave QEMU running on its own).
+                    let _ = stop_gracefully(&mut child, Duration::from_secs(10));
                     return Err(e.context("handling FioStarted"));
                 }
             }
             if !idle_seen && console_has(&log, "HCBLK-IDLE ") {
                 idle_seen = true;
                 if let Err(e) = cb(GuestEvent::Idle) {
-                    let _ = child.kill();
-                    let _ = child.wait();
+                    // SIGTERM: run-guest.sh stops QEMU on its way out (SIGKILL would
+                    // leave QEMU running on its own).
+                    let _ = stop_gracefully(&mut child, Duration::from_secs(10));
                     return Err(e.context("handling Idle"));
                 }
             }
@@ -705,15 +753,51 @@ pub fn run_guest(
 
 /// Whether the console log contains `marker` (re-read each time: the logs
 /// are a few hundred KiB at most and this runs every 100 ms).
-fn console_has(log: &Path, marker: &str) -> bool {
+pub fn console_has(log: &Path, marker: &str) -> bool {
     fs::read(log)
         .map(|bytes| String::from_utf8_lossy(&bytes).contains(marker))
         .unwrap_or(false)
 }
 
+/// The gaps of every `HCBLK-STALL ms=<gap>` line of a console transcript (`fio-kill`
+/// mode: pauses in the guest disk's completions), in order.
+pub fn parse_stalls(console: &str) -> Vec<u64> {
+    console
+        .lines()
+        .filter_map(|l| l.find("HCBLK-STALL ms=").map(|i| &l[i + "HCBLK-STALL ms=".len()..]))
+        .filter_map(|rest| rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+        .collect()
+}
+
+/// The `q`-quantile (0..=1) of `values`, nearest rank; `None` if there are none.
+pub fn quantile(values: &[Duration], q: f64) -> Option<Duration> {
+    let mut sorted = values.to_vec();
+    sorted.sort_unstable();
+    let last = sorted.len().checked_sub(1)?;
+    let rank = ((q.clamp(0.0, 1.0) * last as f64).round() as usize).min(last);
+    sorted.get(rank).copied()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stall_lines_are_found_after_escape_codes_and_noise() {
+        let console = "HCBLK-FIO-START rw=randwrite jobs=2\r\n\x1b[0mHCBLK-STALL ms=1230 at=41.20\r\nfio: ...\nHCBLK-STALL ms=870 at=44.02\nHCBLK-STALL ms=x";
+        assert_eq!(parse_stalls(console), vec![1230, 870]);
+        assert!(parse_stalls("HCBLK-RESULT PASS").is_empty());
+    }
+
+    #[test]
+    fn quantiles_by_nearest_rank() {
+        let ms = |v: &[u64]| v.iter().map(|&m| Duration::from_millis(m)).collect::<Vec<_>>();
+        assert_eq!(quantile(&ms(&[]), 0.5), None);
+        assert_eq!(quantile(&ms(&[7]), 0.5), Some(Duration::from_millis(7)));
+        assert_eq!(quantile(&ms(&[30, 10, 20]), 0.5), Some(Duration::from_millis(20)));
+        assert_eq!(quantile(&ms(&[30, 10, 20, 40]), 1.0), Some(Duration::from_millis(40)));
+        assert_eq!(quantile(&ms(&[30, 10, 20, 40]), 0.0), Some(Duration::from_millis(10)));
+    }
 
     #[test]
     fn verdict_is_the_last_marker_even_after_escape_codes() {

@@ -15,15 +15,24 @@
 //! frontend's own mapping of the memfd, which the backend maps too: as one memory region, or
 //! cut into several adjacent ones (`RawOptions::region_cuts`) to play a frontend whose guest
 //! buffers straddle regions.
+//!
+//! With `RawOptions::inflight` it also plays QEMU's part of inflight I/O tracking: it asks the
+//! backend for an inflight region (GET_INFLIGHT_FD) and hands it back (SET_INFLIGHT_FD) on
+//! every connection. [`RawFrontend::reconnect`] is QEMU reconnecting to a backend that died:
+//! the same guest memory, rings and inflight region, a new connection, `SET_VRING_BASE` at the
+//! used ring's index (what QEMU sends when it could not ask the dead backend), and new kick
+//! eventfds (the kicks the guest made meanwhile went to QEMU, not to the new backend).
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_bindings::virtio_blk::{
@@ -63,12 +72,87 @@ pub struct RawOptions {
     /// Guest addresses (page-aligned, above `DATA_START`, ascending) where the memory table
     /// the backend gets is cut into adjacent regions. Empty: one region.
     pub region_cuts: Vec<u64>,
+    /// Negotiate INFLIGHT_SHMFD and track requests in an inflight region, as QEMU does.
+    pub inflight: bool,
 }
 
 impl Default for RawOptions {
     fn default() -> Self {
-        Self { num_queues: 1, queue_size: MAX_QUEUE_SIZE, event_idx: false, mem_bytes: MEM_BYTES, region_cuts: Vec::new() }
+        Self {
+            num_queues: 1,
+            queue_size: MAX_QUEUE_SIZE,
+            event_idx: false,
+            mem_bytes: MEM_BYTES,
+            region_cuts: Vec::new(),
+            inflight: false,
+        }
     }
+}
+
+/// A setup message the backend refused (or a connection that failed) in `try_connect`.
+#[derive(Debug)]
+pub struct SetupError {
+    /// The message, e.g. "SET_MEM_TABLE".
+    pub step: &'static str,
+    /// What the vhost crate reported (a refused message with REPLY_ACK, a closed socket, ...).
+    pub error: String,
+}
+
+impl std::fmt::Display for SetupError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.step, self.error)
+    }
+}
+
+fn step<E: std::fmt::Display>(step: &'static str) -> impl FnOnce(E) -> SetupError {
+    move |error| SetupError { step, error: error.to_string() }
+}
+
+/// Connects and negotiates up to guest memory: the virtio features `options` asks for (as far
+/// as offered), protocol features MQ, REPLY_ACK and CONFIG plus `extra` (as far as offered),
+/// and every later message acknowledged, so that a refused one fails where it is sent. Returns
+/// the frontend, the features the backend offered and those negotiated.
+pub fn handshake(
+    socket: &Path,
+    options: &RawOptions,
+    extra: VhostUserProtocolFeatures,
+) -> Result<(Frontend, u64, u64), SetupError> {
+    let mut frontend = Frontend::connect(socket, options.num_queues as u64).map_err(step("connect"))?;
+    let offered = frontend.get_features().map_err(step("GET_FEATURES"))?;
+    let mut wanted = 1 << VIRTIO_F_VERSION_1
+        | 1 << VIRTIO_RING_F_INDIRECT_DESC
+        | 1 << VIRTIO_BLK_F_SIZE_MAX
+        | 1 << VIRTIO_BLK_F_SEG_MAX
+        | 1 << VIRTIO_BLK_F_BLK_SIZE
+        | 1 << VIRTIO_BLK_F_TOPOLOGY
+        | 1 << VIRTIO_BLK_F_FLUSH
+        | 1 << VIRTIO_BLK_F_MQ
+        | 1 << VIRTIO_BLK_F_DISCARD
+        | 1 << VIRTIO_BLK_F_WRITE_ZEROES
+        | 1 << VIRTIO_BLK_F_RO
+        | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+    if options.event_idx {
+        wanted |= 1 << VIRTIO_RING_F_EVENT_IDX;
+    }
+    let features = offered & wanted;
+    assert_ne!(features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(), 0, "backend offers no protocol features");
+    assert_eq!(features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0, options.event_idx, "EVENT_IDX not offered");
+    frontend.set_owner().map_err(step("SET_OWNER"))?;
+    frontend.set_features(features).map_err(step("SET_FEATURES"))?;
+    let protocol = frontend.get_protocol_features().map_err(step("GET_PROTOCOL_FEATURES"))?
+        & (VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIG
+            | extra);
+    assert!(protocol.contains(extra), "backend does not offer {extra:?}");
+    frontend.set_protocol_features(protocol).map_err(step("SET_PROTOCOL_FEATURES"))?;
+    if protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+        // Every setup message is acknowledged, so a refused one fails here, not later.
+        frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    }
+    let queue_num = frontend.get_queue_num().map_err(step("GET_QUEUE_NUM"))?;
+    assert!(queue_num >= options.num_queues as u64, "backend offers {queue_num} queues");
+    Ok((frontend, offered, features))
 }
 
 /// A device-readable descriptor (flags and next are filled in by `submit_chain`).
@@ -121,54 +205,36 @@ struct RawQueue {
 }
 
 pub struct RawFrontend {
-    frontend: Frontend,
+    /// `None` only inside `reconnect`, between the old connection and the new one.
+    frontend: Option<Frontend>,
     /// What the backend offered at GET_FEATURES.
     offered: u64,
     mem: GuestMemoryMmap<()>,
     mem_bytes: u64,
+    /// The memory table the backend gets (its fds are the mapping's memfd, which `mem` keeps
+    /// open).
+    table: Vec<VhostUserMemoryRegionInfo>,
+    /// Where the rings start in the frontend's address space (the table's user addresses).
+    host_base: u64,
     queues: Vec<RawQueue>,
-    event_idx: bool,
+    options: RawOptions,
+    /// The inflight region the backend made, handed back on every connection.
+    inflight: Option<(VhostUserInflight, File)>,
     next_alloc: u64,
 }
 
 impl RawFrontend {
     /// Connects, negotiates, shares guest memory and enables `options.num_queues` rings.
     pub fn connect(socket: &Path, options: RawOptions) -> Self {
+        Self::try_connect(socket, options).unwrap_or_else(|e| panic!("vhost-user setup with {}: {e}", socket.display()))
+    }
+
+    /// `connect`, with a message the backend refuses as an error instead of a panic.
+    pub fn try_connect(socket: &Path, options: RawOptions) -> Result<Self, SetupError> {
         assert!(options.queue_size.is_power_of_two() && options.queue_size <= MAX_QUEUE_SIZE);
         assert!(RING_BASE + RING_STRIDE * options.num_queues as u64 <= DATA_START, "too many queues for the layout");
-        let mut frontend = Frontend::connect(socket, options.num_queues as u64)
-            .unwrap_or_else(|e| panic!("connect to {}: {e}", socket.display()));
-
-        let offered = frontend.get_features().expect("GET_FEATURES");
-        let mut wanted = 1 << VIRTIO_F_VERSION_1
-            | 1 << VIRTIO_RING_F_INDIRECT_DESC
-            | 1 << VIRTIO_BLK_F_SIZE_MAX
-            | 1 << VIRTIO_BLK_F_SEG_MAX
-            | 1 << VIRTIO_BLK_F_BLK_SIZE
-            | 1 << VIRTIO_BLK_F_TOPOLOGY
-            | 1 << VIRTIO_BLK_F_FLUSH
-            | 1 << VIRTIO_BLK_F_MQ
-            | 1 << VIRTIO_BLK_F_DISCARD
-            | 1 << VIRTIO_BLK_F_WRITE_ZEROES
-            | 1 << VIRTIO_BLK_F_RO
-            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-        if options.event_idx {
-            wanted |= 1 << VIRTIO_RING_F_EVENT_IDX;
-        }
-        let features = offered & wanted;
-        assert_ne!(features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(), 0, "backend offers no protocol features");
-        assert_eq!(features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0, options.event_idx, "EVENT_IDX not offered");
-        frontend.set_owner().expect("SET_OWNER");
-        frontend.set_features(features).expect("SET_FEATURES");
-        let protocol = frontend.get_protocol_features().expect("GET_PROTOCOL_FEATURES")
-            & (VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::CONFIG);
-        frontend.set_protocol_features(protocol).expect("SET_PROTOCOL_FEATURES");
-        if protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
-            // Every setup message is acknowledged, so a refused one fails here, not later.
-            frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-        }
-        let queue_num = frontend.get_queue_num().expect("GET_QUEUE_NUM");
-        assert!(queue_num >= options.num_queues as u64, "backend offers {queue_num} queues");
+        let extra = if options.inflight { VhostUserProtocolFeatures::INFLIGHT_SHMFD } else { VhostUserProtocolFeatures::empty() };
+        let (mut frontend, offered, _) = handshake(socket, &options, extra)?;
 
         let mem_bytes = options.mem_bytes;
         let mem = GuestMemoryMmap::<()>::from_ranges_with_files([(
@@ -198,43 +264,114 @@ impl RawFrontend {
                 mmap_handle: whole.mmap_handle,
             })
             .collect();
-        frontend.set_mem_table(&table).expect("SET_MEM_TABLE");
 
-        let mut queues = Vec::with_capacity(options.num_queues);
-        for index in 0..options.num_queues {
-            let base = RING_BASE + RING_STRIDE * index as u64;
-            let queue = RawQueue {
-                size: options.queue_size,
-                desc: GuestAddress(base),
-                avail: GuestAddress(base + 0x1000),
-                used: GuestAddress(base + 0x2000),
-                kick: EventFd::new(EFD_NONBLOCK).expect("kick eventfd"),
-                call: EventFd::new(EFD_NONBLOCK).expect("call eventfd"),
-                avail_idx: 0,
-                used_seen: 0,
-                free: (0..options.queue_size).rev().collect(),
-                chains: HashMap::new(),
-                calls: 0,
+        let inflight = if options.inflight {
+            // QEMU asks once per device, with its queue count and size, and keeps the region.
+            let request = VhostUserInflight {
+                mmap_size: 0,
+                mmap_offset: 0,
+                num_queues: options.num_queues as u16,
+                queue_size: options.queue_size,
             };
-            frontend.set_vring_num(index, options.queue_size).expect("SET_VRING_NUM");
+            Some(frontend.get_inflight_fd(&request).map_err(step("GET_INFLIGHT_FD"))?)
+        } else {
+            None
+        };
+        let queues = (0..options.num_queues)
+            .map(|index| {
+                let base = RING_BASE + RING_STRIDE * index as u64;
+                RawQueue {
+                    size: options.queue_size,
+                    desc: GuestAddress(base),
+                    avail: GuestAddress(base + 0x1000),
+                    used: GuestAddress(base + 0x2000),
+                    kick: EventFd::new(EFD_NONBLOCK).expect("kick eventfd"),
+                    call: EventFd::new(EFD_NONBLOCK).expect("call eventfd"),
+                    avail_idx: 0,
+                    used_seen: 0,
+                    free: (0..options.queue_size).rev().collect(),
+                    chains: HashMap::new(),
+                    calls: 0,
+                }
+            })
+            .collect();
+        let mut raw = Self {
+            frontend: Some(frontend),
+            offered,
+            mem,
+            mem_bytes,
+            table,
+            host_base,
+            queues,
+            options,
+            inflight,
+            next_alloc: DATA_START,
+        };
+        raw.start_rings()?;
+        Ok(raw)
+    }
+
+    /// The inflight region (if any), the memory table and the rings, as QEMU sends them when
+    /// it starts the device: SET_INFLIGHT_FD, SET_MEM_TABLE, then per ring NUM, ADDR, BASE (at
+    /// the used ring's index: where a fresh ring is, and what QEMU sends after losing a
+    /// backend), CALL, KICK, ENABLE.
+    fn start_rings(&mut self) -> Result<(), SetupError> {
+        let frontend = self.frontend.as_mut().expect("connected");
+        if let Some((region, file)) = &self.inflight {
+            frontend.set_inflight_fd(region, file.as_raw_fd()).map_err(step("SET_INFLIGHT_FD"))?;
+        }
+        frontend.set_mem_table(&self.table).map_err(step("SET_MEM_TABLE"))?;
+        for (index, queue) in self.queues.iter().enumerate() {
+            frontend.set_vring_num(index, queue.size).map_err(step("SET_VRING_NUM"))?;
             // Ring addresses are given in the frontend's virtual address space.
             let config = VringConfigData {
-                queue_max_size: options.queue_size,
-                queue_size: options.queue_size,
+                queue_max_size: queue.size,
+                queue_size: queue.size,
                 flags: 0,
-                desc_table_addr: host_base + queue.desc.0,
-                used_ring_addr: host_base + queue.used.0,
-                avail_ring_addr: host_base + queue.avail.0,
+                desc_table_addr: self.host_base + queue.desc.0,
+                used_ring_addr: self.host_base + queue.used.0,
+                avail_ring_addr: self.host_base + queue.avail.0,
                 log_addr: None,
             };
-            frontend.set_vring_addr(index, &config).expect("SET_VRING_ADDR");
-            frontend.set_vring_base(index, 0).expect("SET_VRING_BASE");
-            frontend.set_vring_call(index, &queue.call).expect("SET_VRING_CALL");
-            frontend.set_vring_kick(index, &queue.kick).expect("SET_VRING_KICK");
-            frontend.set_vring_enable(index, true).expect("SET_VRING_ENABLE");
-            queues.push(queue);
+            frontend.set_vring_addr(index, &config).map_err(step("SET_VRING_ADDR"))?;
+            let used_idx = u16::from_le(self.mem.load(queue.used.unchecked_add(2), Ordering::Acquire).expect("read used idx"));
+            frontend.set_vring_base(index, used_idx).map_err(step("SET_VRING_BASE"))?;
+            frontend.set_vring_call(index, &queue.call).map_err(step("SET_VRING_CALL"))?;
+            frontend.set_vring_kick(index, &queue.kick).map_err(step("SET_VRING_KICK"))?;
+            frontend.set_vring_enable(index, true).map_err(step("SET_VRING_ENABLE"))?;
         }
-        Self { frontend, offered, mem, mem_bytes, queues, event_idx: options.event_idx, next_alloc: DATA_START }
+        Ok(())
+    }
+
+    /// QEMU reconnecting to a backend on `socket` after the previous one died: the same guest
+    /// memory, rings (with whatever is in flight) and inflight region over a new connection,
+    /// with new kick eventfds.
+    pub fn reconnect(&mut self, socket: &Path) -> Result<(), SetupError> {
+        let extra = if self.inflight.is_some() {
+            VhostUserProtocolFeatures::INFLIGHT_SHMFD
+        } else {
+            VhostUserProtocolFeatures::empty()
+        };
+        // The old connection ends first: a backend serves one frontend at a time, and this
+        // one is still connected if the backend did not die.
+        self.frontend = None;
+        let (frontend, offered, _) = handshake(socket, &self.options, extra)?;
+        self.frontend = Some(frontend);
+        self.offered = offered;
+        for queue in &mut self.queues {
+            queue.kick = EventFd::new(EFD_NONBLOCK).expect("kick eventfd");
+        }
+        self.start_rings()
+    }
+
+    /// The negotiated frontend, for messages the tests send by hand.
+    pub fn frontend(&mut self) -> &mut Frontend {
+        self.frontend.as_mut().expect("connected")
+    }
+
+    /// The inflight region the backend gave (with `RawOptions::inflight`).
+    pub fn inflight_region(&self) -> Option<&(VhostUserInflight, File)> {
+        self.inflight.as_ref()
     }
 
     pub fn mem(&self) -> &GuestMemoryMmap<()> {
@@ -249,7 +386,7 @@ impl RawFrontend {
     /// `len` bytes of the device's config space from `offset`.
     pub fn config(&mut self, offset: u32, len: usize) -> Vec<u8> {
         let (_, data) = self
-            .frontend
+            .frontend()
             .get_config(offset, len as u32, VhostUserConfigFlags::empty(), &vec![0u8; len])
             .expect("GET_CONFIG");
         assert_eq!(data.len(), len, "GET_CONFIG returned {} bytes", data.len());
@@ -387,7 +524,7 @@ impl RawFrontend {
         let id: u32 = u32::from_le(self.mem.read_obj(entry).expect("read used id"));
         let len: u32 = u32::from_le(self.mem.read_obj(entry.unchecked_add(4)).expect("read used len"));
         q.used_seen = q.used_seen.wrapping_add(1);
-        if self.event_idx {
+        if self.options.event_idx {
             // used_event (the avail ring's last field): interrupt us for the next entry.
             let used_event = q.avail.unchecked_add(4 + 2 * u64::from(q.size));
             self.mem.store(q.used_seen.to_le(), used_event, Ordering::Release).expect("write used_event");
@@ -426,10 +563,17 @@ impl RawFrontend {
     }
 }
 
-fn memfd(len: u64) -> File {
+/// A memfd of `len` bytes.
+pub fn memfd(len: u64) -> File {
+    memfd_with(len, 0)
+}
+
+/// A memfd of `len` bytes created with `flags` besides MFD_CLOEXEC (MFD_HUGETLB: on
+/// hugetlbfs; `len` must then be a multiple of the huge page size).
+pub fn memfd_with(len: u64, flags: libc::c_uint) -> File {
     let name = c"hcblk-raw-frontend";
     // SAFETY: `name` is a NUL-terminated string that outlives the call; the flags are valid.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | flags) };
     assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
     // SAFETY: memfd_create just returned this descriptor and nothing else owns it.
     let file = unsafe { File::from_raw_fd(fd) };

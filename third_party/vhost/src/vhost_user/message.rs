@@ -537,6 +537,41 @@ pub struct VhostUserMemoryRegion {
     pub xen_mmap_data: u32,
 }
 
+#[cfg(not(feature = "xen"))]
+impl VhostUserMemoryRegion {
+    /// hcblk patch: refuses a region that does not lie within the file behind it, before it is
+    /// mapped. mmap() maps such a region anyway, and the first access past the end of the file
+    /// kills the whole process with SIGBUS. Only regular files (memfd, tmpfs, hugetlbfs) have a
+    /// size to check against, so any other kind of file is refused too.
+    fn check_fits_file(&self, file: &File) -> Result<()> {
+        // Copies: the struct is packed, its fields cannot be borrowed.
+        let (guest_phys_addr, memory_size, mmap_offset) =
+            (self.guest_phys_addr, self.memory_size, self.mmap_offset);
+        let refuse = |why: String| {
+            Err(Error::ReqHandlerError(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "guest memory region at guest address {guest_phys_addr:#x} ({memory_size} bytes from file offset {mmap_offset:#x}) refused: {why}"
+                ),
+            )))
+        };
+        let meta = match file.metadata() {
+            Ok(meta) => meta,
+            Err(e) => return refuse(format!("cannot stat its file descriptor: {e}")),
+        };
+        if !meta.file_type().is_file() {
+            return refuse(format!(
+                "its file descriptor is not a regular file (memfd, tmpfs or hugetlbfs) but {:?}",
+                meta.file_type()
+            ));
+        }
+        match mmap_offset.checked_add(memory_size) {
+            Some(end) if end <= meta.len() => Ok(()),
+            _ => refuse(format!("its file is only {} bytes long", meta.len())),
+        }
+    }
+}
+
 impl VhostUserMemoryRegion {
     fn is_valid_common(&self) -> bool {
         self.memory_size != 0
@@ -560,6 +595,7 @@ impl VhostUserMemoryRegion {
 
     /// Creates mmap region from Self.
     pub fn mmap_region<B: NewBitmap>(&self, file: File) -> Result<MmapRegion<B>> {
+        self.check_fits_file(&file)?;
         MmapRegion::<B>::from_file(
             FileOffset::new(file, self.mmap_offset),
             self.memory_size as usize,
