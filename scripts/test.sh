@@ -18,20 +18,29 @@ FUZZ_SECONDS=${HCBLK_FUZZ_SECONDS:-60}
 # and the wall-clock cap on them; a failing seed replays with `hcblk-sim --seed N --verbose`.
 SIM_SEEDS=${HCBLK_SIM_SEEDS:-10000}
 SIM_SECONDS=${HCBLK_SIM_SECONDS:-600}
+TEST_SECONDS=${HCBLK_TEST_SECONDS:-2700}
 
 echo "== build"
 cargo build --workspace --all-targets --locked
 
 echo "== lints (undocumented unsafe is an error)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "   (${SECONDS}s since the start)"
 
-echo "== tests: unit, in-process, multi-process, QEMU guest"
+echo "== tests: unit, in-process, multi-process, QEMU guest (at most ${TEST_SECONDS}s)"
 LOG=$(mktemp /tmp/hcblk-test.XXXXXX.log)
-cargo test --workspace --locked -- --test-threads="${HCBLK_TEST_THREADS:-2}" 2>&1 | tee "$LOG"
+# A hung test fails the run with the harness's "running for over 60 seconds" lines in the
+# log, instead of eating the whole CI budget. timeout signals cargo's whole process group.
+if ! timeout -k 30 "$TEST_SECONDS" cargo test --workspace --locked -- --test-threads="${HCBLK_TEST_THREADS:-2}" 2>&1 | tee "$LOG"; then
+    echo "== tests failed or did not finish within ${TEST_SECONDS}s (HCBLK_TEST_SECONDS)" >&2
+    exit 1
+fi
+echo "   (${SECONDS}s since the start)"
 
 echo "== deterministic simulation of replication: ${SIM_SEEDS} seeds, at most ${SIM_SECONDS}s"
 cargo run --release --locked -p hcblk-replication --features sim --bin hcblk-sim -- \
     --seeds "$SIM_SEEDS" --time-box "$SIM_SECONDS"
+echo "   (${SECONDS}s since the start)"
 
 echo "== fuzz targets, ${FUZZ_SECONDS}s each"
 for dir in backend/fuzz proto/fuzz; do

@@ -28,6 +28,7 @@ use backend::control::cluster::{ClusterConfig, ClusterVolumes};
 use backend::control::daemon::{self, Inbox, Stopper};
 use backend::control::Error;
 use backend::{ExportConfig, PollConfig};
+use hcblk_tests::cluster_fixture::output_within;
 use hcblk_tests::etcd::EtcdServer;
 use replication::owner::SyncProgress;
 use replication::{MemberState, NodeInfo, VolumeMeta};
@@ -266,14 +267,13 @@ impl ApiDaemon {
     }
 
     fn cli(&self, args: &[&str]) -> Output {
-        Command::new(HCBLK)
+        let mut command = Command::new(HCBLK);
+        command
             .arg("--api-socket")
             .arg(&self.api)
             .args(args)
-            .env("USER", "tester")
-            .stdin(Stdio::null())
-            .output()
-            .expect("run hcblk")
+            .env("USER", "tester");
+        output_within(command, Duration::from_secs(60), "hcblk").expect("run hcblk")
     }
 
     fn ok(&self, args: &[&str]) -> String {
@@ -747,7 +747,7 @@ fn cluster_daemon_start_up_refusals_change_nothing() {
             "--node".into(),
             node.into(),
             "--listen".into(),
-            "127.0.0.1:7400".into(),
+            "127.0.0.1:7450".into(),
             "--transport".into(),
             transport.into(),
         ]
@@ -760,8 +760,11 @@ fn cluster_daemon_start_up_refusals_change_nothing() {
         if let Some(s) = env_secret {
             command.env(daemon::SECRET_ENV, s);
         }
-        command.output().unwrap()
+        // A refusal is immediate; a daemon that starts instead would run until killed.
+        output_within(command, Duration::from_secs(60), "hcblk daemon").unwrap()
     };
+    // "taken" registers 127.0.0.1:7400 (a live daemon); these starts listen elsewhere, or the
+    // daemon would rightly take it for its own run killed a moment ago and reclaim it.
     c.register("taken", None);
     let before = c.revision();
     let short = dirs.dir.path().join("short");
@@ -819,7 +822,9 @@ fn cluster_daemon_registers_creates_and_keeps_ownership_across_a_restart() {
         child
     };
     let cli = |args: &[&str]| {
-        Command::new(HCBLK).arg("--api-socket").arg(dirs.dir.path().join("api.sock")).args(args).output().unwrap()
+        let mut command = Command::new(HCBLK);
+        command.arg("--api-socket").arg(dirs.dir.path().join("api.sock")).args(args);
+        output_within(command, Duration::from_secs(60), "hcblk").unwrap()
     };
     let mut child = start();
     assert!(c.meta.read_node("solo").unwrap().is_some());

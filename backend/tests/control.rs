@@ -352,6 +352,11 @@ fn live_resize_and_delete_of_a_connected_volume() {
     daemon.stop();
 }
 
+/// Runs a daemon that must refuse to start: a refusal is immediate, a start would run on.
+fn within(command: Command) -> Output {
+    hcblk_tests::cluster_fixture::output_within(command, Duration::from_secs(60), "hcblk daemon").unwrap()
+}
+
 #[test]
 fn a_second_daemon_is_refused() {
     common::require_hugepages();
@@ -361,14 +366,14 @@ fn a_second_daemon_is_refused() {
 
     // Same API socket, another data dir.
     let other_data = node.dir.path().join("other-data");
-    let out = node.daemon_command(&node.api(), &other_data).output().unwrap();
+    let out = within(node.daemon_command(&node.api(), &other_data));
     let line = refused(out, "second daemon on the API socket");
     assert!(line.contains("another hcblk daemon is serving the API socket"), "{line}");
     assert!(!other_data.exists(), "a refused daemon creates nothing");
 
     // Same data dir, another API socket.
     let other_api = node.dir.path().join("other-api.sock");
-    let out = node.daemon_command(&other_api, &node.data()).output().unwrap();
+    let out = within(node.daemon_command(&other_api, &node.data()));
     let line = refused(out, "second daemon on the data dir");
     assert!(line.contains("is in use by another hcblk daemon"), "{line}");
     assert!(!other_api.exists());
@@ -403,13 +408,13 @@ fn garbage_on_the_api_socket_gets_an_error_and_the_daemon_lives_on() {
 fn preflight_refusals_change_nothing() {
     let node = Node::new();
     // Far more hugepages than any test machine reserves.
-    let mut command = node.daemon_command_with(&node.api(), &node.data(), &[("--hugepages-mb", "1048576")]);
-    let line = refused(command.output().unwrap(), "daemon without enough hugepages");
+    let command = node.daemon_command_with(&node.api(), &node.data(), &[("--hugepages-mb", "1048576")]);
+    let line = refused(within(command), "daemon without enough hugepages");
     assert!(line.contains("hugepage") && line.contains("nr_hugepages"), "{line}");
     assert!(!node.data().exists() && !node.api().exists());
 
-    let mut command = node.daemon_command_with(&node.api(), &node.data(), &[("--poll", "sometimes")]);
-    let line = refused(command.output().unwrap(), "bad --poll");
+    let command = node.daemon_command_with(&node.api(), &node.data(), &[("--poll", "sometimes")]);
+    let line = refused(within(command), "bad --poll");
     assert!(line.contains("unknown poll mode"), "{line}");
 
     // No daemon at all.
