@@ -603,9 +603,10 @@ fi
 # --- report ------------------------------------------------------------------------------
 cp /proc/loadavg "$OUT/loadavg-end"
 "$PYTHON" "$ROOT/bench/replicated_report.py" --run-dir "$OUT" \
-    --json "$OUT_BASE/replicated-$TS.json" --markdown "$OUT_BASE/replicated-$TS.md"
+    --json "$OUT_BASE/replicated-$TS.json" --markdown "$OUT_BASE/replicated-$TS.md" \
+    --png "$OUT_BASE/replicated-$TS.png"
 cat "$OUT_BASE/replicated-$TS.md"
-log "wrote $OUT_BASE/replicated-$TS.{json,md}"
+log "wrote $OUT_BASE/replicated-$TS.{json,md,png}"
 if [[ $FAILED != 0 ]]; then
     log "some measurements failed (see *.error and logs/ in $OUT)"
     exit 1

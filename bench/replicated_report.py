@@ -22,6 +22,7 @@ import json
 import os
 import re
 import statistics
+import sys
 
 # Replicas of the volume and where they are, per server kind.
 REPLICAS = {
@@ -224,11 +225,50 @@ def markdown(meta, rows, wire):
     return "\n".join(lines) + "\n"
 
 
+def plot(rows, png, title):
+    """IOPS and p50 (whisker to p99) per workload, one bar per server kind, log scales."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r["rounds"] > 0]
+    workloads = list(dict.fromkeys(r["workload"] for r in rows))
+    servers = list(dict.fromkeys(r["server"] for r in rows))
+    index = {(r["workload"], r["server"]): r for r in rows}
+    width = 0.8 / max(len(servers), 1)
+    fig, axes = plt.subplots(2, 1, figsize=(12, 9))
+    for ax, metric, label in ((axes[0], "iops", "IOPS (log)"),
+                              (axes[1], "p50_us", "p50 latency µs (log); whisker to p99")):
+        for i, server in enumerate(servers):
+            xs, ys, err = [], [], []
+            for k, w in enumerate(workloads):
+                r = index.get((w, server))
+                if r is None or r.get(metric) is None:
+                    continue
+                xs.append(k + (i - (len(servers) - 1) / 2) * width)
+                ys.append(r[metric])
+                err.append(max((r.get("p99_us") or r[metric]) - r[metric], 0))
+            kwargs = {"yerr": [[0] * len(err), err], "capsize": 2} if metric == "p50_us" else {}
+            ax.bar(xs, ys, width, label=f"{server} ({REPLICAS.get(server, '?')})", **kwargs)
+        ax.set_xticks(range(len(workloads)))
+        ax.set_xticklabels(workloads)
+        ax.set_ylabel(label)
+        ax.set_yscale("log")
+        ax.grid(axis="y", alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, ncol=3, fontsize=9, loc="upper center", bbox_to_anchor=(0.5, 0.96))
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0, 1, 0.9))
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run-dir", required=True)
     ap.add_argument("--json")
     ap.add_argument("--markdown")
+    ap.add_argument("--png")
     a = ap.parse_args()
     with open(os.path.join(a.run_dir, "meta.json")) as fh:
         meta = json.load(fh)
@@ -253,6 +293,11 @@ def main():
             json.dump({"meta": meta, "rows": rows, "wire_markdown": wire,
                        "targets": [{"target": w, "measured": v, "limit": l, "ok": ok}
                                    for w, v, l, ok in targets(rows, wire)]}, fh, indent=2)
+    if a.png:
+        try:
+            plot(rows, a.png, f"replicated volumes, 3 hosts in namespaces, {meta.get('timestamp', '')}")
+        except ImportError as e:
+            print(f"replicated_report.py: no chart ({e}); install python3-matplotlib", file=sys.stderr)
 
 
 if __name__ == "__main__":
