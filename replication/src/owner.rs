@@ -212,8 +212,10 @@ struct Peer {
     session: u32,
     /// Extents the current session has a promise for.
     promised: BTreeSet<u32>,
-    /// Promise requests in flight: seq -> extent.
-    asking: BTreeMap<Seq, u32>,
+    /// Promise requests in flight: seq -> (extent, when it times out). Each has its own
+    /// deadline: a resync asks healthy members for their dirty bits at any time, long after
+    /// their session began.
+    asking: BTreeMap<Seq, (u32, Time)>,
     failed: bool,
     next_probe: Time,
     /// Not in the registered node list since.
@@ -786,7 +788,7 @@ impl Owner {
             }
         }
         for (id, peer) in &self.peers {
-            if self.serving() && peer.asking.keys().any(|_| peer.next_probe + self.cfg.promise_timeout <= now) {
+            if self.serving() && peer.asking.values().any(|(_, deadline)| *deadline <= now) {
                 late.insert(*id);
             }
         }
@@ -1126,7 +1128,7 @@ impl Owner {
         let seq = self.new_seq();
         let (volume, generation) = (self.meta.as_ref().map_or(0, |m| m.id), self.generation);
         let peer = self.peers.get_mut(&node).expect("peer exists");
-        peer.asking.insert(seq, extent);
+        peer.asking.insert(seq, (extent, self.now + self.cfg.promise_timeout));
         let epoch = peer.session;
         self.actions.push_back(OwnerAction::Send { to: node, request: Request::Promise { seq, volume, generation, epoch, extent }, data: DataRef::None });
         seq
@@ -1148,7 +1150,7 @@ impl Owner {
 
     fn on_promised(&mut self, from: NodeId, seq: Seq, status: Status, incarnation: u64, bitmap: Bitmap) {
         let Some(peer) = self.peers.get_mut(&from) else { return };
-        let Some(extent) = peer.asking.remove(&seq) else { return };
+        let Some((extent, _)) = peer.asking.remove(&seq) else { return };
         if status != Status::Ok {
             if matches!(status, Status::StaleGeneration | Status::NotOwner) {
                 self.next_meta_poll = self.now;
@@ -2040,7 +2042,7 @@ impl Owner {
                 continue;
             }
             for e in meta.extents_of(&p.name) {
-                if !p.promised.contains(&e) && !p.asking.values().any(|x| *x == e) {
+                if !p.promised.contains(&e) && !p.asking.values().any(|(x, _)| *x == e) {
                     missing.push((*id, e));
                 }
             }

@@ -219,8 +219,14 @@ pub fn compare_in_sync(layout: &Layout, min_in_sync: usize, path_of: impl Fn(&st
             .iter()
             .map(|n| {
                 let p = path_of(n)?;
-                let f = File::open(&p).with_context(|| format!("open {n}'s replica {} (extent {i} in sync there)", p.display()))?;
-                if f.metadata()?.len() < end {
+                // A replica service creates a volume's data file at its first disk operation:
+                // a member that was never written to has none, and holds zeros.
+                let f = match File::open(&p) {
+                    Ok(f) => Some(f),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                    Err(e) => return Err(e).with_context(|| format!("open {n}'s replica {} (extent {i} in sync there)", p.display())),
+                };
+                if f.as_ref().map_or(Ok(0), |f| f.metadata().map(|m| m.len()))? < end {
                     report.short_files.push(p.clone());
                 }
                 Ok((n.to_string(), p, f))
@@ -232,7 +238,10 @@ pub fn compare_in_sync(layout: &Layout, min_in_sync: usize, path_of: impl Fn(&st
             let len = CHUNK.min((end - at) as usize);
             for ((_, p, f), buf) in files.iter().zip(bufs.iter_mut()) {
                 let buf = &mut buf[..len];
-                let got = read_full(f, buf, at).with_context(|| format!("read {}", p.display()))?;
+                let got = match f {
+                    Some(f) => read_full(f, buf, at).with_context(|| format!("read {}", p.display()))?,
+                    None => 0,
+                };
                 // Past the end of a sparse file: zeros.
                 buf[got..].fill(0);
             }

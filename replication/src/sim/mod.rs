@@ -197,6 +197,8 @@ struct Node {
     disk: Disk,
     owner: Option<OwnerCtx>,
     isolated_until: Time,
+    /// When its replica last started (a restart ends whatever the owner had in flight there).
+    started_at: Time,
 }
 
 enum Msg {
@@ -324,6 +326,7 @@ impl Sim {
                     disk: Disk::default(),
                     owner: None,
                     isolated_until: 0,
+                    started_at: 0,
                 }
             })
             .collect();
@@ -489,7 +492,9 @@ impl Sim {
     // ---- replicas ----------------------------------------------------------------------------
 
     fn start_replica(&mut self, i: usize) {
+        let now = self.now;
         let node = &mut self.nodes[i];
+        node.started_at = now;
         let volumes: Vec<PersistedVolume> = node.disk.record.as_deref().and_then(|r| PersistedVolume::decode(r).ok()).into_iter().collect();
         let mut replica = Replica::new(ReplicaConfig { node: node.name.clone(), incarnation: node.incarnation }, volumes);
         replica.plant_bug_skip_dirty_persist = self.cfg.bug == Some(PlantedBug::SkipDirtyPersist);
@@ -773,6 +778,7 @@ impl Sim {
                     OwnerEvent::SyncDone { .. } => self.stats.syncs += 1,
                     OwnerEvent::Replacing { .. } => self.stats.replacements += 1,
                     OwnerEvent::WritesMayBeLost { .. } => self.model.loss_declared(),
+                    OwnerEvent::MemberFailed { node, reason } => self.check_failure_is_real(node, reason),
                     _ => {}
                 }
                 self.log(format!("{} owner#{instance}: {event:?}", self.nodes[i].name));
@@ -1359,6 +1365,20 @@ impl Sim {
                 }
                 self.replica_actions(to);
             }
+        }
+    }
+
+    /// Liveness: once the cluster has healed (no fault for a while, every message fast, every
+    /// disk well), a member that is up and was not restarted lately answers within the
+    /// timeouts; failing it anyway ("timed out") would drop a healthy replica and, with two,
+    /// suspend the volume.
+    fn check_failure_is_real(&mut self, node: &str, reason: &str) {
+        let owner = self.owner_config("check");
+        let quiet_for = owner.io_timeout + owner.promise_timeout + owner.probe_interval;
+        let Some(n) = self.nodes.iter().find(|x| x.name == node) else { return };
+        let healed = self.settling && self.now > self.faults_until + 1_000 * MS;
+        if healed && reason == "timed out" && n.alive && n.started_at + quiet_for < self.now {
+            self.failure = Some(format!("liveness: {node} failed ({reason}) in a healed cluster, up since t={} ms", n.started_at / MS));
         }
     }
 
