@@ -33,5 +33,5 @@ pub mod volume;
 
 pub use error::Error;
 pub use export::{Export, ExportConfig};
-pub use poller::{PollConfig, PollMode};
+pub use poller::{PollConfig, PollMode, Rejections};
 pub use volume::{GuestMem, Volume, VolumeQueue};

@@ -173,7 +173,14 @@ impl LocalMember {
                 }
             }
         }
-        let Some(o) = self.ops.get_mut(&op) else { return Ok(()) };
+        let Some(o) = self.ops.get_mut(&op) else {
+            // The state machine waits for this disk result: without one the guest request
+            // behind it would never complete.
+            tracing::error!(op, "local member invariant broken: disk action for an unknown operation; it fails");
+            debug_assert!(false, "local member invariant broken: disk action for unknown operation {op}");
+            self.core.call(|r| r.on_disk(op, DiskResult::IoError));
+            return Ok(());
+        };
         let data = matches!(kind, Op::Read | Op::Write);
         let request = IoRequest {
             user_data: op,
