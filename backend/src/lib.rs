@@ -26,6 +26,7 @@ mod error;
 pub mod export;
 mod inflight;
 pub mod member;
+pub mod permissions;
 mod poller;
 pub mod replicated;
 pub mod request;
