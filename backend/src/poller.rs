@@ -97,18 +97,27 @@ impl Default for PollConfig {
     }
 }
 
-/// Guest requests a volume refused, over all its connections, and the limit on the log lines
+/// Guest requests a volume refused, over all its connections, and the limits on the log lines
 /// they cause: a guest can send malformed chains as fast as it likes, and a line for each
 /// would flood the host's log. The count is what an operator reads (`hcblk volume info`).
 #[derive(Debug)]
 pub struct Rejections {
     count: AtomicU64,
-    log: LogLimit,
+    /// Malformed requests, logged at warn.
+    loud: LogLimit,
+    /// Refusals a well-behaved driver may cause (an unsupported request type, a write to a
+    /// read-only volume: the guest is told in the status byte), logged at debug, so that
+    /// they neither use up the warn lines nor cause warn summaries.
+    quiet: LogLimit,
 }
 
 impl Default for Rejections {
     fn default() -> Self {
-        Self { count: AtomicU64::new(0), log: LogLimit::new(LOG_BURST, LOG_INTERVAL) }
+        Self {
+            count: AtomicU64::new(0),
+            loud: LogLimit::new(LOG_BURST, LOG_INTERVAL),
+            quiet: LogLimit::new(LOG_BURST, LOG_INTERVAL),
+        }
     }
 }
 
@@ -120,29 +129,32 @@ impl Rejections {
 
     /// Counts one refused request at `now`; says whether to log it, and how many were left
     /// out of the log since the last line that was let through.
-    pub(crate) fn record(&self, now: Instant) -> Verdict {
+    pub(crate) fn record(&self, now: Instant, quiet: bool) -> Verdict {
         self.count.fetch_add(1, Ordering::Relaxed);
-        self.log.check(now)
+        if quiet { self.quiet.check(now) } else { self.loud.check(now) }
     }
 
-    /// Counts one refused request and logs it (at warn, or at debug when `quiet`: refusals a
-    /// well-behaved driver may cause, such as an unsupported request type) if the limit lets it.
+    /// Counts one refused request and logs it if the limit lets it.
     fn refuse(&self, volume: &str, queue: usize, reason: &str, quiet: bool) {
-        let Verdict::Log { suppressed } = self.record(Instant::now()) else { return };
-        if suppressed > 0 {
-            tracing::warn!(volume, suppressed, "refused guest requests left out of the log");
-        }
+        let Verdict::Log { suppressed } = self.record(Instant::now(), quiet) else { return };
         if quiet {
+            if suppressed > 0 {
+                tracing::debug!(volume, suppressed, "refused guest requests left out of the log");
+            }
             tracing::debug!(volume, queue, reason, "guest request refused");
         } else {
-            tracing::warn!(volume, queue, reason, "guest request refused");
+            if suppressed > 0 {
+                tracing::warn!(volume, suppressed, "malformed guest requests left out of the log");
+            }
+            tracing::warn!(volume, queue, reason, "malformed guest request refused");
         }
     }
 
     /// Logs the count of refusals left out of the log, if any: the connection ends, and no
     /// later refusal may come to carry it.
     pub(crate) fn flush(&self, volume: &str) {
-        self.log.flush(true, |suppressed| tracing::warn!(volume, suppressed, "refused guest requests left out of the log"));
+        self.loud.flush(true, |suppressed| tracing::warn!(volume, suppressed, "malformed guest requests left out of the log"));
+        self.quiet.flush(true, |suppressed| tracing::debug!(volume, suppressed, "refused guest requests left out of the log"));
     }
 }
 
@@ -646,12 +658,23 @@ mod tests {
     fn every_refusal_is_counted_but_few_are_logged() {
         let rejections = Rejections::default();
         let t0 = Instant::now();
-        let logged = (0..10_000).filter(|_| matches!(rejections.record(t0), Verdict::Log { .. })).count();
+        let logged = (0..10_000).filter(|_| matches!(rejections.record(t0, false), Verdict::Log { .. })).count();
         assert_eq!(rejections.count(), 10_000);
         assert_eq!(logged, LOG_BURST as usize);
-        // The first refusal of the next interval is logged, with the count of those left out.
+        // The first malformed refusal of the next interval is logged, with the count of those
+        // left out.
         let later = t0 + LOG_INTERVAL;
-        assert_eq!(rejections.record(later), Verdict::Log { suppressed: 10_000 - u64::from(LOG_BURST) });
+        assert_eq!(rejections.record(later, false), Verdict::Log { suppressed: 10_000 - u64::from(LOG_BURST) });
+        assert_eq!(rejections.count(), 10_001);
+    }
+
+    #[test]
+    fn refusals_a_good_driver_may_cause_do_not_silence_malformed_ones() {
+        let rejections = Rejections::default();
+        let t0 = Instant::now();
+        let logged = (0..10_000).filter(|_| matches!(rejections.record(t0, true), Verdict::Log { .. })).count();
+        assert_eq!(logged, LOG_BURST as usize);
+        assert_eq!(rejections.record(t0, false), Verdict::Log { suppressed: 0 });
         assert_eq!(rejections.count(), 10_001);
     }
 }

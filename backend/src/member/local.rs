@@ -16,6 +16,7 @@ use replication::{Reply, Request};
 use super::{Core, Inbox, Members};
 
 const DISK_DEPTH: u32 = 512;
+const _: () = assert!(DISK_DEPTH >= 1 && DISK_DEPTH <= ShardQueue::DEPTH_MAX);
 
 struct LocalOp {
     /// Where the data comes from (writes) or goes to (reads): guest memory or an owner's copy
