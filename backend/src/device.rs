@@ -25,7 +25,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
 
 use crate::inflight::{self, InflightRegion};
-use crate::poller::{GuestMemAtomic, PollConfig, PollContext, Poller, QueueShared, Vring};
+use crate::poller::{GuestMemAtomic, PollConfig, PollContext, Poller, QueueShared, Rejections, Vring};
 use crate::request::{Limits, ID_BYTES, SECTOR_SHIFT};
 use crate::volume::{GuestMem, Volume};
 use crate::Error;
@@ -56,6 +56,9 @@ pub struct DeviceConfig {
     pub queue_size: u16,
     pub serial: [u8; ID_BYTES],
     pub poll: PollConfig,
+    /// Counts (and rate-limits the logs of) the guest requests the volume refuses; shared by
+    /// every connection to the volume.
+    pub rejections: Arc<Rejections>,
 }
 
 pub struct BlkDevice<V: Volume> {
@@ -91,10 +94,13 @@ impl<V: Volume> BlkDevice<V> {
         for queue in 0..config.num_queues as usize {
             queue_masks[queue % threads] |= 1 << queue;
         }
-        // A volume queue deep enough for every descriptor of every virtqueue a thread serves.
+        // A volume queue deep enough for every descriptor of every virtqueue a thread serves,
+        // up to the deepest a volume queue may be: a thread serving more virtqueues than that
+        // leaves the rest in the avail rings until requests complete (the poller stops taking
+        // requests while its volume queue is full).
         let mut pollers = Vec::with_capacity(threads);
         for (thread, mask) in queue_masks.iter().enumerate() {
-            let depth = u32::from(config.queue_size) * mask.count_ones();
+            let depth = (u32::from(config.queue_size) * mask.count_ones()).min(replica::ShardQueue::DEPTH_MAX);
             let queue = volume.new_queue(depth)?;
             let cpu = config.poll.cpus.get(thread).copied();
             pollers.push(Mutex::new(Poller::new(queue, *mask, cpu, config.queue_size, SEG_MAX)));
@@ -115,6 +121,7 @@ impl<V: Volume> BlkDevice<V> {
             queues: (0..config.num_queues).map(|_| QueueShared::default()).collect(),
             stopping: AtomicBool::new(false),
             completed: AtomicU64::new(0),
+            rejections: config.rejections,
         };
         Ok(Self {
             num_queues: config.num_queues,
@@ -170,6 +177,7 @@ impl<V: Volume> BlkDevice<V> {
                 tracing::warn!(volume = %self.ctx.name, abandoned, "requests were still in flight when the connection ended");
             }
         }
+        self.ctx.rejections.flush(&self.ctx.name);
         let had_memory = self.mem.write().unwrap_or_else(|p| p.into_inner()).take().is_some();
         if had_memory {
             if let Err(e) = self.volume.guest_memory_changed(None) {

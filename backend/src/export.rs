@@ -29,7 +29,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::device::{BlkDevice, DeviceConfig};
 use crate::request::ID_BYTES;
 use crate::volume::{GuestMem, Volume};
-use crate::{Error, PollConfig};
+use crate::{Error, PollConfig, Rejections};
 
 /// Longest the serving thread waits between two checks of the socket file.
 pub const SOCKET_CHECK: Duration = Duration::from_secs(1);
@@ -100,6 +100,8 @@ struct ExportShared<V: Volume> {
     /// (device, inode) of the socket file the export bound last: only that file is removed
     /// at stop, never one another process bound at the same path.
     bound: Mutex<Option<(u64, u64)>>,
+    /// Guest requests refused, over every connection.
+    rejections: Arc<Rejections>,
 }
 
 /// The listening socket and the identity of the file it was bound at.
@@ -161,6 +163,7 @@ impl<V: Volume> Export<V> {
             shutdown: Mutex::new(None),
             stop_event,
             bound: Mutex::new(bound.id),
+            rejections: Arc::new(Rejections::default()),
         });
         // The first device is made here so that a bad configuration (or an empty hugepage pool)
         // fails `start` instead of a background thread.
@@ -216,6 +219,12 @@ impl<V: Volume> Export<V> {
     pub fn completed_requests(&self) -> u64 {
         let device = self.shared.device.lock().unwrap_or_else(|p| p.into_inner()).clone();
         device.map_or(0, |d| d.completed_requests())
+    }
+
+    /// Guest requests refused (malformed descriptor chains, sectors out of range, ...) since
+    /// the export started, over every connection.
+    pub fn rejected_requests(&self) -> u64 {
+        self.shared.rejections.count()
     }
 
     /// Stops serving and waits (at most [`STOP_TIMEOUT`]) for in-flight requests and threads
@@ -283,6 +292,7 @@ impl<V: Volume> ExportShared<V> {
             queue_size: self.config.queue_size,
             serial,
             poll: self.config.poll.clone(),
+            rejections: Arc::clone(&self.rejections),
         };
         Ok(Arc::new(BlkDevice::new(config, Arc::clone(&self.volume))?))
     }

@@ -26,6 +26,7 @@ mod error;
 pub mod export;
 mod inflight;
 pub mod member;
+pub mod permissions;
 mod poller;
 pub mod replicated;
 pub mod request;
@@ -33,5 +34,5 @@ pub mod volume;
 
 pub use error::Error;
 pub use export::{Export, ExportConfig};
-pub use poller::{PollConfig, PollMode};
+pub use poller::{PollConfig, PollMode, Rejections};
 pub use volume::{GuestMem, Volume, VolumeQueue};

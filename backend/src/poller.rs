@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use proto::ratelimit::{LogLimit, Verdict, LOG_BURST, LOG_INTERVAL};
 use replica::{IoRequest, IoStatus};
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::QueueT;
@@ -96,6 +97,67 @@ impl Default for PollConfig {
     }
 }
 
+/// Guest requests a volume refused, over all its connections, and the limits on the log lines
+/// they cause: a guest can send malformed chains as fast as it likes, and a line for each
+/// would flood the host's log. The count is what an operator reads (`hcblk volume info`).
+#[derive(Debug)]
+pub struct Rejections {
+    count: AtomicU64,
+    /// Malformed requests, logged at warn.
+    loud: LogLimit,
+    /// Refusals a well-behaved driver may cause (an unsupported request type, a write to a
+    /// read-only volume: the guest is told in the status byte), logged at debug, so that
+    /// they neither use up the warn lines nor cause warn summaries.
+    quiet: LogLimit,
+}
+
+impl Default for Rejections {
+    fn default() -> Self {
+        Self {
+            count: AtomicU64::new(0),
+            loud: LogLimit::new(LOG_BURST, LOG_INTERVAL),
+            quiet: LogLimit::new(LOG_BURST, LOG_INTERVAL),
+        }
+    }
+}
+
+impl Rejections {
+    /// Requests refused since the volume was exported.
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// Counts one refused request at `now`; says whether to log it, and how many were left
+    /// out of the log since the last line that was let through.
+    pub(crate) fn record(&self, now: Instant, quiet: bool) -> Verdict {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        if quiet { self.quiet.check(now) } else { self.loud.check(now) }
+    }
+
+    /// Counts one refused request and logs it if the limit lets it.
+    fn refuse(&self, volume: &str, queue: usize, reason: &str, quiet: bool) {
+        let Verdict::Log { suppressed } = self.record(Instant::now(), quiet) else { return };
+        if quiet {
+            if suppressed > 0 {
+                tracing::debug!(volume, suppressed, "refused guest requests left out of the log");
+            }
+            tracing::debug!(volume, queue, reason, "guest request refused");
+        } else {
+            if suppressed > 0 {
+                tracing::warn!(volume, suppressed, "malformed guest requests left out of the log");
+            }
+            tracing::warn!(volume, queue, reason, "malformed guest request refused");
+        }
+    }
+
+    /// Logs the count of refusals left out of the log, if any: the connection ends, and no
+    /// later refusal may come to carry it.
+    pub(crate) fn flush(&self, volume: &str) {
+        self.loud.flush(true, |suppressed| tracing::warn!(volume, suppressed, "malformed guest requests left out of the log"));
+        self.quiet.flush(true, |suppressed| tracing::debug!(volume, suppressed, "refused guest requests left out of the log"));
+    }
+}
+
 /// Per-queue counters the frontend thread reads while a poller runs.
 #[derive(Debug, Default)]
 pub(crate) struct QueueShared {
@@ -122,6 +184,8 @@ pub(crate) struct PollContext {
     pub(crate) stopping: AtomicBool,
     /// Requests completed, for metrics.
     pub(crate) completed: AtomicU64,
+    /// The volume's refused requests (shared by its connections).
+    pub(crate) rejections: Arc<Rejections>,
 }
 
 impl PollContext {
@@ -342,12 +406,12 @@ impl<Q: VolumeQueue> Poller<Q> {
             taken += 1;
             let head = chain.head_index();
             let Some(slot) = self.queues[local].slots.get_mut(head as usize) else {
-                tracing::warn!(volume = %ctx.name, queue = queue_index, head, "descriptor head out of range");
+                ctx.rejections.refuse(&ctx.name, queue_index, "descriptor head out of range", false);
                 continue;
             };
             if slot.in_flight {
                 // The guest made a head available twice; the first use still owns the slot.
-                tracing::warn!(volume = %ctx.name, queue = queue_index, head, "descriptor head reused while in flight");
+                ctx.rejections.refuse(&ctx.name, queue_index, "descriptor head reused while in flight", false);
                 continue;
             }
             if !resubmitted {
@@ -410,15 +474,20 @@ impl<Q: VolumeQueue> Poller<Q> {
         let access = if writable { vm_memory::Permissions::Write } else { vm_memory::Permissions::Read };
         for segment in &self.scratch.segments {
             let Ok(slices) = mem.get_slices(segment.addr, segment.len as usize, access) else {
+                ctx.rejections.refuse(&ctx.name, queue_index, "data buffer outside guest memory", false);
                 return Some((status, STATUS_IOERR, 1));
             };
             for slice in slices {
-                let Ok(slice) = slice else { return Some((status, STATUS_IOERR, 1)) };
+                let Ok(slice) = slice else {
+                    ctx.rejections.refuse(&ctx.name, queue_index, "data buffer outside guest memory", false);
+                    return Some((status, STATUS_IOERR, 1));
+                };
                 if slot.iov.len() == IOVECS_PER_REQUEST_MAX {
-                    tracing::warn!(
-                        volume = %ctx.name,
-                        queue = queue_index,
-                        "request refused: its buffers lie in more guest memory regions than one submission can carry"
+                    ctx.rejections.refuse(
+                        &ctx.name,
+                        queue_index,
+                        "its buffers lie in more guest memory regions than one submission can carry",
+                        false,
                     );
                     return Some((status, STATUS_IOERR, 1));
                 }
@@ -465,8 +534,17 @@ impl<Q: VolumeQueue> Poller<Q> {
             done += 1;
             let local = (completion.user_data >> 16) as usize;
             let head = (completion.user_data & 0xffff) as u16;
-            let (Some(queue), Some(vring)) = (self.queues.get_mut(local), vrings.get(local)) else { continue };
-            let Some(slot) = queue.slots.get_mut(head as usize) else { continue };
+            let (Some(queue), Some(vring)) = (self.queues.get_mut(local), vrings.get(local)) else {
+                // Not a request this poller submitted: there is no guest request to complete.
+                tracing::error!(volume = %ctx.name, local, head, "poller invariant broken: completion for an unknown queue");
+                debug_assert!(false, "poller invariant broken: completion for unknown queue {local}");
+                continue;
+            };
+            let Some(slot) = queue.slots.get_mut(head as usize) else {
+                tracing::error!(volume = %ctx.name, local, head, "poller invariant broken: completion for an unknown head");
+                debug_assert!(false, "poller invariant broken: completion for unknown head {head}");
+                continue;
+            };
             let status_byte = match completion.status {
                 IoStatus::Ok => STATUS_OK,
                 IoStatus::Unsupported => STATUS_UNSUPP,
@@ -558,12 +636,45 @@ impl<Q: VolumeQueue> Poller<Q> {
 }
 
 fn rejection_outcome(ctx: &PollContext, queue: usize, rejection: &Rejection) -> (Option<GuestAddress>, u8, u32) {
-    tracing::debug!(volume = %ctx.name, queue, reason = rejection.reason, "request rejected");
     match rejection.status {
-        Some(addr) => (Some(addr), rejection.code, 1),
+        Some(addr) => {
+            // The guest learns of it from the status byte; only a chain without one is worth
+            // an operator's attention by default.
+            ctx.rejections.refuse(&ctx.name, queue, rejection.reason, true);
+            (Some(addr), rejection.code, 1)
+        }
         None => {
-            tracing::warn!(volume = %ctx.name, queue, reason = rejection.reason, "malformed descriptor chain returned without status");
+            ctx.rejections.refuse(&ctx.name, queue, rejection.reason, false);
             (None, STATUS_IOERR, 0)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_refusal_is_counted_but_few_are_logged() {
+        let rejections = Rejections::default();
+        let t0 = Instant::now();
+        let logged = (0..10_000).filter(|_| matches!(rejections.record(t0, false), Verdict::Log { .. })).count();
+        assert_eq!(rejections.count(), 10_000);
+        assert_eq!(logged, LOG_BURST as usize);
+        // The first malformed refusal of the next interval is logged, with the count of those
+        // left out.
+        let later = t0 + LOG_INTERVAL;
+        assert_eq!(rejections.record(later, false), Verdict::Log { suppressed: 10_000 - u64::from(LOG_BURST) });
+        assert_eq!(rejections.count(), 10_001);
+    }
+
+    #[test]
+    fn refusals_a_good_driver_may_cause_do_not_silence_malformed_ones() {
+        let rejections = Rejections::default();
+        let t0 = Instant::now();
+        let logged = (0..10_000).filter(|_| matches!(rejections.record(t0, true), Verdict::Log { .. })).count();
+        assert_eq!(logged, LOG_BURST as usize);
+        assert_eq!(rejections.record(t0, false), Verdict::Log { suppressed: 0 });
+        assert_eq!(rejections.count(), 10_001);
     }
 }

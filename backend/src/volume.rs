@@ -58,7 +58,8 @@ pub trait Volume: Send + Sync + 'static {
     /// [`Volume::block_size`].
     fn physical_block_bytes(&self) -> u32;
 
-    /// A queue for one poller thread, with room for `depth` requests outstanding at once.
+    /// A queue for one poller thread, with room for `depth` requests outstanding at once
+    /// (between 1 and [`replica::ShardQueue::DEPTH_MAX`]; a depth it cannot honour is an error).
     fn new_queue(self: &Arc<Self>, depth: u32) -> Result<Self::Queue, Error>;
 
     /// Grows the volume to `new_size_bytes` (online: queues in use see the new size). Shrinking

@@ -54,6 +54,9 @@ struct Rig {
     /// Contents of the attacked volume (a read-only volume is filled before it is exported).
     image: Vec<u8>,
     checks: u64,
+    /// The attacked export's refused-request counter after the last good I/O: every refusal
+    /// since must have added exactly one.
+    refused: u64,
 }
 
 impl Rig {
@@ -84,6 +87,7 @@ impl Rig {
             read_only,
             image,
             checks: 0,
+            refused: 0,
         };
         rig.check_healthy(0);
         rig
@@ -114,6 +118,7 @@ impl Rig {
         assert_eq!(self.raw.read_status(status), code, "status byte");
         if code != OK {
             assert_eq!(len, 1, "used length of a refused request");
+            self.expect_refused(1);
         }
         self.check_healthy(queue);
         len
@@ -132,12 +137,22 @@ impl Rig {
         for &at in untouched {
             assert_eq!(self.raw.read_status(at), UNTOUCHED, "a byte at {:#x} was written", at.0);
         }
+        self.expect_refused(1);
         self.check_healthy(queue);
+    }
+
+    /// The attacked export counted `more` refusals since the last good I/O.
+    #[track_caller]
+    fn expect_refused(&mut self, more: u64) {
+        assert_eq!(self.export.rejected_requests(), self.refused + more, "refused requests counted");
+        self.refused += more;
     }
 
     /// A good write and read back on `queue` of the attacked export (just a read if it is
     /// read-only), then the same on the bystander export.
     fn check_healthy(&mut self, queue: usize) {
+        // Requests refused before this one have all come back: their count is final.
+        self.refused = self.export.rejected_requests();
         self.checks += 1;
         let round = self.checks;
         let len = 8192usize;
@@ -178,6 +193,8 @@ impl Rig {
         self.other.buf()[..4096].fill(0);
         assert_eq!(self.other.read(0, round * 4096 % VOLUME_BYTES, 0, 4096), 0, "bystander read");
         assert!(self.other.buf()[..4096] == data[..], "bystander data");
+        assert_eq!(self.export.rejected_requests(), self.refused, "good requests counted as refused");
+        assert_eq!(self._other_export.rejected_requests(), 0, "the bystander counted refusals");
     }
 }
 
@@ -515,6 +532,12 @@ fn head_index_outside_the_queue_is_ignored() {
         for head in [256, 4096, u16::MAX] {
             rig.raw.publish_untracked(0, head);
             rig.raw.expect_no_used(0, Duration::from_millis(50));
+            // Nothing comes back to wait for: wait for the count.
+            let deadline = std::time::Instant::now() + WAIT;
+            while rig.export.rejected_requests() == rig.refused && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            rig.expect_refused(1);
             rig.check_healthy(0);
         }
     });

@@ -116,6 +116,10 @@ impl AttachedVolume for FakeHandle {
     fn is_connected(&self) -> bool {
         self.state.connected.load(Ordering::Relaxed)
     }
+    fn rejected_requests(&self) -> u64 {
+        // No guest ever reaches a fake handle.
+        0
+    }
     fn status(&self) -> OwnerStatus {
         let doc = self.meta.read_volume(&self.name).ok().flatten().map(|(m, _)| m);
         let phase = match &doc {

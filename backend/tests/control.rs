@@ -127,8 +127,10 @@ fn refused(out: Output, what: &str) -> String {
 
 struct Daemon {
     child: Child,
-    /// The daemon's stderr lines after the ready line.
+    /// The daemon's stderr lines not yet looked at.
     log: mpsc::Receiver<String>,
+    /// The lines `wait_for` went through.
+    seen: Vec<String>,
 }
 
 impl Daemon {
@@ -144,7 +146,7 @@ impl Daemon {
                 }
             }
         });
-        let mut daemon = Self { child, log };
+        let mut daemon = Self { child, log, seen: Vec::new() };
         daemon.wait_for("hcblk daemon ready api=");
         daemon
     }
@@ -154,8 +156,11 @@ impl Daemon {
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             match self.log.recv_timeout(left) {
-                Ok(line) if line.contains(needle) => return,
-                Ok(_) => {}
+                Ok(line) if line.contains(needle) => {
+                    self.seen.push(line);
+                    return;
+                }
+                Ok(line) => self.seen.push(line),
                 Err(_) => {
                     let status = self.child.try_wait().ok().flatten();
                     panic!("daemon never logged {needle:?} (exit status {status:?})");
@@ -438,4 +443,71 @@ fn snapshot(dir: &Path) -> Vec<(PathBuf, u64)> {
     }
     out.sort();
     out
+}
+
+fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::symlink_metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).permissions().mode() & 0o7777
+}
+
+fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// A VM's disk and the metadata about it are the daemon user's alone.
+#[test]
+fn data_files_are_private_to_the_daemon_user() {
+    common::require_hugepages();
+    let node = Node::new();
+    let daemon = node.start();
+    node.ok(&["volume", "create", "vm", "--size", "4M"]);
+    let volumes = node.data().join("volumes");
+    for dir in [node.data(), volumes.clone()] {
+        assert_eq!(mode(&dir), 0o700, "{}", dir.display());
+    }
+    for file in [node.img("vm"), node.json("vm"), node.data().join("lock")] {
+        assert_eq!(mode(&file), 0o600, "{}", file.display());
+    }
+    // A metadata record rewritten later (resize) keeps the mode.
+    node.ok(&["volume", "resize", "vm", "--size", "8M"]);
+    assert_eq!(mode(&node.json("vm")), 0o600);
+    daemon.stop();
+}
+
+/// What an earlier version left readable by everyone is made private at the next start, and
+/// the daemon says what it changed.
+#[test]
+fn modes_left_by_an_earlier_version_are_fixed_at_start() {
+    common::require_hugepages();
+    let node = Node::new();
+    let daemon = node.start();
+    node.ok(&["volume", "create", "vm", "--size", "4M"]);
+    daemon.stop();
+    // As the earlier version created them.
+    let volumes = node.data().join("volumes");
+    for dir in [node.data(), volumes.clone()] {
+        set_mode(&dir, 0o755);
+    }
+    for file in [node.img("vm"), node.json("vm"), node.data().join("lock")] {
+        set_mode(&file, 0o644);
+    }
+
+    let daemon = node.start();
+    for dir in [node.data(), volumes.clone()] {
+        assert_eq!(mode(&dir), 0o700, "{}", dir.display());
+    }
+    for file in [node.img("vm"), node.json("vm"), node.data().join("lock")] {
+        assert_eq!(mode(&file), 0o600, "{}", file.display());
+    }
+    let img = node.img("vm").display().to_string();
+    assert!(
+        daemon.seen.iter().any(|l| l.contains("took group and other access away") && l.contains(&img) && l.contains("0644")),
+        "no log line about {img}: {:?}",
+        daemon.seen
+    );
+    // The volume is served as before.
+    assert!(is_socket(&node.sockets().join("vm.sock")));
+    assert_eq!(node.field("vm", "size"), (4 * MIB).to_string());
+    daemon.stop();
 }

@@ -2,6 +2,8 @@
 //!
 //! * [`wire`]: the frame codec — pure functions, no I/O (layout drawn there).
 //! * [`auth`]: mutual HMAC-SHA256 challenge-response.
+//! * [`ratelimit`]: the limit on log lines a peer (or, in the backend, a guest) can
+//!   trigger at will.
 //! * [`Endpoint`]: the polling transport interface; implementations in
 //!   [`tcp`] (one-sided semantics in software), [`loopback`] (in-process) and
 //!   `rdma` (verbs, behind the `rdma` feature).
@@ -14,7 +16,7 @@ pub mod loopback;
 pub mod mem;
 #[cfg(feature = "rdma")]
 pub mod rdma;
-mod ratelimit;
+pub mod ratelimit;
 mod sys;
 pub mod tcp;
 pub mod wire;
@@ -81,6 +83,12 @@ pub enum TransportError {
     UnknownTransport(String),
     #[error("inline WRITE: {0}")]
     Inline(&'static str),
+    #[error("transport setting {field} = {value} is out of range (1 to {max})")]
+    Config {
+        field: &'static str,
+        value: usize,
+        max: usize,
+    },
 }
 
 /// Completion of a one-sided operation posted with `post_read`/`post_write`.
@@ -110,12 +118,14 @@ pub struct Config {
     /// Shared cluster secret (see [`auth`]).
     pub secret: auth::Secret,
     /// One-sided operations in flight per endpoint, completions not yet
-    /// polled included. Default 256.
+    /// polled included. Default 256; 1 to [`MAX_INFLIGHT_MAX`].
     pub max_inflight: usize,
-    /// Application messages queued for sending. Default 1024.
+    /// Application messages queued for sending. Default 1024; 1 to
+    /// [`QUEUE_MAX`].
     pub send_queue: usize,
     /// Received application messages not yet polled; when full the
-    /// transport stops reading the socket (backpressure). Default 1024.
+    /// transport stops reading the socket (backpressure). Default 1024; 1
+    /// to [`QUEUE_MAX`].
     pub recv_queue: usize,
     /// Heartbeat interval when the connection is idle. Default 1 s.
     pub heartbeat: Duration,
@@ -131,7 +141,32 @@ pub struct Config {
     pub inline_budget: usize,
 }
 
+/// Largest [`Config::max_inflight`]: the tcp transport keeps a slot per
+/// operation and answers up to `MAX_SEGMENTS` responses per operation, and
+/// the rdma transport sizes its completion queue for this many (a larger
+/// CQ than some devices offer, e.g. rxe, would fail at connect instead).
+pub const MAX_INFLIGHT_MAX: usize = 1024;
+/// Largest [`Config::send_queue`] and [`Config::recv_queue`]: bounds the
+/// memory a connection's queued messages may hold.
+pub const QUEUE_MAX: usize = 1 << 16;
+
 impl Config {
+    /// Refuses settings a transport cannot honour as given (0, or beyond
+    /// what it can hold), instead of quietly running with others. Every
+    /// transport calls it before it connects or binds.
+    pub fn validate(&self) -> Result<(), TransportError> {
+        for (field, value, max) in [
+            ("max_inflight", self.max_inflight, MAX_INFLIGHT_MAX),
+            ("send_queue", self.send_queue, QUEUE_MAX),
+            ("recv_queue", self.recv_queue, QUEUE_MAX),
+        ] {
+            if !(1..=max).contains(&value) {
+                return Err(TransportError::Config { field, value, max });
+            }
+        }
+        Ok(())
+    }
+
     pub fn new(cluster_id: u64, node_id: u64, secret: auth::Secret) -> Self {
         Self {
             cluster_id,

@@ -49,6 +49,8 @@ pub fn pair(
     a: &Config,
     b: &Config,
 ) -> Result<(LoopbackEndpoint, LoopbackEndpoint), TransportError> {
+    a.validate()?;
+    b.validate()?;
     if a.cluster_id != b.cluster_id {
         return Err(TransportError::Handshake("peer belongs to another cluster"));
     }
@@ -73,7 +75,7 @@ pub fn pair(
         inbox: VecDeque::new(),
         registry: Arc::new(Registry::new()),
         closed: false,
-        cap: c.recv_queue.max(1),
+        cap: c.recv_queue,
         pool: InlinePool::new(c.inline_budget),
     };
     let shared = Arc::new(Mutex::new(Shared {
@@ -83,7 +85,7 @@ pub fn pair(
         shared: shared.clone(),
         me,
         peer_node: peer.node_id,
-        max_inflight: cfg.max_inflight.max(1),
+        max_inflight: cfg.max_inflight,
         completions: VecDeque::new(),
         denials: LogLimit::new(LOG_BURST, LOG_INTERVAL),
     };

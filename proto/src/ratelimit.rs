@@ -8,9 +8,9 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// Lines let through per interval before counting starts.
-pub(crate) const LOG_BURST: u32 = 5;
+pub const LOG_BURST: u32 = 5;
 /// Length of a rate-limit interval.
-pub(crate) const LOG_INTERVAL: Duration = Duration::from_secs(10);
+pub const LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 #[derive(Debug)]
 struct State {
@@ -23,7 +23,7 @@ struct State {
 }
 
 #[derive(Debug)]
-pub(crate) struct LogLimit {
+pub struct LogLimit {
     burst: u32,
     interval: Duration,
     state: Mutex<State>,
@@ -31,7 +31,7 @@ pub(crate) struct LogLimit {
 
 /// What the caller does with one event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Verdict {
+pub enum Verdict {
     /// Log the event; first log a summary of `suppressed` earlier events if
     /// that is not 0.
     Log { suppressed: u64 },
@@ -40,7 +40,7 @@ pub(crate) enum Verdict {
 }
 
 impl LogLimit {
-    pub(crate) const fn new(burst: u32, interval: Duration) -> Self {
+    pub const fn new(burst: u32, interval: Duration) -> Self {
         Self {
             burst,
             interval,
@@ -59,7 +59,7 @@ impl LogLimit {
     }
 
     /// Accounts one event at `now`.
-    pub(crate) fn check(&self, now: Instant) -> Verdict {
+    pub fn check(&self, now: Instant) -> Verdict {
         let mut s = self.lock();
         let mut summary = 0;
         if s.start.is_none_or(|t| now.saturating_duration_since(t) >= self.interval) {
@@ -81,7 +81,7 @@ impl LogLimit {
     /// Runs `log` for one event (the caller's `warn` line) if the limit lets
     /// it through, after `summary` with the count of events suppressed since
     /// the last summary, if any.
-    pub(crate) fn log(&self, summary: impl FnOnce(u64), log: impl FnOnce()) {
+    pub fn log(&self, summary: impl FnOnce(u64), log: impl FnOnce()) {
         if let Verdict::Log { suppressed } = self.check(Instant::now()) {
             if suppressed > 0 {
                 summary(suppressed);
@@ -92,7 +92,7 @@ impl LogLimit {
 
     /// Runs `summary` if one is due (at once with `force`: the source of
     /// the events is going away).
-    pub(crate) fn flush(&self, force: bool, summary: impl FnOnce(u64)) {
+    pub fn flush(&self, force: bool, summary: impl FnOnce(u64)) {
         let n = self.take_summary(Instant::now(), force);
         if n > 0 {
             summary(n);
@@ -101,7 +101,7 @@ impl LogLimit {
 
     /// The count of suppressed events to report now: when the interval is
     /// over, or at once with `force` (the connection is closing).
-    pub(crate) fn take_summary(&self, now: Instant, force: bool) -> u64 {
+    pub fn take_summary(&self, now: Instant, force: bool) -> u64 {
         let mut s = self.lock();
         let due = s
             .start

@@ -428,6 +428,7 @@ impl RdmaEndpoint {
         cfg: &Config,
         registry: Arc<Registry>,
     ) -> Result<Self, TransportError> {
+        cfg.validate()?;
         probe()?;
         let addr = addr
             .to_socket_addrs()
@@ -456,7 +457,7 @@ impl RdmaEndpoint {
         peer_node: u64,
     ) -> Result<Self, TransportError> {
         let cq_depth =
-            RECV_DEPTH + SEND_DEPTH + cfg.max_inflight.min(1024) * MAX_SEGMENTS.min(16) + 64;
+            RECV_DEPTH + SEND_DEPTH + cfg.max_inflight * MAX_SEGMENTS.min(16) + 64;
         let v = Verbs::open(cq_depth)?;
         let mine = v.local_info()?;
         let theirs = oob_exchange(sock, &mine)?;
@@ -481,9 +482,9 @@ impl RdmaEndpoint {
             fence_next: false,
             ops: HashMap::new(),
             next_op: 1,
-            max_inflight: cfg.max_inflight.max(1),
+            max_inflight: cfg.max_inflight,
             inbox: VecDeque::new(),
-            recv_queue: cfg.recv_queue.max(1),
+            recv_queue: cfg.recv_queue,
             rx_ready: VecDeque::with_capacity(RECV_DEPTH),
             inline_pool: InlinePool::new(cfg.inline_budget),
             completions: VecDeque::new(),
@@ -1054,6 +1055,7 @@ impl RdmaAcceptor {
         cfg: Config,
         registry: Arc<Registry>,
     ) -> Result<Self, TransportError> {
+        cfg.validate()?;
         probe()?;
         Ok(Self {
             listener: crate::tcp::Listener::bind(addr, cfg.clone())?,

@@ -72,6 +72,75 @@ const WRITE_BATCH: usize = 64;
 /// threads to leave the connection to it.
 const APP_ACTIVE: Duration = Duration::from_millis(1);
 
+/// Why a connection is given up: what `Conn::fail` logs, with its causes.
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error("peer closed the connection")]
+    Closed,
+    #[error("peer silent, no heartbeat")]
+    Silent,
+    #[error("peer silent in the middle of a frame")]
+    SilentMidFrame,
+    #[error("peer stopped reading (send timed out)")]
+    SendTimeout(#[source] std::io::Error),
+    #[error("send failed")]
+    Send(#[source] std::io::Error),
+    #[error("receive failed")]
+    Receive(#[source] std::io::Error),
+    /// The peer was told (an ERROR frame) before the connection closes.
+    #[error("malformed frame")]
+    Malformed(#[source] wire::DecodeError),
+    /// The peer was told (an ERROR frame) before the connection closes.
+    #[error("protocol violation")]
+    Violation(#[source] Violation),
+    #[error("{0:?} frame after the handshake")]
+    FrameAfterHandshake(wire::FrameType),
+    #[error("unexpected {0:?} after the handshake")]
+    HandshakeMessage(wire::FrameType),
+    #[error("peer exceeds the in-flight operation limit")]
+    TooManyResponses,
+    #[error("cannot answer the peer")]
+    Respond(#[source] TransportError),
+    #[error("endpoint dropped")]
+    Dropped,
+}
+
+/// How a peer broke the rules of responses to our one-sided operations.
+#[derive(Debug, thiserror::Error)]
+enum Violation {
+    #[error("response for unknown operation {0:#x}")]
+    UnknownOperation(u64),
+    #[error("{response} for a one-sided {operation} (operation {op_id:#x})")]
+    WrongDirection {
+        response: &'static str,
+        operation: &'static str,
+        op_id: u64,
+    },
+    #[error("response for unknown segment {0}")]
+    UnknownSegment(usize),
+    #[error("second response for segment {seg} of operation {op_id:#x}")]
+    Repeated { seg: usize, op_id: u64 },
+    #[error("response length {got} for a {want}-byte segment")]
+    Length { got: u32, want: u32 },
+}
+
+/// An error and its causes on one line, `a: b: c`, for the log.
+struct Chain<'a>(&'a dyn std::error::Error);
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cause = self.0.source();
+        // Bounded: a cyclic source() would otherwise never end.
+        for _ in 0..16 {
+            let Some(c) = cause else { break };
+            write!(f, ": {c}")?;
+            cause = c.source();
+        }
+        Ok(())
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Every critical section below leaves its state consistent at each
     // statement boundary, so a poisoned lock is still safe to use.
@@ -327,9 +396,10 @@ impl Conn {
         }
     }
 
-    fn fail(&self, reason: &str, quiet: bool) {
+    fn fail(&self, reason: &ConnError, quiet: bool) {
         if !self.dead.swap(true, Ordering::AcqRel) {
             self.denials.flush(true, |n| self.denials_summary(n));
+            let reason = Chain(reason);
             if quiet {
                 tracing::debug!(peer = %self.peer, node = self.peer_node, "connection closed: {reason}");
             } else {
@@ -368,7 +438,7 @@ impl Conn {
         }
         if resp && o.resp.len() >= self.resp_cap {
             drop(o);
-            self.fail("peer exceeds the in-flight operation limit", false);
+            self.fail(&ConnError::TooManyResponses, false);
             return Err(TransportError::Disconnected);
         }
         if !o.writing && o.current.is_empty() && o.resp.is_empty() && o.app.is_empty() {
@@ -380,7 +450,9 @@ impl Conn {
                 Err(e) => {
                     drop(chunks);
                     drop(o);
-                    self.fail(&format!("send failed: {e}"), false);
+                    // The caller gets the error; the log line gets a copy.
+                    let logged = e.raw_os_error().map_or_else(|| e.kind().into(), std::io::Error::from_raw_os_error);
+                    self.fail(&ConnError::Send(logged), false);
                     return Err(TransportError::Io {
                         what: "send",
                         source: e,
@@ -460,7 +532,7 @@ impl Conn {
     /// writer thread) waits for socket space, bounded by `SO_SNDTIMEO`;
     /// otherwise it stops at a full socket and leaves the rest queued.
     /// Returns whether anything was sent.
-    fn flush(&self, blocking: bool) -> Result<bool, String> {
+    fn flush(&self, blocking: bool) -> Result<bool, ConnError> {
         let mut batch: VecDeque<(OutItem, usize)> = VecDeque::new();
         {
             let mut o = lock(&self.out);
@@ -529,9 +601,9 @@ impl Conn {
         drop(o);
         if let Some(e) = err {
             return Err(if e.kind() == std::io::ErrorKind::WouldBlock {
-                "peer stopped reading (send timed out)".to_owned()
+                ConnError::SendTimeout(e)
             } else {
-                format!("send failed: {e}")
+                ConnError::Send(e)
             });
         }
         Ok(done > 0)
@@ -555,7 +627,7 @@ impl Conn {
                     .saturating_sub(self.last_rx_ns.load(Ordering::Relaxed))
                     > self.dead_after.as_nanos() as u64
                 {
-                    return self.fail("peer silent, no heartbeat", false);
+                    return self.fail(&ConnError::Silent, false);
                 }
                 continue;
             }
@@ -584,7 +656,7 @@ impl Conn {
     ///
     /// Every frame after the handshake has at least `LOOKAHEAD` body bytes,
     /// so the header and the start of the body are read in one call.
-    fn pump(&self, max_frames: usize, blocking: bool) -> Result<usize, String> {
+    fn pump(&self, max_frames: usize, blocking: bool) -> Result<usize, ConnError> {
         let mut rx = match self.rx.try_lock() {
             Ok(g) => g,
             Err(std::sync::TryLockError::WouldBlock) => return Ok(0),
@@ -649,27 +721,27 @@ impl Conn {
                 }
             };
             let n = match n {
-                Ok(0) => return Err("peer closed the connection".into()),
+                Ok(0) => return Err(ConnError::Closed),
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && blocking => {
                     return Err(if matches!(rx.stage, Stage::Header) && rx.got == 0 {
-                        "peer silent, no heartbeat".into()
+                        ConnError::Silent
                     } else {
-                        "peer silent in the middle of a frame".into()
+                        ConnError::SilentMidFrame
                     });
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(frames),
-                Err(e) => return Err(format!("receive failed: {e}")),
+                Err(e) => return Err(ConnError::Receive(e)),
             };
             self.last_rx_ns.store(self.now_ns(), Ordering::Relaxed);
             rx.got += n;
             let (next, got) = match &mut rx.stage {
                 Stage::Header if rx.got < rx.hdr.len() => continue,
                 Stage::Header => {
-                    let h = wire::decode_header(&rx.hdr).map_err(|e| self.protocol_error(&e))?;
+                    let h = wire::decode_header(&rx.hdr).map_err(|e| self.protocol_error(e))?;
                     let want = h.prefix_len();
                     if want < LOOKAHEAD {
-                        return Err(format!("{:?} frame after the handshake", h.ty));
+                        return Err(ConnError::FrameAfterHandshake(h.ty));
                     }
                     rx.body[..LOOKAHEAD].copy_from_slice(&rx.hdr[HEADER_LEN..]);
                     if want == LOOKAHEAD {
@@ -685,7 +757,7 @@ impl Conn {
                 Stage::Fixed { h, want } => {
                     let fixed = h
                         .fixed_len(&rx.body[..*want])
-                        .map_err(|e| self.protocol_error(&e))?;
+                        .map_err(|e| self.protocol_error(e))?;
                     if fixed > *want {
                         // A WRITE with segments: the rest of its fixed part.
                         // `fixed` <= MAX_CONTROL_BODY (checked by fixed_len).
@@ -721,13 +793,13 @@ impl Conn {
         }
     }
 
-    fn decode_dispatch(&self, h: &wire::Header, body: &[u8]) -> Result<Stage, String> {
-        let m = wire::decode_body(h, body).map_err(|e| self.protocol_error(&e))?;
+    fn decode_dispatch(&self, h: &wire::Header, body: &[u8]) -> Result<Stage, ConnError> {
+        let m = wire::decode_body(h, body).map_err(|e| self.protocol_error(e))?;
         self.dispatch(m)
     }
 
     /// Handles a decoded frame; returns what to receive next.
-    fn dispatch(&self, msg: Message) -> Result<Stage, String> {
+    fn dispatch(&self, msg: Message) -> Result<Stage, ConnError> {
         Ok(match msg {
             Message::Heartbeat(_) => Stage::Header,
             Message::Write(d) if d.is_inline() => Stage::AwaitBuffer(d),
@@ -782,10 +854,7 @@ impl Conn {
                 Stage::Header
             }
             Message::Hello(_) | Message::Challenge(_) | Message::Auth(_) | Message::Ready => {
-                return Err(format!(
-                    "unexpected {:?} after the handshake",
-                    msg.frame_type()
-                ));
+                return Err(ConnError::HandshakeMessage(msg.frame_type()));
             }
             m => {
                 if let Message::Error(e) = &m {
@@ -798,12 +867,12 @@ impl Conn {
         })
     }
 
-    fn after_payload(&self, then: After) -> Result<(), String> {
+    fn after_payload(&self, then: After) -> Result<(), ConnError> {
         match then {
             After::Ack(a) => {
                 let ack = Message::DataWriteAck(a);
-                self.enqueue(OutItem::frame(&ack).map_err(|e| e.to_string())?, true)
-                    .map_err(|e| e.to_string())
+                self.enqueue(OutItem::frame(&ack).map_err(ConnError::Respond)?, true)
+                    .map_err(ConnError::Respond)
             }
             After::Response(d) => {
                 self.finish_response(d);
@@ -812,31 +881,30 @@ impl Conn {
         }
     }
 
-    fn protocol_error(&self, e: &wire::DecodeError) -> String {
+    /// Tells the peer its frame is malformed (best effort, the connection is
+    /// closed next); returns the reason for `fail`.
+    fn protocol_error(&self, e: wire::DecodeError) -> ConnError {
         let code = if matches!(e, wire::DecodeError::UnsupportedVersion { .. }) {
             ERR_VERSION
         } else {
             ERR_PROTOCOL
         };
-        let text: String = e.to_string().chars().take(wire::MAX_ERROR_TEXT).collect();
-        if let Ok(b) = Message::Error(ErrorMsg { code, text }).to_vec() {
-            let _ = sys::send_vectored(self.sock.as_fd(), &[Chunk::Bytes(&b)], 0, true);
-        }
-        format!("malformed frame: {e}")
+        self.send_error(code, &e);
+        ConnError::Malformed(e)
     }
 
     /// Tells the peer it broke the protocol (best effort, the connection is
     /// closed next); returns the reason for `fail`.
-    fn violation(&self, text: &str) -> String {
-        let text: String = text.chars().take(wire::MAX_ERROR_TEXT).collect();
-        let msg = Message::Error(ErrorMsg {
-            code: ERR_PROTOCOL,
-            text: text.clone(),
-        });
-        if let Ok(b) = msg.to_vec() {
+    fn violation(&self, v: Violation) -> ConnError {
+        self.send_error(ERR_PROTOCOL, &v);
+        ConnError::Violation(v)
+    }
+
+    fn send_error(&self, code: u32, why: &dyn std::fmt::Display) {
+        let text: String = why.to_string().chars().take(wire::MAX_ERROR_TEXT).collect();
+        if let Ok(b) = Message::Error(ErrorMsg { code, text }).to_vec() {
             let _ = sys::send_vectored(self.sock.as_fd(), &[Chunk::Bytes(&b)], 0, true);
         }
-        format!("protocol violation: {text}")
     }
 
     fn denials_summary(&self, n: u64) {
@@ -851,7 +919,7 @@ impl Conn {
         });
     }
 
-    fn serve_read(&self, d: DataReq) -> Result<(), String> {
+    fn serve_read(&self, d: DataReq) -> Result<(), ConnError> {
         let mut item = OutItem {
             parts: Vec::with_capacity(2),
             len: 0,
@@ -868,7 +936,7 @@ impl Conn {
                     len: d.len,
                 };
                 item.push_frame(&Message::DataReadResp(r))
-                    .map_err(|e| e.to_string())?;
+                    .map_err(ConnError::Respond)?;
                 item.push_mem(vec![mem]);
             }
             Err(why) => {
@@ -879,10 +947,10 @@ impl Conn {
                     len: 0,
                 };
                 item.push_frame(&Message::DataReadResp(r))
-                    .map_err(|e| e.to_string())?;
+                    .map_err(ConnError::Respond)?;
             }
         }
-        self.enqueue(item, true).map_err(|e| e.to_string())
+        self.enqueue(item, true).map_err(ConnError::Respond)
     }
 
     /// Validates a response against our operation; for a successful READ
@@ -893,37 +961,33 @@ impl Conn {
     /// the peer's bytes into our source buffer) and answer each segment
     /// once (a repeat must not stand in for a missing segment: that would
     /// complete a torn transfer as Ok). A violation is a protocol error.
-    fn check_response(&self, d: &DataResp, read: bool) -> Result<Option<Vec<IoPtr>>, String> {
+    fn check_response(&self, d: &DataResp, read: bool) -> Result<Option<Vec<IoPtr>>, ConnError> {
         let mut ops = lock(&self.ops);
         let op = ops
             .get(d.op_id)
-            .ok_or_else(|| self.violation(&format!("response for unknown operation {:#x}", d.op_id)))?;
+            .ok_or_else(|| self.violation(Violation::UnknownOperation(d.op_id)))?;
         if op.write == read {
-            return Err(self.violation(&format!(
-                "{} for a one-sided {} (operation {:#x})",
-                if read { "DATA_READ_RESP" } else { "DATA_WRITE_ACK" },
-                if op.write { "WRITE" } else { "READ" },
-                d.op_id
-            )));
+            return Err(self.violation(Violation::WrongDirection {
+                response: if read { "DATA_READ_RESP" } else { "DATA_WRITE_ACK" },
+                operation: if op.write { "WRITE" } else { "READ" },
+                op_id: d.op_id,
+            }));
         }
         let seg = (d.op_id & SEG_MASK) as usize;
         let &(off, len) = op
             .segs
             .get(seg)
-            .ok_or_else(|| self.violation(&format!("response for unknown segment {seg}")))?;
+            .ok_or_else(|| self.violation(Violation::UnknownSegment(seg)))?;
         let bit = 1u128 << seg;
         if op.answered & bit != 0 {
-            return Err(self.violation(&format!(
-                "second response for segment {seg} of operation {:#x}",
-                d.op_id & !SEG_MASK
-            )));
+            return Err(self.violation(Violation::Repeated {
+                seg,
+                op_id: d.op_id & !SEG_MASK,
+            }));
         }
         op.answered |= bit;
         if d.status == Status::Ok && d.len != len {
-            return Err(self.violation(&format!(
-                "response length {} for a {len}-byte segment",
-                d.len
-            )));
+            return Err(self.violation(Violation::Length { got: d.len, want: len }));
         }
         Ok((read && d.status == Status::Ok && len > 0).then(|| op.local.sub(off, len as usize)))
     }
@@ -973,6 +1037,7 @@ impl TcpEndpoint {
         cfg: &Config,
         registry: Arc<Registry>,
     ) -> Result<Self, TransportError> {
+        cfg.validate()?;
         let addr = addr
             .to_socket_addrs()
             .map_err(io("resolve"))?
@@ -1007,7 +1072,9 @@ impl TcpEndpoint {
             cfg.dead_after.as_millis().min(u32::MAX.into()) as u32,
         )
         .map_err(io("setsockopt"))?;
-        let max_inflight = cfg.max_inflight.clamp(1, u32::MAX as usize);
+        // Checked by `connect` and `TcpAcceptor::bind` (`Config::validate`).
+        let max_inflight = cfg.max_inflight;
+        const _: () = assert!(crate::MAX_INFLIGHT_MAX as u64 <= u32::MAX as u64);
         const _: () = assert!(MAX_SEGMENTS as u64 <= SEG_MASK + 1);
         const _: () = assert!(MAX_SEGMENTS <= u128::BITS as usize);
         let notify = sys::EventFd::new().map_err(io("eventfd"))?;
@@ -1030,7 +1097,7 @@ impl TcpEndpoint {
             ops_cv: Condvar::new(),
             dead: AtomicBool::new(false),
             max_inflight,
-            send_queue: cfg.send_queue.max(1),
+            send_queue: cfg.send_queue,
             resp_cap: max_inflight * MAX_SEGMENTS,
             heartbeat: cfg.heartbeat,
             rx: Mutex::new(Rx {
@@ -1041,7 +1108,7 @@ impl TcpEndpoint {
             }),
             inline_pool: InlinePool::new(cfg.inline_budget),
             inbox: Mutex::new(VecDeque::new()),
-            recv_cap: cfg.recv_queue.max(1),
+            recv_cap: cfg.recv_queue,
             epoch: Instant::now(),
             last_app_poll_ns: AtomicU64::new(0),
             last_rx_ns: AtomicU64::new(0),
@@ -1356,7 +1423,7 @@ impl Endpoint for TcpEndpoint {
 impl Drop for TcpEndpoint {
     fn drop(&mut self) {
         // Wakes both threads; they exit on the dead flag.
-        self.conn.fail("endpoint dropped", true);
+        self.conn.fail(&ConnError::Dropped, true);
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -1382,6 +1449,7 @@ impl TcpAcceptor {
         cfg: Config,
         registry: Arc<Registry>,
     ) -> Result<Self, TransportError> {
+        cfg.validate()?;
         Ok(Self {
             listener: Listener::bind(addr, cfg.clone())?,
             cfg,

@@ -228,7 +228,8 @@ fn open_direct(path: &Path, config: &BackingConfig) -> Result<File, Error> {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(open_err)?;
         }
-        let file = OpenOptions::new().write(true).create_new(true).open(path).map_err(open_err)?;
+        // The owner only: the file holds a VM's whole disk.
+        let file = OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(open_err)?;
         file.set_len(config.size_bytes).map_err(|source| Error::Size { path: path.to_owned(), source })?;
         file.sync_all().map_err(open_err)?;
     }

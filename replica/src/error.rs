@@ -37,6 +37,8 @@ pub enum Error {
          (free some or raise /proc/sys/vm/nr_hugepages)"
     )]
     HugepagesExhausted { bytes: usize },
+    #[error("queue depth {depth} is out of range (1 to {max})")]
+    Depth { depth: u32, max: u32 },
     #[error("io_uring setup failed")]
     Uring(#[source] io::Error),
     #[error("backing I/O failed")]

@@ -25,7 +25,8 @@ const BOUNCE_BYTES: usize = crate::HUGEPAGE_SIZE_BYTES;
 
 #[derive(Clone, Copy, Debug)]
 pub struct ShardQueueConfig {
-    /// Most requests outstanding at once; also the io_uring size. Default 256.
+    /// Most requests outstanding at once; also the io_uring size. Default 256; between 1 and
+    /// [`ShardQueue::DEPTH_MAX`].
     pub depth: u32,
 }
 
@@ -59,8 +60,16 @@ struct UringEngine {
 }
 
 impl ShardQueue {
+    /// The deepest queue: it bounds the memory of the queues and the ring (the next power of
+    /// two), and one poller thread gains nothing from more requests in flight on one backing.
+    pub const DEPTH_MAX: u32 = 4096;
+
+    /// Refuses a `depth` of 0 or above [`Self::DEPTH_MAX`].
     pub fn new(backing: Arc<Backing>, config: ShardQueueConfig) -> Result<Self, Error> {
-        let depth = config.depth.clamp(1, 4096);
+        let depth = config.depth;
+        if !(1..=Self::DEPTH_MAX).contains(&depth) {
+            return Err(Error::Depth { depth, max: Self::DEPTH_MAX });
+        }
         let (engine, bounce) = match backing.kind() {
             BackingKind::File | BackingKind::Device => {
                 let fd = backing.raw_fd().ok_or_else(|| {
@@ -176,8 +185,7 @@ impl ShardQueue {
     }
 
     fn complete(&self, user_data: u64, status: IoStatus) {
-        // Cannot fail: see `submit`; a completion only exists for an outstanding request.
-        let _ = self.completions.push(IoCompletion { user_data, status });
+        push_completion(&self.completions, IoCompletion { user_data, status });
     }
 
     fn reap(&mut self) -> usize {
@@ -187,7 +195,9 @@ impl ShardQueue {
         for cqe in ring.completion() {
             let slot = cqe.user_data() as usize;
             let Some(request) = slots.get_mut(slot).and_then(Option::take) else {
-                tracing::error!(slot, "io_uring completion for an empty slot");
+                // No request to complete: whatever the ring answered is not ours.
+                tracing::error!(slot, "shard invariant broken: io_uring completion for an empty slot");
+                debug_assert!(false, "shard invariant broken: io_uring completion for an empty slot {slot}");
                 continue;
             };
             free_slots.push(slot as u32);
@@ -195,8 +205,7 @@ impl ShardQueue {
                 *non_reads_in_flight = non_reads_in_flight.saturating_sub(1);
             }
             let status = status_of(&request, cqe.result());
-            // Cannot fail: see `submit`; a completion only exists for an outstanding request.
-            let _ = self.completions.push(IoCompletion { user_data: request.user_data, status });
+            push_completion(&self.completions, IoCompletion { user_data: request.user_data, status });
             reaped += 1;
         }
         reaped
@@ -225,7 +234,9 @@ impl ShardQueue {
     }
 
     fn ram_io(&self, request: &IoRequest) -> IoStatus {
-        let Some(ram) = self.backing.ram() else { return IoStatus::Unsupported };
+        let Some(ram) = self.backing.ram() else {
+            return broken_invariant("a ram backing without its memory", request);
+        };
         // Range checked by `start`: offset + len <= capacity <= ram.len().
         let offset = request.offset_bytes as usize;
         let len = request.len_bytes as usize;
@@ -249,9 +260,13 @@ impl ShardQueue {
         IoStatus::Ok
     }
 
+    /// `None`: the request is in the ring. Every other outcome is a status, so a request can
+    /// never be lost between the two.
     fn disk_io(&mut self, request: IoRequest) -> Option<IoStatus> {
         let backing = Arc::clone(&self.backing);
-        let fd = backing.raw_fd()?;
+        let Some(fd) = backing.raw_fd() else {
+            return Some(broken_invariant("a file or device backing without a descriptor", &request));
+        };
         let device = backing.kind() == BackingKind::Device;
         if backing.needs_rmw() && !matches!(request.op, Op::Read | Op::Flush) {
             // Every write of such a volume is serialised so that read-modify-write cycles of a
@@ -261,8 +276,10 @@ impl ShardQueue {
         }
         match request.op {
             Op::Read | Op::Write if self.is_direct_aligned(&request) => {
-                let engine = self.engine.as_mut()?;
-                let slot = engine.free_slots.pop()?;
+                let (engine, slot) = match self.engine_slot(&request) {
+                    Ok(found) => found,
+                    Err(status) => return Some(status),
+                };
                 let entry = if request.op == Op::Read {
                     opcode::Readv::new(types::Fixed(0), request.iov, request.iov_count)
                         .offset(request.offset_bytes)
@@ -277,8 +294,10 @@ impl ShardQueue {
             }
             Op::Read | Op::Write => Some(self.sync_io(fd, &request, device)),
             Op::Flush => {
-                let engine = self.engine.as_mut()?;
-                let slot = engine.free_slots.pop()?;
+                let (engine, slot) = match self.engine_slot(&request) {
+                    Ok(found) => found,
+                    Err(status) => return Some(status),
+                };
                 let entry = opcode::Fsync::new(types::Fixed(0))
                     .flags(types::FsyncFlags::DATASYNC)
                     .build();
@@ -290,14 +309,28 @@ impl ShardQueue {
                     Op::WriteZeroes { unmap: false } => libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
                     _ => libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
                 };
-                let engine = self.engine.as_mut()?;
-                let slot = engine.free_slots.pop()?;
+                let (engine, slot) = match self.engine_slot(&request) {
+                    Ok(found) => found,
+                    Err(status) => return Some(status),
+                };
                 let entry = opcode::Fallocate::new(types::Fixed(0), request.len_bytes)
                     .offset(request.offset_bytes)
                     .mode(mode)
                     .build();
                 engine.push(slot, request, entry)
             }
+        }
+    }
+
+    /// The ring and a free slot in it for `request`. Both always exist for a file or device
+    /// backing: `new` makes the ring, and `poll` stops taking requests while no slot is free.
+    fn engine_slot(&mut self, request: &IoRequest) -> Result<(&mut UringEngine, u32), IoStatus> {
+        let Some(engine) = self.engine.as_mut() else {
+            return Err(broken_invariant("a file or device backing without an io_uring", request));
+        };
+        match engine.free_slots.pop() {
+            Some(slot) => Ok((engine, slot)),
+            None => Err(broken_invariant("no free io_uring slot for a request taken off the queue", request)),
         }
     }
 
@@ -445,6 +478,25 @@ impl UringEngine {
         }
         None
     }
+}
+
+/// Cannot fail: the completion queue holds `depth` entries and a completion only exists for
+/// one of the at most `depth` outstanding requests (see `submit`). Were it to fail, the request
+/// would be lost, so that is said loudly.
+fn push_completion(completions: &ArrayQueue<IoCompletion>, completion: IoCompletion) {
+    if completions.push(completion).is_err() {
+        tracing::error!(user_data = completion.user_data, "shard invariant broken: completion queue full; the request is lost");
+        debug_assert!(false, "shard invariant broken: completion queue full");
+    }
+}
+
+/// A bug in this module, reported where nobody can miss it: a panic in debug builds (tests),
+/// and in release an error line and an I/O error for the request, never a request that
+/// silently stays in flight (the guest would wait for it forever).
+fn broken_invariant(what: &str, request: &IoRequest) -> IoStatus {
+    tracing::error!(op = ?request.op, offset = request.offset_bytes, len = request.len_bytes, "shard invariant broken: {what}; the request fails with EIO");
+    debug_assert!(false, "shard invariant broken: {what}");
+    IoStatus::IoError(libc::EIO)
 }
 
 fn status_of(request: &IoRequest, result: i32) -> IoStatus {
@@ -738,6 +790,46 @@ mod tests {
             assert!(queue.submit(r).is_err());
         }
         assert!(queue.is_full());
+    }
+
+    #[test]
+    fn depth_out_of_range_is_refused() {
+        let config = BackingConfig {
+            kind: BackingKind::Null,
+            path: None,
+            size_bytes: 1 << 20,
+            block_size: 512,
+            read_only: false,
+            create: false,
+        };
+        let backing = Arc::new(Backing::open(&config).unwrap());
+        for depth in [0, ShardQueue::DEPTH_MAX + 1, u32::MAX] {
+            let refused = ShardQueue::new(Arc::clone(&backing), ShardQueueConfig { depth });
+            assert!(matches!(refused, Err(Error::Depth { depth: d, max: ShardQueue::DEPTH_MAX }) if d == depth), "depth {depth}");
+        }
+        for depth in [1, ShardQueue::DEPTH_MAX] {
+            let queue = ShardQueue::new(Arc::clone(&backing), ShardQueueConfig { depth }).unwrap();
+            assert_eq!(queue.depth, depth);
+        }
+    }
+
+    /// A request the shard cannot start because its own bookkeeping is wrong (here: no free
+    /// ring slot although one was promised) must end, loudly, never stay in flight.
+    #[test]
+    fn broken_invariant_fails_the_request_instead_of_losing_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let backing = file_backing(&dir, 1 << 20, false);
+        let mut queue = ShardQueue::new(backing, ShardQueueConfig::default()).unwrap();
+        queue.engine.as_mut().unwrap().free_slots.clear();
+        let flush = IoRequest::without_data(42, Op::Flush, 0, 0);
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&mut queue, flush)));
+        if cfg!(debug_assertions) {
+            let panic = outcome.expect_err("a debug build panics on a broken invariant");
+            let text = panic.downcast_ref::<String>().map(String::as_str).unwrap_or_default();
+            assert!(text.contains("no free io_uring slot"), "{text}");
+        } else {
+            assert_eq!(outcome.expect("a release build carries on"), IoStatus::IoError(libc::EIO));
+        }
     }
 
     #[test]

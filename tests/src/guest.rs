@@ -15,6 +15,7 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
@@ -102,20 +103,38 @@ pub fn start_server(dir: &Path, spec: &VolumeSpec) -> Result<Box<dyn Server>> {
     }
 }
 
-/// The `hcblk` binary under test: `HCBLK_BIN`, else the workspace's debug build.
+/// The `hcblk` binary under test: `HCBLK_BIN`, else the workspace's debug build, brought up to
+/// date first (once per test process): a test crate run alone would otherwise test whatever
+/// binary an earlier build left behind, however stale.
 pub fn hcblk_binary() -> Result<PathBuf> {
     if let Some(bin) = std::env::var_os("HCBLK_BIN") {
         return Ok(PathBuf::from(bin));
     }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("target"));
-    let bin = target.join("debug/hcblk");
-    if bin.is_file() {
-        Ok(bin)
-    } else {
-        bail!("{} is missing: build it first with `cargo build -p hcblk` (or set HCBLK_BIN)", bin.display())
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BUILT.get_or_init(|| build_hcblk().map_err(|e| format!("{e:#}"))).clone().map_err(|e| anyhow!(e))
+}
+
+/// `cargo build -p hcblk` (a second or so when nothing changed), and the path cargo reports for
+/// the binary: it honours `CARGO_TARGET_DIR` and any configured target dir.
+fn build_hcblk() -> Result<PathBuf> {
+    // The cargo running the tests, when there is one.
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let out = Command::new(&cargo)
+        .args(["build", "--quiet", "--message-format=json", "-p", "hcblk", "--bin", "hcblk", "--manifest-path"])
+        .arg(repo_root().join("Cargo.toml"))
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot run {} to build hcblk (or set HCBLK_BIN)", Path::new(&cargo).display()))?;
+    if !out.status.success() {
+        bail!("`cargo build -p hcblk` failed ({}):\n{}", out.status, String::from_utf8_lossy(&out.stderr));
     }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    stdout
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "hcblk")
+        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+        .ok_or_else(|| anyhow!("`cargo build -p hcblk` reported no hcblk executable"))
 }
 
 /// The hcblk daemon exporting one file-backed volume, driven through its CLI.
@@ -781,6 +800,28 @@ pub fn quantile(values: &[Duration], q: f64) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn newest_source(dir: &Path) -> std::time::SystemTime {
+        let mut newest = std::time::UNIX_EPOCH;
+        for entry in fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let time = if path.is_dir() { newest_source(&path) } else { fs::metadata(&path).unwrap().modified().unwrap() };
+            newest = newest.max(time);
+        }
+        newest
+    }
+
+    /// Whatever an earlier build left behind, the tests get a binary at least as new as the
+    /// daemon's sources.
+    #[test]
+    fn the_hcblk_binary_is_built_from_the_current_sources() {
+        let bin = build_hcblk().unwrap();
+        let built = fs::metadata(&bin).unwrap_or_else(|e| panic!("{}: {e}", bin.display())).modified().unwrap();
+        let sources = newest_source(&repo_root().join("backend/src"));
+        assert!(built >= sources, "{} is older than backend/src", bin.display());
+        let version = Command::new(&bin).arg("--help").output().unwrap();
+        assert!(version.status.success(), "{} --help: {version:?}", bin.display());
+    }
 
     #[test]
     fn stall_lines_are_found_after_escape_codes_and_noise() {

@@ -16,8 +16,8 @@
 //!   volume is force-attached elsewhere: the old owner acknowledges nothing the new one does
 //!   not have, its writes after the takeover never land, and it comes back as a replica.
 //!
-//! Needs root, iproute2, nftables, etcd, hugepages and the `hcblk` binary with cluster mode
-//! (`cargo build -p hcblk`, or `HCBLK_BIN`). Each takes 20–90 s on 2 cores.
+//! Needs root, iproute2, nftables, etcd and hugepages; the `hcblk` binary is built by the
+//! fixture (`cargo build -p hcblk`) unless `HCBLK_BIN` names one. Each takes 20–90 s on 2 cores.
 //!
 //! Run: `cargo test -p hcblk-tests --test replication_io -- --nocapture`
 //!

@@ -4,8 +4,8 @@
 //! and the hostile peer against `hcblk-wire-peer` (the wire protocol's test replica).
 //!
 //! Needs root, iproute2, nftables, etcd (Debian `etcd-server`, `etcd-client`), hugepages
-//! (reserved by the fixture) and the `hcblk` binary: `cargo build -p hcblk` first (or
-//! `HCBLK_BIN`). About a minute in all.
+//! (reserved by the fixture); the `hcblk` binary is brought up to date by the fixture
+//! (`cargo build -p hcblk`) unless `HCBLK_BIN` names one. About a minute in all.
 //!
 //! Run: `cargo test -p hcblk-tests --test replication_tooling -- --nocapture`
 

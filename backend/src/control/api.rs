@@ -210,6 +210,11 @@ pub struct VolumeInfo {
     pub socket: Option<PathBuf>,
     /// Whether a frontend is connected right now (to the answering node's export).
     pub connected: bool,
+    /// Guest requests the answering node's export refused since it started serving the volume
+    /// (malformed descriptor chains, sectors out of range, unsupported request types, writes
+    /// to a read-only volume); 0 where it is not exported. Their log lines are rate-limited.
+    #[serde(default)]
+    pub rejected_requests: u64,
     pub replicas: u8,
     pub min_replicas: u8,
     pub extent_bytes: u64,
@@ -223,7 +228,7 @@ pub struct VolumeInfo {
 }
 
 impl VolumeInfo {
-    pub fn new(record: &VolumeRecord, socket: PathBuf, connected: bool) -> Self {
+    pub fn new(record: &VolumeRecord, socket: PathBuf, connected: bool, rejected_requests: u64) -> Self {
         Self {
             name: record.name.clone(),
             size_bytes: record.size_bytes,
@@ -237,6 +242,7 @@ impl VolumeInfo {
             created_unix_s: record.created_unix_s,
             socket: Some(socket),
             connected,
+            rejected_requests,
             replicas: record.replicas,
             min_replicas: record.min_replicas,
             extent_bytes: record.extent_bytes,
@@ -341,6 +347,9 @@ pub struct ClusterSync {
     pub sync: PublishedSync,
 }
 
+// One response per API call, built, sent and dropped: boxing the large variant would save
+// nothing but add an allocation and a Box at every construction site.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "status", rename_all = "snake_case")]
 pub enum Response {

@@ -40,6 +40,8 @@ pub trait AttachedVolume {
     /// first) and tells a connected guest.
     fn resize(&self, new_size_bytes: u64) -> Result<(), crate::Error>;
     fn is_connected(&self) -> bool;
+    /// Guest requests the export refused since the attach.
+    fn rejected_requests(&self) -> u64;
     fn status(&self) -> OwnerStatus;
     /// Stops the export (its requests in flight finish first), then releases the volume in
     /// etcd (owner none). A volume that another node took over meanwhile has nothing to
@@ -172,6 +174,10 @@ impl<H: ExportHandle> AttachedVolume for ReplicatedHandle<H> {
 
     fn is_connected(&self) -> bool {
         self.export.is_connected()
+    }
+
+    fn rejected_requests(&self) -> u64 {
+        self.export.rejected_requests()
     }
 
     fn status(&self) -> OwnerStatus {

@@ -523,6 +523,7 @@ fn print_info(out: &mut impl Write, v: &VolumeInfo) -> io::Result<()> {
     writeln!(out, "serial: {}", v.serial)?;
     writeln!(out, "socket: {}", socket_text(v))?;
     writeln!(out, "connected: {}", v.connected)?;
+    writeln!(out, "rejected_requests: {}", v.rejected_requests)?;
     writeln!(out, "created: {}", format_rfc3339(v.created_unix_s))?;
     writeln!(out, "replicas: {}", v.replicas)?;
     writeln!(out, "min_replicas: {}", v.min_replicas)?;
@@ -889,6 +890,7 @@ mod tests {
             created_unix_s: 0,
             socket: Some("/run/hcblk/vm1.sock".into()),
             connected: false,
+            rejected_requests: 7,
             replicas: 1,
             min_replicas: 1,
             extent_bytes: 1 << 30,
@@ -931,7 +933,7 @@ mod tests {
         let info = render(Request::Info { name: "vm1".into() }, Response::Volume { volume: volume.clone() });
         assert!(info.contains("\nsize: 10737418240\n") && info.contains("\nsocket: /run/hcblk/vm1.sock\n"), "{info}");
         assert!(info.contains("\nbacking: file\n") && info.contains("\npath: /d/volumes/vm1.img\n"), "{info}");
-        for line in ["replicas: 1", "min_replicas: 1", "extent_size: 1G", "generation: 3", "epoch: 1"] {
+        for line in ["replicas: 1", "min_replicas: 1", "extent_size: 1G", "generation: 3", "epoch: 1", "rejected_requests: 7"] {
             assert!(info.contains(&format!("\n{line}\n")), "{line}: {info}");
         }
         assert!(!info.contains("owner"), "{info}");

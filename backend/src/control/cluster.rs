@@ -335,6 +335,7 @@ impl<A: Attacher> ClusterVolumes<A> {
             created_unix_s: meta.created_unix_s,
             socket: attached.map(|a| a.socket.clone()),
             connected: attached.is_some_and(|a| a.handle.is_connected()),
+            rejected_requests: attached.map_or(0, |a| a.handle.rejected_requests()),
             replicas: meta.replicas,
             min_replicas: meta.min_replicas,
             extent_bytes: meta.extent_bytes,

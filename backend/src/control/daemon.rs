@@ -23,7 +23,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -45,7 +45,7 @@ use super::Error;
 use crate::cluster::{keys, Etcd, EtcdConfig, EtcdMeta, MetaStore, NodeRegistration, RegistrationConfig, RegistrationError};
 use crate::member::{MemberConfig, Members};
 use crate::replicated::LeaseClock;
-use crate::PollConfig;
+use crate::{permissions, PollConfig};
 
 /// The environment variable a cluster secret may come from (instead of a file), so that it
 /// never shows on a command line.
@@ -232,10 +232,12 @@ pub fn run(config: DaemonConfig) -> Result<(), Error> {
         Some(options) => Some((options, connect_cluster(options)?)),
         None => None,
     };
-    for dir in [&config.data_dir, &config.socket_dir] {
-        fs::create_dir_all(dir).map_err(Error::io(format!("create directory {}", dir.display())))?;
-    }
-    let _lock = lock_data_dir(&config.data_dir)?;
+    let data_dir = &config.data_dir;
+    permissions::create_dir(data_dir).map_err(Error::io(format!("create directory {}", data_dir.display())))?;
+    fs::create_dir_all(&config.socket_dir).map_err(Error::io(format!("create directory {}", config.socket_dir.display())))?;
+    let _lock = lock_data_dir(data_dir)?;
+    // Under the lock: no other daemon is writing these files.
+    permissions::tighten_data_dir(data_dir).map_err(Error::io(format!("restrict access to {}", data_dir.display())))?;
     let listener = bind_api_socket(&config.api_socket)?;
     let result = match cluster {
         None => serve_standalone(&config, listener),
@@ -597,6 +599,7 @@ fn lock_data_dir(dir: &Path) -> Result<File, Error> {
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(permissions::FILE_MODE)
         .open(&path)
         .map_err(Error::io(format!("open {}", path.display())))?;
     // SAFETY: flock only reads its integer arguments; the fd is open, owned by `file`, which

@@ -20,6 +20,8 @@ pub trait ExportHandle {
     /// Grows the backing and tells a connected frontend.
     fn resize(&self, new_size_bytes: u64) -> Result<(), crate::Error>;
     fn is_connected(&self) -> bool;
+    /// Guest requests refused since the export started.
+    fn rejected_requests(&self) -> u64;
     /// Stops serving, waits for in-flight requests and removes the socket.
     fn stop(self);
 }
@@ -41,6 +43,9 @@ impl<V: Volume> ExportHandle for Export<V> {
     }
     fn is_connected(&self) -> bool {
         Export::is_connected(self)
+    }
+    fn rejected_requests(&self) -> u64 {
+        Export::rejected_requests(self)
     }
     fn stop(self) {
         Export::stop(self);
@@ -111,6 +116,10 @@ pub(crate) mod fake {
         }
         fn is_connected(&self) -> bool {
             self.connected.load(Ordering::Relaxed)
+        }
+        fn rejected_requests(&self) -> u64 {
+            // No guest ever reaches a fake export.
+            0
         }
         fn stop(self) {
             let _ = std::fs::remove_file(&self.path);

@@ -33,6 +33,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use replica::BackingKind;
@@ -299,7 +300,7 @@ impl Store {
     /// Opens (creating) the directory and loads every record, removing interrupted writes.
     /// Any record that cannot be read or validated is an error naming its file.
     pub fn open(dir: &Path) -> Result<(Self, Loaded), Error> {
-        fs::create_dir_all(dir).map_err(Error::io(format!("create directory {}", dir.display())))?;
+        crate::permissions::create_dir(dir).map_err(Error::io(format!("create directory {}", dir.display())))?;
         let store = Self {
             dir: dir.to_owned(),
             #[cfg(test)]
@@ -359,7 +360,12 @@ impl Store {
             if self.fail_save.swap(false, std::sync::atomic::Ordering::Relaxed) {
                 return Err(io::Error::from_raw_os_error(libc::EIO));
             }
-            let mut file = OpenOptions::new().write(true).create(true).truncate(true).open(&temp)?;
+            let mut file = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(crate::permissions::FILE_MODE)
+                .open(&temp)?;
             file.write_all(&bytes)?;
             file.sync_all()
         };

@@ -82,7 +82,12 @@ impl<E: Exporter<Backing>> Volumes<E> {
     }
 
     fn info(&self, live: &Live<E::Handle>) -> VolumeInfo {
-        VolumeInfo::new(&live.record, self.socket_path(&live.record.name), live.export.is_connected())
+        VolumeInfo::new(
+            &live.record,
+            self.socket_path(&live.record.name),
+            live.export.is_connected(),
+            live.export.rejected_requests(),
+        )
     }
 
     pub fn list(&self) -> Vec<VolumeInfo> {

@@ -16,6 +16,7 @@ use replication::{Reply, Request};
 use super::{Core, Inbox, Members};
 
 const DISK_DEPTH: u32 = 512;
+const _: () = assert!(DISK_DEPTH >= 1 && DISK_DEPTH <= ShardQueue::DEPTH_MAX);
 
 struct LocalOp {
     /// Where the data comes from (writes) or goes to (reads): guest memory or an owner's copy
@@ -173,7 +174,14 @@ impl LocalMember {
                 }
             }
         }
-        let Some(o) = self.ops.get_mut(&op) else { return Ok(()) };
+        let Some(o) = self.ops.get_mut(&op) else {
+            // The state machine waits for this disk result: without one the guest request
+            // behind it would never complete.
+            tracing::error!(op, "local member invariant broken: disk action for an unknown operation; it fails");
+            debug_assert!(false, "local member invariant broken: disk action for unknown operation {op}");
+            self.core.call(|r| r.on_disk(op, DiskResult::IoError));
+            return Ok(());
+        };
         let data = matches!(kind, Op::Read | Op::Write);
         let request = IoRequest {
             user_data: op,

@@ -31,6 +31,7 @@ use super::{Core, Inbox, MemberConfig, MemberError, REMOTE_ORIGIN};
 const CHUNK_BYTES: usize = 64 << 10;
 /// Requests one volume's disk queue takes at once.
 const DISK_DEPTH: u32 = 256;
+const _: () = assert!(DISK_DEPTH >= 1 && DISK_DEPTH <= ShardQueue::DEPTH_MAX);
 /// Spin this long after the last work before sleeping on the sockets.
 /// The longest sleep: the service has no timers of its own; this only bounds how long a
 /// missed wake-up could stall it.

@@ -27,7 +27,7 @@ use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -62,7 +62,7 @@ impl Store {
     /// Opens (creating) the directory and loads every replica state record in it.
     pub fn open(data_dir: &Path) -> Result<(Self, Vec<PersistedVolume>), MemberError> {
         let dir = data_dir.join("replicas");
-        fs::create_dir_all(&dir).map_err(io_err(format!("create {}", dir.display())))?;
+        crate::permissions::create_dir(&dir).map_err(io_err(format!("create {}", dir.display())))?;
         let mut volumes = BTreeMap::new();
         let mut loaded = Vec::new();
         let entries = fs::read_dir(&dir).map_err(io_err(format!("list {}", dir.display())))?;
@@ -123,6 +123,7 @@ impl Store {
                     .write(true)
                     .create(true)
                     .truncate(false)
+                    .mode(crate::permissions::FILE_MODE)
                     .open(&path)
                     .map_err(io_err(format!("create {}", path.display())))?;
                 sync_dir(&self.dir).map_err(io_err(format!("sync {}", self.dir.display())))?;

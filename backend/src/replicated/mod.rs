@@ -468,9 +468,12 @@ impl Volume for ReplicatedVolume {
     }
 
     fn new_queue(self: &Arc<Self>, depth: u32) -> Result<ReplicatedQueue, Error> {
+        if depth == 0 {
+            return Err(Error::Config("a replicated volume queue of depth 0 could take no request".into()));
+        }
         let id = self.shared.next_queue.fetch_add(1, Ordering::Relaxed);
         self.shared.live_queues.fetch_add(1, Ordering::AcqRel);
-        Ok(ReplicatedQueue { shared: Arc::clone(&self.shared), id, depth: depth.max(1), outstanding: 0 })
+        Ok(ReplicatedQueue { shared: Arc::clone(&self.shared), id, depth, outstanding: 0 })
     }
 
     /// Waits (bounded) until the owner has read the grown document from etcd: the control

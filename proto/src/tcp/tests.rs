@@ -1070,3 +1070,40 @@ fn poll_fd_wakes_a_sleeping_caller_and_goes_quiet_when_drained() {
     assert!(readable(fd, 5000), "a failed connection must wake the caller");
     assert!(server.poll_recv().is_err());
 }
+
+/// A setting out of range is refused before any socket is touched, never
+/// quietly replaced by one the transport prefers.
+#[test]
+fn out_of_range_settings_are_refused() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    for (field, set, value) in [
+        ("max_inflight", (|c: &mut Config, v| c.max_inflight = v) as fn(&mut Config, usize), 0),
+        ("max_inflight", |c, v| c.max_inflight = v, crate::MAX_INFLIGHT_MAX + 1),
+        ("send_queue", |c, v| c.send_queue = v, 0),
+        ("send_queue", |c, v| c.send_queue = v, crate::QUEUE_MAX + 1),
+        ("recv_queue", |c, v| c.recv_queue = v, 0),
+        ("recv_queue", |c, v| c.recv_queue = v, usize::MAX),
+    ] {
+        let mut bad = cfg(1);
+        set(&mut bad, value);
+        let refused = |r: Result<(), TransportError>| {
+            matches!(r, Err(TransportError::Config { field: f, value: v, .. }) if f == field && v == value)
+        };
+        assert!(refused(TcpAcceptor::bind("127.0.0.1:0", bad.clone(), Arc::new(Registry::new())).map(drop)), "bind {field} {value}");
+        assert!(refused(TcpEndpoint::connect(addr, &bad, Arc::new(Registry::new())).map(drop)), "connect {field} {value}");
+        assert!(refused(crate::loopback::pair(&bad, &cfg(2)).map(drop)), "loopback {field} {value}");
+        let message = bad.validate().unwrap_err().to_string();
+        assert!(message.contains(field) && message.contains(&value.to_string()), "{message}");
+    }
+    // Nothing connected to the listener: connect refused the setting before the socket.
+    listener.set_nonblocking(true).unwrap();
+    assert!(listener.accept().is_err());
+    // The limits themselves are allowed.
+    let mut edge = cfg(1);
+    edge.max_inflight = crate::MAX_INFLIGHT_MAX;
+    edge.send_queue = 1;
+    edge.recv_queue = crate::QUEUE_MAX;
+    edge.validate().unwrap();
+    crate::loopback::pair(&edge, &cfg(2)).unwrap();
+}
