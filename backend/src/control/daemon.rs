@@ -265,7 +265,7 @@ fn serve_standalone(config: &DaemonConfig, listener: UnixListener, notifier: Opt
     inbox.accept(listener)?;
     // Scripts and tests wait for this exact line, so it does not depend on RUST_LOG.
     eprintln!("hcblk daemon ready api={}", config.api_socket.display());
-    notify_ready(notifier, &format!("serving {restored} volumes restored at start"));
+    notify_ready(notifier, &format!("ready; volumes restored: {restored}"));
     serve(&mut volumes, &inbox);
     notify_stopping(notifier);
     signals.close();
@@ -409,7 +409,7 @@ fn serve_cluster(
     tracing::info!(attached, "volumes owned by this node attached");
     inbox.accept(listener)?;
     eprintln!("hcblk daemon ready api={} node={node}", config.api_socket.display());
-    notify_ready(notifier, &format!("serving as node {node}, {attached} volumes attached at start"));
+    notify_ready(notifier, &format!("ready as node {node}; volumes attached: {attached}"));
 
     serve(&mut volumes, &inbox);
     notify_stopping(notifier);
