@@ -378,3 +378,46 @@ fn the_tmpfiles_entry_makes_the_socket_dir_for_the_units_socket_group() {
     assert!(dir.is_dir());
     assert_eq!((dir.uid(), dir.gid(), dir.mode() & 0o7777), (0, 64055, 0o750), "group {group}");
 }
+
+/// The value of `NAME=VALUE` among run-guest.sh's option defaults (`socket= mode=... smp=2 ...`).
+fn run_guest_default(script: &str, name: &str) -> String {
+    let defaults = script.lines().find(|l| l.starts_with("socket= mode=")).expect("run-guest.sh's defaults line");
+    let prefix = format!("{name}=");
+    defaults
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(prefix.as_str()))
+        .unwrap_or_else(|| panic!("no {name} default in {defaults:?}"))
+        .to_owned()
+}
+
+#[test]
+fn the_libvirt_domain_of_the_test_guest_is_well_formed_and_is_run_guests_machine() {
+    let path = Path::new(REPO).join("qemu/hcblk-guest.xml");
+    let found = std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join("xmllint").is_file()));
+    assert!(found, "xmllint not found: install Debian's libxml2-utils package (scripts/install-deps.sh does)");
+    let out = Command::new("xmllint").arg("--noout").arg(&path).output().expect("run xmllint");
+    assert!(out.status.success(), "{} is not well-formed XML: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+
+    let xml = std::fs::read_to_string(&path).unwrap();
+    let script = std::fs::read_to_string(Path::new(REPO).join("qemu/run-guest.sh")).unwrap();
+    let append = script
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("append=\""))
+        .and_then(|a| a.strip_suffix("$mode\""))
+        .expect("run-guest.sh's kernel command line");
+    let mode = run_guest_default(&script, "mode");
+    for (what, expected) in [
+        ("memory", format!("<memory unit='MiB'>{}</memory>", run_guest_default(&script, "mem_mb"))),
+        ("vCPUs", format!("<vcpu>{}</vcpu>", run_guest_default(&script, "smp"))),
+        ("queues", format!("<driver name='qemu' type='raw' queues='{}'/>", run_guest_default(&script, "queues"))),
+        ("machine", "machine='q35'".to_owned()),
+        ("shared memfd RAM", "<source type='memfd'/>\n    <access mode='shared'/>".to_owned()),
+        ("kernel command line", format!("<cmdline>{append}{mode} ")),
+        ("ACPI (Debian 12's libvirt 9.0 with QEMU 10)", "<features>\n    <acpi/>\n  </features>".to_owned()),
+        ("the volume socket", "<source type='unix' path='/run/hcblk/vol0.sock'>".to_owned()),
+    ] {
+        assert!(xml.contains(&expected), "{}: no {what} as run-guest.sh has it: {expected:?}", path.display());
+    }
+    assert!(script.contains("-machine q35 -cpu max"), "run-guest.sh's machine changed; update the domain XML");
+}

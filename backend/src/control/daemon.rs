@@ -240,8 +240,9 @@ pub fn run(config: DaemonConfig) -> Result<(), Error> {
         Some(options) => Some((options, connect_cluster(options)?)),
         None => None,
     };
-    fs::create_dir_all(&config.data_dir).map_err(Error::io(format!("create directory {}", config.data_dir.display())))?;
+    // The socket dir first: refusing it must leave nothing created.
     prepare_socket_dir(&config)?;
+    fs::create_dir_all(&config.data_dir).map_err(Error::io(format!("create directory {}", config.data_dir.display())))?;
     let _lock = lock_data_dir(&config.data_dir)?;
     let listener = bind_api_socket(&config.api_socket)?;
     let notifier = notifier.as_ref();
