@@ -37,6 +37,9 @@ PACKAGES=(
     iproute2 nftables iptables etcd-server etcd-client
     # benchmark chart
     python3-matplotlib
+    # packaging/ checks: systemd-analyze verify of the unit, systemd-tmpfiles of the entry (both
+    # work offline, with or without systemd as PID 1); xmllint for the libvirt domain XML
+    systemd libxml2-utils
 )
 missing=()
 for p in "${PACKAGES[@]}"; do

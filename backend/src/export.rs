@@ -8,13 +8,16 @@
 //! warning, instead of leaving the volume unreachable for the next frontend. A file someone
 //! else is listening on is left alone (and reported).
 //!
+//! Every bind gives the file the export's [`SocketAccess`] (group and mode), so that a
+//! re-bound file lets in the same frontends as the first one.
+//!
 //! Stopping never depends on the file: it signals the eventfd (and shuts the socket of a
 //! connected frontend down), and waits for the serving thread at most [`STOP_TIMEOUT`].
 
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -28,6 +31,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::device::{BlkDevice, DeviceConfig};
 use crate::request::ID_BYTES;
+use crate::socket::{self, SocketAccess};
 use crate::volume::{GuestMem, Volume};
 use crate::{Error, PollConfig, Rejections};
 
@@ -97,6 +101,8 @@ struct ExportShared<V: Volume> {
     shutdown: Mutex<Option<ShutdownHandle>>,
     /// Wakes the serving thread out of its wait for a frontend.
     stop_event: EventFd,
+    /// Group and mode of the socket file, at every bind.
+    access: SocketAccess,
     /// (device, inode) of the socket file the export bound last: only that file is removed
     /// at stop, never one another process bound at the same path.
     bound: Mutex<Option<(u64, u64)>>,
@@ -115,8 +121,8 @@ fn file_id(path: &Path) -> Option<(u64, u64)> {
     std::fs::symlink_metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
-fn bind(path: &Path) -> io::Result<Bound> {
-    let listener = UnixListener::bind(path)?;
+fn bind(path: &Path, access: &SocketAccess) -> io::Result<Bound> {
+    let listener = socket::bind_listener(path, access)?;
     let id = file_id(path);
     // From a UnixListener, vhost's Listener does not remove the file when dropped: the export
     // decides (only its own file, at stop).
@@ -138,9 +144,15 @@ fn chain(error: &dyn std::error::Error) -> String {
 }
 
 impl<V: Volume> Export<V> {
-    /// Binds the socket (refusing one that another process is listening on) and starts serving
-    /// frontends on it, one at a time, until stopped.
+    /// [`Export::start_with_access`] with the default [`SocketAccess`]: the file is the
+    /// daemon's user's only.
     pub fn start(config: ExportConfig, volume: Arc<V>) -> Result<Self, Error> {
+        Self::start_with_access(config, volume, SocketAccess::default())
+    }
+
+    /// Binds the socket (refusing one that another process is listening on), its file with
+    /// `access`, and starts serving frontends on it, one at a time, until stopped.
+    pub fn start_with_access(config: ExportConfig, volume: Arc<V>, access: SocketAccess) -> Result<Self, Error> {
         let path = config.socket_path.clone();
         if path.exists() {
             if UnixStream::connect(&path).is_ok() {
@@ -152,7 +164,7 @@ impl<V: Volume> Export<V> {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(|source| Error::Listen { path: path.clone(), source })?;
         }
-        let bound = bind(&path).map_err(|source| Error::Listen { path: path.clone(), source })?;
+        let bound = bind(&path, &access).map_err(|source| Error::Listen { path: path.clone(), source })?;
         let stop_event = EventFd::new(EFD_NONBLOCK).map_err(Error::Daemon)?;
         let shared = Arc::new(ExportShared {
             config,
@@ -162,6 +174,7 @@ impl<V: Volume> Export<V> {
             device: Mutex::new(None),
             shutdown: Mutex::new(None),
             stop_event,
+            access,
             bound: Mutex::new(bound.id),
             rejections: Arc::new(Rejections::default()),
         });
@@ -394,7 +407,7 @@ impl<V: Volume> ExportShared<V> {
                 return;
             }
         }
-        let new = match bind(path) {
+        let new = match bind(path, &self.access) {
             Ok(new) => new,
             Err(e) => {
                 report(format!("the socket file is gone and cannot be bound again: {e}"), true);

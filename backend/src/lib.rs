@@ -30,9 +30,11 @@ pub mod permissions;
 mod poller;
 pub mod replicated;
 pub mod request;
+pub mod socket;
 pub mod volume;
 
 pub use error::Error;
 pub use export::{Export, ExportConfig};
 pub use poller::{PollConfig, PollMode, Rejections};
+pub use socket::SocketAccess;
 pub use volume::{GuestMem, Volume, VolumeQueue};

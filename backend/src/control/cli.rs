@@ -18,7 +18,7 @@ use super::units::{
     parse_duration, parse_rate, parse_size,
 };
 use super::Error;
-use crate::{PollConfig, PollMode};
+use crate::{socket, PollConfig, PollMode, SocketAccess};
 
 #[derive(Debug, Parser)]
 #[command(name = "hcblk", version, about = "hcblk: vhost-user-blk volumes for QEMU guests")]
@@ -33,7 +33,8 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the node daemon in the foreground until SIGINT/SIGTERM.
-    Daemon(DaemonArgs),
+    // Boxed: the daemon's flags outweigh every other verb's several times.
+    Daemon(Box<DaemonArgs>),
     /// Manage volumes through the daemon.
     #[command(subcommand)]
     Volume(VolumeCommand),
@@ -53,6 +54,14 @@ pub struct DaemonArgs {
     /// One vhost-user socket per volume, DIR/NAME.sock.
     #[arg(long, default_value = "/run/hcblk")]
     pub socket_dir: PathBuf,
+    /// Group of every volume socket, e.g. libvirt-qemu so that libvirt's QEMU may connect
+    /// [default: the daemon's group].
+    #[arg(long)]
+    pub socket_group: Option<String>,
+    /// Mode of every volume socket, octal; connecting needs write permission
+    /// [default: 0600, 0660 with --socket-group].
+    #[arg(long)]
+    pub socket_mode: Option<String>,
     /// always, adaptive or never.
     #[arg(long, default_value = "adaptive")]
     pub poll: String,
@@ -238,16 +247,61 @@ impl TryFrom<(DaemonArgs, PathBuf)> for DaemonConfig {
                 cpus
             }
         };
+        let socket_access = socket_access(args.socket_group.as_deref(), args.socket_mode.as_deref())?;
         let absolute = |p: &PathBuf| std::path::absolute(p).map_err(Error::io(format!("resolve {}", p.display())));
         Ok(Self {
             data_dir: absolute(&args.data_dir)?,
             socket_dir: absolute(&args.socket_dir)?,
+            socket_access,
+            socket_group: args.socket_group,
             api_socket: absolute(&api_socket)?,
             poll: PollConfig { mode, idle: Duration::from_micros(args.poll_idle_us), cpus },
             hugepages_mb: args.hugepages_mb,
             cluster,
         })
     }
+}
+
+/// `--socket-group` and `--socket-mode`, validated. Refused: a group that does not exist, a
+/// mode that is not octal permission bits, one that lets every local user connect (and so
+/// read and write every VM's disk), and, with a group, one that does not let the group connect.
+fn socket_access(group: Option<&str>, mode: Option<&str>) -> Result<SocketAccess, Error> {
+    let gid = match group {
+        None => None,
+        Some(name) => {
+            let gid = socket::group_id(name).map_err(Error::io(format!("look up --socket-group {name}")))?;
+            Some(gid.ok_or_else(|| Error::Invalid(format!("--socket-group {name}: no such group")))?)
+        }
+    };
+    let mode = match mode {
+        None if gid.is_some() => socket::MODE_GROUP_DEFAULT,
+        None => socket::MODE_DEFAULT,
+        Some(text) => {
+            let digits = text.strip_prefix("0o").unwrap_or(text);
+            let mode = (!digits.is_empty() && digits.len() <= 4 && digits.bytes().all(|b| (b'0'..=b'7').contains(&b)))
+                .then(|| u32::from_str_radix(digits, 8).ok())
+                .flatten()
+                .filter(|&m| m <= 0o777)
+                .ok_or_else(|| {
+                    Error::Invalid(format!(
+                        "--socket-mode {text:?}: expected octal permission bits from 0000 to 0777, e.g. 0660"
+                    ))
+                })?;
+            if mode & 0o002 != 0 {
+                return Err(Error::Invalid(format!(
+                    "--socket-mode {text}: lets every local user connect, as the VM, to its disk (o+w); \
+                     give the sockets a group instead (--socket-group)"
+                )));
+            }
+            if gid.is_some() && mode & 0o020 == 0 {
+                return Err(Error::Invalid(format!(
+                    "--socket-mode {text}: --socket-group could not connect (connecting needs write permission, g+w)"
+                )));
+            }
+            mode
+        }
+    };
+    Ok(SocketAccess { gid, mode })
 }
 
 /// The cluster flags, validated; `None` without `--etcd` (standalone), where every other
@@ -413,7 +467,7 @@ impl TryFrom<CreateArgs> for CreateRequest {
 
 pub fn run(cli: Cli) -> Result<(), Error> {
     let (request, json) = match cli.command {
-        Command::Daemon(args) => return daemon::run(DaemonConfig::try_from((args, cli.api_socket))?),
+        Command::Daemon(args) => return daemon::run(DaemonConfig::try_from((*args, cli.api_socket))?),
         Command::Volume(command) => volume_request(command)?,
         Command::Node(NodeCommand::List { json }) => (Request::NodeList {}, json),
         Command::Cluster(ClusterCommand::Status { json }) => (Request::ClusterStatus {}, json),
@@ -765,7 +819,7 @@ mod tests {
         let mut args = vec!["--api-socket", "/tmp/x/api.sock", "daemon", "--data-dir", "rel/data"];
         args.extend_from_slice(extra);
         let Command::Daemon(d) = parse(&args).command else { panic!() };
-        d
+        *d
     }
 
     #[test]
@@ -785,6 +839,33 @@ mod tests {
             &["--cpus", "x"],
         ] {
             assert!(config(bad).is_err(), "{bad:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn socket_group_and_mode() {
+        let config = |extra: &[&str]| DaemonConfig::try_from((daemon_args(extra), PathBuf::from("/tmp/x/api.sock")));
+        let access = |extra: &[&str]| config(extra).map(|c| c.socket_access);
+        assert_eq!(access(&[]).unwrap(), SocketAccess { gid: None, mode: 0o600 });
+        // Group 0 is root on every Debian system (base-passwd).
+        let root = access(&["--socket-group", "root"]).unwrap();
+        assert_eq!(root, SocketAccess { gid: Some(0), mode: 0o660 });
+        assert_eq!(config(&["--socket-group", "root"]).unwrap().socket_group.as_deref(), Some("root"));
+        assert_eq!(access(&["--socket-group", "root", "--socket-mode", "0670"]).unwrap().mode, 0o670);
+        assert_eq!(access(&["--socket-mode", "640"]).unwrap(), SocketAccess { gid: None, mode: 0o640 });
+        assert_eq!(access(&["--socket-mode", "0o600"]).unwrap().mode, 0o600);
+        for (bad, says) in [
+            (&["--socket-group", "no-such-group-hcblk"][..], "--socket-group no-such-group-hcblk: no such group"),
+            (&["--socket-mode", "0668"], "expected octal permission bits"),
+            (&["--socket-mode", "rw-rw----"], "expected octal permission bits"),
+            (&["--socket-mode", ""], "expected octal permission bits"),
+            (&["--socket-mode", "4660"], "expected octal permission bits"),
+            (&["--socket-mode", "00660"], "expected octal permission bits"),
+            (&["--socket-mode", "0666"], "lets every local user connect"),
+            (&["--socket-group", "root", "--socket-mode", "0640"], "needs write permission, g+w"),
+        ] {
+            let err = config(bad).unwrap_err().to_string();
+            assert!(err.contains(says), "{bad:?}: {err}");
         }
     }
 

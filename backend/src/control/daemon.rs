@@ -23,7 +23,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -40,12 +40,14 @@ use super::attach::{OwnerSettings, ReplicatedAttacher};
 use super::cluster::{random_nonzero_u64, ClusterConfig, ClusterVolumes, TICK};
 use super::exporter::{Exporter, VhostUser};
 use super::housekeeping::{node_value, Housekeeping};
+use super::notify::Notifier;
 use super::volumes::{Volumes, NEEDS_CLUSTER};
 use super::Error;
 use crate::cluster::{keys, Etcd, EtcdConfig, EtcdMeta, MetaStore, NodeRegistration, RegistrationConfig, RegistrationError};
 use crate::member::{MemberConfig, Members};
 use crate::replicated::LeaseClock;
-use crate::{permissions, PollConfig};
+use crate::socket::group_can_traverse;
+use crate::{permissions, PollConfig, SocketAccess};
 
 /// The environment variable a cluster secret may come from (instead of a file), so that it
 /// never shows on a command line.
@@ -59,6 +61,11 @@ pub struct DaemonConfig {
     pub data_dir: PathBuf,
     /// One vhost-user socket per volume, `SOCKET_DIR/NAME.sock`. Default /run/hcblk.
     pub socket_dir: PathBuf,
+    /// Group and mode of every volume socket (`--socket-group`, `--socket-mode`). Default:
+    /// the daemon's group, 0600 (0660 with a group).
+    pub socket_access: SocketAccess,
+    /// `--socket-group` as given, for messages. Default none.
+    pub socket_group: Option<String>,
     /// The local API. Default /run/hcblk/api.sock.
     pub api_socket: PathBuf,
     /// Default: adaptive, 1000 us idle, pinned to every online core.
@@ -225,6 +232,7 @@ impl Stopper {
 }
 
 pub fn run(config: DaemonConfig) -> Result<(), Error> {
+    let notifier = Notifier::from_env()?;
     check_hugepages(replica::free_hugepages(), config.hugepages_mb)?;
     // Before creating anything: a second daemon must leave the first one's files alone.
     check_api_socket(&config.api_socket)?;
@@ -232,32 +240,38 @@ pub fn run(config: DaemonConfig) -> Result<(), Error> {
         Some(options) => Some((options, connect_cluster(options)?)),
         None => None,
     };
+    // The socket dir first: refusing it must leave nothing created.
+    prepare_socket_dir(&config)?;
     let data_dir = &config.data_dir;
     permissions::create_dir(data_dir).map_err(Error::io(format!("create directory {}", data_dir.display())))?;
-    fs::create_dir_all(&config.socket_dir).map_err(Error::io(format!("create directory {}", config.socket_dir.display())))?;
     let _lock = lock_data_dir(data_dir)?;
     // Under the lock: no other daemon is writing these files.
     permissions::tighten_data_dir(data_dir).map_err(Error::io(format!("restrict access to {}", data_dir.display())))?;
     let listener = bind_api_socket(&config.api_socket)?;
+    let notifier = notifier.as_ref();
     let result = match cluster {
-        None => serve_standalone(&config, listener),
-        Some((options, connected)) => serve_cluster(&config, options, connected, listener),
+        None => serve_standalone(&config, listener, notifier),
+        Some((options, connected)) => serve_cluster(&config, options, connected, listener, notifier),
     };
     let _ = fs::remove_file(&config.api_socket);
     result
 }
 
-fn serve_standalone(config: &DaemonConfig, listener: UnixListener) -> Result<(), Error> {
+fn serve_standalone(config: &DaemonConfig, listener: UnixListener, notifier: Option<&Notifier>) -> Result<(), Error> {
     let inbox = Inbox::new();
     let signals = inbox.install_signals()?;
     // Volumes are restored while the API socket is already bound: clients (and a second
     // daemon's liveness check) queue in the backlog instead of finding no daemon.
-    let mut volumes = Volumes::open(VhostUser, &config.data_dir, &config.socket_dir, config.poll.clone())?;
-    tracing::info!(volumes = volumes.list().len(), data_dir = %config.data_dir.display(), "volumes restored");
+    let exporter = VhostUser { socket_access: config.socket_access };
+    let mut volumes = Volumes::open(exporter, &config.data_dir, &config.socket_dir, config.poll.clone())?;
+    let restored = volumes.list().len();
+    tracing::info!(volumes = restored, data_dir = %config.data_dir.display(), "volumes restored");
     inbox.accept(listener)?;
     // Scripts and tests wait for this exact line, so it does not depend on RUST_LOG.
     eprintln!("hcblk daemon ready api={}", config.api_socket.display());
+    notify_ready(notifier, &format!("ready; volumes restored: {restored}"));
     serve(&mut volumes, &inbox);
+    notify_stopping(notifier);
     signals.close();
     volumes.shutdown();
     tracing::info!("daemon stopped");
@@ -320,6 +334,7 @@ fn serve_cluster(
     options: &ClusterOptions,
     connected: Connected,
     listener: UnixListener,
+    notifier: Option<&Notifier>,
 ) -> Result<(), Error> {
     let Connected { secret, kind, meta } = connected;
     let node = options.node.clone();
@@ -390,7 +405,7 @@ fn serve_cluster(
         kind,
         owner: options.owner,
         lease: Some(lease_clock),
-        exporter: VhostUser,
+        exporter: VhostUser { socket_access: config.socket_access },
     };
     let cluster_config = ClusterConfig { node: node.clone(), socket_dir: config.socket_dir.clone(), poll: config.poll.clone() };
     let mut volumes = ClusterVolumes::new(cluster_config, meta, attacher, Arc::clone(&registration));
@@ -398,8 +413,10 @@ fn serve_cluster(
     tracing::info!(attached, "volumes owned by this node attached");
     inbox.accept(listener)?;
     eprintln!("hcblk daemon ready api={} node={node}", config.api_socket.display());
+    notify_ready(notifier, &format!("ready as node {node}; volumes attached: {attached}"));
 
     serve(&mut volumes, &inbox);
+    notify_stopping(notifier);
     signals.close();
     volumes.shutdown();
     drop(volumes);
@@ -415,6 +432,72 @@ fn serve_cluster(
         Err(_) => tracing::warn!("the node registration is still in use; its lease expires within its TTL"),
     }
     tracing::info!("daemon stopped; volumes owned here stay owned and are attached again at the next start");
+    Ok(())
+}
+
+/// A notification that cannot be sent is logged, not fatal: the daemon serves either way, and
+/// systemd, if it is the one waiting, reports the start as timed out.
+fn notify_ready(notifier: Option<&Notifier>, status: &str) {
+    if let Some(Err(e)) = notifier.map(|n| n.ready(status)) {
+        tracing::warn!(error = %e, "cannot tell the service manager that the daemon is ready");
+    }
+}
+
+fn notify_stopping(notifier: Option<&Notifier>) {
+    if let Some(Err(e)) = notifier.map(Notifier::stopping) {
+        tracing::warn!(error = %e, "cannot tell the service manager that the daemon is stopping");
+    }
+}
+
+/// Creates the socket dir if it is missing, for the socket group if there is one (0750, the
+/// group's; else 0755), whatever the umask; refuses an existing one that the socket group
+/// cannot traverse, since its VMs could not reach their sockets (it is left as it is: the
+/// operator, or tmpfiles.d, owns it). Its parents are only checked, with a warning: the
+/// group's members may reach them through another of their groups.
+fn prepare_socket_dir(config: &DaemonConfig) -> Result<(), Error> {
+    let dir = &config.socket_dir;
+    let what = || format!("create the socket directory {}", dir.display());
+    let gid = config.socket_access.gid;
+    let group = config.socket_group.as_deref().unwrap_or("-");
+    match fs::metadata(dir) {
+        Ok(metadata) => {
+            if !metadata.is_dir() {
+                return Err(Error::Invalid(format!("--socket-dir {} is not a directory", dir.display())));
+            }
+            if let Some(gid) = gid.filter(|&gid| !group_can_traverse(&metadata, gid)) {
+                return Err(Error::Invalid(format!(
+                    "--socket-dir {} (mode {:04o}, group id {}) does not let --socket-group {group} (id {gid}) reach                      the sockets: `chgrp {group} {0}; chmod g+x {0}` (packaging/hcblk.tmpfiles does this for /run/hcblk),                      or remove it and hcblk creates it",
+                    dir.display(),
+                    metadata.mode() & 0o7777,
+                    metadata.gid(),
+                )));
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            if let Some(parent) = dir.parent() {
+                fs::create_dir_all(parent).map_err(Error::io(what()))?;
+            }
+            fs::create_dir(dir).map_err(Error::io(what()))?;
+            if let Some(gid) = gid {
+                std::os::unix::fs::chown(dir, None, Some(gid)).map_err(Error::io(what()))?;
+            }
+            let mode = if gid.is_some() { 0o750 } else { 0o755 };
+            fs::set_permissions(dir, fs::Permissions::from_mode(mode)).map_err(Error::io(what()))?;
+        }
+        Err(source) => return Err(Error::Io { what: format!("inspect the socket directory {}", dir.display()), source }),
+    }
+    if let Some(gid) = gid {
+        for parent in dir.ancestors().skip(1) {
+            if fs::metadata(parent).is_ok_and(|m| !group_can_traverse(&m, gid)) {
+                tracing::warn!(
+                    directory = %parent.display(),
+                    group,
+                    "the socket group may not traverse this parent of the socket dir; its VMs reach their sockets only \
+                     if QEMU's user may through another group"
+                );
+            }
+        }
+    }
     Ok(())
 }
 

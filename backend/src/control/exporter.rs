@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use crate::{Export, ExportConfig, Volume};
+use crate::{Export, ExportConfig, SocketAccess, Volume};
 
 pub trait Exporter<V: Volume> {
     type Handle: ExportHandle;
@@ -28,12 +28,16 @@ pub trait ExportHandle {
 
 /// The real data path: [`Export`] over vhost-user.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct VhostUser;
+pub struct VhostUser {
+    /// Group and mode of every volume socket (`--socket-group`, `--socket-mode`): a property
+    /// of the daemon, not of a volume, so it lives here rather than in each `ExportConfig`.
+    pub socket_access: SocketAccess,
+}
 
 impl<V: Volume> Exporter<V> for VhostUser {
     type Handle = Export<V>;
     fn start(&self, config: ExportConfig, volume: Arc<V>) -> Result<Export<V>, crate::Error> {
-        Export::start(config, volume)
+        Export::start_with_access(config, volume, self.socket_access)
     }
 }
 
