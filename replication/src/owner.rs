@@ -395,8 +395,10 @@ pub struct Owner {
     early: Vec<(GuestId, GuestOp, u64, u64)>,
     /// The document of the CAS in flight.
     pending_meta: Option<VolumeMeta>,
-    /// A document whose CAS got no answer: it may be in etcd.
-    uncertain_meta: Option<VolumeMeta>,
+    /// Documents whose CAS got no answer: any one of them may be in etcd (each was a CAS on
+    /// the last revision known, so at most one), and all bind acknowledgements until etcd is
+    /// read again or a later CAS on that revision commits.
+    uncertain_meta: Vec<VolumeMeta>,
     /// Something changed that may unblock queued pieces or jobs: look at all of them.
     recheck: bool,
     /// Acknowledged writes may have been lost (every in-sync replica of an extent restarted):
@@ -453,7 +455,7 @@ impl Owner {
             bits_seen: BTreeMap::new(),
             early: Vec::new(),
             pending_meta: None,
-            uncertain_meta: None,
+            uncertain_meta: Vec::new(),
             recheck: false,
             flush_error_pending: false,
             joins: BTreeMap::new(),
@@ -709,7 +711,7 @@ impl Owner {
                     // It may have committed: until an answer shows what etcd holds, both it
                     // and the committed document bind acknowledgements.
                     if let Some(m) = self.pending_meta.take() {
-                        self.uncertain_meta = Some(m);
+                        self.uncertain_meta.push(m);
                     }
                 }
                 if self.phase == Phase::Loading || self.phase == Phase::Claiming {
@@ -720,7 +722,7 @@ impl Owner {
             MetaResult::Read(None) => self.fence("the volume no longer exists in etcd"),
             MetaResult::Read(Some((meta, revision))) => {
                 // What etcd holds is known again.
-                self.uncertain_meta = None;
+                self.uncertain_meta.clear();
                 match self.phase {
                     Phase::Loading => self.claim(meta, revision),
                     _ => self.adopt(meta, revision),
@@ -731,13 +733,13 @@ impl Owner {
                     return;
                 }
                 // A CAS on the revision we know committed: the uncertain one did not.
-                self.uncertain_meta = None;
+                self.uncertain_meta.clear();
                 let Some(pending) = self.pending_meta.take() else { return };
                 self.committed(pending, revision);
             }
             MetaResult::Conflict(current) => {
                 self.pending_meta = None;
-                self.uncertain_meta = None;
+                self.uncertain_meta.clear();
                 if self.phase == Phase::Claiming {
                     self.fence("another node claimed the volume at the same time");
                     return;
