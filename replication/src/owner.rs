@@ -1022,9 +1022,17 @@ impl Owner {
         }
         for &(e, n) in self.joins.keys() {
             let name = self.name_of(n);
+            // A member joins with the incarnation it was filled in: it holds every write the
+            // sync's source held. Left at an older one, a later owner would take it for a
+            // member that restarted since, and pass it over as a source.
+            let current = self.peers.get(&n).filter(|p| p.usable(e)).and_then(|p| p.incarnation);
             if let Some(mm) = m.extents[e as usize].members.iter_mut().find(|x| x.node == name) {
                 if mm.state != MemberState::InSync {
                     mm.state = MemberState::InSync;
+                    changed = true;
+                }
+                if let Some(i) = current.filter(|i| *i != mm.incarnation) {
+                    mm.incarnation = i;
                     changed = true;
                 }
             }
@@ -1052,7 +1060,7 @@ impl Owner {
                 let usable = !self.must_remove.contains(&(e as u32, n)) && self.peers.get(&n).is_some_and(|p| p.usable(e as u32));
                 let current = self.peers.get(&n).and_then(|p| p.incarnation);
                 let joining = self.joins.contains_key(&(e as u32, n));
-                if (mm.state == MemberState::InSync || joining) && usable {
+                if (mm.state == MemberState::InSync || joining) && usable && !joining {
                     if let Some(i) = current.filter(|i| *i != mm.incarnation) {
                         mm.incarnation = i;
                         changed = true;
@@ -1130,7 +1138,8 @@ impl Owner {
         let seq = self.new_seq();
         let (volume, generation) = (self.meta.as_ref().map_or(0, |m| m.id), self.generation);
         let peer = self.peers.get_mut(&node).expect("peer exists");
-        peer.asking.insert(seq, (extent, self.now + self.cfg.promise_timeout));
+        // As long as a probe's: the answer waits for the member to make its promise durable.
+        peer.asking.insert(seq, (extent, self.now + self.cfg.probe_interval + self.cfg.promise_timeout));
         let epoch = peer.session;
         self.actions.push_back(OwnerAction::Send { to: node, request: Request::Promise { seq, volume, generation, epoch, extent }, data: DataRef::None });
         seq
@@ -2088,7 +2097,12 @@ impl Owner {
                     SyncStage::Draining { barrier } => {
                         let barrier = *barrier;
                         let busy = self.subs.iter().any(|(seq, s)| *seq < barrier && s.mutates && s.extent == Some(e));
-                        if busy { 0 } else { 1 }
+                        // The regions a member missed are marked on the members that stayed:
+                        // with none to ask (or a clean one away, whose bits and data only it
+                        // has), the sync waits; asking the joiner alone would find nothing to
+                        // copy and let it join without what it missed.
+                        let source = self.copy_source(e).is_some();
+                        if busy || !source { 0 } else { 1 }
                     }
                     SyncStage::Querying { waiting, .. } if waiting.is_empty() => 2,
                     SyncStage::Copying { todo, active } if todo.is_empty() && *active == 0 => 3,
