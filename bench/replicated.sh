@@ -10,7 +10,7 @@
 #   qsd-remote  0 local replicas: n1's QSD exports an NBD client of n2's QSD (a volume attached
 #               on a node that holds no replica of it)
 # and hcblk's cluster mode (one etcd in n1's namespace, one `hcblk daemon` per host, transport
-# tcp, --poll adaptive), three volumes attached on n1:
+# tcp, --poll $BENCH_HCBLK_POLL), three volumes attached on n1:
 #   hcblk-1       1 replica, on n1 (local reads and writes, nothing leaves the node)
 #   hcblk-3       3 replicas, on n1, n2 and n3 (writes to all three; reads local)
 #   hcblk-remote  1 replica, on n2 (a volume attached on a node that holds none of it: every
@@ -31,6 +31,8 @@
 #   BENCH_SERVERS ["qsd-local qsd-quorum qsd-remote hcblk-1 hcblk-3 hcblk-remote"]
 #   BENCH_WORKLOADS ["randwrite:4k:1 randwrite:4k:32 randread:4k:1 randread:4k:32"]
 #   BENCH_QUORUM_VOTE_THRESHOLD [2]  BENCH_QUORUM_READ_PATTERN [fifo]
+#   BENCH_HCBLK_POLL [never]  the hcblk daemons' --poll: on two cores, three daemons, etcd and
+#               the client share them, and a poller that spins takes the core its peers need
 #   BENCH_WIRE [1]  (0: skip wire-bench)  BENCH_WIRE_QD1_OPS [20000]  BENCH_WIRE_QD32_OPS [2048]
 #   BENCH_IMG_DIR [bench/out/replicated]  (one image per host)  BENCH_SIZE [1G]
 #   BENCH_BUILD [1]  (0: use the binaries already built)
@@ -41,6 +43,7 @@ set -euo pipefail
 trap 'echo "bench/replicated.sh: line $LINENO: \"$BASH_COMMAND\" failed" >&2' ERR
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+HCBLK_POLL=${BENCH_HCBLK_POLL:-never}
 NICE=${BENCH_NICE:--20}
 
 # As in run.sh: a session (autogroup) of our own whose niceness is lowered for the run, so
@@ -337,7 +340,7 @@ start_hcblk_cluster() {
         local -a pin=()
         [[ -n $cpu ]] && pin=(--cpus "$cpu")
         in_host "$h" "$cpu" "$HCBLK" daemon --data-dir "$dir/data" --socket-dir "$dir/run" \
-            --api-socket "$dir/api.sock" --poll adaptive "${pin[@]}" \
+            --api-socket "$dir/api.sock" --poll "$HCBLK_POLL" "${pin[@]}" \
             --etcd "http://${ADDR[n1]}:2379" --node "$h" --listen "${ADDR[$h]}:$HCBLK_PORT" \
             --cluster-secret-file "$WORK/hcblk/secret" --transport tcp >"$dir/daemon.log" 2>&1
         HCBLK_PID[$h]=$!

@@ -385,6 +385,10 @@ impl Conn {
     /// The application found nothing to poll: make `notify` unreadable again, unless
     /// something arrived meanwhile (checked after clearing, so no signal is lost).
     fn rearm(&self) {
+        // It found nothing and may sleep now: the background receiver takes the socket
+        // over at once (a poller still busy keeps receiving too; whoever holds the
+        // receive lock does the work).
+        self.last_app_poll_ns.store(0, Ordering::Relaxed);
         if !self.signalled.load(Ordering::Acquire) {
             return;
         }
@@ -620,8 +624,19 @@ impl Conn {
             }
             if self.app_active() {
                 // The application's poller is receiving; stay out of its way,
-                // but notice if nothing arrives any more.
-                std::thread::sleep(idle);
+                // but notice if nothing arrives any more. Wait on the socket, not
+                // a clock: bytes that arrive after the poller's last look wake a
+                // poller asleep on `notify` at once (it found nothing and rearmed
+                // just before), instead of one `idle` later.
+                match sys::wait_fd(self.sock.as_fd(), false, idle.as_millis() as i32) {
+                    Ok(true) if self.app_active() => {
+                        self.signal();
+                        // Its turn to receive: give it a moment before looking again.
+                        std::thread::sleep(idle / 20);
+                    }
+                    Ok(_) => {}
+                    Err(_) => std::thread::sleep(idle),
+                }
                 if self
                     .now_ns()
                     .saturating_sub(self.last_rx_ns.load(Ordering::Relaxed))
