@@ -32,6 +32,9 @@ start_node() {
     [[ -n ${ADDR[$n]:-} ]] || die "no node $n (n1, n2, n3)"
     node_up "$n" && die "$n is already running (pid $(cat "$DIR/$n/pid"))"
     mkdir -p "$DIR/$n/data" "$DIR/$n/run"
+    # The log is kept across starts: only this start's lines count.
+    local from
+    from=$(($(wc -l <"$DIR/$n/daemon.log" 2>/dev/null || echo 0) + 1))
     # Interrupt-driven polling: three daemons share this machine's cores with the VMs.
     ip netns exec "$(ns "$n")" setsid "$HCBLK" daemon --data-dir "$DIR/$n/data" --socket-dir "$DIR/$n/run" \
         --api-socket "$DIR/$n/api.sock" --poll never --hugepages-mb 8 \
@@ -39,7 +42,7 @@ start_node() {
         --cluster-secret-file "$DIR/secret" --transport tcp >>"$DIR/$n/daemon.log" 2>&1 </dev/null &
     echo $! >"$DIR/$n/pid"
     for _ in $(seq 300); do
-        tail -n 20 "$DIR/$n/daemon.log" | grep -q "hcblk daemon ready" && { echo "$n up (${ADDR[$n]}:$PORT)"; return 0; }
+        tail -n "+$from" "$DIR/$n/daemon.log" | grep -q "hcblk daemon ready" && { echo "$n up (${ADDR[$n]}:$PORT)"; return 0; }
         node_up "$n" || break
         sleep 0.1
     done

@@ -550,8 +550,12 @@ impl VolumeQueue for ReplicatedQueue {
         Some(self.shared.poller_events.raw())
     }
 
-    /// The set's other members are re-armed by whoever drives the core.
+    /// The set's other members are re-armed by whoever drives the core; the poller drives
+    /// it next, so it takes the background thread's wake-up too. Left set (only that thread
+    /// drains it, and it may not get the core soon), it kept the set readable and the poller
+    /// waking in a loop: a core's worth of CPU for nothing.
     fn consume_completion_event(&self) {
         events::drain_eventfd(self.shared.eventfd.as_raw_fd());
+        events::drain_eventfd(self.shared.wake.as_raw_fd());
     }
 }
