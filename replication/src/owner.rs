@@ -1060,7 +1060,7 @@ impl Owner {
                 let usable = !self.must_remove.contains(&(e as u32, n)) && self.peers.get(&n).is_some_and(|p| p.usable(e as u32));
                 let current = self.peers.get(&n).and_then(|p| p.incarnation);
                 let joining = self.joins.contains_key(&(e as u32, n));
-                if (mm.state == MemberState::InSync || joining) && usable && !joining {
+                if mm.state == MemberState::InSync && !joining && usable {
                     if let Some(i) = current.filter(|i| *i != mm.incarnation) {
                         mm.incarnation = i;
                         changed = true;
