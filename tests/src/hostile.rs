@@ -110,9 +110,17 @@ impl HostileConn {
         self.sock.try_clone().context("clone the socket")
     }
 
-    /// Writes `bytes` as they are; an error if the target stopped reading for 10 s.
+    /// Writes `bytes` as they are; an error if the target stopped reading for 10 s. A target
+    /// that already closed the connection (it refused something sent before, while more was
+    /// on its way) is not an error here: what follows reads its ERROR frame and the close.
     pub fn send_raw(&mut self, bytes: &[u8]) -> Result<()> {
-        self.sock.write_all(bytes).with_context(|| format!("send {} bytes to {}", bytes.len(), self.peer))
+        match self.sock.write_all(bytes) {
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset) => {
+                eprintln!("send {} bytes to {}: the target closed the connection already ({e})", bytes.len(), self.peer);
+                Ok(())
+            }
+            r => r.with_context(|| format!("send {} bytes to {}", bytes.len(), self.peer)),
+        }
     }
 
     /// Encodes `m` (which must be valid: lies live in the values, not the framing).
