@@ -11,6 +11,7 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
@@ -186,7 +187,21 @@ fn unplug(qmp: &mut Qmp) -> Result<()> {
     Ok(())
 }
 
+/// Attaches volume B to the guest whose console is `log` (cycle `cycle` of its `hotplug`
+/// mode) and waits until the guest has verified it; returns the generation the guest found.
+fn attach_and_verify(qmp: &mut Qmp, log: &Path, socket: &Path, cycle: u64) -> Result<u64> {
+    plug(qmp, socket).with_context(|| format!("attaching {VOLUME_B}, cycle {cycle}"))?;
+    let ready = wait_marker(log, "HCBLK-DISK-READY ", cycle, GUEST_WAIT)?;
+    let console = read_console(log);
+    let gen = marker_lines(&console, "HCBLK-DISK-ADDED ").nth(cycle as usize - 1).and_then(|l| field(l, "gen"));
+    gen.with_context(|| format!("no generation in the guest's HCBLK-DISK-ADDED line of cycle {cycle}: {ready}"))
+}
+
+/// One test at a time: their TCG guests would slow each other down on a small machine.
+static GUEST_LOCK: Mutex<()> = Mutex::new(());
+
 struct Fixture {
+    _lock: MutexGuard<'static, ()>,
     guest_dir: PathBuf,
     dir: PathBuf,
     server: HcblkServer,
@@ -196,6 +211,8 @@ struct Fixture {
 
 impl Fixture {
     fn new(name: &str) -> Result<Self> {
+        // A test that failed while holding the lock leaves nothing shared behind.
+        let lock = GUEST_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         let guest_dir = build_guest()?;
         // Under /tmp: vhost-user socket paths must stay below the 108-byte sun_path limit.
         let dir = std::env::temp_dir().join(format!("hcblk-hotplug-{name}-{}", std::process::id()));
@@ -204,7 +221,7 @@ impl Fixture {
         let server = HcblkServer::start(&dir, &VolumeSpec { size: 256 * MIB, queues: 2, read_only: false })?;
         let socket_a = server.socket().to_path_buf();
         let socket_b = server.create_volume(VOLUME_B, &VolumeSpec { size: 64 * MIB, queues: 1, read_only: false })?;
-        Ok(Self { guest_dir, dir, server, socket_a, socket_b })
+        Ok(Self { _lock: lock, guest_dir, dir, server, socket_a, socket_b })
     }
 
     fn passed(self) {
@@ -245,15 +262,8 @@ fn hotplug_loop_with_io_on_another_disk() -> Result<()> {
         let mut qmp = Qmp::connect(&qmp_path, Duration::from_secs(10))?;
         for cycle in 1..=cycles {
             let start = Instant::now();
-            plug(&mut qmp, &socket_b).with_context(|| format!("attaching {VOLUME_B}, cycle {cycle}"))?;
-            let ready = wait_marker(&log, "HCBLK-DISK-READY ", cycle, GUEST_WAIT)?;
-            let console = read_console(&log);
-            let gen = marker_lines(&console, "HCBLK-DISK-ADDED ").nth(cycle as usize - 1).and_then(|l| field(l, "gen"));
-            ensure!(
-                gen == Some(cycle - 1),
-                "attach {cycle} found generation {gen:?} on {VOLUME_B}, expected {}: {ready}",
-                cycle - 1
-            );
+            let gen = attach_and_verify(&mut qmp, &log, &socket_b, cycle)?;
+            ensure!(gen == cycle - 1, "attach {cycle} found generation {gen} on {VOLUME_B}, expected {}", cycle - 1);
             ensure!(connected(server, VOLUME_B)?, "{VOLUME_B} not connected while the guest uses it");
             let attached = start.elapsed();
             unplug(&mut qmp).with_context(|| format!("detaching {VOLUME_B}, cycle {cycle}"))?;
@@ -331,6 +341,110 @@ fn hotplug_loop_with_io_on_another_disk() -> Result<()> {
         total.as_secs_f64() / cycles as f64,
         out.elapsed.as_secs_f64(),
         marker_line(&out.console, "HCBLK-VDA-ROUNDS").unwrap_or_default()
+    );
+    fx.passed();
+    Ok(())
+}
+
+/// Volume B goes from one running VM to another, which is killed (SIGKILL: the frontend
+/// vanishes with writes in flight) while it writes to B, and then back to the first VM.
+///
+/// VM 1 (volume A, fio on it all along) gets B, verifies it and lets it go; VM 2 (volume C)
+/// boots while VM 1 runs, gets B, finds what VM 1 wrote (generation 1), verifies it, starts
+/// fio random writes to it at iodepth 32 and is killed. The daemon must stay up, see the
+/// connection end and answer its CLI; VM 1 then gets B back and finds what VM 2 wrote
+/// (generation 2, its verified region intact).
+#[test]
+fn a_volume_moves_to_another_vm_and_survives_that_vm_being_killed() -> Result<()> {
+    let fx = Fixture::new("move")?;
+    let socket_c = fx.server.create_volume("volc", &VolumeSpec { size: 64 * MIB, queues: 1, read_only: false })?;
+    let log1 = fx.dir.join("vm1.log");
+    let log2 = fx.dir.join("vm2.log");
+    let qmp1 = fx.dir.join("qmp1.sock");
+    let qmp2 = fx.dir.join("qmp2.sock");
+    let pidfile2 = fx.dir.join("vm2.pid");
+    let socket_b = fx.socket_b.clone();
+    let server = &fx.server;
+    let (guest_dir, dir) = (fx.guest_dir.clone(), fx.dir.clone());
+    let mut vm2_outcome = None;
+    let mut moves = |event: GuestEvent| -> Result<()> {
+        if event != GuestEvent::FioStarted {
+            return Ok(());
+        }
+        let mut qmp = Qmp::connect(&qmp1, Duration::from_secs(10))?;
+        let gen = attach_and_verify(&mut qmp, &log1, &socket_b, 1)?;
+        ensure!(gen == 0, "VM 1 found generation {gen} on a new {VOLUME_B}");
+        unplug(&mut qmp)?;
+        wait_marker(&log1, "HCBLK-DISK-REMOVED ", 1, GUEST_WAIT)?;
+        wait_connected(server, VOLUME_B, false, Duration::from_secs(10))?;
+
+        // VM 2, while VM 1 runs on.
+        let mut kill_when_busy = |event: GuestEvent| -> Result<()> {
+            if event != GuestEvent::FioStarted {
+                return Ok(());
+            }
+            let mut qmp = Qmp::connect(&qmp2, Duration::from_secs(10))?;
+            let gen = attach_and_verify(&mut qmp, &log2, &socket_b, 1)?;
+            ensure!(gen == 1, "VM 2 found generation {gen} on {VOLUME_B}, expected VM 1's (1)");
+            ensure!(connected(server, VOLUME_B)?, "{VOLUME_B} not connected while VM 2 writes to it");
+            let pid = fs::read_to_string(&pidfile2).context("reading VM 2's pidfile")?;
+            let status = std::process::Command::new("kill").args(["-KILL", pid.trim()]).status()?;
+            ensure!(status.success(), "kill -KILL {} failed", pid.trim());
+            Ok(())
+        };
+        let mut vm2 = GuestRun::new("hotplug")
+            .queues(1)
+            .param("size", "16M")
+            .param("cycles", "1")
+            .param("busy_from", "1")
+            .hotplug(&qmp2, 1)
+            .pidfile(&pidfile2)
+            .timeout_s(300)
+            .log(&log2);
+        vm2.smp = 1;
+        let out = run_guest(&guest_dir, &dir, &socket_c, &vm2, Some(&mut kill_when_busy))?;
+        ensure!(
+            out.verdict == Verdict::NoVerdict && out.console.contains("HCBLK-DISK-READY vdb cycle=1 busy"),
+            "VM 2 should have been killed while writing to {VOLUME_B}: {}",
+            out.describe()
+        );
+        wait_connected(server, VOLUME_B, false, Duration::from_secs(10))?;
+        wait_connected(server, "volc", false, Duration::from_secs(10))?;
+        vm2_outcome = Some(out.elapsed);
+
+        // Back to VM 1.
+        let gen = attach_and_verify(&mut qmp, &log1, &socket_b, 2)?;
+        ensure!(gen == 2, "VM 1 found generation {gen} on {VOLUME_B} after VM 2, expected VM 2's (2)");
+        unplug(&mut qmp)?;
+        wait_marker(&log1, "HCBLK-DISK-REMOVED ", 2, GUEST_WAIT)?;
+        plug(&mut qmp, &socket_b).context("the stop signal")?;
+        Ok(())
+    };
+    let vm1 = GuestRun::new("hotplug")
+        .param("size", "32M")
+        .param("cycles", "2")
+        // VM 2 boots and runs between VM 1's two cycles.
+        .param("hotplug_timeout", "400")
+        .hotplug(&qmp1, 1)
+        .timeout_s(900)
+        .log(&log1);
+    let out = run_guest(&fx.guest_dir, &fx.dir, &fx.socket_a, &vm1, Some(&mut moves))?;
+    ensure!(out.verdict == Verdict::Pass, "VM 1 failed: {}", out.describe());
+    let vm2_elapsed = vm2_outcome.context("VM 2 never ran")?;
+    let daemon_log = fs::read_to_string(fx.dir.join("daemon.log")).unwrap_or_default();
+    ensure!(!daemon_log.contains("panicked"), "the daemon panicked:\n{daemon_log}");
+    let abandoned: u64 = daemon_log
+        .lines()
+        .filter(|l| l.contains("requests were still in flight"))
+        .filter_map(|l| field(l, "abandoned"))
+        .sum();
+    let list = fx.server.cli(&["volume", "list"])?;
+    ensure!(list.contains(VOLUME_B) && list.contains("volc"), "volume list at the end:\n{list}");
+    eprintln!(
+        "{VOLUME_B}: VM 1 -> VM 2 (killed while writing to it; {abandoned} requests still in the daemon at the kill) \
+         -> VM 1; VM 2 ran {:.1} s, VM 1 {:.1} s",
+        vm2_elapsed.as_secs_f64(),
+        out.elapsed.as_secs_f64()
     );
     fx.passed();
     Ok(())
