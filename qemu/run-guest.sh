@@ -7,7 +7,7 @@
 # Options:
 #   --socket PATH         vhost-user-blk server socket (required)
 #   --mode MODE           fio-verify (default) | fio-write | fio-verify-only |
-#                         fio-kill | reconnect | resize | read-only | info
+#                         fio-kill | reconnect | resize | read-only | hotplug | info
 #                         (see qemu/guest/init)
 #   --timeout SECS        wall-clock limit for the whole boot; default 300
 #   --queues N            virtio-blk queues (num-queues); default 2
@@ -26,6 +26,11 @@
 #                         default qemu/build
 #   --log FILE            console log; default a new /tmp/hcblk-guest.*.log
 #   --accel ACCEL         default tcg (KVM is not assumed to exist)
+#   --qmp PATH            a QMP monitor on the Unix socket PATH (QEMU listens; for
+#                         hot-plug: chardev-add, device_add, device_del, ...)
+#   --hotplug-ports N     N empty PCIe root ports hp0..hp(N-1) to hot-plug devices
+#                         into (q35 has no hot-pluggable slot otherwise); default 0
+#   --pidfile PATH        QEMU writes its pid there (to kill it from outside)
 #
 # Exit status: 0 guest PASS, 1 guest FAIL, 2 QEMU ended without a verdict,
 # 3 timeout, 4 usage or setup error. The console log is always kept and its
@@ -38,7 +43,7 @@ usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '$d' -e 's/^# \{0
 die() { printf 'run-guest: error: %s\n' "$*" >&2; exit 4; }
 
 socket= mode=fio-verify timeout_s=300 queues=2 smp=2 mem_mb=512 hugepages=0
-on_resize= reconnect_ms= guest="$here/build" log= accel=tcg
+on_resize= reconnect_ms= guest="$here/build" log= accel=tcg qmp= hotplug_ports=0 pidfile=
 params=()
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -55,6 +60,9 @@ while [ $# -gt 0 ]; do
     --guest) guest=${2:?}; shift 2 ;;
     --log) log=${2:?}; shift 2 ;;
     --accel) accel=${2:?}; shift 2 ;;
+    --qmp) qmp=${2:?}; shift 2 ;;
+    --hotplug-ports) hotplug_ports=${2:?}; shift 2 ;;
+    --pidfile) pidfile=${2:?}; shift 2 ;;
     -h | --help) usage ;;
     *) die "unknown option $1 (see --help)" ;;
     esac
@@ -65,6 +73,7 @@ done
 for n in "$timeout_s" "$queues" "$smp" "$mem_mb" ${reconnect_ms:+"$reconnect_ms"}; do
     [[ "$n" =~ ^[1-9][0-9]*$ ]] || die "expected a positive integer, got '$n'"
 done
+[[ "$hotplug_ports" =~ ^[0-9]+$ ]] && [ "$hotplug_ports" -le 8 ] || die "--hotplug-ports wants 0..8, got '$hotplug_ports'"
 [[ "$mode" =~ ^[a-z-]+$ ]] || die "bad mode '$mode'"
 for p in "${params[@]}"; do
     # Kernel command line words: no spaces or quotes can survive there.
@@ -102,6 +111,13 @@ qemu_cmd=(
     -append "$append"
     -nographic -no-reboot -nodefaults -serial stdio
 )
+# Hot-plug on q35 goes into PCIe root ports (native PCIe hot-plug in the guest); each port
+# takes one device. Chassis numbers must be unique.
+for ((i = 0; i < hotplug_ports; i++)); do
+    qemu_cmd+=(-device "pcie-root-port,id=hp$i,bus=pcie.0,chassis=$((i + 1))")
+done
+[ -z "$qmp" ] || qemu_cmd+=(-qmp "unix:$qmp,server=on,wait=off")
+[ -z "$pidfile" ] || qemu_cmd+=(-pidfile "$pidfile")
 echo "run-guest: $(printf '%q ' "${qemu_cmd[@]}")" >&2
 
 start=$(date +%s.%N)

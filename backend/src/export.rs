@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
-use vhost::vhost_user::Listener;
+use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::GuestMemoryAtomic;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -454,7 +454,14 @@ impl<V: Volume> ExportShared<V> {
                 }
                 tracing::info!(volume = %self.config.name, "frontend connected");
                 self.connected.store(true, Ordering::Release);
-                let waited = daemon.wait().map_err(ConnectionError::Connection);
+                let waited = match daemon.wait() {
+                    // The frontend closed the socket between two messages: the VM stopped, was
+                    // killed, or the volume was hot-unplugged. The normal end of a connection,
+                    // not a warning. (One that closes it halfway through a message is still
+                    // reported: `PartialMessage`.)
+                    Err(vhost_user_backend::Error::HandleRequest(VhostUserError::Disconnected)) => Ok(()),
+                    other => other.map_err(ConnectionError::Connection),
+                };
                 self.connected.store(false, Ordering::Release);
                 *self.shutdown.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 tracing::info!(volume = %self.config.name, "frontend disconnected");

@@ -10,7 +10,7 @@
 //! cannot run must fail, never pass by skipping.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -160,19 +160,33 @@ impl HcblkServer {
             socket: PathBuf::new(),
             image: dir.join("data/volumes/vol0.img"),
         };
+        server.socket = server.create_volume(Self::VOLUME, spec)?;
+        Ok(server)
+    }
+
+    /// Creates one more file-backed volume `name` and returns its vhost-user socket.
+    pub fn create_volume(&self, name: &str, spec: &VolumeSpec) -> Result<PathBuf> {
         let size = spec.size.to_string();
         let queues = spec.queues.to_string();
-        let mut args = vec!["volume", "create", Self::VOLUME, "--size", &size, "--queues", &queues, "--backing", "file"];
+        let mut args = vec!["volume", "create", name, "--size", &size, "--queues", &queues, "--backing", "file"];
         if spec.read_only {
             args.push("--read-only");
         }
-        let out = server.cli(&args)?;
-        server.socket = out
-            .lines()
+        let out = self.cli(&args)?;
+        out.lines()
             .find_map(|l| l.strip_prefix("socket: "))
             .map(PathBuf::from)
-            .ok_or_else(|| anyhow!("`hcblk volume create` printed no socket line:\n{out}"))?;
-        Ok(server)
+            .ok_or_else(|| anyhow!("`hcblk volume create` printed no socket line:\n{out}"))
+    }
+
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `None` while the daemon runs; its exit status once it has ended.
+    pub fn exited(&mut self) -> Result<Option<ExitStatus>> {
+        self.child.try_wait().context("polling the hcblk daemon")
     }
 
     fn api(dir: &Path) -> PathBuf {
@@ -222,7 +236,8 @@ impl HcblkServer {
         }
     }
 
-    fn cli(&self, args: &[&str]) -> Result<String> {
+    /// Runs `hcblk --api-socket <this daemon's> ARGS`; returns its stdout.
+    pub fn cli(&self, args: &[&str]) -> Result<String> {
         let out = Command::new(&self.bin)
             .arg("--api-socket")
             .arg(Self::api(&self.dir))
@@ -407,37 +422,10 @@ impl QsdServer {
     }
 
     /// One QMP command on a fresh connection; returns the `return` value.
-    fn qmp(&self, command: serde_json::Value) -> Result<serde_json::Value> {
-        let stream = UnixStream::connect(&self.qmp).context("connecting to the QSD QMP socket")?;
-        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-        let mut reader = BufReader::new(stream.try_clone()?);
-        let mut writer = stream;
-        let mut line = String::new();
-        reader
-            .read_line(&mut line)
-            .context("reading the QMP greeting")?;
-        let mut call = |cmd: &serde_json::Value| -> Result<serde_json::Value> {
-            writeln!(writer, "{cmd}").context("writing a QMP command")?;
-            // Asynchronous events may come first; the reply is the first
-            // object carrying `return` or `error`. Bounded like everything else.
-            for _ in 0..100 {
-                line.clear();
-                if reader.read_line(&mut line).context("reading a QMP reply")? == 0 {
-                    bail!("QMP connection closed");
-                }
-                let reply: serde_json::Value =
-                    serde_json::from_str(&line).context("parsing a QMP reply")?;
-                if let Some(ret) = reply.get("return") {
-                    return Ok(ret.clone());
-                }
-                if let Some(err) = reply.get("error") {
-                    bail!("QMP {cmd} failed: {err}");
-                }
-            }
-            bail!("no QMP reply to {cmd} after 100 messages")
-        };
-        call(&serde_json::json!({"execute": "qmp_capabilities"}))?;
-        call(&command)
+    fn qmp(&self, command: &str, arguments: serde_json::Value) -> Result<serde_json::Value> {
+        crate::qmp::Qmp::connect(&self.qmp, Duration::from_secs(10))
+            .context("connecting to the QSD QMP socket")?
+            .execute(command, arguments)
     }
 }
 
@@ -447,11 +435,7 @@ impl Server for QsdServer {
     }
 
     fn resize(&mut self, new_size: u64) -> Result<()> {
-        self.qmp(serde_json::json!({
-            "execute": "block_resize",
-            "arguments": {"node-name": "file0", "size": new_size}
-        }))
-        .map(|_| ())
+        self.qmp("block_resize", serde_json::json!({"node-name": "file0", "size": new_size})).map(|_| ())
     }
 
     fn corrupt(&mut self, offset: u64, len: usize) -> Result<()> {
@@ -519,6 +503,12 @@ pub struct GuestRun {
     pub reconnect_ms: Option<u32>,
     /// The console log; `None`: `<dir>/<mode>-<n>.log`, the first that does not exist.
     pub log: Option<PathBuf>,
+    /// A QMP monitor socket QEMU listens on (`--qmp`).
+    pub qmp: Option<PathBuf>,
+    /// Empty PCIe root ports `hp0`.. to hot-plug devices into (`--hotplug-ports`).
+    pub hotplug_ports: u8,
+    /// Where QEMU writes its pid (`--pidfile`).
+    pub pidfile: Option<PathBuf>,
 }
 
 impl GuestRun {
@@ -531,7 +521,22 @@ impl GuestRun {
             timeout_s: 300,
             reconnect_ms: None,
             log: None,
+            qmp: None,
+            hotplug_ports: 0,
+            pidfile: None,
         }
+    }
+
+    /// A QMP monitor at `socket` and `ports` PCIe root ports to hot-plug devices into.
+    pub fn hotplug(mut self, socket: &Path, ports: u8) -> Self {
+        self.qmp = Some(socket.to_owned());
+        self.hotplug_ports = ports;
+        self
+    }
+
+    pub fn pidfile(mut self, path: &Path) -> Self {
+        self.pidfile = Some(path.to_owned());
+        self
     }
 
     /// Writes the console to `log`, so that an event handler can read it while the
@@ -672,6 +677,15 @@ pub fn run_guest(
     }
     if let Some(ms) = run.reconnect_ms {
         cmd.arg("--reconnect-ms").arg(ms.to_string());
+    }
+    if let Some(qmp) = &run.qmp {
+        cmd.arg("--qmp").arg(qmp);
+    }
+    if run.hotplug_ports > 0 {
+        cmd.arg("--hotplug-ports").arg(run.hotplug_ports.to_string());
+    }
+    if let Some(pidfile) = &run.pidfile {
+        cmd.arg("--pidfile").arg(pidfile);
     }
     if on_event.is_some() {
         // run-guest.sh runs this shell command when the guest waits; the

@@ -6,6 +6,7 @@ pub mod guest;
 pub mod hostile;
 pub mod hugepages;
 pub mod netns;
+pub mod qmp;
 pub mod replicas;
 pub mod scenario;
 pub mod verify;
