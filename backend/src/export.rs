@@ -428,6 +428,96 @@ impl<V: Volume> ExportShared<V> {
         tracing::warn!(volume = %self.config.name, socket = %path.display(), "the socket file had vanished; bound a new one");
     }
 
+    /// Waits for the connection to end while closing every other frontend that connects
+    /// meanwhile. A volume has one frontend at a time; left in the listen backlog, a second one
+    /// (the volume attached to another VM by mistake) would wait for its handshake's answer with
+    /// its whole main loop blocked, monitor included, for as long as the first VM keeps the
+    /// volume. Closed at once, its `device_add` (or start) fails in a moment instead.
+    fn wait_turning_away_others(
+        &self,
+        daemon: &mut VhostUserDaemon<Arc<BlkDevice<V>>>,
+        listener: &Listener,
+    ) -> vhost_user_backend::Result<()> {
+        let done = match EventFd::new(EFD_NONBLOCK) {
+            Ok(done) => done,
+            Err(e) => {
+                tracing::warn!(volume = %self.config.name, error = %e, "cannot watch for other frontends while one is connected");
+                return daemon.wait();
+            }
+        };
+        // Non-blocking while watched: a frontend that gives up between readiness and accept
+        // must not leave the watcher blocked in accept().
+        if let Err(e) = listener.set_nonblocking(true) {
+            tracing::warn!(volume = %self.config.name, error = %e, "cannot watch for other frontends while one is connected");
+            return daemon.wait();
+        }
+        let waited = std::thread::scope(|scope| {
+            scope.spawn(|| self.turn_away_others(listener, &done));
+            let waited = daemon.wait();
+            if let Err(e) = done.write(1) {
+                // Without the wake-up the watcher would never return and the scope never end.
+                tracing::error!(volume = %self.config.name, error = %e, "cannot stop the watch for other frontends");
+                debug_assert!(false, "eventfd write failed: {e}");
+            }
+            waited
+        });
+        if let Err(e) = listener.set_nonblocking(false) {
+            tracing::error!(volume = %self.config.name, error = %e, "cannot make the listener blocking again");
+        }
+        waited
+    }
+
+    fn turn_away_others(&self, listener: &Listener, done: &EventFd) {
+        const OTHER: u64 = 0;
+        const DONE: u64 = 1;
+        let watch = Epoll::new().and_then(|epoll| {
+            epoll.ctl(ControlOperation::Add, listener.as_raw_fd(), EpollEvent::new(EventSet::IN, OTHER))?;
+            epoll.ctl(ControlOperation::Add, done.as_raw_fd(), EpollEvent::new(EventSet::IN, DONE))?;
+            Ok(epoll)
+        });
+        let epoll = match watch {
+            Ok(epoll) => epoll,
+            Err(e) => {
+                tracing::warn!(volume = %self.config.name, error = %e, "cannot watch for other frontends; they will wait in the backlog");
+                return;
+            }
+        };
+        let mut refused = 0u64;
+        let mut ready = [EpollEvent::default(); 2];
+        loop {
+            let n = match epoll.wait(-1, &mut ready) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::warn!(volume = %self.config.name, error = %e, "cannot watch for other frontends; they will wait in the backlog");
+                    return;
+                }
+            };
+            if ready[..n].iter().any(|e| e.data() == DONE) {
+                return;
+            }
+            match listener.accept() {
+                Ok(Some(other)) => {
+                    drop(other);
+                    refused += 1;
+                    // A line per doubling: a frontend with reconnect-ms retries for ever.
+                    if refused.is_power_of_two() {
+                        tracing::warn!(
+                            volume = %self.config.name,
+                            refused,
+                            "another frontend connected while the volume has one; closed it (detach the volume from the other VM first)"
+                        );
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(volume = %self.config.name, error = %e, "cannot accept (to refuse) another frontend; retrying in 100 ms");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+    }
+
     fn serve_one(&self, listener: &mut Listener, device: &Arc<BlkDevice<V>>) -> Result<(), ConnectionError> {
         let mem = GuestMemoryAtomic::new(GuestMem::new());
         let mut daemon =
@@ -454,7 +544,7 @@ impl<V: Volume> ExportShared<V> {
                 }
                 tracing::info!(volume = %self.config.name, "frontend connected");
                 self.connected.store(true, Ordering::Release);
-                let waited = match daemon.wait() {
+                let waited = match self.wait_turning_away_others(&mut daemon, listener) {
                     // The frontend closed the socket between two messages: the VM stopped, was
                     // killed, or the volume was hot-unplugged. The normal end of a connection,
                     // not a warning. (One that closes it halfway through a message is still

@@ -220,3 +220,50 @@ fn ram_and_null_backings_serve_requests() {
     drop(client);
     export.stop();
 }
+
+/// A volume has one frontend at a time. A second one (the volume attached to another VM by
+/// mistake) is closed at once, so that its connect fails in a moment instead of hanging in the
+/// listen backlog (QEMU would wait there with its main loop blocked); the first frontend keeps
+/// working, and once it leaves the next one connects.
+#[test]
+fn a_second_frontend_is_turned_away_while_the_first_keeps_working() {
+    common::with_watchdog(Duration::from_secs(120), || {
+        let vol = Volume::new();
+        let export = vol.export(vol.backing(BackingKind::File, 16 * MIB, 512, false), 1, PollMode::Adaptive);
+        let mut first = Client::connect(&vol.socket, 1, 1 << 20);
+        let data = pattern(7, 64 << 10);
+        first.buf()[..data.len()].copy_from_slice(&data);
+        assert_eq!(first.write(0, MIB, 0, data.len()), 0);
+
+        for attempt in 0..3 {
+            let started = std::time::Instant::now();
+            let mut second = Blkio::new("virtio-blk-vhost-user").expect("blkio driver");
+            second.set_str("path", vol.socket.to_str().unwrap()).unwrap();
+            let refused = second.connect().is_err() || second.start().is_err();
+            assert!(refused, "attempt {attempt}: a second frontend was served while the first is connected");
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "attempt {attempt}: the second frontend waited {:?} to be refused",
+                started.elapsed()
+            );
+        }
+
+        // The first frontend did not notice.
+        first.buf()[..data.len()].fill(0);
+        assert_eq!(first.read(0, MIB, 0, data.len()), 0);
+        assert_eq!(&first.buf()[..data.len()], &data[..]);
+        drop(first);
+
+        // Once it has gone (the export notices the disconnect), the next frontend is served.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while export.is_connected() {
+            assert!(std::time::Instant::now() < deadline, "the export still has the first frontend 10 s after it left");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let mut next = Client::connect(&vol.socket, 1, 1 << 20);
+        assert_eq!(next.read(0, MIB, 0, data.len()), 0);
+        assert_eq!(&next.buf()[..data.len()], &data[..]);
+        drop(next);
+        drop(export);
+    });
+}

@@ -383,10 +383,21 @@ fn a_volume_moves_to_another_vm_and_survives_that_vm_being_killed() -> Result<()
             if event != GuestEvent::FioStarted {
                 return Ok(());
             }
-            let mut qmp = Qmp::connect(&qmp2, Duration::from_secs(10))?;
-            let gen = attach_and_verify(&mut qmp, &log2, &socket_b, 1)?;
+            let mut qmp2 = Qmp::connect(&qmp2, Duration::from_secs(10))?;
+            let gen = attach_and_verify(&mut qmp2, &log2, &socket_b, 1)?;
             ensure!(gen == 1, "VM 2 found generation {gen} on {VOLUME_B}, expected VM 1's (1)");
             ensure!(connected(server, VOLUME_B)?, "{VOLUME_B} not connected while VM 2 writes to it");
+            // VM 1 asks for B while VM 2 has it: hcblk closes the second connection at once, so
+            // VM 1's device_add fails in a moment (left waiting, it would block VM 1's QEMU, its
+            // monitor included, until VM 2 let B go) and VM 2 carries on.
+            let asked = Instant::now();
+            let second = plug(&mut qmp, &socket_b);
+            let took = asked.elapsed();
+            let _ = qmp.execute("chardev-remove", json!({"id": "hpchr0"}));
+            ensure!(second.is_err(), "VM 1 got {VOLUME_B} while VM 2 had it");
+            ensure!(took < Duration::from_secs(30), "VM 1's device_add of a volume VM 2 has took {took:?} to fail");
+            eprintln!("VM 1's device_add of {VOLUME_B} while VM 2 had it failed after {} ms: {:#}", took.as_millis(), second.unwrap_err());
+            ensure!(connected(server, VOLUME_B)?, "{VOLUME_B} lost VM 2 when VM 1 asked for it");
             let pid = fs::read_to_string(&pidfile2).context("reading VM 2's pidfile")?;
             let status = std::process::Command::new("kill").args(["-KILL", pid.trim()]).status()?;
             ensure!(status.success(), "kill -KILL {} failed", pid.trim());
