@@ -13,12 +13,15 @@ export PATH="$HOME/.cargo/bin:$PATH"
 scripts/hugepages.sh reserve "${HCBLK_TEST_HUGEPAGES:-192}"
 trap 'scripts/hugepages.sh release' EXIT
 
-FUZZ_SECONDS=${HCBLK_FUZZ_SECONDS:-60}
+# HCBLK_SOAK=1: the longer suites (more kills, hot-plug cycles, seeds and fuzzing), for
+# nightly runs; the default keeps the whole run under half an hour on 2 cores.
+if [[ ${HCBLK_SOAK:-0} != 0 ]]; then soak=1; else soak=0; fi
+FUZZ_SECONDS=${HCBLK_FUZZ_SECONDS:-$(( soak ? 600 : 30 ))}
 # The simulator's seeds (one full run each: thousands of crashes, partitions, owner moves)
 # and the wall-clock cap on them; a failing seed replays with `hcblk-sim --seed N --verbose`.
-SIM_SEEDS=${HCBLK_SIM_SEEDS:-10000}
-SIM_SECONDS=${HCBLK_SIM_SECONDS:-600}
-TEST_SECONDS=${HCBLK_TEST_SECONDS:-2700}
+SIM_SEEDS=${HCBLK_SIM_SEEDS:-$(( soak ? 200000 : 5000 ))}
+SIM_SECONDS=${HCBLK_SIM_SECONDS:-$(( soak ? 7200 : 300 ))}
+TEST_SECONDS=${HCBLK_TEST_SECONDS:-$(( soak ? 7200 : 2700 ))}
 
 echo "== build"
 cargo build --workspace --all-targets --locked
