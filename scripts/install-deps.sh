@@ -41,15 +41,22 @@ PACKAGES=(
     # work offline, with or without systemd as PID 1); xmllint for the libvirt domain XML
     systemd libxml2-utils
 )
+# libvirt test (tests/tests/libvirt.rs starts its own libvirtd): without recommends, which
+# would pull in xen, lvm, dnsmasq and more that nothing here uses.
+LIBVIRT_PACKAGES=(libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients)
 missing=()
 for p in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+missing_libvirt=()
+for p in "${LIBVIRT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing_libvirt+=("$p")
 done
 need_qemu=0
 command -v qemu-system-x86_64 >/dev/null || need_qemu=1
 command -v qemu-storage-daemon >/dev/null || need_qemu=1
 
-if [[ ${#missing[@]} -gt 0 || $need_qemu -eq 1 || ! -d /var/lib/apt/lists/partial ]]; then
+if [[ ${#missing[@]} -gt 0 || ${#missing_libvirt[@]} -gt 0 || $need_qemu -eq 1 || ! -d /var/lib/apt/lists/partial ]]; then
     apt-get update -q
 fi
 if [[ $need_qemu -eq 1 ]]; then
@@ -57,6 +64,10 @@ if [[ $need_qemu -eq 1 ]]; then
 fi
 if [[ ${#missing[@]} -gt 0 ]]; then
     apt-get install -y -q "${missing[@]}"
+fi
+if [[ ${#missing_libvirt[@]} -gt 0 ]]; then
+    # After qemu: libvirt must find the backports QEMU in place, not pull bookworm's.
+    apt-get install -y -q --no-install-recommends "${missing_libvirt[@]}"
 fi
 
 # cargo-fuzz drives the fuzz targets (with RUSTC_BOOTSTRAP=1 on the stable toolchain).

@@ -44,6 +44,9 @@ pub const SOCKET_CHECK: Duration = Duration::from_secs(1);
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Epoll ids of the serving thread's waits.
+/// How long a second frontend waits, while the volume has one, before it is closed: time for
+/// the first to be seen leaving when the second is the same VM reconnecting at once.
+const REFUSE_AFTER: Duration = Duration::from_secs(1);
 const LISTENER_EVENT: u64 = 0;
 const STOP_EVENT: u64 = 1;
 
@@ -429,7 +432,7 @@ impl<V: Volume> ExportShared<V> {
     }
 
     /// Waits for the connection to end while closing every other frontend that connects
-    /// meanwhile. A volume has one frontend at a time; left in the listen backlog, a second one
+    /// meanwhile (after [`REFUSE_AFTER`]). A volume has one frontend at a time; left in the listen backlog, a second one
     /// (the volume attached to another VM by mistake) would wait for its handshake's answer with
     /// its whole main loop blocked, monitor included, for as long as the first VM keeps the
     /// volume. Closed at once, its `device_add` (or start) fails in a moment instead.
@@ -475,8 +478,16 @@ impl<V: Volume> ExportShared<V> {
             epoll.ctl(ControlOperation::Add, done.as_raw_fd(), EpollEvent::new(EventSet::IN, DONE))?;
             Ok(epoll)
         });
-        let epoll = match watch {
-            Ok(epoll) => epoll,
+        // The end of the current connection alone: a frontend that reconnects at once (a VM
+        // restarted, a client that closed and opened again) may come before this connection's
+        // thread has seen the old one close, and must then be served, not refused.
+        let watch = watch.and_then(|epoll| {
+            let ended = Epoll::new()?;
+            ended.ctl(ControlOperation::Add, done.as_raw_fd(), EpollEvent::new(EventSet::IN, DONE))?;
+            Ok((epoll, ended))
+        });
+        let (epoll, ended) = match watch {
+            Ok(both) => both,
             Err(e) => {
                 tracing::warn!(volume = %self.config.name, error = %e, "cannot watch for other frontends; they will wait in the backlog");
                 return;
@@ -495,6 +506,17 @@ impl<V: Volume> ExportShared<V> {
             };
             if ready[..n].iter().any(|e| e.data() == DONE) {
                 return;
+            }
+            // Another frontend waits: refused only if the current one is still there after
+            // a grace period; if it leaves meanwhile, the waiting one is the next to be served.
+            match ended.wait(REFUSE_AFTER.as_millis() as i32, &mut ready[..1]) {
+                Ok(0) => {}
+                Ok(_) => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::warn!(volume = %self.config.name, error = %e, "cannot watch for other frontends; they will wait in the backlog");
+                    return;
+                }
             }
             match listener.accept() {
                 Ok(Some(other)) => {

@@ -141,6 +141,8 @@ fn build_hcblk() -> Result<PathBuf> {
 pub struct HcblkServer {
     bin: PathBuf,
     dir: PathBuf,
+    /// Daemon flags beyond the data, socket and API paths, given to every start.
+    extra: Vec<String>,
     child: Child,
     socket: PathBuf,
     image: PathBuf,
@@ -150,12 +152,19 @@ impl HcblkServer {
     const VOLUME: &'static str = "vol0";
 
     pub fn start(dir: &Path, spec: &VolumeSpec) -> Result<Self> {
+        Self::start_with(dir, spec, &[])
+    }
+
+    /// As [`Self::start`], with more daemon flags (`--socket-group`, say), kept for restarts.
+    pub fn start_with(dir: &Path, spec: &VolumeSpec, extra: &[&str]) -> Result<Self> {
         let bin = hcblk_binary()?;
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let child = Self::spawn_daemon(&bin, dir)?;
+        let extra: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
+        let child = Self::spawn_daemon(&bin, dir, &extra)?;
         let mut server = Self {
             bin,
             dir: dir.to_owned(),
+            extra,
             child,
             socket: PathBuf::new(),
             image: dir.join("data/volumes/vol0.img"),
@@ -193,7 +202,7 @@ impl HcblkServer {
         dir.join("api.sock")
     }
 
-    fn spawn_daemon(bin: &Path, dir: &Path) -> Result<Child> {
+    fn spawn_daemon(bin: &Path, dir: &Path, extra: &[String]) -> Result<Child> {
         let log = dir.join("daemon.log");
         let log_file = OpenOptions::new()
             .create(true)
@@ -214,6 +223,7 @@ impl HcblkServer {
             .arg(dir.join("run"))
             .arg("--api-socket")
             .arg(Self::api(dir))
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(log_file.try_clone().context("duplicating the daemon.log handle")?)
             .stderr(log_file)
@@ -268,7 +278,7 @@ impl Server for HcblkServer {
 
     fn restart(&mut self) -> Result<()> {
         stop_gracefully(&mut self.child, Duration::from_secs(10))?;
-        self.child = Self::spawn_daemon(&self.bin, &self.dir)?;
+        self.child = Self::spawn_daemon(&self.bin, &self.dir, &self.extra)?;
         Ok(())
     }
 
@@ -285,7 +295,7 @@ impl Server for HcblkServer {
             );
         }
         // Standalone mode: the daemon re-exports every volume on its socket at start.
-        self.child = Self::spawn_daemon(&self.bin, &self.dir)?;
+        self.child = Self::spawn_daemon(&self.bin, &self.dir, &self.extra)?;
         Ok(())
     }
 }
