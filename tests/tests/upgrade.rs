@@ -31,8 +31,10 @@ const STOP_LIMIT: Duration = Duration::from_secs(10);
 /// Restarts planned: every combination of {SIGTERM, SIGKILL} × {upgrade, downgrade}, twice.
 const PLANNED: usize = 8;
 /// More SIGTERMs, up to this many restarts in all, while none has caught requests in flight
-/// (so that the drain is shown to happen, not assumed).
-const RESTARTS_MAX: usize = 12;
+/// (so that the drain is shown to happen, not assumed). Under TCG the guest's CPU, not the
+/// server, is the bottleneck: a SIGTERM at a random moment finds the server idle about half
+/// the time. The extra ones come soon after the guest's I/O resumed, while it catches up.
+const RESTARTS_MAX: usize = 14;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Stop {
@@ -119,8 +121,10 @@ fn guest_io_survives_upgrades_and_restarts_in_place() -> Result<()> {
                 _ if drained == 0 => Stop::Term,
                 _ => break,
             };
-            // A random moment: between 0.5 and 2.5 s after I/O resumed.
-            std::thread::sleep(Duration::from_millis(500 + rng.next_u64() % 2000));
+            // A random moment: between 0.5 and 2.5 s after I/O resumed (extra SIGTERMs:
+            // 0.1 to 0.6 s).
+            let wait_ms = if n <= PLANNED { 500 + rng.next_u64() % 2000 } else { 100 + rng.next_u64() % 500 };
+            std::thread::sleep(Duration::from_millis(wait_ms));
             let next = 1 - running;
             install_binary(&builds[next].path, &installed)?;
             let what = format!("restart {n} ({stop:?}, {} -> {})", builds[running].version, builds[next].version);
@@ -142,16 +146,15 @@ fn guest_io_survives_upgrades_and_restarts_in_place() -> Result<()> {
             })
             .with_context(|| what.clone())?;
             check_ended(&ended_log, previous, Some(stop), &what)?;
-            if stop == Stop::Term {
-                drained += drained_at_stop(&ended_log);
-            }
+            let drained_now = if stop == Stop::Term { drained_at_stop(&ended_log) } else { 0 };
+            drained += drained_now;
             if previous == Some(Stop::Kill) {
                 resubmitted_after_kills += recovered_inflight(&ended_log).resubmitted;
             }
             check_version(&server.incarnation_log(), &builds[next], &what)?;
             eprintln!(
                 "{what}: {}serving again after {} ms, guest I/O paused {} ms",
-                stopped.map_or(String::new(), |d| format!("exited {} ms after SIGTERM, ", d.as_millis())),
+                stopped.map_or(String::new(), |d| format!("drained {drained_now}, exited {} ms after SIGTERM, ", d.as_millis())),
                 cycle.serving.as_millis(),
                 cycle.paused.as_millis()
             );
@@ -162,7 +165,8 @@ fn guest_io_survives_upgrades_and_restarts_in_place() -> Result<()> {
         // The last incarnation is checked once the guest is done.
         Ok(())
     };
-    let runtime = 20 + RESTARTS_MAX as u32 * 5;
+    // A restart takes up to ~3.5 s with the wait before it: room for slow hosts.
+    let runtime = 20 + RESTARTS_MAX as u32 * 4;
     let out = run_guest(&guest_dir, &dir, &socket, &fio_kill_run(runtime, &console), Some(&mut restart_loop))?;
     ensure!(
         out.verdict == Verdict::Pass,
