@@ -167,6 +167,43 @@ impl<V: Volume> BlkDevice<V> {
         self.ctx.stopping.store(true, Ordering::Release);
     }
 
+    /// Graceful stop, while the frontend is still connected: the pollers take no new request,
+    /// and this returns once every request they had taken is in the used ring, the guest
+    /// interrupted for it, or at `deadline`. Returns whether everything was drained; what was
+    /// not stays marked in the frontend's inflight region for the next daemon to resubmit.
+    ///
+    /// A poller finishes its requests when it runs next: a running one sees `stopping` within
+    /// a few passes, a sleeping one with requests in flight is woken by their completion; once
+    /// stopping, it only drains (`Poller::run`). So a poller found idle (its lock free) with
+    /// nothing in flight on its queues after the flag was set never takes a request again.
+    pub(crate) fn drain(&self, deadline: Instant) -> bool {
+        self.ctx.stopping.store(true, Ordering::SeqCst);
+        let mut busy: Vec<usize> = (0..self.pollers.len()).collect();
+        loop {
+            busy.retain(|&thread| {
+                let Some(poller) = self.pollers.get(thread) else { return false };
+                let _idle = match poller.try_lock() {
+                    Ok(guard) => guard,
+                    Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                    Err(std::sync::TryLockError::WouldBlock) => return true,
+                };
+                let mask = self.queue_masks.get(thread).copied().unwrap_or(0);
+                self.ctx
+                    .queues
+                    .iter()
+                    .enumerate()
+                    .any(|(queue, shared)| mask & (1 << queue) != 0 && shared.in_flight.load(Ordering::Acquire) != 0)
+            });
+            if busy.is_empty() {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// The connection is over and its worker threads are gone: lets requests still in flight
     /// finish (a frontend that vanished never asked for them back), then tells the volume the
     /// guest memory is gone.

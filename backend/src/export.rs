@@ -11,8 +11,11 @@
 //! Every bind gives the file the export's [`SocketAccess`] (group and mode), so that a
 //! re-bound file lets in the same frontends as the first one.
 //!
-//! Stopping never depends on the file: it signals the eventfd (and shuts the socket of a
-//! connected frontend down), and waits for the serving thread at most [`STOP_TIMEOUT`].
+//! Stopping never depends on the file. With a frontend connected, the pollers first take no new
+//! request and complete the ones they have (`BlkDevice::drain`), so that the guest sees them
+//! done and the next daemon has nothing to resubmit; then the stop signals the eventfd (and
+//! shuts the frontend's socket down) and waits for the serving thread: all within
+//! [`STOP_TIMEOUT`].
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -21,7 +24,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
@@ -37,10 +40,11 @@ use crate::{Error, PollConfig, Rejections};
 
 /// Longest the serving thread waits between two checks of the socket file.
 pub const SOCKET_CHECK: Duration = Duration::from_secs(1);
-/// Longest `stop` (and drop) waits for the serving thread: the frontend's requests drain
-/// first, normally in milliseconds. A thread still busy after that (a disk that does not
-/// answer) is left behind with an error in the log; requests it never completed are still
-/// marked in the frontend's inflight region, so the next daemon resubmits them.
+/// Longest `stop` (and drop) takes: the connected frontend's requests in flight drain first,
+/// into the used rings, before the connection is closed (normally in milliseconds), then the
+/// serving thread ends. Requests still in flight at this bound (a disk that does not answer)
+/// are left behind with an error in the log, and so is a thread still busy; such requests
+/// are still marked in the frontend's inflight region, so the next daemon resubmits them.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Epoll ids of the serving thread's waits.
@@ -252,9 +256,22 @@ impl<V: Volume> Export<V> {
     fn shutdown(&mut self) {
         let Some(thread) = self.thread.take() else { return };
         let name = &self.shared.config.name;
+        let started = Instant::now();
+        let deadline = started + STOP_TIMEOUT;
         self.shared.stopping.store(true, Ordering::SeqCst);
-        if let Some(device) = self.shared.device.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-            device.stop();
+        let device = self.shared.device.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some(device) = device {
+            if self.shared.connected.load(Ordering::Acquire) {
+                // Before the connection closes: the guest gets its completions (and their
+                // interrupts) from us, and the next daemon finds nothing to resubmit.
+                if device.drain(deadline) {
+                    tracing::debug!(volume = %name, elapsed_us = started.elapsed().as_micros() as u64, "export drained");
+                } else {
+                    tracing::error!(volume = %name, "requests still in flight {STOP_TIMEOUT:?} after the stop request; the next start resubmits them");
+                }
+            } else {
+                device.stop();
+            }
         }
         if let Some(handle) = self.shared.shutdown.lock().unwrap_or_else(|p| p.into_inner()).take() {
             handle.shutdown();
@@ -262,7 +279,7 @@ impl<V: Volume> Export<V> {
         if let Err(e) = self.shared.stop_event.write(1) {
             tracing::error!(volume = %name, error = %e, "cannot wake the serving thread");
         }
-        match self.finished.recv_timeout(STOP_TIMEOUT) {
+        match self.finished.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 tracing::error!(volume = %name, "export still busy {STOP_TIMEOUT:?} after the stop request; leaving its thread behind");
             }

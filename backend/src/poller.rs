@@ -280,6 +280,12 @@ impl<Q: VolumeQueue> Poller<Q> {
                 }
             }
         }
+        if ctx.stopping.load(Ordering::Acquire) {
+            // Woken after the stop (by a completion, a kick): finish what is in flight, take
+            // nothing new. A stopping export counts on it (`BlkDevice::drain`).
+            self.drain(ctx, vrings, &atomic.memory());
+            return;
+        }
         let mode = ctx.poll.mode;
         let idle = ctx.poll.idle;
         let polling = mode != PollMode::Never;
@@ -313,7 +319,7 @@ impl<Q: VolumeQueue> Poller<Q> {
                 continue;
             }
             if ctx.stopping.load(Ordering::Acquire) {
-                self.drain(ctx, vrings);
+                self.drain(ctx, vrings, &mem);
                 return;
             }
             let sleep = match mode {
@@ -588,13 +594,28 @@ impl<Q: VolumeQueue> Poller<Q> {
         self.to_notify = 0;
     }
 
-    /// Waits for everything in flight, completing it into the used rings.
-    fn drain(&mut self, ctx: &PollContext, vrings: &[Vring]) {
-        let deadline = Instant::now() + Duration::from_secs(30);
+    /// Waits for everything in flight, completing it into the used rings and interrupting the
+    /// guest for it: a request completed here without an interrupt would sit unseen in the used
+    /// ring until some later completion, and a guest with nothing else outstanding would wait
+    /// for it forever (or until the next daemon completed something on that queue).
+    fn drain(&mut self, ctx: &PollContext, vrings: &[Vring], mem: &GuestMem) {
+        let started = Instant::now();
+        let outstanding = self.queue.outstanding();
+        let deadline = started + Duration::from_secs(30);
         while self.queue.outstanding() > 0 && Instant::now() < deadline {
             self.queue.poll();
             self.complete(ctx, vrings);
+            self.notify(vrings, mem);
             std::thread::yield_now();
+        }
+        if outstanding > 0 {
+            // Slow path (once per poller at a stop or disconnect); the upgrade test reads it.
+            tracing::info!(
+                volume = %ctx.name,
+                requests = outstanding - self.queue.outstanding(),
+                elapsed_us = started.elapsed().as_micros() as u64,
+                "drained the requests in flight"
+            );
         }
         if self.queue.outstanding() > 0 {
             tracing::error!(volume = %ctx.name, "requests still in flight after 30 s at disconnect");

@@ -19,7 +19,7 @@ use std::sync::OnceLock;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 
 /// The repository root (the workspace directory holding `qemu/`).
 pub fn repo_root() -> PathBuf {
@@ -117,12 +117,46 @@ pub fn hcblk_binary() -> Result<PathBuf> {
 /// `cargo build -p hcblk` (a second or so when nothing changed), and the path cargo reports for
 /// the binary: it honours `CARGO_TARGET_DIR` and any configured target dir.
 fn build_hcblk() -> Result<PathBuf> {
+    build_hcblk_as(None)
+}
+
+/// Builds hcblk as [`build_hcblk`] does, with `HCBLK_BUILD_ID=build_id` when given (a build that
+/// `hcblk --version` and the daemon's ready line tell apart; only the binary's `main.rs` is
+/// compiled again, a few seconds), and copies the binary to `dest`. Built with an id, the
+/// workspace's binary is built again without it afterwards, so that it is what the other tests
+/// expect.
+pub fn build_hcblk_copy(dest: &Path, build_id: Option<&str>) -> Result<()> {
+    let built = build_hcblk_as(build_id)?;
+    install_binary(&built, dest)?;
+    if build_id.is_some() {
+        build_hcblk_as(None)?;
+    }
+    Ok(())
+}
+
+/// Installs `src` at `dest` the way a package manager does: copied next to it, then renamed over
+/// it in one step, so that whoever starts `dest` gets the old file or the new one, never half of
+/// one, and a running process keeps the file it started from.
+pub fn install_binary(src: &Path, dest: &Path) -> Result<()> {
+    let name = dest.file_name().ok_or_else(|| anyhow!("{} names no file", dest.display()))?;
+    let staged = dest.with_file_name(format!(".{}.new", name.to_string_lossy()));
+    fs::copy(src, &staged).with_context(|| format!("copying {} to {}", src.display(), staged.display()))?;
+    File::open(&staged).and_then(|f| f.sync_all()).with_context(|| format!("syncing {}", staged.display()))?;
+    fs::rename(&staged, dest).with_context(|| format!("renaming {} over {}", staged.display(), dest.display()))
+}
+
+fn build_hcblk_as(build_id: Option<&str>) -> Result<PathBuf> {
     // The cargo running the tests, when there is one.
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let out = Command::new(&cargo)
+    let mut command = Command::new(&cargo);
+    command
         .args(["build", "--quiet", "--message-format=json", "-p", "hcblk", "--bin", "hcblk", "--manifest-path"])
         .arg(repo_root().join("Cargo.toml"))
-        .stdin(Stdio::null())
+        .stdin(Stdio::null());
+    if let Some(id) = build_id {
+        command.env("HCBLK_BUILD_ID", id);
+    }
+    let out = command
         .output()
         .with_context(|| format!("cannot run {} to build hcblk (or set HCBLK_BIN)", Path::new(&cargo).display()))?;
     if !out.status.success() {
@@ -144,6 +178,8 @@ pub struct HcblkServer {
     /// Daemon flags beyond the data, socket and API paths, given to every start.
     extra: Vec<String>,
     child: Child,
+    /// Where the running daemon's output starts in `daemon.log`.
+    since: usize,
     socket: PathBuf,
     image: PathBuf,
 }
@@ -152,20 +188,26 @@ impl HcblkServer {
     const VOLUME: &'static str = "vol0";
 
     pub fn start(dir: &Path, spec: &VolumeSpec) -> Result<Self> {
-        Self::start_with(dir, spec, &[])
+        Self::start_with_binary(hcblk_binary()?, dir, spec, &[])
     }
 
     /// As [`Self::start`], with more daemon flags (`--socket-group`, say), kept for restarts.
     pub fn start_with(dir: &Path, spec: &VolumeSpec, extra: &[&str]) -> Result<Self> {
-        let bin = hcblk_binary()?;
+        Self::start_with_binary(hcblk_binary()?, dir, spec, extra)
+    }
+
+    /// Like [`HcblkServer::start_with`], with the daemon (and the CLI) started from `bin`, a path
+    /// every restart runs again: replacing the file there upgrades the daemon at its next start.
+    pub fn start_with_binary(bin: PathBuf, dir: &Path, spec: &VolumeSpec, extra: &[&str]) -> Result<Self> {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let extra: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
-        let child = Self::spawn_daemon(&bin, dir, &extra)?;
+        let (child, since) = Self::spawn_daemon(&bin, dir, &extra)?;
         let mut server = Self {
             bin,
             dir: dir.to_owned(),
             extra,
             child,
+            since,
             socket: PathBuf::new(),
             image: dir.join("data/volumes/vol0.img"),
         };
@@ -202,7 +244,35 @@ impl HcblkServer {
         dir.join("api.sock")
     }
 
-    fn spawn_daemon(bin: &Path, dir: &Path, extra: &[String]) -> Result<Child> {
+    /// The daemon's log, every incarnation appended.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("daemon.log")
+    }
+
+    /// What the running daemon has logged so far (this incarnation only).
+    pub fn incarnation_log(&self) -> String {
+        let text = fs::read(self.log_path()).unwrap_or_default();
+        String::from_utf8_lossy(text.get(self.since..).unwrap_or_default()).into_owned()
+    }
+
+    /// Stops the daemon with SIGTERM as a service manager does, and starts it again from the
+    /// same path. Fails unless it exited 0 within `limit` (then it is killed). Returns how long
+    /// it took to exit, and what it logged.
+    pub fn terminate_and_restart(&mut self, limit: Duration) -> Result<(Duration, String)> {
+        let started = Instant::now();
+        let status = stop_gracefully(&mut self.child, limit)?;
+        let stopped = started.elapsed();
+        let log = self.incarnation_log();
+        ensure!(
+            status.success() && stopped < limit,
+            "the daemon did not exit cleanly within {limit:?} of SIGTERM ({status} after {stopped:?}):\n{log}"
+        );
+        (self.child, self.since) = Self::spawn_daemon(&self.bin, &self.dir, &self.extra)?;
+        Ok((stopped, log))
+    }
+
+    /// Starts the daemon; returns it, and where its output starts in `daemon.log`, once it is ready.
+    fn spawn_daemon(bin: &Path, dir: &Path, extra: &[String]) -> Result<(Child, usize)> {
         let log = dir.join("daemon.log");
         let log_file = OpenOptions::new()
             .create(true)
@@ -232,7 +302,7 @@ impl HcblkServer {
         let start = Instant::now();
         loop {
             if new_output().contains("hcblk daemon ready") {
-                return Ok(child);
+                return Ok((child, since));
             }
             if let Some(status) = child.try_wait().context("polling the daemon")? {
                 bail!("hcblk daemon exited ({status}):\n{}", new_output());
@@ -278,7 +348,7 @@ impl Server for HcblkServer {
 
     fn restart(&mut self) -> Result<()> {
         stop_gracefully(&mut self.child, Duration::from_secs(10))?;
-        self.child = Self::spawn_daemon(&self.bin, &self.dir, &self.extra)?;
+        (self.child, self.since) = Self::spawn_daemon(&self.bin, &self.dir, &self.extra)?;
         Ok(())
     }
 
@@ -295,7 +365,7 @@ impl Server for HcblkServer {
             );
         }
         // Standalone mode: the daemon re-exports every volume on its socket at start.
-        self.child = Self::spawn_daemon(&self.bin, &self.dir, &self.extra)?;
+        (self.child, self.since) = Self::spawn_daemon(&self.bin, &self.dir, &self.extra)?;
         Ok(())
     }
 }

@@ -8,6 +8,7 @@ pub mod hugepages;
 pub mod netns;
 pub mod qmp;
 pub mod replicas;
+pub mod restart;
 pub mod scenario;
 pub mod verify;
 pub mod wire_peer;

@@ -35,7 +35,8 @@ pub trait Attacher {
 }
 
 /// A volume this node owns and exports.
-pub trait AttachedVolume {
+/// `Send`: a daemon that stops stops its exports side by side (their drains overlap).
+pub trait AttachedVolume: Send {
     /// Grows the export to the size the document already holds (the manager commits it
     /// first) and tells a connected guest.
     fn resize(&self, new_size_bytes: u64) -> Result<(), crate::Error>;

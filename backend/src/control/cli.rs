@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use replication::Locality;
 
 use super::api::{self, ClusterStatus, CreateRequest, NodeEntry, Request, Response, VolumeInfo};
@@ -465,9 +465,27 @@ impl TryFrom<CreateArgs> for CreateRequest {
     }
 }
 
-pub fn run(cli: Cli) -> Result<(), Error> {
+/// What `hcblk --version` prints after the name, and the daemon logs: the package version, with
+/// `+BUILD_ID` when the binary was built with one (`HCBLK_BUILD_ID`).
+pub fn version(package: &str, build_id: Option<&str>) -> &'static str {
+    let version = match build_id.map(str::trim).filter(|id| !id.is_empty()) {
+        Some(id) => format!("{package}+{id}"),
+        None => package.to_owned(),
+    };
+    // Once per process, and clap keeps `&'static str`s.
+    version.leak()
+}
+
+/// Parses the command line (exits with clap's message on an error, `--help` or `--version`).
+pub fn parse(version: &'static str) -> Cli {
+    let matches = Cli::command().version(version).get_matches();
+    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+}
+
+/// Runs the command; `version` as [`version`] made it.
+pub fn run(cli: Cli, version: &str) -> Result<(), Error> {
     let (request, json) = match cli.command {
-        Command::Daemon(args) => return daemon::run(DaemonConfig::try_from((*args, cli.api_socket))?),
+        Command::Daemon(args) => return daemon::run(DaemonConfig::try_from((*args, cli.api_socket))?, version),
         Command::Volume(command) => volume_request(command)?,
         Command::Node(NodeCommand::List { json }) => (Request::NodeList {}, json),
         Command::Cluster(ClusterCommand::Status { json }) => (Request::ClusterStatus {}, json),
@@ -750,6 +768,16 @@ mod tests {
     fn request(args: &[&str]) -> Result<(Request, bool), Error> {
         let Command::Volume(command) = parse(args).command else { panic!() };
         volume_request(command)
+    }
+
+    #[test]
+    fn the_version_carries_the_build_id() {
+        assert_eq!(version("0.1.0", None), "0.1.0");
+        assert_eq!(version("0.1.0", Some("")), "0.1.0");
+        assert_eq!(version("0.1.0", Some("g1a2b3c")), "0.1.0+g1a2b3c");
+        let err = Cli::command().version(version("0.1.0", Some("x"))).try_get_matches_from(["hcblk", "--version"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::DisplayVersion);
+        assert_eq!(err.to_string(), "hcblk 0.1.0+x\n");
     }
 
     #[test]

@@ -28,6 +28,7 @@ use super::api::{
     VolumeState,
 };
 use super::attach::{AttachedVolume, Attacher, OwnerStatus};
+use super::exporter::stop_side_by_side;
 use super::store::{self, BackingType, EXTENT_BYTES_DEFAULT, REGION_BYTES};
 use super::units::format_rfc3339_nanos;
 use super::volumes::{check_socket_path, remove_stale_socket, QUEUE_SIZE};
@@ -719,13 +720,15 @@ impl<A: Attacher> ClusterVolumes<A> {
         }
     }
 
-    /// Stops every export (daemon shutdown); ownership stays in etcd.
+    /// Stops every export (daemon shutdown), side by side (see [`stop_side_by_side`]);
+    /// ownership stays in etcd.
     pub fn shutdown(&mut self) {
-        while let Some((name, a)) = self.attached.pop_first() {
+        let attached = std::mem::take(&mut self.attached);
+        stop_side_by_side(attached, |(name, a)| {
             a.handle.stop();
             remove_stale_socket(&a.socket);
             tracing::info!(volume = %name, "export stopped; the volume stays owned by this node");
-        }
+        });
     }
 
     fn publishable(&self, status: &OwnerStatus, rates: &SyncRates) -> PublishedStatus {

@@ -231,7 +231,9 @@ impl Stopper {
     }
 }
 
-pub fn run(config: DaemonConfig) -> Result<(), Error> {
+/// Runs the daemon until SIGINT/SIGTERM. `version` (`hcblk --version`) goes into the ready line
+/// and, in cluster mode, into the node's registration.
+pub fn run(config: DaemonConfig, version: &str) -> Result<(), Error> {
     let notifier = Notifier::from_env()?;
     check_hugepages(replica::free_hugepages(), config.hugepages_mb)?;
     // Before creating anything: a second daemon must leave the first one's files alone.
@@ -250,14 +252,14 @@ pub fn run(config: DaemonConfig) -> Result<(), Error> {
     let listener = bind_api_socket(&config.api_socket)?;
     let notifier = notifier.as_ref();
     let result = match cluster {
-        None => serve_standalone(&config, listener, notifier),
-        Some((options, connected)) => serve_cluster(&config, options, connected, listener, notifier),
+        None => serve_standalone(&config, version, listener, notifier),
+        Some((options, connected)) => serve_cluster(&config, version, options, connected, listener, notifier),
     };
     let _ = fs::remove_file(&config.api_socket);
     result
 }
 
-fn serve_standalone(config: &DaemonConfig, listener: UnixListener, notifier: Option<&Notifier>) -> Result<(), Error> {
+fn serve_standalone(config: &DaemonConfig, version: &str, listener: UnixListener, notifier: Option<&Notifier>) -> Result<(), Error> {
     let inbox = Inbox::new();
     let signals = inbox.install_signals()?;
     // Volumes are restored while the API socket is already bound: clients (and a second
@@ -268,7 +270,7 @@ fn serve_standalone(config: &DaemonConfig, listener: UnixListener, notifier: Opt
     tracing::info!(volumes = restored, data_dir = %config.data_dir.display(), "volumes restored");
     inbox.accept(listener)?;
     // Scripts and tests wait for this exact line, so it does not depend on RUST_LOG.
-    eprintln!("hcblk daemon ready api={}", config.api_socket.display());
+    eprintln!("hcblk daemon ready api={} version={version}", config.api_socket.display());
     notify_ready(notifier, &format!("ready; volumes restored: {restored}"));
     serve(&mut volumes, &inbox);
     notify_stopping(notifier);
@@ -331,6 +333,7 @@ fn is_previous_run(value: &[u8], options: &ClusterOptions) -> bool {
 
 fn serve_cluster(
     config: &DaemonConfig,
+    version: &str,
     options: &ClusterOptions,
     connected: Connected,
     listener: UnixListener,
@@ -367,7 +370,7 @@ fn serve_cluster(
         zone: options.zone.clone(),
         capacity_bytes,
         free_bytes: 0,
-        version: env!("CARGO_PKG_VERSION").to_owned(),
+        version: version.to_owned(),
         started_unix_s: now_unix_s,
     };
     let value = node_value(&template, members.used_bytes());
@@ -412,7 +415,7 @@ fn serve_cluster(
     let attached = volumes.reattach_owned();
     tracing::info!(attached, "volumes owned by this node attached");
     inbox.accept(listener)?;
-    eprintln!("hcblk daemon ready api={} node={node}", config.api_socket.display());
+    eprintln!("hcblk daemon ready api={} version={version} node={node}", config.api_socket.display());
     notify_ready(notifier, &format!("ready as node {node}; volumes attached: {attached}"));
 
     serve(&mut volumes, &inbox);
