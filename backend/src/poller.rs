@@ -91,13 +91,17 @@ pub struct PollConfig {
     /// Adaptive: how long a queue may stay idle before its poller sleeps. Default 1 ms.
     pub idle: Duration,
     /// Cores the poller threads are pinned to, one poller per core (queues are spread over
-    /// them round-robin). Empty: one poller per queue, unpinned.
+    /// them round-robin). Default empty: one poller per queue, unpinned (the scheduler places
+    /// them, away from busy cores when it can).
     pub cpus: Vec<usize>,
+    /// Serve all queues of a volume from one poller thread, pinned to `cpus[0]` if `cpus` is
+    /// not empty. Default false.
+    pub one_poller: bool,
 }
 
 impl Default for PollConfig {
     fn default() -> Self {
-        Self { mode: PollMode::Adaptive, idle: Duration::from_millis(1), cpus: Vec::new() }
+        Self { mode: PollMode::Adaptive, idle: Duration::from_millis(1), cpus: Vec::new(), one_poller: false }
     }
 }
 
