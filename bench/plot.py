@@ -9,7 +9,8 @@ IDX__SERVER__WORKLOAD__BS__QD.json (blk-bench or fio JSON) or .error (a failed m
 Ratios are against qemu-storage-daemon on the same kind of backend: null-co for hcblk's
 null and ram volumes, the io_uring O_DIRECT file export for hcblk's file volume and for fio.
 Servers named hcblk-BACKING-MODE (a poll mode) are compared with the same server run from
-$HCBLK_BASE (hcblk-BACKING-MODE-base) if the run has it, else with hcblk-BACKING-never.
+$HCBLK_BASE (hcblk-BACKING-MODE-base) if the run has it, else with hcblk-BACKING-never (on a
+shared core, hcblk-BACKING-never first).
 With several rounds, each figure is the median over rounds.
 
 With server and client on one core (the shared-core run), the waits of the two are mostly
@@ -39,8 +40,9 @@ HCBLK_MODE = re.compile(r"hcblk-(null|ram|file)-(always|adaptive|never)(-base)?"
 MODE_ORDER = ["never", "adaptive", "always"]
 
 
-def references(server):
-    """The servers `server` is compared with, best first (the first one in the run is used)."""
+def references(server, shared_core=False):
+    """The servers `server` is compared with, best first (the first one in the run is used).
+    On a shared core, polling is judged against not polling: hcblk-BACKING-never first."""
     if server in REFERENCE:
         return [REFERENCE[server]]
     m = HCBLK_MODE.fullmatch(server)
@@ -48,7 +50,9 @@ def references(server):
         return []
     backing, mode, base = m.groups()
     never = f"hcblk-{backing}-never{base or ''}"
-    return ([] if base else [f"{server}-base"]) + ([never] if never != server else [])
+    same_build = [f"{server}-base"] if not base else []
+    others = [never] if never != server else []
+    return others + same_build if shared_core else same_build + others
 
 
 def order_key(server):
@@ -61,7 +65,8 @@ def order_key(server):
     return (len(SERVER_ORDER) + 1, server, 0, 0)
 METRICS = ["iops", "mib_s", "p50_us", "p99_us", "p999_us",
            "server_cpu_us_per_io", "server_cpu_pct", "client_cpu_pct",
-           "client_preemptions_per_s", "client_runq_wait_pct", "server_runq_wait_pct"]
+           "client_preemptions_per_s", "client_runq_wait_pct", "server_runq_wait_pct",
+           "pair_cpu_us_per_io"]
 # Client and server should own their cores. Above this share of the interval spent waiting
 # for its core (other tasks ran there) by either, the row is disturbed.
 RUNQ_WAIT_PCT_MAX = 2.0
@@ -81,9 +86,17 @@ def parse_name(fname):
         return None
 
 
+def pair_cpu_us_per_io(d):
+    """Core time one I/O cost client and server together: on a shared core, what other load
+    takes from the pair changes IOPS much more than this."""
+    c, s, iops = d.get("client_cpu_pct"), d.get("server_cpu_pct"), d.get("iops")
+    return (c + s) / 100 * 1e6 / iops if c is not None and s is not None and iops else None
+
+
 def from_blk_bench(d):
     lat = d.get("lat_us") or {}
     return {
+        "pair_cpu_us_per_io": pair_cpu_us_per_io(d),
         "iops": d["iops"],
         "mib_s": d["mib_per_s"],
         "p50_us": lat.get("p50"),
@@ -121,6 +134,7 @@ def from_fio(d):
         "client_preemptions_per_s": None,
         "client_runq_wait_pct": None,
         "server_runq_wait_pct": None,
+        "pair_cpu_us_per_io": None,
         "seconds": job["job_runtime"] / 1000.0,
     }
 
@@ -170,7 +184,7 @@ def summarise(runs, shared_core=False):
         summary.append(s)
     index = {(s["key"], s["server"]): s for s in summary}
     for s in summary:
-        ref = next((index[(s["key"], r)] for r in references(s["server"])
+        ref = next((index[(s["key"], r)] for r in references(s["server"], shared_core)
                     if (s["key"], r) in index), None)
         s["reference"] = ref["server"] if ref else None
         for m, name in (("iops", "iops_ratio"), ("p50_us", "p50_ratio"),
@@ -301,6 +315,24 @@ def markdown(meta, summary, checks):
         lines.append("")
         lines.append(f"⚠ client or server waited for its core more than {RUNQ_WAIT_PCT_MAX:.0f} % "
                      "of the time (other tasks ran there): that row is disturbed; rerun it.")
+    if meta.get("server_cpu") is not None and meta.get("server_cpu") == meta.get("client_cpu"):
+        lines.append("")
+        lines.append("Shared core, load-independent view: CPU of client and server together per I/O "
+                     "(what the core spent on each I/O; other load on the core changes IOPS, not this), "
+                     "and the share of the core the pair got.")
+        lines.append("")
+        lines.append("| workload | server | client + server CPU µs/IO | × ref | client + server CPU % |")
+        lines.append("|---|---|---:|---:|---:|")
+        index = {(s["key"], s["server"]): s for s in summary}
+        for s in summary:
+            if s["workload"] == "idle" or s["rounds"] == 0:
+                continue
+            ref = index.get((s["key"], s["reference"])) if s["reference"] else None
+            r = (s["pair_cpu_us_per_io"] / ref["pair_cpu_us_per_io"]
+                 if ref and ref.get("pair_cpu_us_per_io") and s["pair_cpu_us_per_io"] else None)
+            pct = (s["client_cpu_pct"] or 0) + (s["server_cpu_pct"] or 0)
+            lines.append(f"| {s['key']} | {s['server']} | {fmt(s['pair_cpu_us_per_io'], 3)} "
+                         f"| {fmt(r)} | {fmt(pct, 1)} |")
     idle = [s for s in summary if s["workload"] == "idle"]
     if idle:
         lines.append("")
