@@ -330,8 +330,10 @@ impl<Q: VolumeQueue> Poller<Q> {
             work += self.complete(ctx, vrings);
             self.notify(vrings, &mem);
 
-            // Always and never look at the clock only when they did some work, as before.
-            let now = if work > 0 || mode == PollMode::Adaptive { Instant::now() } else { last_work };
+            // The clock is read only when there was work or while adaptive polling waits for
+            // its idle time: always, never and a backing-off adaptive poller do not need it
+            // to decide to spin or sleep.
+            let now = if work > 0 || (polling && mode == PollMode::Adaptive) { Instant::now() } else { last_work };
             if watch && now >= next_sample {
                 next_sample = now + SAMPLE_INTERVAL;
                 match self.sample_contention(ctx, now) {
