@@ -70,6 +70,14 @@ METRICS = ["iops", "mib_s", "p50_us", "p99_us", "p999_us",
 # Client and server should own their cores. Above this share of the interval spent waiting
 # for its core (other tasks ran there) by either, the row is disturbed.
 RUNQ_WAIT_PCT_MAX = 2.0
+# On a shared core, client and server together should get the whole core (the client never
+# sleeps); below this share other tasks ran there.
+PAIR_CPU_PCT_MIN = 95.0
+
+
+def pair_disturbed(r):
+    c, s = r.get("client_cpu_pct"), r.get("server_cpu_pct")
+    return c is not None and s is not None and c + s < PAIR_CPU_PCT_MIN
 
 
 def parse_name(fname):
@@ -172,15 +180,25 @@ def summarise(runs, shared_core=False):
     summary = []
     for (key, server), rs in groups.items():
         ok = [r for r in rs if "error" not in r]
+        pair_left_out = 0
+        if shared_core:
+            # Rounds where other tasks took part of the core measure them, not the servers:
+            # left out of the medians when the row has undisturbed rounds.
+            quiet = [r for r in ok if not pair_disturbed(r)]
+            pair_left_out = len(ok) - len(quiet) if quiet else 0
+            ok = quiet or ok
         s = {"key": key, "server": server, "workload": rs[0]["workload"],
              "bs": rs[0]["bs"], "qd": rs[0]["qd"], "rounds": len(ok),
-             "failed": len(rs) - len(ok)}
+             "failed": len(rs) - len(ok) - pair_left_out, "left_out": pair_left_out}
         for m in METRICS:
             vals = [r[m] for r in ok if r.get(m) is not None]
             s[m] = statistics.median(vals) if vals else None
-        s["disturbed"] = not shared_core and any(
-            s[m] is not None and s[m] > RUNQ_WAIT_PCT_MAX
-            for m in ("client_runq_wait_pct", "server_runq_wait_pct"))
+        if shared_core:
+            s["disturbed"] = all(pair_disturbed(r) for r in ok) if ok else False
+        else:
+            s["disturbed"] = any(
+                s[m] is not None and s[m] > RUNQ_WAIT_PCT_MAX
+                for m in ("client_runq_wait_pct", "server_runq_wait_pct"))
         summary.append(s)
     index = {(s["key"], s["server"]): s for s in summary}
     for s in summary:
@@ -283,7 +301,10 @@ def markdown(meta, summary, checks):
                  f"{meta.get('fio', '?')}.")
     if meta.get("server_cpu") is not None and meta.get("server_cpu") == meta.get("client_cpu"):
         lines.append("**Shared core:** server and client on the same core; the waited column is "
-                     "mostly each waiting for the other.")
+                     "mostly each waiting for the other. Rounds where the two together got less "
+                     f"than {PAIR_CPU_PCT_MIN:.0f} % of the core (other tasks ran there) are left "
+                     "out of the medians when the row has other rounds (count in the second table); "
+                     "a row with only such rounds is marked ⚠.")
     lines.append(f"Servers pinned to core {meta.get('server_cpu')}, client (blk-bench: libblkio "
                  f"virtio-blk-vhost-user, busy-polled queue) to core {meta.get('client_cpu')}; "
                  f"{meta.get('seconds')} s measured after {meta.get('warmup')} s warmup, "
@@ -321,8 +342,9 @@ def markdown(meta, summary, checks):
                      "(what the core spent on each I/O; other load on the core changes IOPS, not this), "
                      "and the share of the core the pair got.")
         lines.append("")
-        lines.append("| workload | server | client + server CPU µs/IO | × ref | client + server CPU % |")
-        lines.append("|---|---|---:|---:|---:|")
+        lines.append("| workload | server | client + server CPU µs/IO | × ref | client + server CPU % "
+                     "| rounds used / left out |")
+        lines.append("|---|---|---:|---:|---:|---:|")
         index = {(s["key"], s["server"]): s for s in summary}
         for s in summary:
             if s["workload"] == "idle" or s["rounds"] == 0:
@@ -332,7 +354,7 @@ def markdown(meta, summary, checks):
                  if ref and ref.get("pair_cpu_us_per_io") and s["pair_cpu_us_per_io"] else None)
             pct = (s["client_cpu_pct"] or 0) + (s["server_cpu_pct"] or 0)
             lines.append(f"| {s['key']} | {s['server']} | {fmt(s['pair_cpu_us_per_io'], 3)} "
-                         f"| {fmt(r)} | {fmt(pct, 1)} |")
+                         f"| {fmt(r)} | {fmt(pct, 1)} | {s['rounds']} / {s['left_out']} |")
     idle = [s for s in summary if s["workload"] == "idle"]
     if idle:
         lines.append("")
