@@ -8,12 +8,19 @@ IDX__SERVER__WORKLOAD__BS__QD.json (blk-bench or fio JSON) or .error (a failed m
 
 Ratios are against qemu-storage-daemon on the same kind of backend: null-co for hcblk's
 null and ram volumes, the io_uring O_DIRECT file export for hcblk's file volume and for fio.
+Servers named hcblk-BACKING-MODE (a poll mode) are compared with the same server run from
+$HCBLK_BASE (hcblk-BACKING-MODE-base) if the run has it, else with hcblk-BACKING-never (on a
+shared core, hcblk-BACKING-never first).
 With several rounds, each figure is the median over rounds.
+
+With server and client on one core (the shared-core run), the waits of the two are mostly
+for each other, so no row is marked disturbed, and the criteria are the shared-core ones.
 """
 
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 
@@ -27,12 +34,50 @@ REFERENCE = {
     "fio-host": "qsd-file",
 }
 SERVER_ORDER = ["qsd-null", "hcblk-null", "hcblk-ram", "qsd-file", "hcblk-file", "fio-host"]
+# hcblk-BACKING-MODE[-base]: an hcblk server with an explicit poll mode, from $HCBLK or
+# (-base) $HCBLK_BASE.
+HCBLK_MODE = re.compile(r"hcblk-(null|ram|file)-(always|adaptive|never)(-base)?")
+MODE_ORDER = ["never", "adaptive", "always"]
+
+
+def references(server, shared_core=False):
+    """The servers `server` is compared with, best first (the first one in the run is used).
+    On a shared core, polling is judged against not polling: hcblk-BACKING-never first."""
+    if server in REFERENCE:
+        return [REFERENCE[server]]
+    m = HCBLK_MODE.fullmatch(server)
+    if not m:
+        return []
+    backing, mode, base = m.groups()
+    never = f"hcblk-{backing}-never{base or ''}"
+    same_build = [f"{server}-base"] if not base else []
+    others = [never] if never != server else []
+    return others + same_build if shared_core else same_build + others
+
+
+def order_key(server):
+    if server in SERVER_ORDER:
+        return (SERVER_ORDER.index(server), "", 0, 0)
+    m = HCBLK_MODE.fullmatch(server)
+    if m:
+        backing, mode, base = m.groups()
+        return (len(SERVER_ORDER), backing, MODE_ORDER.index(mode), 0 if base else 1)
+    return (len(SERVER_ORDER) + 1, server, 0, 0)
 METRICS = ["iops", "mib_s", "p50_us", "p99_us", "p999_us",
            "server_cpu_us_per_io", "server_cpu_pct", "client_cpu_pct",
-           "client_preemptions_per_s", "client_runq_wait_pct", "server_runq_wait_pct"]
+           "client_preemptions_per_s", "client_runq_wait_pct", "server_runq_wait_pct",
+           "pair_cpu_us_per_io"]
 # Client and server should own their cores. Above this share of the interval spent waiting
 # for its core (other tasks ran there) by either, the row is disturbed.
 RUNQ_WAIT_PCT_MAX = 2.0
+# On a shared core, client and server together should get the whole core (the client never
+# sleeps); below this share other tasks ran there.
+PAIR_CPU_PCT_MIN = 95.0
+
+
+def pair_disturbed(r):
+    c, s = r.get("client_cpu_pct"), r.get("server_cpu_pct")
+    return c is not None and s is not None and c + s < PAIR_CPU_PCT_MIN
 
 
 def parse_name(fname):
@@ -49,9 +94,17 @@ def parse_name(fname):
         return None
 
 
+def pair_cpu_us_per_io(d):
+    """Core time one I/O cost client and server together: on a shared core, what other load
+    takes from the pair changes IOPS much more than this."""
+    c, s, iops = d.get("client_cpu_pct"), d.get("server_cpu_pct"), d.get("iops")
+    return (c + s) / 100 * 1e6 / iops if c is not None and s is not None and iops else None
+
+
 def from_blk_bench(d):
     lat = d.get("lat_us") or {}
     return {
+        "pair_cpu_us_per_io": pair_cpu_us_per_io(d),
         "iops": d["iops"],
         "mib_s": d["mib_per_s"],
         "p50_us": lat.get("p50"),
@@ -89,6 +142,7 @@ def from_fio(d):
         "client_preemptions_per_s": None,
         "client_runq_wait_pct": None,
         "server_runq_wait_pct": None,
+        "pair_cpu_us_per_io": None,
         "seconds": job["job_runtime"] / 1000.0,
     }
 
@@ -118,7 +172,7 @@ def load_run(run_dir):
     return runs
 
 
-def summarise(runs):
+def summarise(runs, shared_core=False):
     """Median per (key, server) over the successful rounds."""
     groups = {}
     for r in runs:
@@ -126,30 +180,40 @@ def summarise(runs):
     summary = []
     for (key, server), rs in groups.items():
         ok = [r for r in rs if "error" not in r]
+        pair_left_out = 0
+        if shared_core:
+            # Rounds where other tasks took part of the core measure them, not the servers:
+            # left out of the medians when the row has undisturbed rounds.
+            quiet = [r for r in ok if not pair_disturbed(r)]
+            pair_left_out = len(ok) - len(quiet) if quiet else 0
+            ok = quiet or ok
         s = {"key": key, "server": server, "workload": rs[0]["workload"],
              "bs": rs[0]["bs"], "qd": rs[0]["qd"], "rounds": len(ok),
-             "failed": len(rs) - len(ok)}
+             "failed": len(rs) - len(ok) - pair_left_out, "left_out": pair_left_out}
         for m in METRICS:
             vals = [r[m] for r in ok if r.get(m) is not None]
             s[m] = statistics.median(vals) if vals else None
-        s["disturbed"] = any(s[m] is not None and s[m] > RUNQ_WAIT_PCT_MAX
-                             for m in ("client_runq_wait_pct", "server_runq_wait_pct"))
+        if shared_core:
+            s["disturbed"] = all(pair_disturbed(r) for r in ok) if ok else False
+        else:
+            s["disturbed"] = any(
+                s[m] is not None and s[m] > RUNQ_WAIT_PCT_MAX
+                for m in ("client_runq_wait_pct", "server_runq_wait_pct"))
         summary.append(s)
     index = {(s["key"], s["server"]): s for s in summary}
     for s in summary:
-        ref = index.get((s["key"], REFERENCE.get(s["server"], "")))
+        ref = next((index[(s["key"], r)] for r in references(s["server"], shared_core)
+                    if (s["key"], r) in index), None)
         s["reference"] = ref["server"] if ref else None
         for m, name in (("iops", "iops_ratio"), ("p50_us", "p50_ratio"),
                         ("server_cpu_us_per_io", "cpu_per_io_ratio")):
             a, b = s.get(m), ref.get(m) if ref else None
             s[name] = a / b if a is not None and b else None
-    order = {n: i for i, n in enumerate(SERVER_ORDER)}
-    summary.sort(key=lambda s: (s["workload"] == "idle", s["key"],
-                                order.get(s["server"], 99), s["server"]))
+    summary.sort(key=lambda s: (s["workload"] == "idle", s["key"], order_key(s["server"])))
     return summary
 
 
-def criteria(summary):
+def criteria(summary, shared_core=False):
     index = {(s["key"], s["server"]): s for s in summary}
 
     def get(key, server, metric):
@@ -173,7 +237,34 @@ def criteria(summary):
     def ratio(a, b):
         return a / b if a is not None and b else None
 
-    return [
+    if shared_core:
+        # Issue 7: the default must not starve a client that shares the poller's core.
+        qd1 = [("randread-4k-qd1", "hcblk-null-adaptive"), ("randread-4k-qd1", "hcblk-null-never")]
+        qd32 = [("randread-4k-qd32", "hcblk-null-adaptive"), ("randread-4k-qd32", "hcblk-null-never")]
+        return [
+            check("shared core: hcblk null 4k randread QD1 p50, adaptive / never",
+                  ratio(get(*qd1[0], "p50_us"), get(*qd1[1], "p50_us")), "<=", 1.5,
+                  "p50 latency ratio"),
+            check("shared core: hcblk null 4k randread QD32 IOPS, adaptive / never",
+                  ratio(get(*qd32[0], "iops"), get(*qd32[1], "iops")), ">=", 1.0,
+                  "IOPS ratio"),
+        ]
+    # A/B against another build ($HCBLK_BASE), where the run has such rows.
+    ab = []
+    for s in summary:
+        m = HCBLK_MODE.fullmatch(s["server"])
+        if not m or m.group(3) or s.get("reference") != f"{s['server']}-base":
+            continue
+        rows = [(s["key"], s["server"]), (s["key"], s["reference"])]
+        if s["qd"] == 1:
+            ab.append(check(f"{s['server']} {s['key']} p50 / base build", s.get("p50_ratio"),
+                            "<=", 1.05, "p50 latency ratio", rows))
+        else:
+            ab.append(check(f"{s['server']} {s['key']} IOPS / base build", s.get("iops_ratio"),
+                            ">=", 0.95, "IOPS ratio", rows))
+    if ab and not any(s["server"] in REFERENCE for s in summary):
+        return ab
+    return ab + [
         check("hcblk null 4k randread QD32 IOPS / qsd null-co",
               ratio(get("randread-4k-qd32", "hcblk-null", "iops"),
                     get("randread-4k-qd32", "qsd-null", "iops")), ">=", 2.0,
@@ -208,6 +299,12 @@ def markdown(meta, summary, checks):
                  f"{meta.get('cpu_model', '?')} ×{meta.get('nproc', '?')}, "
                  f"kernel {meta.get('kernel', '?')}, {meta.get('qemu_storage_daemon', '?')}, "
                  f"{meta.get('fio', '?')}.")
+    if meta.get("server_cpu") is not None and meta.get("server_cpu") == meta.get("client_cpu"):
+        lines.append("**Shared core:** server and client on the same core; the waited column is "
+                     "mostly each waiting for the other. Rounds where the two together got less "
+                     f"than {PAIR_CPU_PCT_MIN:.0f} % of the core (other tasks ran there) are left "
+                     "out of the medians when the row has other rounds (count in the second table); "
+                     "a row with only such rounds is marked ⚠.")
     lines.append(f"Servers pinned to core {meta.get('server_cpu')}, client (blk-bench: libblkio "
                  f"virtio-blk-vhost-user, busy-polled queue) to core {meta.get('client_cpu')}; "
                  f"{meta.get('seconds')} s measured after {meta.get('warmup')} s warmup, "
@@ -239,6 +336,25 @@ def markdown(meta, summary, checks):
         lines.append("")
         lines.append(f"⚠ client or server waited for its core more than {RUNQ_WAIT_PCT_MAX:.0f} % "
                      "of the time (other tasks ran there): that row is disturbed; rerun it.")
+    if meta.get("server_cpu") is not None and meta.get("server_cpu") == meta.get("client_cpu"):
+        lines.append("")
+        lines.append("Shared core, load-independent view: CPU of client and server together per I/O "
+                     "(what the core spent on each I/O; other load on the core changes IOPS, not this), "
+                     "and the share of the core the pair got.")
+        lines.append("")
+        lines.append("| workload | server | client + server CPU µs/IO | × ref | client + server CPU % "
+                     "| rounds used / left out |")
+        lines.append("|---|---|---:|---:|---:|---:|")
+        index = {(s["key"], s["server"]): s for s in summary}
+        for s in summary:
+            if s["workload"] == "idle" or s["rounds"] == 0:
+                continue
+            ref = index.get((s["key"], s["reference"])) if s["reference"] else None
+            r = (s["pair_cpu_us_per_io"] / ref["pair_cpu_us_per_io"]
+                 if ref and ref.get("pair_cpu_us_per_io") and s["pair_cpu_us_per_io"] else None)
+            pct = (s["client_cpu_pct"] or 0) + (s["server_cpu_pct"] or 0)
+            lines.append(f"| {s['key']} | {s['server']} | {fmt(s['pair_cpu_us_per_io'], 3)} "
+                         f"| {fmt(r)} | {fmt(pct, 1)} | {s['rounds']} / {s['left_out']} |")
     idle = [s for s in summary if s["workload"] == "idle"]
     if idle:
         lines.append("")
@@ -267,8 +383,7 @@ def plot(summary, png, title):
 
     rows = [s for s in summary if s["workload"] != "idle" and s["rounds"] > 0]
     keys = sorted({s["key"] for s in rows}, key=lambda k: [s["key"] for s in summary].index(k))
-    servers = [n for n in SERVER_ORDER if any(s["server"] == n for s in rows)]
-    servers += sorted({s["server"] for s in rows} - set(servers))
+    servers = sorted({s["server"] for s in rows}, key=order_key)
     index = {(s["key"], s["server"]): s for s in rows}
     width = 0.8 / max(len(servers), 1)
 
@@ -327,8 +442,9 @@ def main():
     runs = load_run(args.run_dir)
     if not runs:
         sys.exit(f"no measurements in {args.run_dir}")
-    summary = summarise(runs)
-    checks = criteria(summary)
+    shared_core = meta.get("server_cpu") is not None and meta.get("server_cpu") == meta.get("client_cpu")
+    summary = summarise(runs, shared_core)
+    checks = criteria(summary, shared_core)
     md = markdown(meta, summary, checks)
     if args.json:
         with open(args.json, "w") as f:

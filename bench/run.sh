@@ -12,6 +12,9 @@
 #   BENCH_SECONDS [5]  BENCH_WARMUP [1]  BENCH_ROUNDS [1]  BENCH_IDLE_SECONDS [10]
 #   BENCH_SERVER_CPU [1]  BENCH_CLIENT_CPU [0]
 #   BENCH_SERVERS ["qsd-null qsd-file hcblk-null hcblk-ram hcblk-file fio-host"]
+#                 hcblk-BACKING runs `--poll always`; hcblk-BACKING-MODE (e.g. hcblk-null-adaptive,
+#                 hcblk-null-never) that poll mode, and a -base suffix runs $HCBLK_BASE instead
+#                 of $HCBLK (A/B against another build). Shared core: BENCH_SERVER_CPU=BENCH_CLIENT_CPU.
 #   BENCH_WORKLOADS ["randread:4k:1 randread:4k:32 randwrite:4k:1 randwrite:4k:32 seqread:128k:8"]
 #   BENCH_IDLE ["hcblk-file qsd-file"]  (empty: skip the idle measurement)
 #   BENCH_IMG [bench/out/bench.img]  BENCH_SIZE [1G]
@@ -22,7 +25,7 @@
 #   BENCH_QUIET_WAIT [10]  before each measurement, wait up to this many seconds for the
 #                          machine to be idle (below BENCH_QUIET_PCT [10] % of all cores busy)
 #   HCBLK_DAEMON_ARGS [""]  extra arguments for `hcblk daemon`
-#   HCBLK [target/release/hcblk]  QSD [/usr/bin/qemu-storage-daemon]  PYTHON [/usr/bin/python3, which has python3-matplotlib]
+#   HCBLK [target/release/hcblk]  HCBLK_BASE [unset: the build -base servers run]  QSD [/usr/bin/qemu-storage-daemon]  PYTHON [/usr/bin/python3, which has python3-matplotlib]
 set -euo pipefail
 trap 'echo "bench/run.sh: line $LINENO: \"$BASH_COMMAND\" failed" >&2' ERR
 
@@ -151,18 +154,28 @@ start_server() {
         SERVER_PID=$!
         wait_socket "$SERVER_PID" "$SOCK"
         ;;
-    hcblk-null | hcblk-ram | hcblk-file)
-        local backing=${name#hcblk-} api=$dir/api.sock
+    hcblk-*)
+        # hcblk-BACKING[-MODE][-base]
+        local rest=${name#hcblk-} api=$dir/api.sock bin=$HCBLK
+        if [[ $rest == *-base ]]; then
+            bin=${HCBLK_BASE:-}
+            [[ -n $bin ]] || { log "$name: set HCBLK_BASE to the hcblk binary to compare with"; return 1; }
+            rest=${rest%-base}
+        fi
+        local backing=${rest%%-*}
+        [[ $rest == *-* ]] && poll=${rest#*-}
+        case $backing in null | ram | file) ;; *) log "unknown server $name"; return 1 ;; esac
+        case $poll in always | adaptive | never) ;; *) log "$name: unknown poll mode $poll"; return 1 ;; esac
         local -a path_arg=()
         [[ $backing == file ]] && path_arg=(--path "$IMG")
         # shellcheck disable=SC2086 # HCBLK_DAEMON_ARGS is a word list on purpose
-        "${PRIO[@]}" taskset -c "$SCPU" "$HCBLK" daemon --data-dir "$dir/data" --socket-dir "$dir/sock" \
+        "${PRIO[@]}" taskset -c "$SCPU" "$bin" daemon --data-dir "$dir/data" --socket-dir "$dir/sock" \
             --api-socket "$api" --poll "$poll" --cpus "$SCPU" ${HCBLK_DAEMON_ARGS:-} \
             >"$logf" 2>&1 &
         SERVER_PID=$!
         wait_socket "$SERVER_PID" "$api" || return 1
         local created
-        created=$("$HCBLK" --api-socket "$api" volume create bench --size "$SIZE" \
+        created=$("$bin" --api-socket "$api" volume create bench --size "$SIZE" \
             --backing "$backing" "${path_arg[@]}" --queues 1 2>>"$logf") || {
             log "volume create failed (see $logf)"; return 1; }
         SOCK=$(sed -n 's/^socket: //p' <<<"$created")
@@ -298,7 +311,7 @@ fi
 
 # --- metadata ----------------------------------------------------------------------------
 # The command as invoked, with every setting taken from the environment.
-COMMAND="$(env | { grep -E '^(BENCH_[A-Z_]*|HCBLK|HCBLK_DAEMON_ARGS|QSD|PYTHON)=' || true; } | sort | sed -E "s/=(.*)/='\1'/" | tr '\n' ' ')bench/run.sh"
+COMMAND="$(env | { grep -E '^(BENCH_[A-Z_]*|HCBLK|HCBLK_BASE|HCBLK_DAEMON_ARGS|QSD|PYTHON)=' || true; } | sort | sed -E "s/=(.*)/='\1'/" | tr '\n' ' ')bench/run.sh"
 "$PYTHON" - "$OUT/meta.json" <<EOF
 import json, sys, platform, subprocess
 def sh(c):

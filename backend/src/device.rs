@@ -85,7 +85,9 @@ impl<V: Volume> BlkDevice<V> {
         if !config.queue_size.is_power_of_two() || config.queue_size < 4 {
             return Err(Error::Config(format!("queue size {} is not a power of two >= 4", config.queue_size)));
         }
-        let threads = if config.poll.cpus.is_empty() {
+        let threads = if config.poll.one_poller {
+            1
+        } else if config.poll.cpus.is_empty() {
             config.num_queues as usize
         } else {
             config.poll.cpus.len().min(config.num_queues as usize)

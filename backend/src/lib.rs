@@ -20,6 +20,7 @@
 //! [`control`] is the node daemon around it: volume metadata, the local API, the CLI.
 
 pub mod cluster;
+mod contention;
 pub mod control;
 pub mod device;
 mod error;

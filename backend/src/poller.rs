@@ -25,6 +25,7 @@ use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryAtomic};
 
+use crate::contention::{Contention, Decision, RunDelay, SAMPLE_INTERVAL};
 use crate::inflight::{QueueTracker, TrackerHandoff};
 use crate::request::{self, Limits, Op, Rejection, Request, Scratch, ID_BYTES, SECTOR_SHIFT, STATUS_IOERR, STATUS_OK, STATUS_UNSUPP};
 use crate::volume::{GuestMem, Volume, VolumeQueue};
@@ -62,7 +63,10 @@ pub enum PollMode {
     /// Busy-poll the avail rings at all times (lowest latency; one core per poller, always).
     Always,
     /// Busy-poll while requests keep coming; after `PollConfig::idle` without any, sleep on
-    /// the kick eventfd until the guest kicks again.
+    /// the kick eventfd until the guest kicks again. Never at the expense of another thread:
+    /// a poller that finds its core contended (it waits on the run queue: see
+    /// `contention.rs`) sleeps on kicks, as `Never` does, for a back-off of 10 ms to
+    /// 1 s before it polls again.
     Adaptive,
     /// Always sleep on the kick eventfd (classic interrupt mode).
     Never,
@@ -87,13 +91,17 @@ pub struct PollConfig {
     /// Adaptive: how long a queue may stay idle before its poller sleeps. Default 1 ms.
     pub idle: Duration,
     /// Cores the poller threads are pinned to, one poller per core (queues are spread over
-    /// them round-robin). Empty: one poller per queue, unpinned.
+    /// them round-robin). Default empty: one poller per queue, unpinned (the scheduler places
+    /// them, away from busy cores when it can).
     pub cpus: Vec<usize>,
+    /// Serve all queues of a volume from one poller thread, pinned to `cpus[0]` if `cpus` is
+    /// not empty. Default false.
+    pub one_poller: bool,
 }
 
 impl Default for PollConfig {
     fn default() -> Self {
-        Self { mode: PollMode::Adaptive, idle: Duration::from_millis(1), cpus: Vec::new() }
+        Self { mode: PollMode::Adaptive, idle: Duration::from_millis(1), cpus: Vec::new(), one_poller: false }
     }
 }
 
@@ -219,7 +227,13 @@ pub(crate) struct Poller<Q: VolumeQueue> {
     queues: Vec<QueueState>,
     scratch: Scratch,
     cpu: Option<usize>,
-    pinned: bool,
+    /// Set by the first `run`, on the worker thread that runs this poller for its whole life:
+    /// pinned, and the run-queue delay opened.
+    started: bool,
+    /// This poller's thread's run-queue delay (adaptive mode, where the kernel keeps it).
+    run_delay: Option<RunDelay>,
+    /// Adaptive mode: whether the core is contended and for how long to stop polling.
+    contention: Contention,
     /// Queues (local index bit) that completed something since their last notification.
     to_notify: u64,
 }
@@ -257,7 +271,9 @@ impl<Q: VolumeQueue> Poller<Q> {
             queues,
             scratch: Scratch::with_capacity(queue_size as usize),
             cpu,
-            pinned: false,
+            started: false,
+            run_delay: None,
+            contention: Contention::default(),
             to_notify: 0,
         }
     }
@@ -272,13 +288,8 @@ impl<Q: VolumeQueue> Poller<Q> {
 
     /// Serves `vrings` until the poll mode says to sleep or the connection stops.
     pub(crate) fn run<V: Volume>(&mut self, ctx: &PollContext, volume: &V, vrings: &[Vring], atomic: &GuestMemAtomic) {
-        if !self.pinned {
-            self.pinned = true;
-            if let Some(cpu) = self.cpu {
-                if !core_affinity::set_for_current(core_affinity::CoreId { id: cpu }) {
-                    tracing::warn!(cpu, "cannot pin poller thread");
-                }
-            }
+        if !self.started {
+            self.start_thread(ctx);
         }
         if ctx.stopping.load(Ordering::Acquire) {
             // Woken after the stop (by a completion, a kick): finish what is in flight, take
@@ -288,11 +299,27 @@ impl<Q: VolumeQueue> Poller<Q> {
         }
         let mode = ctx.poll.mode;
         let idle = ctx.poll.idle;
-        let polling = mode != PollMode::Never;
+        let mut last_work = Instant::now();
+        // Busy-polling now; in adaptive mode, not while backing off from a contended core.
+        let mut polling = match mode {
+            PollMode::Always => true,
+            PollMode::Never => false,
+            PollMode::Adaptive => self.contention.may_poll(last_work),
+        };
+        // Whether to sample the run-queue delay while polling, and when next.
+        let mut watch = false;
+        if polling && mode == PollMode::Adaptive {
+            match self.begin_watch(ctx, last_work) {
+                Some(true) => watch = true,
+                // Woken while another thread held the core: serve, then sleep on kicks.
+                Some(false) => polling = false,
+                None => {}
+            }
+        }
+        let mut next_sample = last_work + SAMPLE_INTERVAL;
         if polling {
             self.set_notifications(vrings, atomic, false);
         }
-        let mut last_work = Instant::now();
         let mut spins: u32 = 0;
         loop {
             // A guard, not an Arc: the loop only reads the rings through it; requests that
@@ -309,13 +336,26 @@ impl<Q: VolumeQueue> Poller<Q> {
             work += self.complete(ctx, vrings);
             self.notify(vrings, &mem);
 
+            // The clock is read only when there was work or while adaptive polling waits for
+            // its idle time: always, never and a backing-off adaptive poller do not need it
+            // to decide to spin or sleep.
+            let now = if work > 0 || (polling && mode == PollMode::Adaptive) { Instant::now() } else { last_work };
+            if watch && now >= next_sample {
+                next_sample = now + SAMPLE_INTERVAL;
+                match self.sample_contention(ctx, now) {
+                    Some(true) => {}
+                    // Contended: serve what is there, then sleep on kicks (re-armed below).
+                    Some(false) => (polling, watch) = (false, false),
+                    None => watch = false,
+                }
+            }
             spins = spins.wrapping_add(1);
             if spins.is_multiple_of(STOP_CHECK_EVERY) && polling {
                 // Queues enabled since we started polling still have kicks on.
                 self.set_notifications(vrings, atomic, false);
             }
             if work > 0 && (!spins.is_multiple_of(STOP_CHECK_EVERY) || !ctx.stopping.load(Ordering::Acquire)) {
-                last_work = Instant::now();
+                last_work = now;
                 continue;
             }
             if ctx.stopping.load(Ordering::Acquire) {
@@ -326,7 +366,7 @@ impl<Q: VolumeQueue> Poller<Q> {
                 PollMode::Always => false,
                 // With requests in flight, the queue's completion eventfd wakes us.
                 PollMode::Never => true,
-                PollMode::Adaptive => last_work.elapsed() >= idle,
+                PollMode::Adaptive => !polling || now.saturating_duration_since(last_work) >= idle,
             };
             if !sleep {
                 // Only in-flight requests are left to wait for: the local shard, with writes
@@ -347,8 +387,98 @@ impl<Q: VolumeQueue> Poller<Q> {
                 last_work = Instant::now();
                 continue;
             }
+            if watch {
+                // Idle after polling: how long the next wake-up waits for the core tells
+                // whether another thread holds it.
+                self.sleeps(ctx);
+            }
             return;
         }
+    }
+
+    /// First `run`, on the poller's worker thread: pins it, and opens its run-queue delay for
+    /// adaptive polling.
+    fn start_thread(&mut self, ctx: &PollContext) {
+        self.started = true;
+        if let Some(cpu) = self.cpu {
+            if !core_affinity::set_for_current(core_affinity::CoreId { id: cpu }) {
+                tracing::warn!(cpu, "cannot pin poller thread");
+            }
+        }
+        if ctx.poll.mode == PollMode::Adaptive {
+            match RunDelay::open() {
+                Ok(run_delay) => self.run_delay = Some(run_delay),
+                Err(e) => tracing::warn!(
+                    volume = %ctx.name,
+                    error = %e,
+                    "cannot read the poller thread's run-queue delay: adaptive polling will not give way to other threads on its core"
+                ),
+            }
+        }
+    }
+
+    /// Polling begins at `now`: `Some(true)` to poll (a contention window starts),
+    /// `Some(false)` not to (this wake-up waited for a contended core), `None` if the run-queue
+    /// delay cannot be read: then there is nothing to watch.
+    fn begin_watch(&mut self, ctx: &PollContext, now: Instant) -> Option<bool> {
+        let ns = self.read_run_delay(ctx)?;
+        let decision = self.contention.begin(now, ns);
+        Some(self.decided(ctx, decision))
+    }
+
+    /// Samples the run-queue delay while polling: `Some(true)` to poll on, `Some(false)` to
+    /// stop (the core is contended), `None` if it can no longer be read.
+    fn sample_contention(&mut self, ctx: &PollContext, now: Instant) -> Option<bool> {
+        let ns = self.read_run_delay(ctx)?;
+        let decision = self.contention.sample(now, ns);
+        Some(self.decided(ctx, decision))
+    }
+
+    /// The poller goes to sleep after polling.
+    fn sleeps(&mut self, ctx: &PollContext) {
+        if let Some(ns) = self.read_run_delay(ctx) {
+            self.contention.sleeps(ns);
+        }
+    }
+
+    fn read_run_delay(&mut self, ctx: &PollContext) -> Option<u64> {
+        match self.run_delay.as_ref()?.read_ns() {
+            Ok(ns) => Some(ns),
+            Err(e) => {
+                self.lost_run_delay(ctx, &e);
+                None
+            }
+        }
+    }
+
+    /// Whether to poll on after `decision`; logs a back-off.
+    fn decided(&self, ctx: &PollContext, decision: Decision) -> bool {
+        match decision {
+            Decision::Poll => true,
+            Decision::Yield { backoff } => {
+                let backoff_ms = backoff.as_millis() as u64;
+                let yields = self.contention.yields();
+                if yields == 1 {
+                    tracing::info!(
+                        volume = %ctx.name,
+                        backoff_ms,
+                        "another thread wants the poller's core: adaptive polling sleeps on kicks, and backs off while it stays"
+                    );
+                } else {
+                    tracing::debug!(volume = %ctx.name, backoff_ms, yields, "poller core contended: sleeping on kicks");
+                }
+                false
+            }
+        }
+    }
+
+    fn lost_run_delay(&mut self, ctx: &PollContext, error: &std::io::Error) {
+        tracing::warn!(
+            volume = %ctx.name,
+            error = %error,
+            "cannot read the poller thread's run-queue delay any more: adaptive polling will not give way to other threads on its core"
+        );
+        self.run_delay = None;
     }
 
     /// Enables (or disables) guest kicks on every ready queue. When enabling, returns whether

@@ -57,7 +57,7 @@ fn poll_config(mode: PollMode) -> PollConfig {
     // Busy polling: one poller serving both queues on one core, so that the two-core test
     // machine keeps a core; the other modes get a poller per queue.
     let cpus = if mode == PollMode::Always { vec![0] } else { Vec::new() };
-    PollConfig { mode, idle: Duration::from_millis(1), cpus }
+    PollConfig { mode, idle: Duration::from_millis(1), cpus, one_poller: false }
 }
 
 fn export_config(socket: &Path, mode: PollMode) -> ExportConfig {

@@ -62,13 +62,15 @@ pub struct DaemonArgs {
     /// [default: 0600, 0660 with --socket-group].
     #[arg(long)]
     pub socket_mode: Option<String>,
-    /// always, adaptive or never.
+    /// always, adaptive or never. adaptive busy-polls while the guest is busy and its core is
+    /// not wanted by another thread; always busy-polls for good (give it cores of its own).
     #[arg(long, default_value = "adaptive")]
     pub poll: String,
     /// Adaptive polling: idle time before a poller sleeps on the kick eventfd.
     #[arg(long, default_value_t = 1000)]
     pub poll_idle_us: u64,
-    /// Cores the pollers are pinned to, e.g. "1" or "0-1" [default: all online cores].
+    /// Cores the pollers are pinned to, e.g. "1" or "0-1", one poller per core: cores kept
+    /// for storage, not the VMs' [default: none, pollers unpinned, one per queue].
     #[arg(long)]
     pub cpus: Option<String>,
     /// Free hugepage memory (MiB) required at start, for the data path's own buffers.
@@ -238,7 +240,7 @@ impl TryFrom<(DaemonArgs, PathBuf)> for DaemonConfig {
         let online = std::fs::read_to_string(online_path).map_err(Error::io(format!("read {online_path}")))?;
         let online = parse_cpu_list(&online)?;
         let cpus = match args.cpus {
-            None => online,
+            None => Vec::new(),
             Some(list) => {
                 let cpus = parse_cpu_list(&list)?;
                 if let Some(offline) = cpus.iter().find(|c| !online.contains(c)) {
@@ -255,7 +257,7 @@ impl TryFrom<(DaemonArgs, PathBuf)> for DaemonConfig {
             socket_access,
             socket_group: args.socket_group,
             api_socket: absolute(&api_socket)?,
-            poll: PollConfig { mode, idle: Duration::from_micros(args.poll_idle_us), cpus },
+            poll: PollConfig { mode, idle: Duration::from_micros(args.poll_idle_us), cpus, one_poller: false },
             hugepages_mb: args.hugepages_mb,
             cluster,
         })
@@ -857,7 +859,7 @@ mod tests {
         assert!(ok.data_dir.is_absolute());
         assert_eq!(ok.poll.mode, PollMode::Adaptive);
         assert_eq!(ok.poll.idle, Duration::from_millis(1));
-        assert!(!ok.poll.cpus.is_empty());
+        assert!(ok.poll.cpus.is_empty(), "pollers are not pinned unless asked");
         assert_eq!(config(&["--cpus", "0"]).unwrap().poll.cpus, vec![0]);
         for bad in [
             &["--poll", "sometimes"][..],

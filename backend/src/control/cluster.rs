@@ -61,7 +61,7 @@ pub struct ClusterConfig {
     /// One vhost-user socket per attached volume, `SOCKET_DIR/NAME.sock`.
     pub socket_dir: PathBuf,
     /// The daemon's polling; a replicated volume gets exactly one poller thread, pinned to
-    /// the next of `poll.cpus` in turn (cpu 0 if the list is empty).
+    /// the next of `poll.cpus` in turn (unpinned if the list is empty).
     pub poll: PollConfig,
 }
 
@@ -523,7 +523,7 @@ impl<A: Attacher> ClusterVolumes<A> {
         let socket = self.socket_path(name);
         check_socket_path(&socket)?;
         let cpus = &self.config.poll.cpus;
-        let cpu = if cpus.is_empty() { 0 } else { cpus[self.next_cpu % cpus.len()] };
+        let cpu = (!cpus.is_empty()).then(|| cpus[self.next_cpu % cpus.len()]);
         let export = ExportConfig {
             name: name.to_owned(),
             socket_path: socket.clone(),
@@ -531,7 +531,7 @@ impl<A: Attacher> ClusterVolumes<A> {
             queue_size: QUEUE_SIZE,
             serial: meta.serial.clone(),
             // One poller thread: all the volume's queues go through one replication client.
-            poll: PollConfig { cpus: vec![cpu], ..self.config.poll.clone() },
+            poll: PollConfig { cpus: cpu.into_iter().collect(), one_poller: true, ..self.config.poll.clone() },
         };
         let handle = self.attacher.attach(name, export, takeover_of)?;
         self.next_cpu = self.next_cpu.wrapping_add(1);

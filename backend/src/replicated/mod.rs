@@ -146,7 +146,7 @@ pub struct ReplicatedVolume {
 impl ReplicatedVolume {
     /// Claims the volume for this node (generation + 1), collects the members' promises and
     /// waits until it can serve. The export is started on the returned volume with **exactly
-    /// one poller thread** (`ExportConfig.poll.cpus` of length 1): all its queues' requests go
+    /// one poller thread** (`ExportConfig.poll.one_poller`): all its queues' requests go
     /// through one replication client.
     pub fn attach(config: AttachConfig) -> Result<Arc<Self>, AttachError> {
         let (meta, _) = config.meta.read_volume(&config.volume).map_err(AttachError::Meta)?.ok_or_else(|| AttachError::NoSuchVolume(config.volume.clone()))?;

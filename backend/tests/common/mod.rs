@@ -57,7 +57,7 @@ impl Volume {
             num_queues,
             queue_size: 256,
             serial: "hcblk-test-serial".into(),
-            poll: PollConfig { mode, idle: Duration::from_millis(1), cpus: Vec::new() },
+            poll: PollConfig { mode, idle: Duration::from_millis(1), cpus: Vec::new(), one_poller: false },
         };
         Export::start(config, volume).expect("start export")
     }
