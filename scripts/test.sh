@@ -26,8 +26,13 @@ TEST_SECONDS=${HCBLK_TEST_SECONDS:-$(( soak ? 7200 : 2700 ))}
 echo "== build"
 cargo build --workspace --all-targets --locked
 
-echo "== lints (undocumented unsafe is an error)"
+echo "== lints (undocumented unsafe is an error) and formatting (rustfmt.toml)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt
+for manifest in Cargo.toml backend/fuzz/Cargo.toml proto/fuzz/Cargo.toml; do
+    cargo fmt --all --check --manifest-path "$manifest" \
+        || { echo "error: $manifest: not formatted; run cargo fmt --all --manifest-path $manifest" >&2; exit 1; }
+done
 echo "   (${SECONDS}s since the start)"
 
 echo "== tests: unit, in-process, multi-process, QEMU guest (at most ${TEST_SECONDS}s)"

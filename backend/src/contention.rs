@@ -80,7 +80,14 @@ pub(crate) struct Contention {
 
 impl Default for Contention {
     fn default() -> Self {
-        Self { window: None, backoff_until: None, backoff: Duration::ZERO, resumed_at: None, asleep_delay_ns: None, yields: 0 }
+        Self {
+            window: None,
+            backoff_until: None,
+            backoff: Duration::ZERO,
+            resumed_at: None,
+            asleep_delay_ns: None,
+            yields: 0,
+        }
     }
 }
 
@@ -172,7 +179,10 @@ impl RunDelay {
         let (runtime_ns, _) = run_delay.read_both()?;
         if runtime_ns == 0 {
             // A thread that is running has run: the kernel keeps no scheduler statistics.
-            return Err(io::Error::new(io::ErrorKind::Unsupported, "the kernel keeps no per-task scheduler statistics"));
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "the kernel keeps no per-task scheduler statistics",
+            ));
         }
         Ok(run_delay)
     }
@@ -185,7 +195,8 @@ impl RunDelay {
     fn read_both(&self) -> io::Result<(u64, u64)> {
         let mut buf = [0u8; 80];
         let n = self.file.read_at(&mut buf, 0)?;
-        parse_schedstat(&buf[..n]).ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "unexpected schedstat format"))
+        parse_schedstat(&buf[..n])
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "unexpected schedstat format"))
     }
 }
 
@@ -208,7 +219,14 @@ mod tests {
 
     /// Feeds samples every `step` for `samples` steps, the run-queue delay growing by
     /// `waited_per_step_ns` each; returns the first verdict to yield and when.
-    fn drive(c: &mut Contention, t: &mut Instant, delay: &mut u64, step: Duration, waited_per_step_ns: u64, samples: u32) -> Option<(Instant, Duration)> {
+    fn drive(
+        c: &mut Contention,
+        t: &mut Instant,
+        delay: &mut u64,
+        step: Duration,
+        waited_per_step_ns: u64,
+        samples: u32,
+    ) -> Option<(Instant, Duration)> {
         for _ in 0..samples {
             *t += step;
             *delay += waited_per_step_ns;

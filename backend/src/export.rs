@@ -209,7 +209,9 @@ impl<V: Volume> Export<V> {
         if self.is_connected() {
             if let Some(device) = device {
                 match device.notify_config_change() {
-                    Ok(true) => tracing::info!(volume = %self.shared.config.name, new_size_bytes, "frontend told of the new size"),
+                    Ok(true) => {
+                        tracing::info!(volume = %self.shared.config.name, new_size_bytes, "frontend told of the new size")
+                    }
                     Ok(false) => tracing::info!(
                         volume = %self.shared.config.name,
                         "frontend has no backend-request channel; it sees the new size on its next GET_CONFIG"
@@ -394,7 +396,9 @@ impl<V: Volume> ExportShared<V> {
                     tracing::warn!(volume = %self.config.name, error = %chain(&e), "cannot accept a frontend; retrying in 100 ms");
                     std::thread::sleep(Duration::from_millis(100));
                 }
-                Err(e) => tracing::warn!(volume = %self.config.name, error = %chain(&e), "connection ended with an error"),
+                Err(e) => {
+                    tracing::warn!(volume = %self.config.name, error = %chain(&e), "connection ended with an error")
+                }
             }
         }
     }

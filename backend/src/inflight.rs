@@ -189,7 +189,12 @@ impl InflightRegion {
         if seals(file.as_raw_fd())? & libc::F_SEAL_SHRINK == 0 {
             return Err(InflightError::NotSealed);
         }
-        let len = usize::try_from(mmap_size).map_err(|_| InflightError::Size { mmap_size, num_queues, queue_size, expected })?;
+        let len = usize::try_from(mmap_size).map_err(|_| InflightError::Size {
+            mmap_size,
+            num_queues,
+            queue_size,
+            expected,
+        })?;
         let map = MmapRegion::build(
             Some(FileOffset::new(file, mmap_offset)),
             len,
@@ -432,11 +437,8 @@ pub(crate) fn recover(
     queue.set_next_used(used_idx);
     recovered.resubmitted = in_flight;
     let counter = marked.last().map_or(1, |&(counter, _)| counter.wrapping_add(1));
-    let tracker = QueueTracker {
-        view: Some(view),
-        counter,
-        resubmit: marked.into_iter().map(|(_, head)| head).collect(),
-    };
+    let tracker =
+        QueueTracker { view: Some(view), counter, resubmit: marked.into_iter().map(|(_, head)| head).collect() };
     Ok((tracker, recovered))
 }
 
@@ -476,7 +478,11 @@ impl QueueTracker {
 
     /// The next request to resubmit, as a chain read from the descriptor table: its avail ring
     /// entry may have been overwritten since it was first taken. The head stays marked.
-    pub(crate) fn next_resubmitted<'m>(&mut self, queue: &Queue, mem: &'m GuestMem) -> Option<DescriptorChain<&'m GuestMem>> {
+    pub(crate) fn next_resubmitted<'m>(
+        &mut self,
+        queue: &Queue,
+        mem: &'m GuestMem,
+    ) -> Option<DescriptorChain<&'m GuestMem>> {
         let head = self.resubmit.pop_front()?;
         Some(DescriptorChain::new(mem, GuestAddress(queue.desc_table()), queue.size(), head))
     }
@@ -593,7 +599,13 @@ mod tests {
 
     #[test]
     fn bad_requests_and_regions_are_refused() {
-        let get = |n, q| InflightRegion::create(&VhostUserInflight { mmap_size: 0, mmap_offset: 0, num_queues: n, queue_size: q }, 2, 256);
+        let get = |n, q| {
+            InflightRegion::create(
+                &VhostUserInflight { mmap_size: 0, mmap_offset: 0, num_queues: n, queue_size: q },
+                2,
+                256,
+            )
+        };
         assert!(matches!(get(0, 128), Err(InflightError::Geometry { .. })));
         assert!(matches!(get(3, 128), Err(InflightError::Geometry { .. })));
         assert!(matches!(get(1, 0), Err(InflightError::Geometry { .. })));
@@ -601,13 +613,28 @@ mod tests {
 
         let (good, file) = get(2, 128).unwrap();
         let open = |msg: VhostUserInflight, file: &File| InflightRegion::open(&msg, file.try_clone().unwrap(), 2, 256);
-        assert!(matches!(open(VhostUserInflight { mmap_size: good.mmap_size - 64, ..good }, &file), Err(InflightError::Size { .. })));
+        assert!(matches!(
+            open(VhostUserInflight { mmap_size: good.mmap_size - 64, ..good }, &file),
+            Err(InflightError::Size { .. })
+        ));
         assert!(matches!(open(VhostUserInflight { num_queues: 1, ..good }, &file), Err(InflightError::Size { .. })));
         assert!(matches!(open(VhostUserInflight { queue_size: 256, ..good }, &file), Err(InflightError::Size { .. })));
-        assert!(matches!(open(VhostUserInflight { num_queues: 3, ..good }, &file), Err(InflightError::Geometry { .. })));
-        assert!(matches!(open(VhostUserInflight { mmap_offset: 64, ..good }, &file), Err(InflightError::Misaligned { .. })));
-        assert!(matches!(open(VhostUserInflight { mmap_offset: 4096, ..good }, &file), Err(InflightError::FileTooShort { .. })));
-        assert!(matches!(open(VhostUserInflight { mmap_offset: u64::MAX - 4095, ..good }, &file), Err(InflightError::FileTooShort { .. })));
+        assert!(matches!(
+            open(VhostUserInflight { num_queues: 3, ..good }, &file),
+            Err(InflightError::Geometry { .. })
+        ));
+        assert!(matches!(
+            open(VhostUserInflight { mmap_offset: 64, ..good }, &file),
+            Err(InflightError::Misaligned { .. })
+        ));
+        assert!(matches!(
+            open(VhostUserInflight { mmap_offset: 4096, ..good }, &file),
+            Err(InflightError::FileTooShort { .. })
+        ));
+        assert!(matches!(
+            open(VhostUserInflight { mmap_offset: u64::MAX - 4095, ..good }, &file),
+            Err(InflightError::FileTooShort { .. })
+        ));
 
         // A file that is long enough but not sealed: the frontend could shrink it later.
         let unsealed = tempfile::tempfile().unwrap();
@@ -767,7 +794,8 @@ mod tests {
         let mut third = rings.restarted();
         let (mut last, recovered) = recover(&region, 0, &mut third, &rings.mem).unwrap();
         assert_eq!(recovered.resubmitted, 3);
-        let order: Vec<u16> = std::iter::from_fn(|| last.next_resubmitted(&third, &rings.mem).map(|c| c.head_index())).collect();
+        let order: Vec<u16> =
+            std::iter::from_fn(|| last.next_resubmitted(&third, &rings.mem).map(|c| c.head_index())).collect();
         assert_eq!(order, [1, 2, 3], "older requests first, then the one taken after the restart");
         assert_eq!(third.next_avail(), 1 + 3);
     }
@@ -807,9 +835,15 @@ mod tests {
 
         // Unknown version; a queue the region does not cover; a queue larger than its region.
         view.header_u16(VERSION_AT).store(2, Ordering::Release);
-        assert!(matches!(recover(&region, 0, &mut rings.restarted(), &rings.mem), Err(InflightError::Version { version: 2, .. })));
+        assert!(matches!(
+            recover(&region, 0, &mut rings.restarted(), &rings.mem),
+            Err(InflightError::Version { version: 2, .. })
+        ));
         view.header_u16(VERSION_AT).store(1, Ordering::Release);
-        assert!(matches!(recover(&region, 2, &mut rings.restarted(), &rings.mem), Err(InflightError::NoSuchQueue { .. })));
+        assert!(matches!(
+            recover(&region, 2, &mut rings.restarted(), &rings.mem),
+            Err(InflightError::NoSuchQueue { .. })
+        ));
         let mut big = Rings::new(16);
         assert!(matches!(recover(&region, 1, &mut big.queue, &big.mem), Err(InflightError::QueueTooLarge { .. })));
 

@@ -135,12 +135,7 @@ mod tests {
         let changed = tighten_data_dir(&data).unwrap();
         let mut paths: Vec<&Path> = changed.iter().map(|t| t.path.as_path()).collect();
         paths.sort();
-        let mut expected = vec![
-            data.as_path(),
-            lock.as_path(),
-            img.as_path(),
-            state.as_path(),
-        ];
+        let mut expected = vec![data.as_path(), lock.as_path(), img.as_path(), state.as_path()];
         let (other, volumes, replicas) = (data.join("other"), data.join("volumes"), data.join("replicas"));
         expected.extend([other.as_path(), volumes.as_path(), replicas.as_path()]);
         expected.sort();

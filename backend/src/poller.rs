@@ -27,7 +27,9 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemory
 
 use crate::contention::{Contention, Decision, RunDelay, SAMPLE_INTERVAL};
 use crate::inflight::{QueueTracker, TrackerHandoff};
-use crate::request::{self, Limits, Op, Rejection, Request, Scratch, ID_BYTES, SECTOR_SHIFT, STATUS_IOERR, STATUS_OK, STATUS_UNSUPP};
+use crate::request::{
+    self, Limits, Op, Rejection, Request, Scratch, ID_BYTES, SECTOR_SHIFT, STATUS_IOERR, STATUS_OK, STATUS_UNSUPP,
+};
 use crate::volume::{GuestMem, Volume, VolumeQueue};
 
 pub(crate) type GuestMemAtomic = GuestMemoryAtomic<GuestMem>;
@@ -139,7 +141,11 @@ impl Rejections {
     /// out of the log since the last line that was let through.
     pub(crate) fn record(&self, now: Instant, quiet: bool) -> Verdict {
         self.count.fetch_add(1, Ordering::Relaxed);
-        if quiet { self.quiet.check(now) } else { self.loud.check(now) }
+        if quiet {
+            self.quiet.check(now)
+        } else {
+            self.loud.check(now)
+        }
     }
 
     /// Counts one refused request and logs it if the limit lets it.
@@ -161,8 +167,12 @@ impl Rejections {
     /// Logs the count of refusals left out of the log, if any: the connection ends, and no
     /// later refusal may come to carry it.
     pub(crate) fn flush(&self, volume: &str) {
-        self.loud.flush(true, |suppressed| tracing::warn!(volume, suppressed, "malformed guest requests left out of the log"));
-        self.quiet.flush(true, |suppressed| tracing::debug!(volume, suppressed, "refused guest requests left out of the log"));
+        self.loud.flush(true, |suppressed| {
+            tracing::warn!(volume, suppressed, "malformed guest requests left out of the log")
+        });
+        self.quiet.flush(true, |suppressed| {
+            tracing::debug!(volume, suppressed, "refused guest requests left out of the log")
+        });
     }
 }
 
@@ -633,7 +643,8 @@ impl<Q: VolumeQueue> Poller<Q> {
             }
         }
         slot.status = request.status;
-        slot.used_len = if writable { u32::try_from(request.len_bytes).unwrap_or(u32::MAX).saturating_add(1) } else { 1 };
+        slot.used_len =
+            if writable { u32::try_from(request.len_bytes).unwrap_or(u32::MAX).saturating_add(1) } else { 1 };
         slot.mem = Some(Arc::clone(mem));
         let io = IoRequest {
             user_data: (local as u64) << 16 | u64::from(head),

@@ -135,19 +135,12 @@ pub struct Scratch {
 
 impl Scratch {
     pub fn with_capacity(queue_size: usize) -> Self {
-        Self {
-            descriptors: Vec::with_capacity(queue_size),
-            segments: Vec::with_capacity(queue_size),
-        }
+        Self { descriptors: Vec::with_capacity(queue_size), segments: Vec::with_capacity(queue_size) }
     }
 }
 
 /// Parses one chain. On success the request's data segments are in `scratch.segments`.
-pub fn parse<M>(
-    chain: DescriptorChain<M>,
-    limits: &Limits,
-    scratch: &mut Scratch,
-) -> Result<Request, Rejection>
+pub fn parse<M>(chain: DescriptorChain<M>, limits: &Limits, scratch: &mut Scratch) -> Result<Request, Rejection>
 where
     M: Deref + Clone,
     M::Target: GuestMemory,
@@ -164,7 +157,11 @@ where
     for desc in chain.clone() {
         if scratch.descriptors.len() == capacity {
             // Longer than any chain the queue can hold: only a loop gets here.
-            return Err(Rejection { status: None, code: STATUS_IOERR, reason: "descriptor chain longer than the queue" });
+            return Err(Rejection {
+                status: None,
+                code: STATUS_IOERR,
+                reason: "descriptor chain longer than the queue",
+            });
         }
         if desc.is_write_only() {
             writable_bytes += u64::from(desc.len());
@@ -192,10 +189,22 @@ where
             let at = addr.0.checked_add(u64::from(len) - 1);
             match at {
                 Some(at) if mem.check_range(GuestAddress(at), 1, vm_memory::Permissions::Write) => GuestAddress(at),
-                _ => return Err(Rejection { status: None, code: STATUS_IOERR, reason: "status byte outside guest memory" }),
+                _ => {
+                    return Err(Rejection {
+                        status: None,
+                        code: STATUS_IOERR,
+                        reason: "status byte outside guest memory",
+                    })
+                }
             }
         }
-        _ => return Err(Rejection { status: None, code: STATUS_IOERR, reason: "status descriptor missing or not writable" }),
+        _ => {
+            return Err(Rejection {
+                status: None,
+                code: STATUS_IOERR,
+                reason: "status descriptor missing or not writable",
+            })
+        }
     };
     if order_violated {
         return Err(Rejection::ioerr(status, "device-readable descriptor after a writable one"));
@@ -276,12 +285,20 @@ where
             let seg_sector = segment.sector.to_native();
             let (op, max_sectors) = if op == Op::Discard {
                 if flags != 0 {
-                    return Err(Rejection { status: Some(status), code: STATUS_UNSUPP, reason: "discard with flags set" });
+                    return Err(Rejection {
+                        status: Some(status),
+                        code: STATUS_UNSUPP,
+                        reason: "discard with flags set",
+                    });
                 }
                 (Op::Discard, limits.max_discard_sectors)
             } else {
                 if flags & !WRITE_ZEROES_FLAG_UNMAP != 0 {
-                    return Err(Rejection { status: Some(status), code: STATUS_UNSUPP, reason: "write-zeroes with unknown flags" });
+                    return Err(Rejection {
+                        status: Some(status),
+                        code: STATUS_UNSUPP,
+                        reason: "write-zeroes with unknown flags",
+                    });
                 }
                 (Op::WriteZeroes { unmap: flags & WRITE_ZEROES_FLAG_UNMAP != 0 }, limits.max_write_zeroes_sectors)
             };
@@ -501,7 +518,8 @@ mod tests {
     fn write_parses_into_readable_segments_after_the_header() {
         let mem = memory();
         write_header(&mem, HDR, T_OUT, 1000);
-        let (result, segments) = parse_linked(&mem, &[r(HDR, 16), r(DATA, 1024), r(DATA2, 3072), w(STATUS, 1)], &LIMITS);
+        let (result, segments) =
+            parse_linked(&mem, &[r(HDR, 16), r(DATA, 1024), r(DATA2, 3072), w(STATUS, 1)], &LIMITS);
         assert_eq!(
             result.unwrap(),
             Request { op: Op::Write, offset_bytes: 1000 * 512, len_bytes: 4096, status: GuestAddress(STATUS) }
@@ -521,7 +539,10 @@ mod tests {
         write_header(&mem, HDR, T_FLUSH, 0);
         for limits in [LIMITS, READ_ONLY] {
             let (result, segments) = parse_linked(&mem, &[r(HDR, 16), w(STATUS, 1)], &limits);
-            assert_eq!(result.unwrap(), Request { op: Op::Flush, offset_bytes: 0, len_bytes: 0, status: GuestAddress(STATUS) });
+            assert_eq!(
+                result.unwrap(),
+                Request { op: Op::Flush, offset_bytes: 0, len_bytes: 0, status: GuestAddress(STATUS) }
+            );
             assert!(segments.is_empty());
         }
     }
@@ -759,7 +780,9 @@ mod tests {
     #[test]
     fn discard_segment_count_and_sector_count_are_bounded() {
         let mem = memory();
-        for (request_type, max) in [(T_DISCARD, LIMITS.max_discard_sectors), (T_WRITE_ZEROES, LIMITS.max_write_zeroes_sectors)] {
+        for (request_type, max) in
+            [(T_DISCARD, LIMITS.max_discard_sectors), (T_WRITE_ZEROES, LIMITS.max_write_zeroes_sectors)]
+        {
             write_header(&mem, HDR, request_type, 0);
             // Two segments (max_discard_seg = max_write_zeroes_seg = 1), half a segment, none.
             write_segment(&mem, DATA, 0, 1, 0);

@@ -92,8 +92,8 @@ pub fn group_id(name: &str) -> io::Result<Option<u32>> {
 }
 
 fn group_by_name(name: &str) -> io::Result<Option<u32>> {
-    let c_name =
-        CString::new(name).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "group name contains a NUL byte"))?;
+    let c_name = CString::new(name)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "group name contains a NUL byte"))?;
     let mut buffer_bytes = 1024;
     loop {
         let mut buffer = vec![0 as libc::c_char; buffer_bytes];
@@ -104,9 +104,8 @@ fn group_by_name(name: &str) -> io::Result<Option<u32>> {
         // SAFETY: `c_name` is NUL-terminated; `group`, `buffer` (of the length passed) and
         // `result` are live and writable for the whole call. The strings getgrnam_r stores in
         // `group` point into `buffer`, and only the integer `gr_gid` is read after it.
-        let rc = unsafe {
-            libc::getgrnam_r(c_name.as_ptr(), &mut group, buffer.as_mut_ptr(), buffer.len(), &mut result)
-        };
+        let rc =
+            unsafe { libc::getgrnam_r(c_name.as_ptr(), &mut group, buffer.as_mut_ptr(), buffer.len(), &mut result) };
         match rc {
             0 if result.is_null() => return Ok(None),
             0 => return Ok(Some(group.gr_gid)),
@@ -174,9 +173,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let gid = fs::metadata(dir.path()).unwrap().gid();
         let other = gid.wrapping_add(1);
-        for (mode, own_group, other_group) in
-            [(0o700, false, false), (0o710, true, false), (0o750, true, false), (0o701, true, true), (0o755, true, true)]
-        {
+        for (mode, own_group, other_group) in [
+            (0o700, false, false),
+            (0o710, true, false),
+            (0o750, true, false),
+            (0o701, true, true),
+            (0o755, true, true),
+        ] {
             fs::set_permissions(dir.path(), Permissions::from_mode(mode)).unwrap();
             let metadata = fs::metadata(dir.path()).unwrap();
             assert_eq!(group_can_traverse(&metadata, gid), own_group, "{mode:o}");

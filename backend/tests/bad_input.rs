@@ -70,12 +70,14 @@ impl Rig {
         } else {
             vec![0u8; VOLUME_BYTES as usize]
         };
-        let export = vol.export(vol.backing(BackingKind::File, VOLUME_BYTES, 512, read_only), options.num_queues as u16, mode);
+        let export =
+            vol.export(vol.backing(BackingKind::File, VOLUME_BYTES, 512, read_only), options.num_queues as u16, mode);
         let mut raw = RawFrontend::connect(&vol.socket, options);
         assert_eq!(raw.capacity_sectors(), CAPACITY_SECTORS);
 
         let other_vol = Volume::new();
-        let other_export = other_vol.export(other_vol.backing(BackingKind::File, VOLUME_BYTES, 512, false), 1, PollMode::Adaptive);
+        let other_export =
+            other_vol.export(other_vol.backing(BackingKind::File, VOLUME_BYTES, 512, false), 1, PollMode::Adaptive);
         let other = Client::connect(&other_vol.socket, 1, 1 << 20);
         let mut rig = Self {
             _vol: vol,
@@ -248,7 +250,8 @@ fn readable_after_writable_gets_ioerr() {
         let hdr = rig.header(T_IN, 0);
         let data = rig.raw.alloc(1024);
         let status = rig.status();
-        let chain = [readable(hdr, 16), writable(data, 512), readable(GuestAddress(data.0 + 512), 512), writable(status, 1)];
+        let chain =
+            [readable(hdr, 16), writable(data, 512), readable(GuestAddress(data.0 + 512), 512), writable(status, 1)];
         rig.expect_status(0, &chain, status, IOERR);
     });
 }
@@ -291,7 +294,10 @@ fn sectors_past_capacity_get_ioerr() {
         // The last sector itself is fine.
         let hdr = rig.header(T_IN, CAPACITY_SECTORS - 1);
         let status = rig.status();
-        assert_eq!(rig.expect_status(0, &[readable(hdr, 16), writable(data, 512), writable(status, 1)], status, OK), 513);
+        assert_eq!(
+            rig.expect_status(0, &[readable(hdr, 16), writable(data, 512), writable(status, 1)], status, OK),
+            513
+        );
     });
 }
 
@@ -364,9 +370,13 @@ fn discard_and_write_zeroes_out_of_range_get_refused() {
             rig.expect_status(0, &[readable(hdr, 16), readable(segs, 32), writable(status, 1)], status, IOERR);
             // In range: done, and zeroes read back.
             let hdr = rig.header(request_type, 0);
-            let seg = rig.raw.put(&segment(CAPACITY_SECTORS - 16, 16, if request_type == T_WRITE_ZEROES { 1 } else { 0 }));
+            let seg =
+                rig.raw.put(&segment(CAPACITY_SECTORS - 16, 16, if request_type == T_WRITE_ZEROES { 1 } else { 0 }));
             let status = rig.status();
-            assert_eq!(rig.expect_status(0, &[readable(hdr, 16), readable(seg, 16), writable(status, 1)], status, OK), 1);
+            assert_eq!(
+                rig.expect_status(0, &[readable(hdr, 16), readable(seg, 16), writable(status, 1)], status, OK),
+                1
+            );
             let end = rig.image.len();
             rig.image[end - 16 * 512..].fill(0);
         }
@@ -392,7 +402,12 @@ fn more_segments_than_seg_max_gets_ioerr() {
                 let hdr = rig.header(T_IN, 0);
                 let back = rig.raw.alloc(data.len() as u64);
                 let status = rig.status();
-                let used = rig.expect_status(0, &[readable(hdr, 16), writable(back, data.len() as u32), writable(status, 1)], status, OK);
+                let used = rig.expect_status(
+                    0,
+                    &[readable(hdr, 16), writable(back, data.len() as u32), writable(status, 1)],
+                    status,
+                    OK,
+                );
                 assert_eq!(used as usize, data.len() + 1);
                 assert!(rig.raw.read(back, data.len()) == data, "a 126-segment write read back differently");
                 rig.image[..data.len()].copy_from_slice(&data);
@@ -471,8 +486,12 @@ fn indirect_chains_work_and_bad_tables_get_no_status_byte() {
         let status = rig.status();
         let table = indirect_table(&mut rig, &[readable(hdr, 16), writable(status, 1)]);
         // Not a whole number of descriptors, empty, outside guest memory.
-        for bad in [indirect(table, 24), indirect(table, 0), indirect(GuestAddress(MEM_BYTES), 32), indirect(GuestAddress(u64::MAX - 15), 32)]
-        {
+        for bad in [
+            indirect(table, 24),
+            indirect(table, 0),
+            indirect(GuestAddress(MEM_BYTES), 32),
+            indirect(GuestAddress(u64::MAX - 15), 32),
+        ] {
             rig.expect_dropped(0, &[bad], &[status]);
         }
         // An indirect descriptor inside the table.
@@ -594,7 +613,11 @@ fn always_polling_with_event_idx_survives_every_bad_chain() {
             let table = indirect_table(&mut rig, &[readable(hdr, 16), writable(status, 1)]);
             rig.expect_dropped(queue, &[indirect(table, 20)], &[status]);
             let next = VRING_DESC_F_NEXT as u16;
-            rig.raw.submit_raw(queue, &[(9, raw(hdr.0, 16, next, 10)), (10, raw(status.0, 1, next | VRING_DESC_F_WRITE as u16, 9))], 9);
+            rig.raw.submit_raw(
+                queue,
+                &[(9, raw(hdr.0, 16, next, 10)), (10, raw(status.0, 1, next | VRING_DESC_F_WRITE as u16, 9))],
+                9,
+            );
             let (_, len) = rig.raw.wait_used(queue, WAIT);
             rig.assert_dropped(queue, len, &[status]);
         }

@@ -19,9 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use backend::cluster::{
-    keys, Etcd, EtcdConfig, EtcdMeta, MetaStore, MetaWrite, NodeRegistration, RegistrationConfig,
-};
+use backend::cluster::{keys, Etcd, EtcdConfig, EtcdMeta, MetaStore, MetaWrite, NodeRegistration, RegistrationConfig};
 use backend::control::api::VolumeInfo;
 use backend::control::attach::{AttachedVolume, Attacher, OwnerStatus};
 use backend::control::cluster::{ClusterConfig, ClusterVolumes};
@@ -147,7 +145,9 @@ impl AttachedVolume for FakeHandle {
             if doc.owner.as_deref() != Some(self.node.as_str()) || doc.generation != self.generation {
                 return Ok(()); // taken over: nothing to release
             }
-            if let MetaWrite::Committed { .. } = self.meta.write_volume(&self.name, revision, &VolumeMeta { owner: None, ..doc })? {
+            if let MetaWrite::Committed { .. } =
+                self.meta.write_volume(&self.name, revision, &VolumeMeta { owner: None, ..doc })?
+            {
                 return Ok(());
             }
         }
@@ -272,11 +272,7 @@ impl ApiDaemon {
 
     fn cli(&self, args: &[&str]) -> Output {
         let mut command = Command::new(HCBLK);
-        command
-            .arg("--api-socket")
-            .arg(&self.api)
-            .args(args)
-            .env("USER", "tester");
+        command.arg("--api-socket").arg(&self.api).args(args).env("USER", "tester");
         output_within(command, Duration::from_secs(60), "hcblk").expect("run hcblk")
     }
 
@@ -367,16 +363,32 @@ fn create_places_extents_and_every_node_describes_the_volume() {
         assert_eq!(nodes.len(), 3);
     }
 
-    let out = n1.ok(&["volume", "create", "v2", "--size", "100M", "--replicas", "1", "--extent-size", "16M", "--locality", "none"]);
+    let out = n1.ok(&[
+        "volume",
+        "create",
+        "v2",
+        "--size",
+        "100M",
+        "--replicas",
+        "1",
+        "--extent-size",
+        "16M",
+        "--locality",
+        "none",
+    ]);
     assert_eq!(out, "volume v2 created\nextents: 7 x 16M, replicas 1 (min 1)\n");
-    let out = n1.ok(&["volume", "create", "v3", "--size", "1G", "--replicas", "2", "--block-size", "4096", "--queues", "4"]);
+    let out =
+        n1.ok(&["volume", "create", "v3", "--size", "1G", "--replicas", "2", "--block-size", "4096", "--queues", "4"]);
     assert_eq!(out, "volume v3 created\nextents: 1 x 1G, replicas 2 (min 2)\n");
     let out = n1.ok(&["volume", "create", "v5", "--size", "1G", "--min-replicas", "1"]);
     assert_eq!(out, "volume v5 created\nextents: 1 x 1G, replicas 3 (min 1)\n");
     // Four zones' worth of replicas in three zones: refused, naming why.
     let out = n1.cli(&["volume", "create", "v6", "--size", "1G", "--replicas", "4"]);
     let line = refused(out, "4 replicas in 3 zones");
-    assert!(line.contains("4 replicas need 4 nodes in distinct failure domains; the cluster has 3 up (4 nodes)"), "{line}");
+    assert!(
+        line.contains("4 replicas need 4 nodes in distinct failure domains; the cluster has 3 up (4 nodes)"),
+        "{line}"
+    );
     assert_eq!(c.doc("v3").block_size, 4096);
     assert_eq!(c.doc("v3").queues, 4);
 
@@ -540,7 +552,9 @@ fn attach_resize_accept_risk_detach_and_delete() {
     assert_eq!(doc.extents[2].members[0].node, "n1", "placed like a create: the owner first");
     assert_eq!(state.resized.lock().unwrap().as_slice(), [("v".to_owned(), 3 * GIB)]);
     // Same size: nothing to do (measured once the new epoch is published).
-    wait_for("epoch 2 published", Duration::from_secs(10), || c.meta.read_status("v").unwrap().is_some_and(|s| s.epoch == 2));
+    wait_for("epoch 2 published", Duration::from_secs(10), || {
+        c.meta.read_status("v").unwrap().is_some_and(|s| s.epoch == 2)
+    });
     let before = c.revision();
     n1.ok(&["volume", "resize", "v", "--size", "3G"]);
     assert_eq!(c.revision(), before);
@@ -568,11 +582,17 @@ fn attach_resize_accept_risk_detach_and_delete() {
     let (audits, _) = c.meta.etcd().list(&keys::audit_prefix("v").unwrap()).unwrap();
     assert_eq!(audits.len(), 1);
     let audit: serde_json::Value = serde_json::from_slice(&audits[0].value).unwrap();
-    assert_eq!((audit["action"].as_str(), audit["reason"].as_str()), (Some("accept-risk"), Some("n2 and n3 are being replaced")));
+    assert_eq!(
+        (audit["action"].as_str(), audit["reason"].as_str()),
+        (Some("accept-risk"), Some("n2 and n3 are being replaced"))
+    );
     assert_eq!(audits[0].mod_revision, c.meta.read_volume("v").unwrap().unwrap().1 as u64, "same transaction");
     let info = n1.info("v");
     assert_eq!(info["state"], "degraded", "writes go on: the risk is accepted");
-    assert!(info["risk_accepted"].starts_with("by tester@") && info["risk_accepted"].ends_with(": n2 and n3 are being replaced"));
+    assert!(
+        info["risk_accepted"].starts_with("by tester@")
+            && info["risk_accepted"].ends_with(": n2 and n3 are being replaced")
+    );
 
     // A resync in progress: its progress, rate and ETA, here and in the published status.
     let sync = |regions_done: u32| SyncProgress {
@@ -595,7 +615,11 @@ fn attach_resize_accept_risk_detach_and_delete() {
     let line = n1.info("v")["resync 0 n3"].clone();
     assert!(line.starts_with("resync 300/1024 regions (29%), ") && line.contains("/s, eta "), "{line}");
     let status = n1.ok(&["cluster", "status"]);
-    assert!(status.contains("\nresyncs: 1 in progress\n  v extent 0 n3 resync [#####---------------] 300/1024 regions (29%)"), "{status}");
+    assert!(
+        status
+            .contains("\nresyncs: 1 in progress\n  v extent 0 n3 resync [#####---------------] 300/1024 regions (29%)"),
+        "{status}"
+    );
     // Another node reads the owner's published status.
     let n2 = c.serve("n2", &state);
     let line = n2.info("v")["resync 0 n3"].clone();
@@ -672,7 +696,10 @@ fn ownership_moves_between_nodes_and_survives_a_restart() {
     n1.ok(&["volume", "attach", "u"]);
     assert_eq!(c.doc("u").owner.as_deref(), Some("n1"));
     let nodes = n1.ok(&["node", "list"]);
-    assert!(nodes.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["n2", "-", "-", "down", "-", "-"]), "{nodes}");
+    assert!(
+        nodes.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["n2", "-", "-", "down", "-", "-"]),
+        "{nodes}"
+    );
     let status = n1.ok(&["cluster", "status"]);
     assert!(status.contains("\nnodes: 2 up, 1 down (n2)\n"), "{status}");
     assert!(n1.info("v")["extent 0"].contains("(down)"));
@@ -757,7 +784,9 @@ fn cluster_daemon_start_up_refusals_change_nothing() {
         ]
     };
     let cluster = |etcd: &str, node: &str| cluster_with(etcd, node, "tcp");
-    let with = |base: Vec<String>, extra: &[&str]| -> Vec<String> { base.into_iter().chain(extra.iter().map(|s| s.to_string())).collect() };
+    let with = |base: Vec<String>, extra: &[&str]| -> Vec<String> {
+        base.into_iter().chain(extra.iter().map(|s| s.to_string())).collect()
+    };
     let run = |args: &[String], env_secret: Option<&str>| {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let mut command = dirs.command(&args);
@@ -779,9 +808,17 @@ fn cluster_daemon_start_up_refusals_change_nothing() {
         (cluster(&endpoint, "n1"), None, "needs the cluster secret"),
         (with(cluster(&endpoint, "n1"), &["--cluster-secret-file", secret]), Some("0123456789abcdef"), "given twice"),
         (with(cluster(&endpoint, "n1"), &["--cluster-secret-file", short]), None, "at least 16 required"),
-        (with(cluster(&endpoint, "n1"), &["--cluster-secret-file", "/nonexistent/secret"]), None, "cannot read cluster secret"),
+        (
+            with(cluster(&endpoint, "n1"), &["--cluster-secret-file", "/nonexistent/secret"]),
+            None,
+            "cannot read cluster secret",
+        ),
         (cluster(&endpoint, "n1"), Some("short"), "at least 16 required"),
-        (with(cluster(&endpoint, "taken"), &["--cluster-secret-file", secret]), None, "registered in etcd by another live daemon"),
+        (
+            with(cluster(&endpoint, "taken"), &["--cluster-secret-file", secret]),
+            None,
+            "registered in etcd by another live daemon",
+        ),
         (vec!["--zone".into(), "a".into()], None, "--zone is a cluster-mode flag"),
         (with(cluster_with(&endpoint, "n1", "rdma"), &["--cluster-secret-file", secret]), None, "--transport"),
         (with(cluster(&endpoint, "n1"), &["--cluster-secret-file", secret, "--io-timeout", "5"]), None, "no unit"),
@@ -803,7 +840,17 @@ fn cluster_daemon_registers_creates_and_keeps_ownership_across_a_restart() {
     let dirs = DaemonDirs::new();
     let secret = dirs.secret(b"0123456789abcdef0123");
     let listen = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
-    let args = ["--etcd", &c.server.endpoint(), "--node", "solo", "--listen", &listen, "--transport", "tcp", "--cluster-secret-file"];
+    let args = [
+        "--etcd",
+        &c.server.endpoint(),
+        "--node",
+        "solo",
+        "--listen",
+        &listen,
+        "--transport",
+        "tcp",
+        "--cluster-secret-file",
+    ];
     let start = || {
         let mut args: Vec<&str> = args.to_vec();
         args.push(secret.to_str().unwrap());

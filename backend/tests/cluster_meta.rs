@@ -241,7 +241,9 @@ fn nodes_are_listed_from_their_registrations_and_foreign_data_is_named() {
     let config = RegistrationConfig { ttl: TTL };
     let regs: Vec<NodeRegistration> = ["n2", "n1"]
         .iter()
-        .map(|n| NodeRegistration::start(meta.etcd(), n, serde_json::to_vec(&node(n)).unwrap(), config.clone()).unwrap())
+        .map(|n| {
+            NodeRegistration::start(meta.etcd(), n, serde_json::to_vec(&node(n)).unwrap(), config.clone()).unwrap()
+        })
         .collect();
     assert_eq!(meta.list_nodes().unwrap(), [node("n1"), node("n2")]);
     let (info, lease) = meta.read_node("n1").unwrap().unwrap();
@@ -265,7 +267,8 @@ fn status_keys_hang_on_the_publishers_lease() {
     let f = etcd_server("status");
     let meta = meta_of(&f);
     let config = RegistrationConfig { ttl: TTL };
-    let n1 = NodeRegistration::start(meta.etcd(), "n1", serde_json::to_vec(&node("n1")).unwrap(), config.clone()).unwrap();
+    let n1 =
+        NodeRegistration::start(meta.etcd(), "n1", serde_json::to_vec(&node("n1")).unwrap(), config.clone()).unwrap();
     let n2 = NodeRegistration::start(meta.etcd(), "n2", serde_json::to_vec(&node("n2")).unwrap(), config).unwrap();
     let status = |node: &str, done| PublishedStatus {
         node: node.into(),
@@ -331,8 +334,9 @@ fn the_lease_clock_is_conservative_and_stops_when_the_lease_may_be_gone() {
     let proxy = TcpProxy::start(f.server.client_addr()).unwrap();
     let etcd = connect(&proxy.endpoint(), Duration::from_millis(500));
     let before = Instant::now();
-    let reg = NodeRegistration::start(&etcd, "n1", serde_json::to_vec(&node("n1")).unwrap(), RegistrationConfig { ttl: TTL })
-        .unwrap();
+    let reg =
+        NodeRegistration::start(&etcd, "n1", serde_json::to_vec(&node("n1")).unwrap(), RegistrationConfig { ttl: TTL })
+            .unwrap();
     let until = reg.valid_until().expect("registered");
     assert!(until > Instant::now() && until <= Instant::now() + TTL, "{:?} from now", until - Instant::now());
     assert!(until >= before + TTL, "etcd grants at least the TTL asked for, from no earlier than the send");
@@ -369,7 +373,10 @@ fn the_lease_clock_is_conservative_and_stops_when_the_lease_may_be_gone() {
     let v = volume("vol0", 1);
     let rev = created(meta.create_volume(&v).unwrap());
     let audit = keys::audit("vol0", "2026-01-01T00:00:00.000000001Z").unwrap();
-    committed(meta.write_volume_with("vol0", rev, &VolumeMeta { epoch: 5, ..v.clone() }, &[Op::put(audit.clone(), "x")]).unwrap());
+    committed(
+        meta.write_volume_with("vol0", rev, &VolumeMeta { epoch: 5, ..v.clone() }, &[Op::put(audit.clone(), "x")])
+            .unwrap(),
+    );
     assert_eq!(meta.etcd().get(&audit).unwrap().unwrap().value, b"x");
     let audit2 = keys::audit("vol0", "2026-01-01T00:00:00.000000002Z").unwrap();
     let stale = meta.write_volume_with("vol0", rev, &v, &[Op::put(audit2.clone(), "y")]).unwrap();

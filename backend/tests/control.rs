@@ -317,7 +317,10 @@ fn restart_keeps_volumes_and_data() {
         info.iter().filter(|(k, _)| k != "connected" && k != "generation").cloned().collect()
     };
     assert_eq!(without_connected(&info_after), without_connected(&info_before));
-    assert_eq!((node.field("db", "generation"), info_before.iter().find(|(k, _)| k == "generation").unwrap().1.as_str()), ("2".into(), "1"));
+    assert_eq!(
+        (node.field("db", "generation"), info_before.iter().find(|(k, _)| k == "generation").unwrap().1.as_str()),
+        ("2".into(), "1")
+    );
     assert!(is_socket(&node.sockets().join("db.sock")));
     let on_disk = std::fs::read(node.img("db")).unwrap();
     assert_eq!(&on_disk[3 * MIB as usize..4 * MIB as usize], &data[..]);
@@ -502,7 +505,10 @@ fn modes_left_by_an_earlier_version_are_fixed_at_start() {
     }
     let img = node.img("vm").display().to_string();
     assert!(
-        daemon.seen.iter().any(|l| l.contains("took group and other access away") && l.contains(&img) && l.contains("0644")),
+        daemon
+            .seen
+            .iter()
+            .any(|l| l.contains("took group and other access away") && l.contains(&img) && l.contains("0644")),
         "no log line about {img}: {:?}",
         daemon.seen
     );

@@ -239,7 +239,10 @@ fn churn<V: backend::Volume>(vol: &Volume, export: &Export<V>, slow: Option<&Slo
         let offset = chunk * 65536;
         assert_eq!(client.read(0, MIB + offset as u64, offset, 65536), 0);
     }
-    assert!(client.buf()[..len] == pattern(12, len)[..], "the writes the last frontend left in flight are not all there");
+    assert!(
+        client.buf()[..len] == pattern(12, len)[..],
+        "the writes the last frontend left in flight are not all there"
+    );
     drop(client);
 }
 

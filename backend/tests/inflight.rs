@@ -302,7 +302,13 @@ fn kill_and_reconnect(test: &'static str, mode: PollMode) {
     let vol = Volume::new();
     drop(open_image(&vol.image));
     let mut child = spawn_child(test, &vol.socket, &vol.image, mode);
-    let options = RawOptions { num_queues: QUEUES, queue_size: QUEUE_SIZE, event_idx: true, inflight: true, ..RawOptions::default() };
+    let options = RawOptions {
+        num_queues: QUEUES,
+        queue_size: QUEUE_SIZE,
+        event_idx: true,
+        inflight: true,
+        ..RawOptions::default()
+    };
     let mut raw = RawFrontend::connect(&vol.socket, options);
 
     // Per queue: completed writes below HOLD_FROM, two held ones at or past it. The first held
@@ -354,7 +360,8 @@ fn kill_and_reconnect(test: &'static str, mode: PollMode) {
             held.iter().chain(&after).filter(|r| r.queue == q).map(|r| (r.head, r)).collect();
         while !want.is_empty() {
             let (head, len) = raw.wait_used(q, WAIT);
-            let req = want.remove(&head).unwrap_or_else(|| panic!("queue {q}: head {head} completed, not one in flight"));
+            let req =
+                want.remove(&head).unwrap_or_else(|| panic!("queue {q}: head {head} completed, not one in flight"));
             assert_eq!(len, 1);
             assert_eq!(raw.read_status(req.status), OK, "queue {q}: write at {:#x}", req.offset);
         }
@@ -417,15 +424,23 @@ struct Rig {
 impl Rig {
     fn new() -> Self {
         let vol = Volume::new();
-        let export = vol.export(vol.backing(BackingKind::File, VOLUME_BYTES, 512, false), QUEUES as u16, PollMode::Adaptive);
+        let export =
+            vol.export(vol.backing(BackingKind::File, VOLUME_BYTES, 512, false), QUEUES as u16, PollMode::Adaptive);
         let other_vol = Volume::new();
-        let other_export = other_vol.export(other_vol.backing(BackingKind::File, VOLUME_BYTES, 512, false), 1, PollMode::Adaptive);
+        let other_export =
+            other_vol.export(other_vol.backing(BackingKind::File, VOLUME_BYTES, 512, false), 1, PollMode::Adaptive);
         let other = Client::connect(&other_vol.socket, 1, 1 << 20);
         Self { vol, _export: export, _other_vol: other_vol, _other_export: other_export, other }
     }
 
     fn options() -> RawOptions {
-        RawOptions { num_queues: QUEUES, queue_size: QUEUE_SIZE, event_idx: true, inflight: true, ..RawOptions::default() }
+        RawOptions {
+            num_queues: QUEUES,
+            queue_size: QUEUE_SIZE,
+            event_idx: true,
+            inflight: true,
+            ..RawOptions::default()
+        }
     }
 
     /// The export and the bystander both still serve I/O.
@@ -464,12 +479,16 @@ fn inflight_regions_that_do_not_fit_the_device_are_refused_and_the_export_lives_
                 .unwrap_or_else(|e| panic!("{e}"))
                 .0
         };
-        let request = |num_queues, queue_size| VhostUserInflight { mmap_size: 0, mmap_offset: 0, num_queues, queue_size };
+        let request =
+            |num_queues, queue_size| VhostUserInflight { mmap_size: 0, mmap_offset: 0, num_queues, queue_size };
 
         // GET for more queues, or larger ones, than the device has.
         for (num_queues, queue_size) in [(3, 256), (QUEUES as u16, 512), (u16::MAX, u16::MAX)] {
             let mut frontend = negotiate(&rig);
-            assert!(frontend.get_inflight_fd(&request(num_queues, queue_size)).is_err(), "GET {num_queues} x {queue_size}");
+            assert!(
+                frontend.get_inflight_fd(&request(num_queues, queue_size)).is_err(),
+                "GET {num_queues} x {queue_size}"
+            );
             assert_closed(&mut frontend);
         }
 
@@ -484,7 +503,11 @@ fn inflight_regions_that_do_not_fit_the_device_are_refused_and_the_export_lives_
             ("misaligned", VhostUserInflight { mmap_offset: 64, ..good }, &file),
             ("past the end of its file", VhostUserInflight { mmap_offset: 4096, ..good }, &file),
             ("more queues than the device", VhostUserInflight { num_queues: 3, mmap_size: 3 * 4160, ..good }, &file),
-            ("queues larger than the device's", VhostUserInflight { queue_size: 512, mmap_size: 2 * 8256, ..good }, &file),
+            (
+                "queues larger than the device's",
+                VhostUserInflight { queue_size: 512, mmap_size: 2 * 8256, ..good },
+                &file,
+            ),
             ("size inconsistent with the queue count", VhostUserInflight { num_queues: 1, ..good }, &file),
             ("size inconsistent with the queue size", VhostUserInflight { queue_size: 128, ..good }, &file),
             ("an unsealed memfd the frontend could shrink", good, &unsealed),

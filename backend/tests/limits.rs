@@ -75,7 +75,11 @@ fn largest_request_a_guest_may_send() {
         for k in 0..segments {
             file.read_exact_at(&mut on_disk, offset + k * segment).unwrap();
             let from = ((k * 5 % segments) * segment) as usize;
-            assert!(on_disk == data[from..from + segment as usize], "disk piece {k} is not buffer piece {}", k * 5 % segments);
+            assert!(
+                on_disk == data[from..from + segment as usize],
+                "disk piece {k} is not buffer piece {}",
+                k * 5 % segments
+            );
         }
         let allocated = std::fs::metadata(&vol.image).unwrap().blocks() * 512;
         assert!(allocated < volume_bytes, "only the written range is allocated ({allocated} bytes)");

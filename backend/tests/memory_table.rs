@@ -14,7 +14,9 @@ use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use backend::{Export, PollMode};
-use common::raw_frontend::{handshake, header, memfd, memfd_with, readable, writable, RawFrontend, RawOptions, T_IN, T_OUT};
+use common::raw_frontend::{
+    handshake, header, memfd, memfd_with, readable, writable, RawFrontend, RawOptions, T_IN, T_OUT,
+};
 use common::{pattern, Client, Volume};
 use replica::{Backing, BackingKind};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
@@ -41,7 +43,8 @@ impl Rig {
         let vol = Volume::new();
         let export = vol.export(vol.backing(BackingKind::File, VOLUME_BYTES, 512, false), 1, PollMode::Adaptive);
         let other_vol = Volume::new();
-        let other_export = other_vol.export(other_vol.backing(BackingKind::File, VOLUME_BYTES, 512, false), 1, PollMode::Adaptive);
+        let other_export =
+            other_vol.export(other_vol.backing(BackingKind::File, VOLUME_BYTES, 512, false), 1, PollMode::Adaptive);
         let other = Client::connect(&other_vol.socket, 1, 1 << 20);
         Self { vol, _export: export, _other_vol: other_vol, _other_export: other_export, other }
     }
@@ -100,7 +103,13 @@ fn assert_closed(frontend: &mut Frontend) {
 /// A file on tmpfs (/dev/shm), removed once opened.
 fn tmpfs_file(len: u64) -> File {
     let path = std::path::Path::new("/dev/shm").join(format!("hcblk-memtable-{}-{len}", std::process::id()));
-    let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).expect("a file on /dev/shm");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .expect("a file on /dev/shm");
     std::fs::remove_file(&path).expect("unlink it");
     file.set_len(len).expect("size it");
     file
@@ -140,7 +149,10 @@ fn memory_regions_longer_than_their_files_are_refused_without_sigbus() {
         assert_closed(&mut frontend);
 
         // ADD_MEM_REG: a good first region, then one that does not fit.
-        for (what, bad) in [("short memfd", region(&short_memfd, 4 * MIB, 2 * MIB, 0)), ("short hugetlbfs memfd", region(&hugetlb, 4 * MIB, 2 * HUGE, 0))] {
+        for (what, bad) in [
+            ("short memfd", region(&short_memfd, 4 * MIB, 2 * MIB, 0)),
+            ("short hugetlbfs memfd", region(&hugetlb, 4 * MIB, 2 * HUGE, 0)),
+        ] {
             let mut frontend = rig.frontend();
             frontend.add_mem_region(&region(&two_mib, 0, 2 * MIB, 0)).expect("a region that fits");
             assert!(frontend.add_mem_region(&bad).is_err(), "ADD_MEM_REG with a {what}: accepted");

@@ -80,7 +80,9 @@ fn volume_meta() -> VolumeMeta {
         generation: 0,
         owner: None,
         epoch: 1,
-        extents: (0..SIZE / EXTENT).map(|_| ExtentMeta { members: vec![member("n1"), member("n2"), member("n3")] }).collect(),
+        extents: (0..SIZE / EXTENT)
+            .map(|_| ExtentMeta { members: vec![member("n1"), member("n2"), member("n3")] })
+            .collect(),
         risk_accepted: None,
     }
 }
@@ -133,7 +135,10 @@ fn attach(node: &Node, meta: &Arc<MemoryMeta>) -> Result<Arc<ReplicatedVolume>, 
 }
 
 fn cluster(names: &[&str], meta: &Arc<MemoryMeta>) -> Vec<Node> {
-    let mut nodes: Vec<Node> = names.iter().map(|n| Node { name: (*n).into(), dir: tempfile::tempdir().unwrap(), members: None, port: 0 }).collect();
+    let mut nodes: Vec<Node> = names
+        .iter()
+        .map(|n| Node { name: (*n).into(), dir: tempfile::tempdir().unwrap(), members: None, port: 0 })
+        .collect();
     for node in &mut nodes {
         start_member(node, meta);
     }
@@ -154,7 +159,13 @@ fn replicated_writes_reach_every_replica_and_survive_a_member_restart() {
         assert_eq!(client.capacity(), SIZE);
 
         // Writes small (inline) and large (pulled), one across an extent boundary.
-        let writes: [(u64, usize, u8); 5] = [(0, 4096, 1), (MIB + 512, 512, 2), (EXTENT - 8192, 64 << 10, 3), (3 * MIB, 1 << 20, 4), (SIZE - 4096, 4096, 5)];
+        let writes: [(u64, usize, u8); 5] = [
+            (0, 4096, 1),
+            (MIB + 512, 512, 2),
+            (EXTENT - 8192, 64 << 10, 3),
+            (3 * MIB, 1 << 20, 4),
+            (SIZE - 4096, 4096, 5),
+        ];
         for &(offset, len, seed) in &writes {
             client.buf()[..len].copy_from_slice(&pattern(offset, len, seed));
             assert_eq!(client.write(0, offset, 0, len), 0, "write at {offset}");
@@ -164,7 +175,11 @@ fn replicated_writes_reach_every_replica_and_survive_a_member_restart() {
             assert_eq!(client.read(0, offset, 0, len), 0, "read at {offset}");
             assert!(client.buf()[..len] == pattern(offset, len, seed)[..], "data read back at {offset}");
             for node in &nodes {
-                assert!(read_file(&replica_file(node), offset, len) == pattern(offset, len, seed), "replica {} at {offset}", node.name);
+                assert!(
+                    read_file(&replica_file(node), offset, len) == pattern(offset, len, seed),
+                    "replica {} at {offset}",
+                    node.name
+                );
             }
         }
 
@@ -179,10 +194,16 @@ fn replicated_writes_reach_every_replica_and_survive_a_member_restart() {
         let doc = meta.volume("vol").unwrap();
         assert!(doc.extents.iter().all(|e| !e.is_in_sync("n3")), "n3 removed from the in-sync sets: {:?}", doc.extents);
         start_member(&mut nodes[2], &meta);
-        wait_until("n3 is in sync again", Duration::from_secs(60), || meta.volume("vol").unwrap().extents.iter().all(|e| e.is_in_sync("n3")));
+        wait_until("n3 is in sync again", Duration::from_secs(60), || {
+            meta.volume("vol").unwrap().extents.iter().all(|e| e.is_in_sync("n3"))
+        });
         for &(offset, len, seed) in writes.iter().chain(&during) {
             for node in &nodes {
-                assert!(read_file(&replica_file(node), offset, len) == pattern(offset, len, seed), "replica {} at {offset} after resync", node.name);
+                assert!(
+                    read_file(&replica_file(node), offset, len) == pattern(offset, len, seed),
+                    "replica {} at {offset} after resync",
+                    node.name
+                );
             }
         }
         drop(client);
@@ -235,14 +256,25 @@ fn a_new_owner_fences_the_old_one_and_reads_remote_replicas() {
         guest4.buf()[..b_len].copy_from_slice(&pattern(b_off, b_len, 0xb4));
         assert_eq!(guest4.write(0, b_off, 0, b_len), 0, "write on n4");
         for node in &nodes[..3] {
-            assert!(read_file(&replica_file(node), b_off, b_len) == pattern(b_off, b_len, 0xb4), "replica {} has n4's write", node.name);
-            assert!(read_file(&replica_file(node), 0, 4096).iter().all(|&b| b == 0), "replica {} never saw the fenced write", node.name);
+            assert!(
+                read_file(&replica_file(node), b_off, b_len) == pattern(b_off, b_len, 0xb4),
+                "replica {} has n4's write",
+                node.name
+            );
+            assert!(
+                read_file(&replica_file(node), 0, 4096).iter().all(|&b| b == 0),
+                "replica {} never saw the fenced write",
+                node.name
+            );
         }
         assert!(!replica_file(&nodes[3]).exists(), "n4 keeps no data of a volume it holds no replica of");
 
         drop(guest1);
         export1.stop();
-        assert!(old.detach(Duration::from_secs(5)).is_err() || meta.volume("vol").unwrap().owner.as_deref() == Some("n4"), "a fenced owner cannot release n4's claim");
+        assert!(
+            old.detach(Duration::from_secs(5)).is_err() || meta.volume("vol").unwrap().owner.as_deref() == Some("n4"),
+            "a fenced owner cannot release n4's claim"
+        );
         assert_eq!(meta.volume("vol").unwrap().owner.as_deref(), Some("n4"));
         drop(guest4);
         export4.stop();

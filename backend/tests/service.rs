@@ -397,7 +397,12 @@ fn the_libvirt_domain_of_the_test_guest_is_well_formed_and_is_run_guests_machine
         .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join("xmllint").is_file()));
     assert!(found, "xmllint not found: install Debian's libxml2-utils package (scripts/install-deps.sh does)");
     let out = Command::new("xmllint").arg("--noout").arg(&path).output().expect("run xmllint");
-    assert!(out.status.success(), "{} is not well-formed XML: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{} is not well-formed XML: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let xml = std::fs::read_to_string(&path).unwrap();
     let script = std::fs::read_to_string(Path::new(REPO).join("qemu/run-guest.sh")).unwrap();

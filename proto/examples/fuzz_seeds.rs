@@ -18,9 +18,7 @@ fn frame(m: &Message, payload: &[u8]) -> Vec<u8> {
 }
 
 fn main() -> std::io::Result<()> {
-    let dir = std::env::args()
-        .nth(1)
-        .unwrap_or_else(|| "proto/fuzz/seeds".into());
+    let dir = std::env::args().nth(1).unwrap_or_else(|| "proto/fuzz/seeds".into());
     let dir = std::path::Path::new(&dir);
     std::fs::create_dir_all(dir)?;
     let seg = |addr, len| Segment { addr, key: 7, len };
@@ -37,18 +35,9 @@ fn main() -> std::io::Result<()> {
         segments: Segments::from_slice(&[seg(0x1000, 4096), seg(0x9000, 512)]),
         inline: None,
     };
-    let read1 = Descriptor {
-        length: 512,
-        flags: 0,
-        segments: Segments::from_slice(&[seg(0x2000, 512)]),
-        ..desc.clone()
-    };
-    let inline = Descriptor {
-        length: 11,
-        flags: FLAG_INLINE,
-        segments: Segments::new(),
-        ..desc.clone()
-    };
+    let read1 =
+        Descriptor { length: 512, flags: 0, segments: Segments::from_slice(&[seg(0x2000, 512)]), ..desc.clone() };
+    let inline = Descriptor { length: 11, flags: FLAG_INLINE, segments: Segments::new(), ..desc.clone() };
     let range = RangeOp {
         request_id: 10,
         volume: 1,
@@ -60,35 +49,10 @@ fn main() -> std::io::Result<()> {
         incarnation: 5,
         floor: 8,
     };
-    let data = DataReq {
-        op_id: 0x100_0000_0100,
-        addr: 0x1000,
-        key: 7,
-        len: 8,
-    };
+    let data = DataReq { op_id: 0x100_0000_0100, addr: 0x1000, key: 7, len: 8 };
     let seeds: Vec<(&str, Vec<u8>)> = vec![
-        (
-            "hello",
-            frame(
-                &Message::Hello(Hello {
-                    cluster_id: 1,
-                    node_id: 2,
-                    nonce: [3; 32],
-                }),
-                &[],
-            ),
-        ),
-        (
-            "challenge",
-            frame(
-                &Message::Challenge(Challenge {
-                    node_id: 1,
-                    nonce: [4; 32],
-                    mac: [5; 32],
-                }),
-                &[],
-            ),
-        ),
+        ("hello", frame(&Message::Hello(Hello { cluster_id: 1, node_id: 2, nonce: [3; 32] }), &[])),
+        ("challenge", frame(&Message::Challenge(Challenge { node_id: 1, nonce: [4; 32], mac: [5; 32] }), &[])),
         ("auth", frame(&Message::Auth([6; 32]), &[])),
         ("ready", frame(&Message::Ready, &[])),
         ("write2", frame(&Message::Write(desc.clone()), &[])),
@@ -97,14 +61,7 @@ fn main() -> std::io::Result<()> {
         (
             "flush",
             frame(
-                &Message::Flush(Flush {
-                    request_id: 11,
-                    volume: 1,
-                    generation: 3,
-                    epoch: 2,
-                    incarnation: 5,
-                    floor: 8,
-                }),
+                &Message::Flush(Flush { request_id: 11, volume: 1, generation: 3, epoch: 2, incarnation: 5, floor: 8 }),
                 &[],
             ),
         ),
@@ -112,16 +69,7 @@ fn main() -> std::io::Result<()> {
         ("wzeroes", frame(&Message::WriteZeroes(range), &[])),
         (
             "promise",
-            frame(
-                &Message::Promise(Promise {
-                    request_id: 12,
-                    volume: 1,
-                    generation: 3,
-                    epoch: 2,
-                    extent: 40,
-                }),
-                &[],
-            ),
+            frame(&Message::Promise(Promise { request_id: 12, volume: 1, generation: 3, epoch: 2, extent: 40 }), &[]),
         ),
         (
             "clear_dirty",
@@ -140,37 +88,9 @@ fn main() -> std::io::Result<()> {
                 &[],
             ),
         ),
-        (
-            "completion",
-            frame(
-                &Message::Completion(Completion {
-                    request_id: 9,
-                    status: Status::Ok,
-                    bytes: 4608,
-                }),
-                &[],
-            ),
-        ),
-        (
-            "heartbeat",
-            frame(
-                &Message::Heartbeat(Heartbeat {
-                    sequence: 1,
-                    time_us: 2,
-                }),
-                &[],
-            ),
-        ),
-        (
-            "error",
-            frame(
-                &Message::Error(ErrorMsg {
-                    code: 4,
-                    text: "bad".into(),
-                }),
-                &[],
-            ),
-        ),
+        ("completion", frame(&Message::Completion(Completion { request_id: 9, status: Status::Ok, bytes: 4608 }), &[])),
+        ("heartbeat", frame(&Message::Heartbeat(Heartbeat { sequence: 1, time_us: 2 }), &[])),
+        ("error", frame(&Message::Error(ErrorMsg { code: 4, text: "bad".into() }), &[])),
         (
             "promise_ack",
             frame(
@@ -189,25 +109,11 @@ fn main() -> std::io::Result<()> {
         ("datawrite", frame(&Message::DataWrite(data), b"payload!")),
         (
             "dataresp",
-            frame(
-                &Message::DataReadResp(DataResp {
-                    op_id: data.op_id,
-                    status: Status::Ok,
-                    len: 4,
-                }),
-                b"abcd",
-            ),
+            frame(&Message::DataReadResp(DataResp { op_id: data.op_id, status: Status::Ok, len: 4 }), b"abcd"),
         ),
         (
             "dataack",
-            frame(
-                &Message::DataWriteAck(DataResp {
-                    op_id: data.op_id,
-                    status: Status::AccessDenied,
-                    len: 0,
-                }),
-                &[],
-            ),
+            frame(&Message::DataWriteAck(DataResp { op_id: data.op_id, status: Status::AccessDenied, len: 0 }), &[]),
         ),
     ];
     let mut stream = Vec::new();
@@ -221,11 +127,7 @@ fn main() -> std::io::Result<()> {
     // An attached payload encodes like a received one.
     let mut with = inline;
     with.inline = Some(InlineData::copy_from(b"inline data"));
-    assert_eq!(
-        frame(&Message::Write(with), b"inline data"),
-        seeds[5].1,
-        "inline seed"
-    );
+    assert_eq!(frame(&Message::Write(with), b"inline data"), seeds[5].1, "inline seed");
     println!("{} seeds written to {}", seeds.len() + 1, dir.display());
     Ok(())
 }

@@ -57,18 +57,10 @@ impl Secret {
 
     /// Reads a secret file; surrounding whitespace (a trailing newline) is not part of it.
     pub fn from_file(path: &Path) -> Result<Self, SecretError> {
-        let raw = std::fs::read(path).map_err(|source| SecretError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
-        let start = raw
-            .iter()
-            .position(|b| !b.is_ascii_whitespace())
-            .unwrap_or(raw.len());
-        let end = raw
-            .iter()
-            .rposition(|b| !b.is_ascii_whitespace())
-            .map_or(start, |e| e + 1);
+        let raw =
+            std::fs::read(path).map_err(|source| SecretError::Read { path: path.display().to_string(), source })?;
+        let start = raw.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(raw.len());
+        let end = raw.iter().rposition(|b| !b.is_ascii_whitespace()).map_or(start, |e| e + 1);
         Self::new(raw[start..end].to_vec())
     }
 }
@@ -92,8 +84,8 @@ pub enum Role {
 
 fn hmac(secret: &Secret, role: Role, ctx: &Context) -> Hmac<Sha256> {
     // HMAC accepts keys of any length; `new_from_slice` cannot fail for it.
-    let mut m = <Hmac<Sha256> as Mac>::new_from_slice(&secret.0)
-        .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
+    let mut m =
+        <Hmac<Sha256> as Mac>::new_from_slice(&secret.0).unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
     m.update(match role {
         Role::Client => b"hcblk-cli",
         Role::Server => b"hcblk-srv",
@@ -130,19 +122,11 @@ mod tests {
     fn tags_bind_role_secret_and_context() {
         let s = Secret::new(*b"0123456789abcdef").unwrap();
         let other = Secret::new(*b"0123456789abcdeX").unwrap();
-        let ctx = Context {
-            cluster_id: 1,
-            client_node: 2,
-            server_node: 3,
-            client_nonce: [1; 32],
-            server_nonce: [2; 32],
-        };
+        let ctx =
+            Context { cluster_id: 1, client_node: 2, server_node: 3, client_nonce: [1; 32], server_nonce: [2; 32] };
         let t = tag(&s, Role::Client, &ctx);
         assert!(verify(&s, Role::Client, &ctx, &t));
-        assert!(
-            !verify(&s, Role::Server, &ctx, &t),
-            "a client tag must not pass as a server tag"
-        );
+        assert!(!verify(&s, Role::Server, &ctx, &t), "a client tag must not pass as a server tag");
         assert!(!verify(&other, Role::Client, &ctx, &t));
         let mut ctx2 = ctx;
         ctx2.server_nonce[0] ^= 1;

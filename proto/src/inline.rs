@@ -49,8 +49,7 @@ impl AlignedBuf {
     fn layout(cap: usize) -> Layout {
         // `cap` is a power-of-two multiple of INLINE_ALIGN, at most MAX_INLINE:
         // far below isize::MAX, so the layout is valid.
-        Layout::from_size_align(cap, INLINE_ALIGN)
-            .unwrap_or_else(|_| unreachable!("inline buffer layout"))
+        Layout::from_size_align(cap, INLINE_ALIGN).unwrap_or_else(|_| unreachable!("inline buffer layout"))
     }
 
     fn new(cap: usize) -> Self {
@@ -111,9 +110,7 @@ pub(crate) struct InlinePool(Arc<PoolShared>);
 
 impl std::fmt::Debug for InlinePool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("InlinePool")
-            .field("budget", &self.0.budget)
-            .finish()
+        f.debug_struct("InlinePool").field("budget", &self.0.budget).finish()
     }
 }
 
@@ -123,11 +120,7 @@ impl InlinePool {
     pub(crate) fn new(budget: usize) -> Self {
         Self(Arc::new(PoolShared {
             budget: budget.max(MAX_INLINE as usize),
-            state: Mutex::new(PoolState {
-                free: Default::default(),
-                allocated: 0,
-                lent: 0,
-            }),
+            state: Mutex::new(PoolState { free: Default::default(), allocated: 0, lent: 0 }),
         }))
     }
 
@@ -155,11 +148,7 @@ impl InlinePool {
             }
         };
         st.lent += cap;
-        Some(InlineData {
-            buf: Some(buf),
-            len,
-            home: Some(self.0.clone()),
-        })
+        Some(InlineData { buf: Some(buf), len, home: Some(self.0.clone()) })
     }
 
     /// Bytes lent out (held by messages not yet dropped).
@@ -195,11 +184,7 @@ impl InlineData {
         let len = bytes.len().min(MAX_INLINE as usize);
         let mut buf = AlignedBuf::new(INLINE_ALIGN << class_of(len));
         buf.as_mut_slice(len).copy_from_slice(&bytes[..len]);
-        Self {
-            buf: Some(buf),
-            len,
-            home: None,
-        }
+        Self { buf: Some(buf), len, home: None }
     }
 
     /// Bytes the buffer can hold (a multiple of [`INLINE_ALIGN`], >= `len()`).

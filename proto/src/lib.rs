@@ -14,9 +14,9 @@ pub mod auth;
 pub mod inline;
 pub mod loopback;
 pub mod mem;
+pub mod ratelimit;
 #[cfg(feature = "rdma")]
 pub mod rdma;
-pub mod ratelimit;
 mod sys;
 pub mod tcp;
 pub mod wire;
@@ -84,11 +84,7 @@ pub enum TransportError {
     #[error("inline WRITE: {0}")]
     Inline(&'static str),
     #[error("transport setting {field} = {value} is out of range (1 to {max})")]
-    Config {
-        field: &'static str,
-        value: usize,
-        max: usize,
-    },
+    Config { field: &'static str, value: usize, max: usize },
 }
 
 /// Completion of a one-sided operation posted with `post_read`/`post_write`.
@@ -101,11 +97,7 @@ pub struct OpCompletion {
 }
 
 impl OpCompletion {
-    pub const EMPTY: OpCompletion = OpCompletion {
-        user_data: 0,
-        status: Status::Ok,
-        bytes: 0,
-    };
+    pub const EMPTY: OpCompletion = OpCompletion { user_data: 0, status: Status::Ok, bytes: 0 };
 }
 
 /// Connection parameters shared by the transports.
@@ -215,41 +207,22 @@ pub trait Endpoint: Send {
     /// As [`Registry::register`]: `ptr..ptr+len` stays valid for reads and
     /// writes from any thread until `deregister_region` returns `Ok` or the
     /// endpoint (and every other user of its registry) is dropped.
-    unsafe fn register_region(
-        &mut self,
-        ptr: *mut u8,
-        len: usize,
-    ) -> Result<RegionId, TransportError>;
+    unsafe fn register_region(&mut self, ptr: *mut u8, len: usize) -> Result<RegionId, TransportError>;
 
     /// Forgets a region; `Busy` while grants or operations use it.
     fn deregister_region(&mut self, region: RegionId) -> Result<(), TransportError>;
 
     /// Opens `(offset, len)` ranges of `region` to the peer under a new key.
-    fn grant(
-        &mut self,
-        region: RegionId,
-        ranges: &[(u64, u32)],
-        access: Access,
-    ) -> Result<Grant, TransportError>;
+    fn grant(&mut self, region: RegionId, ranges: &[(u64, u32)], access: Access) -> Result<Grant, TransportError>;
 
     /// Closes a key; the peer's later accesses with it fail.
     fn revoke(&mut self, key: Key) -> Result<(), TransportError>;
 
     /// One-sided READ: pulls the peer's `remote` segments into `local`.
-    fn post_read(
-        &mut self,
-        remote: &[Segment],
-        local: &[LocalSeg],
-        user_data: u64,
-    ) -> Result<(), TransportError>;
+    fn post_read(&mut self, remote: &[Segment], local: &[LocalSeg], user_data: u64) -> Result<(), TransportError>;
 
     /// One-sided WRITE: pushes `local` into the peer's `remote` segments.
-    fn post_write(
-        &mut self,
-        remote: &[Segment],
-        local: &[LocalSeg],
-        user_data: u64,
-    ) -> Result<(), TransportError>;
+    fn post_write(&mut self, remote: &[Segment], local: &[LocalSeg], user_data: u64) -> Result<(), TransportError>;
 
     /// Fills `out` with finished operations; returns how many.
     fn poll_completions(&mut self, out: &mut [OpCompletion]) -> usize;
@@ -324,17 +297,12 @@ fn rdma_probe() -> Result<(), TransportError> {
 
 #[cfg(not(feature = "rdma"))]
 fn rdma_probe() -> Result<(), TransportError> {
-    Err(TransportError::NoRdmaDevice(
-        "hcblk-proto built without the `rdma` feature".into(),
-    ))
+    Err(TransportError::NoRdmaDevice("hcblk-proto built without the `rdma` feature".into()))
 }
 
 /// Checks what `Endpoint::send_inline` is given: an inline WRITE without
 /// an attached payload, as long as the registered `payload` pieces.
-pub(crate) fn check_send_inline(
-    msg: &Message,
-    payload: &[LocalSeg],
-) -> Result<(), TransportError> {
+pub(crate) fn check_send_inline(msg: &Message, payload: &[LocalSeg]) -> Result<(), TransportError> {
     let Message::Write(d) = msg else {
         return Err(TransportError::Inline("only a WRITE carries its data inline"));
     };
@@ -342,20 +310,14 @@ pub(crate) fn check_send_inline(
         return Err(TransportError::Inline("FLAG_INLINE is not set"));
     }
     if d.inline.is_some() {
-        return Err(TransportError::Inline(
-            "the payload comes from registered memory, not `Descriptor::inline`",
-        ));
+        return Err(TransportError::Inline("the payload comes from registered memory, not `Descriptor::inline`"));
     }
     let total: u64 = payload.iter().map(|s| u64::from(s.len)).sum();
     if total != u64::from(d.length) {
-        return Err(TransportError::LengthMismatch {
-            local: total as usize,
-            remote: d.length as usize,
-        });
+        return Err(TransportError::LengthMismatch { local: total as usize, remote: d.length as usize });
     }
     // The codec's rules cover the rest (MAX_INLINE, offsets, flags).
-    msg.validate()
-        .map_err(|e| TransportError::Encode(wire::EncodeError::Invalid(e)))
+    msg.validate().map_err(|e| TransportError::Encode(wire::EncodeError::Invalid(e)))
 }
 
 /// Checks a message given to `Endpoint::send`: an application type, and
@@ -367,9 +329,7 @@ pub(crate) fn check_send(msg: &Message) -> Result<(), TransportError> {
     }
     if let Message::Write(d) = msg {
         if d.is_inline() && d.inline.is_none() {
-            return Err(TransportError::Inline(
-                "no payload attached: use send_inline for registered memory",
-            ));
+            return Err(TransportError::Inline("no payload attached: use send_inline for registered memory"));
         }
     }
     Ok(())
@@ -382,25 +342,17 @@ mod tests {
     #[test]
     fn auto_falls_back_to_tcp_and_rdma_names_the_missing_device() {
         // This test documents the host: without a verbs device `rdma` must be refused.
-        let has_device = std::path::Path::new("/sys/class/infiniband")
-            .read_dir()
-            .map(|mut d| d.next().is_some())
-            .unwrap_or(false);
+        let has_device =
+            std::path::Path::new("/sys/class/infiniband").read_dir().map(|mut d| d.next().is_some()).unwrap_or(false);
         if has_device {
-            assert_eq!(
-                resolve_transport(TransportKind::Auto).unwrap(),
-                TransportKind::Rdma
-            );
+            assert_eq!(resolve_transport(TransportKind::Auto).unwrap(), TransportKind::Rdma);
             return;
         }
         let e = resolve_transport(TransportKind::Rdma).unwrap_err();
         let line = e.to_string();
         assert!(line.starts_with("no RDMA device: "), "{line}");
         assert!(!line.contains('\n'), "{line}");
-        assert_eq!(
-            resolve_transport(TransportKind::Auto).unwrap(),
-            TransportKind::Tcp
-        );
+        assert_eq!(resolve_transport(TransportKind::Auto).unwrap(), TransportKind::Tcp);
         assert_eq!("tcp".parse::<TransportKind>().unwrap(), TransportKind::Tcp);
         assert!("ib".parse::<TransportKind>().is_err());
     }

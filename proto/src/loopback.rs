@@ -8,10 +8,7 @@ use crate::inline::{InlineData, InlinePool};
 use crate::mem::{Denied, IoPtr};
 use crate::ratelimit::{LogLimit, LOG_BURST, LOG_INTERVAL};
 use crate::wire::{Message, Segment, Status, MAX_DATA_LEN, MAX_SEGMENTS};
-use crate::{
-    Access, Config, Endpoint, Grant, Key, LocalSeg, OpCompletion, RegionId, Registry,
-    TransportError,
-};
+use crate::{Access, Config, Endpoint, Grant, Key, LocalSeg, OpCompletion, RegionId, Registry, TransportError};
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -45,10 +42,7 @@ pub struct LoopbackEndpoint {
 
 /// Connects two in-process endpoints. Both must be in the same cluster and
 /// hold the same secret (checked the way the handshake would).
-pub fn pair(
-    a: &Config,
-    b: &Config,
-) -> Result<(LoopbackEndpoint, LoopbackEndpoint), TransportError> {
+pub fn pair(a: &Config, b: &Config) -> Result<(LoopbackEndpoint, LoopbackEndpoint), TransportError> {
     a.validate()?;
     b.validate()?;
     if a.cluster_id != b.cluster_id {
@@ -67,9 +61,7 @@ pub fn pair(
         &ctx,
         &crate::auth::tag(&a.secret, crate::auth::Role::Client, &ctx),
     ) {
-        return Err(TransportError::AuthFailed(
-            "the peers hold different cluster secrets",
-        ));
+        return Err(TransportError::AuthFailed("the peers hold different cluster secrets"));
     }
     let side = |c: &Config| Side {
         inbox: VecDeque::new(),
@@ -78,9 +70,7 @@ pub fn pair(
         cap: c.recv_queue,
         pool: InlinePool::new(c.inline_budget),
     };
-    let shared = Arc::new(Mutex::new(Shared {
-        sides: [side(a), side(b)],
-    }));
+    let shared = Arc::new(Mutex::new(Shared { sides: [side(a), side(b)] }));
     let mk = |me: usize, cfg: &Config, peer: &Config| LoopbackEndpoint {
         shared: shared.clone(),
         me,
@@ -126,9 +116,7 @@ impl LoopbackEndpoint {
         fill: impl FnOnce(&mut [u8]),
     ) -> Result<(), TransportError> {
         let pool = self.lock().sides[1 - self.me].pool.clone();
-        let mut buf: InlineData = pool
-            .take(d.length as usize)
-            .ok_or(TransportError::QueueFull)?;
+        let mut buf: InlineData = pool.take(d.length as usize).ok_or(TransportError::QueueFull)?;
         fill(buf.as_mut_slice());
         let mut desc = d.clone();
         desc.inline = Some(buf);
@@ -149,9 +137,7 @@ impl LoopbackEndpoint {
         user_data: u64,
         write: bool,
     ) -> Result<(), TransportError> {
-        if remote.is_empty()
-            || remote.len() > MAX_SEGMENTS
-            || remote.iter().any(|s| s.len == 0 || s.len > MAX_DATA_LEN)
+        if remote.is_empty() || remote.len() > MAX_SEGMENTS || remote.iter().any(|s| s.len == 0 || s.len > MAX_DATA_LEN)
         {
             return Err(TransportError::Limit("remote segments"));
         }
@@ -160,11 +146,7 @@ impl LoopbackEndpoint {
         }
         let (mine, theirs, closed) = {
             let s = self.lock();
-            (
-                s.sides[self.me].registry.clone(),
-                s.sides[1 - self.me].registry.clone(),
-                s.sides[self.me].closed,
-            )
+            (s.sides[self.me].registry.clone(), s.sides[1 - self.me].registry.clone(), s.sides[self.me].closed)
         };
         if closed {
             return Err(TransportError::Disconnected);
@@ -172,20 +154,11 @@ impl LoopbackEndpoint {
         let local = mine.local(local)?;
         let total: usize = remote.iter().map(|s| s.len as usize).sum();
         if total != local.total {
-            return Err(TransportError::LengthMismatch {
-                local: local.total,
-                remote: total,
-            });
+            return Err(TransportError::LengthMismatch { local: local.total, remote: total });
         }
-        let want = if write {
-            Access::RemoteWrite
-        } else {
-            Access::RemoteRead
-        };
-        let windows: Result<Vec<IoPtr>, Denied> = remote
-            .iter()
-            .map(|s| theirs.check_remote(s.key, s.addr, s.len, want))
-            .collect();
+        let want = if write { Access::RemoteWrite } else { Access::RemoteRead };
+        let windows: Result<Vec<IoPtr>, Denied> =
+            remote.iter().map(|s| theirs.check_remote(s.key, s.addr, s.len, want)).collect();
         let status = match windows {
             Ok(w) => {
                 let l = local.sub(0, local.total);
@@ -200,27 +173,13 @@ impl LoopbackEndpoint {
                 let peer = self.peer_node;
                 self.denials.log(
                     |n| tracing::warn!(peer, "{n} more refused one-sided accesses not logged"),
-                    || {
-                        tracing::warn!(
-                            peer,
-                            "refused one-sided {}: {why:?}",
-                            if write { "write" } else { "read" }
-                        )
-                    },
+                    || tracing::warn!(peer, "refused one-sided {}: {why:?}", if write { "write" } else { "read" }),
                 );
                 Status::AccessDenied
             }
         };
-        let bytes = if status == Status::Ok {
-            total as u32
-        } else {
-            0
-        };
-        self.completions.push_back(OpCompletion {
-            user_data,
-            status,
-            bytes,
-        });
+        let bytes = if status == Status::Ok { total as u32 } else { 0 };
+        self.completions.push_back(OpCompletion { user_data, status, bytes });
         Ok(())
     }
 }
@@ -229,8 +188,7 @@ impl Endpoint for LoopbackEndpoint {
     fn send(&mut self, msg: &Message) -> Result<(), TransportError> {
         crate::check_send(msg)?;
         // Same validation as the encoder: never deliver what the wire would refuse.
-        msg.validate()
-            .map_err(|e| TransportError::Encode(crate::wire::EncodeError::Invalid(e)))?;
+        msg.validate().map_err(|e| TransportError::Encode(crate::wire::EncodeError::Invalid(e)))?;
         match msg {
             Message::Write(d) if d.is_inline() => {
                 let data = d.inline.as_deref().unwrap_or_default();
@@ -260,11 +218,7 @@ impl Endpoint for LoopbackEndpoint {
         }
     }
 
-    unsafe fn register_region(
-        &mut self,
-        ptr: *mut u8,
-        len: usize,
-    ) -> Result<RegionId, TransportError> {
+    unsafe fn register_region(&mut self, ptr: *mut u8, len: usize) -> Result<RegionId, TransportError> {
         // SAFETY: the caller upholds `Registry::register`'s contract (same as ours).
         unsafe { self.registry().register(ptr, len) }
     }
@@ -273,12 +227,7 @@ impl Endpoint for LoopbackEndpoint {
         self.registry().deregister(region)
     }
 
-    fn grant(
-        &mut self,
-        region: RegionId,
-        ranges: &[(u64, u32)],
-        access: Access,
-    ) -> Result<Grant, TransportError> {
+    fn grant(&mut self, region: RegionId, ranges: &[(u64, u32)], access: Access) -> Result<Grant, TransportError> {
         self.registry().grant(region, ranges, access)
     }
 
@@ -286,21 +235,11 @@ impl Endpoint for LoopbackEndpoint {
         self.registry().revoke(key)
     }
 
-    fn post_read(
-        &mut self,
-        remote: &[Segment],
-        local: &[LocalSeg],
-        user_data: u64,
-    ) -> Result<(), TransportError> {
+    fn post_read(&mut self, remote: &[Segment], local: &[LocalSeg], user_data: u64) -> Result<(), TransportError> {
         self.one_sided(remote, local, user_data, false)
     }
 
-    fn post_write(
-        &mut self,
-        remote: &[Segment],
-        local: &[LocalSeg],
-        user_data: u64,
-    ) -> Result<(), TransportError> {
+    fn post_write(&mut self, remote: &[Segment], local: &[LocalSeg], user_data: u64) -> Result<(), TransportError> {
         self.one_sided(remote, local, user_data, true)
     }
 
@@ -346,9 +285,7 @@ mod tests {
         let ga = unsafe { a.register_region(guest.as_mut_ptr(), guest.len()) }.unwrap();
         // SAFETY: as above.
         let db = unsafe { b.register_region(disk.as_mut_ptr(), disk.len()) }.unwrap();
-        let g = a
-            .grant(ga, &[(100, 1000), (5000, 24)], Access::RemoteRead)
-            .unwrap();
+        let g = a.grant(ga, &[(100, 1000), (5000, 24)], Access::RemoteRead).unwrap();
         let d = Descriptor {
             request_id: 9,
             volume: 1,
@@ -360,51 +297,16 @@ mod tests {
             ..Descriptor::default()
         };
         a.send(&Message::Write(d)).unwrap();
-        let Some(Message::Write(d)) = b.poll_recv().unwrap() else {
-            panic!("expected WRITE")
-        };
-        b.post_read(
-            &d.segments,
-            &[LocalSeg {
-                region: db,
-                offset: 0,
-                len: 1024,
-            }],
-            5,
-        )
-        .unwrap();
+        let Some(Message::Write(d)) = b.poll_recv().unwrap() else { panic!("expected WRITE") };
+        b.post_read(&d.segments, &[LocalSeg { region: db, offset: 0, len: 1024 }], 5).unwrap();
         let mut c = [OpCompletion::EMPTY; 4];
         assert_eq!(b.poll_completions(&mut c), 1);
-        assert_eq!(
-            c[0],
-            OpCompletion {
-                user_data: 5,
-                status: Status::Ok,
-                bytes: 1024
-            }
-        );
-        b.send(&Message::Completion(Completion {
-            request_id: 9,
-            status: Status::Ok,
-            bytes: 1024,
-        }))
-        .unwrap();
-        assert!(matches!(
-            a.poll_recv().unwrap(),
-            Some(Message::Completion(_))
-        ));
+        assert_eq!(c[0], OpCompletion { user_data: 5, status: Status::Ok, bytes: 1024 });
+        b.send(&Message::Completion(Completion { request_id: 9, status: Status::Ok, bytes: 1024 })).unwrap();
+        assert!(matches!(a.poll_recv().unwrap(), Some(Message::Completion(_))));
         a.revoke(g.key).unwrap();
         // The revoked key no longer opens the window.
-        b.post_read(
-            &d.segments,
-            &[LocalSeg {
-                region: db,
-                offset: 0,
-                len: 1024,
-            }],
-            6,
-        )
-        .unwrap();
+        b.post_read(&d.segments, &[LocalSeg { region: db, offset: 0, len: 1024 }], 6).unwrap();
         assert_eq!(b.poll_completions(&mut c), 1);
         assert_eq!(c[0].status, Status::AccessDenied);
         a.disconnect();
@@ -419,18 +321,11 @@ mod tests {
     fn refuses_wrong_secret_and_bounds_queues() {
         let mut other = cfg(2);
         other.secret = Secret::new(*b"another-secret-16b").unwrap();
-        assert!(matches!(
-            pair(&cfg(1), &other),
-            Err(TransportError::AuthFailed(_))
-        ));
+        assert!(matches!(pair(&cfg(1), &other), Err(TransportError::AuthFailed(_))));
         let mut small = cfg(2);
         small.recv_queue = 2;
         let (mut a, _b) = pair(&cfg(1), &small).unwrap();
-        let c = Message::Completion(Completion {
-            request_id: 1,
-            status: Status::Ok,
-            bytes: 0,
-        });
+        let c = Message::Completion(Completion { request_id: 1, status: Status::Ok, bytes: 0 });
         a.send(&c).unwrap();
         a.send(&c).unwrap();
         assert!(matches!(a.send(&c), Err(TransportError::QueueFull)));
@@ -444,35 +339,15 @@ mod tests {
         let mut guest = (0..70_000u32).map(|i| (i % 253) as u8).collect::<Vec<u8>>();
         // SAFETY: `guest` outlives the endpoints (dropped after them).
         let g = unsafe { a.register_region(guest.as_mut_ptr(), guest.len()) }.unwrap();
-        let d = Descriptor {
-            request_id: 3,
-            length: 30_000,
-            flags: crate::wire::FLAG_INLINE,
-            ..Descriptor::default()
-        };
-        let payload = [
-            LocalSeg {
-                region: g,
-                offset: 0,
-                len: 10_000,
-            },
-            LocalSeg {
-                region: g,
-                offset: 40_000,
-                len: 20_000,
-            },
-        ];
+        let d = Descriptor { request_id: 3, length: 30_000, flags: crate::wire::FLAG_INLINE, ..Descriptor::default() };
+        let payload =
+            [LocalSeg { region: g, offset: 0, len: 10_000 }, LocalSeg { region: g, offset: 40_000, len: 20_000 }];
         a.send_inline(&Message::Write(d.clone()), &payload).unwrap();
         // The receiver's budget (64 KiB) holds two 32 KiB buffers; a third
         // inline WRITE has to wait: QueueFull.
         a.send_inline(&Message::Write(d.clone()), &payload).unwrap();
-        assert!(matches!(
-            a.send_inline(&Message::Write(d.clone()), &payload),
-            Err(TransportError::QueueFull)
-        ));
-        let Some(Message::Write(got)) = b.poll_recv().unwrap() else {
-            panic!("expected WRITE")
-        };
+        assert!(matches!(a.send_inline(&Message::Write(d.clone()), &payload), Err(TransportError::QueueFull)));
+        let Some(Message::Write(got)) = b.poll_recv().unwrap() else { panic!("expected WRITE") };
         let data = got.inline.as_ref().unwrap();
         assert_eq!(data.as_ptr() as usize % crate::inline::INLINE_ALIGN, 0);
         let want: Vec<u8> = [&guest[..10_000], &guest[40_000..60_000]].concat();
@@ -481,10 +356,7 @@ mod tests {
         drop(got);
         a.send_inline(&Message::Write(d.clone()), &payload).unwrap();
         // `send` of an inline WRITE needs its payload attached.
-        assert!(matches!(
-            a.send(&Message::Write(d.clone())),
-            Err(TransportError::Inline(_))
-        ));
+        assert!(matches!(a.send(&Message::Write(d.clone())), Err(TransportError::Inline(_))));
         drop((a, b));
         guest.clear();
     }

@@ -171,11 +171,7 @@ impl LocalBuf {
             }
             let take = (p.len - off).min(len);
             // `off + take <= p.len`, so the result stays inside the piece.
-            out.push(IoPtr {
-                ptr: p.ptr.wrapping_add(off),
-                len: take,
-                _region: p._region.clone(),
-            });
+            out.push(IoPtr { ptr: p.ptr.wrapping_add(off), len: take, _region: p._region.clone() });
             len -= take;
             off = 0;
         }
@@ -244,11 +240,7 @@ impl GrantSlot {
 
     fn cell_for_write(&self, i: usize) -> Option<&RangeCell> {
         if i >= INLINE_RANGES {
-            self.spill.get_or_init(|| {
-                (INLINE_RANGES..MAX_SEGMENTS)
-                    .map(|_| RangeCell::default())
-                    .collect()
-            });
+            self.spill.get_or_init(|| (INLINE_RANGES..MAX_SEGMENTS).map(|_| RangeCell::default()).collect());
         }
         self.cell(i)
     }
@@ -344,10 +336,7 @@ impl Registry {
 
     /// The region `id` names, pinned.
     fn region(&self, id: RegionId) -> Option<Arc<Region>> {
-        let g = self
-            .region_slot(id.0)
-            .read()
-            .unwrap_or_else(|p| p.into_inner());
+        let g = self.region_slot(id.0).read().unwrap_or_else(|p| p.into_inner());
         g.as_ref().filter(|r| r.id == id.0).cloned()
     }
 
@@ -371,14 +360,8 @@ impl Registry {
             *gen = 1;
         }
         let id = (*gen << REGION_SLOT_BITS) | slot;
-        *self
-            .region_slot(id)
-            .write()
-            .unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(Region {
-            id,
-            base: ptr,
-            len,
-        }));
+        *self.region_slot(id).write().unwrap_or_else(|p| p.into_inner()) =
+            Some(Arc::new(Region { id, base: ptr, len }));
         Ok(RegionId(id))
     }
 
@@ -386,14 +369,8 @@ impl Registry {
     pub fn deregister(&self, id: RegionId) -> Result<(), TransportError> {
         let mut a = lock(&self.region_alloc);
         {
-            let mut g = self
-                .region_slot(id.0)
-                .write()
-                .unwrap_or_else(|p| p.into_inner());
-            let r = g
-                .as_ref()
-                .filter(|r| r.id == id.0)
-                .ok_or(TransportError::UnknownRegion(id.0))?;
+            let mut g = self.region_slot(id.0).write().unwrap_or_else(|p| p.into_inner());
+            let r = g.as_ref().filter(|r| r.id == id.0).ok_or(TransportError::UnknownRegion(id.0))?;
             // No new pin can be taken from the table while we hold its write
             // lock, and every other pin is counted here.
             if Arc::strong_count(r) > 1 {
@@ -406,30 +383,18 @@ impl Registry {
     }
 
     /// Opens `ranges` (offset, length within `region`) to the peer under a new key.
-    pub fn grant(
-        &self,
-        region: RegionId,
-        ranges: &[(u64, u32)],
-        access: Access,
-    ) -> Result<Grant, TransportError> {
+    pub fn grant(&self, region: RegionId, ranges: &[(u64, u32)], access: Access) -> Result<Grant, TransportError> {
         if ranges.is_empty() || ranges.len() > MAX_SEGMENTS {
             return Err(TransportError::Limit("ranges per grant"));
         }
-        let r = self
-            .region(region)
-            .ok_or(TransportError::UnknownRegion(region.0))?;
+        let r = self.region(region).ok_or(TransportError::UnknownRegion(region.0))?;
         for &(off, len) in ranges {
-            let end = off
-                .checked_add(len.into())
-                .ok_or(TransportError::OutOfRegion)?;
+            let end = off.checked_add(len.into()).ok_or(TransportError::OutOfRegion)?;
             if len == 0 || end > r.len as u64 {
                 return Err(TransportError::OutOfRegion);
             }
         }
-        let idx = self
-            .free_grants
-            .pop()
-            .ok_or(TransportError::Limit("grants"))?;
+        let idx = self.free_grants.pop().ok_or(TransportError::Limit("grants"))?;
         let slot = &self.grants[idx as usize];
         // The slot is ours alone until its key is published below.
         let key = next_key((slot.state.load(Ordering::Relaxed) >> 1) as u32);
@@ -451,10 +416,7 @@ impl Registry {
         }
         *lock(&slot.pin) = Some(r);
         slot.state.store(live(key), Ordering::Release);
-        Ok(Grant {
-            key: Key(key),
-            segments,
-        })
+        Ok(Grant { key: Key(key), segments })
     }
 
     /// Revokes a key; later accesses with it are refused. An access checked
@@ -463,12 +425,7 @@ impl Registry {
         let idx = key.0 & GRANT_SLOT_MASK;
         let slot = &self.grants[idx as usize];
         slot.state
-            .compare_exchange(
-                live(key.0),
-                live(key.0) & !1,
-                Ordering::AcqRel,
-                Ordering::Relaxed,
-            )
+            .compare_exchange(live(key.0), live(key.0) & !1, Ordering::AcqRel, Ordering::Relaxed)
             .map_err(|_| TransportError::UnknownKey(key.0))?;
         drop(lock(&slot.pin).take());
         // Each slot index is in the queue at most once and the queue holds
@@ -479,13 +436,7 @@ impl Registry {
     }
 
     /// Checks a peer's access and returns the memory it addresses.
-    pub(crate) fn check_remote(
-        &self,
-        key: u32,
-        addr: u64,
-        len: u32,
-        want: Access,
-    ) -> Result<IoPtr, Denied> {
+    pub(crate) fn check_remote(&self, key: u32, addr: u64, len: u32, want: Access) -> Result<IoPtr, Denied> {
         let slot = &self.grants[(key & GRANT_SLOT_MASK) as usize];
         let want_state = live(key);
         if slot.state.load(Ordering::Acquire) != want_state {
@@ -495,9 +446,9 @@ impl Registry {
         let region = slot.region.load(Ordering::Relaxed);
         let n = (slot.count.load(Ordering::Relaxed) as usize).min(MAX_SEGMENTS);
         let inside = len > 0
-            && addr.checked_add(len.into()).is_some_and(|end| {
-                (0..n).any(|i| slot.cell(i).is_some_and(|c| c.covers(addr, end)))
-            });
+            && addr
+                .checked_add(len.into())
+                .is_some_and(|end| (0..n).any(|i| slot.cell(i).is_some_and(|c| c.covers(addr, end))));
         // Seqlock reader: if any field read above came from a later grant of
         // this slot, the state has changed too and the access is refused.
         fence(Ordering::Acquire);
@@ -516,22 +467,15 @@ impl Registry {
         if slot.state.load(Ordering::Acquire) != want_state {
             return Err(Denied::UnknownKey);
         }
-        let off = addr
-            .checked_sub(r.base as u64)
-            .ok_or(Denied::OutOfWindow)?;
+        let off = addr.checked_sub(r.base as u64).ok_or(Denied::OutOfWindow)?;
         IoPtr::within(r, off, len as usize).ok_or(Denied::OutOfWindow)
     }
 
     /// Resolves local segments to registered memory.
     pub(crate) fn local(&self, segs: &[LocalSeg]) -> Result<LocalBuf, TransportError> {
-        let mut buf = LocalBuf {
-            pieces: Vec::with_capacity(segs.len()),
-            total: 0,
-        };
+        let mut buf = LocalBuf { pieces: Vec::with_capacity(segs.len()), total: 0 };
         for s in segs {
-            let r = self
-                .region(s.region)
-                .ok_or(TransportError::UnknownRegion(s.region.0))?;
+            let r = self.region(s.region).ok_or(TransportError::UnknownRegion(s.region.0))?;
             if s.len == 0 {
                 return Err(TransportError::OutOfRegion);
             }
@@ -548,10 +492,7 @@ impl Registry {
     pub fn copy_to_local(&self, dst: &[LocalSeg], src: &[u8]) -> Result<(), TransportError> {
         let buf = self.local(dst)?;
         if buf.total != src.len() {
-            return Err(TransportError::LengthMismatch {
-                local: buf.total,
-                remote: src.len(),
-            });
+            return Err(TransportError::LengthMismatch { local: buf.total, remote: src.len() });
         }
         scatter(src, &buf.pieces);
         Ok(())
@@ -620,63 +561,29 @@ mod tests {
         let reg = Registry::new();
         // SAFETY: `mem` outlives `reg` (declared before it) and is not borrowed while registered.
         let r = unsafe { reg.register(mem.as_mut_ptr(), mem.len()) }.unwrap();
-        let g1 = reg
-            .grant(r, &[(0, 512), (4096, 1024)], Access::RemoteRead)
-            .unwrap();
+        let g1 = reg.grant(r, &[(0, 512), (4096, 1024)], Access::RemoteRead).unwrap();
         let g2 = reg.grant(r, &[(1024, 512)], Access::RemoteRead).unwrap();
         let s = g1.segments[1];
-        assert!(reg
-            .check_remote(g1.key.0, s.addr, s.len, Access::RemoteRead)
-            .is_ok());
-        assert!(reg
-            .check_remote(g1.key.0, s.addr + 512, 512, Access::RemoteRead)
-            .is_ok());
-        assert_eq!(
-            reg.check_remote(g1.key.0, s.addr + 512, 513, Access::RemoteRead)
-                .unwrap_err(),
-            Denied::OutOfWindow
-        );
-        assert_eq!(
-            reg.check_remote(g1.key.0, s.addr, s.len, Access::RemoteWrite)
-                .unwrap_err(),
-            Denied::WrongAccess
-        );
-        assert_eq!(
-            reg.check_remote(g1.key.0, s.addr, 0, Access::RemoteRead)
-                .unwrap_err(),
-            Denied::OutOfWindow
-        );
+        assert!(reg.check_remote(g1.key.0, s.addr, s.len, Access::RemoteRead).is_ok());
+        assert!(reg.check_remote(g1.key.0, s.addr + 512, 512, Access::RemoteRead).is_ok());
+        assert_eq!(reg.check_remote(g1.key.0, s.addr + 512, 513, Access::RemoteRead).unwrap_err(), Denied::OutOfWindow);
+        assert_eq!(reg.check_remote(g1.key.0, s.addr, s.len, Access::RemoteWrite).unwrap_err(), Denied::WrongAccess);
+        assert_eq!(reg.check_remote(g1.key.0, s.addr, 0, Access::RemoteRead).unwrap_err(), Denied::OutOfWindow);
         // Another request's key does not open this request's bytes.
-        assert_eq!(
-            reg.check_remote(g2.key.0, s.addr, 512, Access::RemoteRead)
-                .unwrap_err(),
-            Denied::OutOfWindow
-        );
+        assert_eq!(reg.check_remote(g2.key.0, s.addr, 512, Access::RemoteRead).unwrap_err(), Denied::OutOfWindow);
         assert!(matches!(reg.deregister(r), Err(TransportError::Busy)));
         reg.revoke(g1.key).unwrap();
-        assert_eq!(
-            reg.check_remote(g1.key.0, s.addr, s.len, Access::RemoteRead)
-                .unwrap_err(),
-            Denied::UnknownKey
-        );
-        assert!(matches!(
-            reg.revoke(g1.key),
-            Err(TransportError::UnknownKey(_))
-        ));
+        assert_eq!(reg.check_remote(g1.key.0, s.addr, s.len, Access::RemoteRead).unwrap_err(), Denied::UnknownKey);
+        assert!(matches!(reg.revoke(g1.key), Err(TransportError::UnknownKey(_))));
         // An access checked while the key was live pins the region.
-        let pinned = reg
-            .check_remote(g2.key.0, g2.segments[0].addr, 512, Access::RemoteRead)
-            .unwrap();
+        let pinned = reg.check_remote(g2.key.0, g2.segments[0].addr, 512, Access::RemoteRead).unwrap();
         reg.revoke(g2.key).unwrap();
         assert_eq!(reg.live_grants(), 0);
         assert!(matches!(reg.deregister(r), Err(TransportError::Busy)));
         drop(pinned);
         reg.deregister(r).unwrap();
         assert!(reg.grant(r, &[(0, 1)], Access::RemoteRead).is_err());
-        assert!(matches!(
-            reg.deregister(r),
-            Err(TransportError::UnknownRegion(_))
-        ));
+        assert!(matches!(reg.deregister(r), Err(TransportError::UnknownRegion(_))));
         drop(mem);
     }
 
@@ -691,26 +598,9 @@ mod tests {
         assert!(reg.grant(r, &[(0, 0)], Access::RemoteRead).is_err());
         assert!(reg.grant(r, &[], Access::RemoteRead).is_err());
         assert_eq!(reg.live_grants(), 0, "a refused grant holds no slot");
-        assert!(reg
-            .local(&[LocalSeg {
-                region: r,
-                offset: 4095,
-                len: 2
-            }])
-            .is_err());
+        assert!(reg.local(&[LocalSeg { region: r, offset: 4095, len: 2 }]).is_err());
         let b = reg
-            .local(&[
-                LocalSeg {
-                    region: r,
-                    offset: 0,
-                    len: 100,
-                },
-                LocalSeg {
-                    region: r,
-                    offset: 200,
-                    len: 100,
-                },
-            ])
+            .local(&[LocalSeg { region: r, offset: 0, len: 100 }, LocalSeg { region: r, offset: 200, len: 100 }])
             .unwrap();
         let sub = b.sub(50, 100);
         assert_eq!(sub.iter().map(|p| p.len).collect::<Vec<_>>(), vec![50, 50]);
@@ -730,19 +620,14 @@ mod tests {
         let g = reg.grant(r, &ranges, Access::RemoteWrite).unwrap();
         assert_eq!(g.segments.len(), MAX_SEGMENTS);
         for s in [g.segments[0], g.segments[INLINE_RANGES], g.segments[MAX_SEGMENTS - 1]] {
-            assert!(reg
-                .check_remote(g.key.0, s.addr, s.len, Access::RemoteWrite)
-                .is_ok());
+            assert!(reg.check_remote(g.key.0, s.addr, s.len, Access::RemoteWrite).is_ok());
             // The gap after each range is not granted.
             assert_eq!(
-                reg.check_remote(g.key.0, s.addr + 100, 1, Access::RemoteWrite)
-                    .unwrap_err(),
+                reg.check_remote(g.key.0, s.addr + 100, 1, Access::RemoteWrite).unwrap_err(),
                 Denied::OutOfWindow
             );
         }
-        assert!(reg
-            .grant(r, &vec![(0, 1); MAX_SEGMENTS + 1], Access::RemoteRead)
-            .is_err());
+        assert!(reg.grant(r, &vec![(0, 1); MAX_SEGMENTS + 1], Access::RemoteRead).is_err());
         reg.revoke(g.key).unwrap();
         // Cycle every slot: keys never repeat and old keys stay dead.
         let mut seen = std::collections::HashSet::new();
@@ -754,20 +639,11 @@ mod tests {
             reg.revoke(k.key).unwrap();
         }
         for &k in &seen {
-            assert_eq!(
-                reg.check_remote(k, g.segments[0].addr, 1, Access::RemoteRead)
-                    .unwrap_err(),
-                Denied::UnknownKey
-            );
+            assert_eq!(reg.check_remote(k, g.segments[0].addr, 1, Access::RemoteRead).unwrap_err(), Denied::UnknownKey);
         }
         // The slab is bounded.
-        let all: Vec<Grant> = (0..MAX_GRANTS)
-            .map(|_| reg.grant(r, &[(0, 1)], Access::RemoteRead).unwrap())
-            .collect();
-        assert!(matches!(
-            reg.grant(r, &[(0, 1)], Access::RemoteRead),
-            Err(TransportError::Limit("grants"))
-        ));
+        let all: Vec<Grant> = (0..MAX_GRANTS).map(|_| reg.grant(r, &[(0, 1)], Access::RemoteRead).unwrap()).collect();
+        assert!(matches!(reg.grant(r, &[(0, 1)], Access::RemoteRead), Err(TransportError::Limit("grants"))));
         for g in all {
             reg.revoke(g.key).unwrap();
         }
@@ -806,18 +682,7 @@ mod tests {
         let reg = Registry::new();
         // SAFETY: `mem` outlives `reg` and is read only after deregistration.
         let r = unsafe { reg.register(mem.as_mut_ptr(), mem.len()) }.unwrap();
-        let dst = [
-            LocalSeg {
-                region: r,
-                offset: 1,
-                len: 2,
-            },
-            LocalSeg {
-                region: r,
-                offset: 10,
-                len: 3,
-            },
-        ];
+        let dst = [LocalSeg { region: r, offset: 1, len: 2 }, LocalSeg { region: r, offset: 10, len: 3 }];
         reg.copy_to_local(&dst, b"abcde").unwrap();
         assert!(reg.copy_to_local(&dst, b"abcd").is_err());
         let mut back = [0u8; 5];
@@ -852,14 +717,9 @@ mod tests {
                 for i in 0..ROUNDS {
                     // 1..=8 ranges: inline and spilled slots both.
                     let n = 1 + (i + t) % 8;
-                    let ranges: Vec<(u64, u32)> = (0..n)
-                        .map(|k| ((((t * 131 + i * 7 + k * 3) % 250) * 4096) as u64, 1024))
-                        .collect();
-                    let access = if i % 2 == 0 {
-                        Access::RemoteRead
-                    } else {
-                        Access::RemoteWrite
-                    };
+                    let ranges: Vec<(u64, u32)> =
+                        (0..n).map(|k| ((((t * 131 + i * 7 + k * 3) % 250) * 4096) as u64, 1024)).collect();
+                    let access = if i % 2 == 0 { Access::RemoteRead } else { Access::RemoteWrite };
                     let g = reg.grant(r, &ranges, access).unwrap();
                     for s in &g.segments {
                         let p = reg.check_remote(s.key, s.addr, s.len, access).unwrap();
@@ -868,10 +728,7 @@ mod tests {
                     }
                     reg.revoke(g.key).unwrap();
                     for s in &g.segments {
-                        assert_eq!(
-                            reg.check_remote(s.key, s.addr, s.len, access).unwrap_err(),
-                            Denied::UnknownKey
-                        );
+                        assert_eq!(reg.check_remote(s.key, s.addr, s.len, access).unwrap_err(), Denied::UnknownKey);
                     }
                     let mut v = lock(&revoked);
                     if v.len() < 4096 {

@@ -41,15 +41,7 @@ pub enum Verdict {
 
 impl LogLimit {
     pub const fn new(burst: u32, interval: Duration) -> Self {
-        Self {
-            burst,
-            interval,
-            state: Mutex::new(State {
-                start: None,
-                logged: 0,
-                suppressed: 0,
-            }),
-        }
+        Self { burst, interval, state: Mutex::new(State { start: None, logged: 0, suppressed: 0 }) }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -69,9 +61,7 @@ impl LogLimit {
         }
         if s.logged < self.burst {
             s.logged += 1;
-            Verdict::Log {
-                suppressed: summary,
-            }
+            Verdict::Log { suppressed: summary }
         } else {
             s.suppressed += summary + 1;
             Verdict::Quiet
@@ -103,9 +93,7 @@ impl LogLimit {
     /// over, or at once with `force` (the connection is closing).
     pub fn take_summary(&self, now: Instant, force: bool) -> u64 {
         let mut s = self.lock();
-        let due = s
-            .start
-            .is_some_and(|t| now.saturating_duration_since(t) >= self.interval);
+        let due = s.start.is_some_and(|t| now.saturating_duration_since(t) >= self.interval);
         if force || due {
             std::mem::take(&mut s.suppressed)
         } else {
@@ -123,17 +111,12 @@ mod tests {
         let l = LogLimit::new(3, Duration::from_secs(10));
         let t0 = Instant::now();
         let verdicts: Vec<Verdict> = (0..1000).map(|_| l.check(t0)).collect();
-        assert!(verdicts[..3]
-            .iter()
-            .all(|v| *v == Verdict::Log { suppressed: 0 }));
+        assert!(verdicts[..3].iter().all(|v| *v == Verdict::Log { suppressed: 0 }));
         assert!(verdicts[3..].iter().all(|v| *v == Verdict::Quiet));
         // Not due yet: nothing to report before the interval is over.
         assert_eq!(l.take_summary(t0 + Duration::from_secs(9), false), 0);
         // The first event of the next interval carries the count.
-        assert_eq!(
-            l.check(t0 + Duration::from_secs(10)),
-            Verdict::Log { suppressed: 997 }
-        );
+        assert_eq!(l.check(t0 + Duration::from_secs(10)), Verdict::Log { suppressed: 997 });
         assert_eq!(l.check(t0 + Duration::from_secs(10)), Verdict::Log { suppressed: 0 });
         assert_eq!(l.check(t0 + Duration::from_secs(10)), Verdict::Log { suppressed: 0 });
         assert_eq!(l.check(t0 + Duration::from_secs(11)), Verdict::Quiet);

@@ -24,13 +24,10 @@
 //! This host has no RDMA device (`ibv_get_device_list` fails with ENOSYS),
 //! so this module is only compiled and its no-device path tested here.
 
-use crate::mem::{IoPtr, LocalBuf};
 use crate::inline::InlinePool;
+use crate::mem::{IoPtr, LocalBuf};
 use crate::wire::{self, Message, Segment, Status, MAX_FRAME, MAX_INLINE_FRAME, MAX_SEGMENTS};
-use crate::{
-    Access, Config, Endpoint, Grant, Key, LocalSeg, OpCompletion, RegionId, Registry,
-    TransportError,
-};
+use crate::{Access, Config, Endpoint, Grant, Key, LocalSeg, OpCompletion, RegionId, Registry, TransportError};
 use rdma_sys::*;
 use std::collections::{HashMap, VecDeque};
 use std::ffi::CStr;
@@ -52,25 +49,16 @@ pub fn probe() -> Result<DeviceInfo, TransportError> {
     let list = unsafe { ibv_get_device_list(&mut n) };
     if list.is_null() {
         let e = std::io::Error::last_os_error();
-        return Err(TransportError::NoRdmaDevice(format!(
-            "ibv_get_device_list failed: {e}"
-        )));
+        return Err(TransportError::NoRdmaDevice(format!("ibv_get_device_list failed: {e}")));
     }
     let result = if n <= 0 {
-        Err(TransportError::NoRdmaDevice(
-            "ibv_get_device_list found 0 devices".into(),
-        ))
+        Err(TransportError::NoRdmaDevice("ibv_get_device_list found 0 devices".into()))
     } else {
         // SAFETY: the list holds `n` > 0 valid device pointers; the name is a
         // NUL-terminated string owned by the device, copied before the list is freed.
-        let name = unsafe { CStr::from_ptr(ibv_get_device_name(*list)) }
-            .to_string_lossy()
-            .into_owned();
+        let name = unsafe { CStr::from_ptr(ibv_get_device_name(*list)) }.to_string_lossy().into_owned();
         // `n` > 0 checked above.
-        Ok(DeviceInfo {
-            name,
-            count: n as usize,
-        })
+        Ok(DeviceInfo { name, count: n as usize })
     };
     // SAFETY: `list` came from ibv_get_device_list and is freed once.
     unsafe { ibv_free_device_list(list) };
@@ -78,20 +66,14 @@ pub fn probe() -> Result<DeviceInfo, TransportError> {
 }
 
 fn verbs(call: &'static str) -> TransportError {
-    TransportError::Verbs {
-        call,
-        source: std::io::Error::last_os_error(),
-    }
+    TransportError::Verbs { call, source: std::io::Error::last_os_error() }
 }
 
 fn verbs_rc(call: &'static str, rc: libc::c_int) -> Result<(), TransportError> {
     if rc == 0 {
         Ok(())
     } else {
-        Err(TransportError::Verbs {
-            call,
-            source: std::io::Error::from_raw_os_error(rc.abs()),
-        })
+        Err(TransportError::Verbs { call, source: std::io::Error::from_raw_os_error(rc.abs()) })
     }
 }
 
@@ -131,11 +113,7 @@ const GID_INDEX: i32 = 0;
 /// Bytes of one send or receive buffer: the largest frame, an inline WRITE
 /// with its payload included (the simple way: inline payloads are copied
 /// into and out of these registered buffers).
-const SLOT: usize = if MAX_INLINE_FRAME > MAX_FRAME {
-    MAX_INLINE_FRAME
-} else {
-    MAX_FRAME
-};
+const SLOT: usize = if MAX_INLINE_FRAME > MAX_FRAME { MAX_INLINE_FRAME } else { MAX_FRAME };
 /// Receive buffers kept posted (each `SLOT` bytes).
 const RECV_DEPTH: usize = 64;
 /// Send buffers for messages.
@@ -164,10 +142,7 @@ impl Verbs {
         // SAFETY: out-pointer valid; list freed below after opening the first device.
         let list = unsafe { ibv_get_device_list(&mut n) };
         if list.is_null() || n <= 0 {
-            return Err(TransportError::NoRdmaDevice(format!(
-                "{} vanished",
-                dev.name
-            )));
+            return Err(TransportError::NoRdmaDevice(format!("{} vanished", dev.name)));
         }
         // SAFETY: `list[0]` is a valid device (n > 0); the context keeps its own reference.
         let ctx = unsafe { ibv_open_device(*list) };
@@ -187,20 +162,13 @@ impl Verbs {
         unsafe {
             let mut attr: ibv_device_attr = std::mem::zeroed();
             verbs_rc("ibv_query_device", ibv_query_device(ctx, &mut attr))?;
-            v.mw_type2 =
-                attr.device_cap_flags & ibv_device_cap_flags::IBV_DEVICE_MEM_WINDOW_TYPE_2B.0 != 0;
+            v.mw_type2 = attr.device_cap_flags & ibv_device_cap_flags::IBV_DEVICE_MEM_WINDOW_TYPE_2B.0 != 0;
             v.pd = ibv_alloc_pd(ctx);
             if v.pd.is_null() {
                 return Err(verbs("ibv_alloc_pd"));
             }
             // cq_depth is bounded by the config (max_inflight * MAX_SEGMENTS + queues).
-            v.cq = ibv_create_cq(
-                ctx,
-                cq_depth as i32,
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
-                0,
-            );
+            v.cq = ibv_create_cq(ctx, cq_depth as i32, std::ptr::null_mut(), std::ptr::null_mut(), 0);
             if v.cq.is_null() {
                 return Err(verbs("ibv_create_cq"));
             }
@@ -222,28 +190,15 @@ impl Verbs {
 
     fn local_info(&self) -> Result<QpInfo, TransportError> {
         let mut psn = [0u8; 4];
-        getrandom::getrandom(&mut psn).map_err(|e| TransportError::Io {
-            what: "getrandom",
-            source: std::io::Error::other(e.to_string()),
-        })?;
+        getrandom::getrandom(&mut psn)
+            .map_err(|e| TransportError::Io { what: "getrandom", source: std::io::Error::other(e.to_string()) })?;
         // SAFETY: `ctx`/`qp` are live; attr structs are plain C data written by the library.
         unsafe {
             let mut port: ibv_port_attr = std::mem::zeroed();
-            verbs_rc(
-                "ibv_query_port",
-                ___ibv_query_port(self.ctx, PORT, &mut port),
-            )?;
+            verbs_rc("ibv_query_port", ___ibv_query_port(self.ctx, PORT, &mut port))?;
             let mut gid: ibv_gid = std::mem::zeroed();
-            verbs_rc(
-                "ibv_query_gid",
-                ibv_query_gid(self.ctx, PORT, GID_INDEX, &mut gid),
-            )?;
-            Ok(QpInfo {
-                qpn: (*self.qp).qp_num,
-                psn: u32::from_le_bytes(psn) & 0xff_ffff,
-                lid: port.lid,
-                gid: gid.raw,
-            })
+            verbs_rc("ibv_query_gid", ibv_query_gid(self.ctx, PORT, GID_INDEX, &mut gid))?;
+            Ok(QpInfo { qpn: (*self.qp).qp_num, psn: u32::from_le_bytes(psn) & 0xff_ffff, lid: port.lid, gid: gid.raw })
         }
     }
 
@@ -259,14 +214,8 @@ impl Verbs {
             a.qp_access_flags = ibv_access_flags::IBV_ACCESS_REMOTE_READ.0
                 | ibv_access_flags::IBV_ACCESS_REMOTE_WRITE.0
                 | ibv_access_flags::IBV_ACCESS_LOCAL_WRITE.0;
-            let mask = M::IBV_QP_STATE.0
-                | M::IBV_QP_PKEY_INDEX.0
-                | M::IBV_QP_PORT.0
-                | M::IBV_QP_ACCESS_FLAGS.0;
-            verbs_rc(
-                "ibv_modify_qp(INIT)",
-                ibv_modify_qp(self.qp, &mut a, mask as i32),
-            )?;
+            let mask = M::IBV_QP_STATE.0 | M::IBV_QP_PKEY_INDEX.0 | M::IBV_QP_PORT.0 | M::IBV_QP_ACCESS_FLAGS.0;
+            verbs_rc("ibv_modify_qp(INIT)", ibv_modify_qp(self.qp, &mut a, mask as i32))?;
 
             let mut a: ibv_qp_attr = std::mem::zeroed();
             a.qp_state = ibv_qp_state::IBV_QPS_RTR;
@@ -291,10 +240,7 @@ impl Verbs {
                 | M::IBV_QP_RQ_PSN.0
                 | M::IBV_QP_MAX_DEST_RD_ATOMIC.0
                 | M::IBV_QP_MIN_RNR_TIMER.0;
-            verbs_rc(
-                "ibv_modify_qp(RTR)",
-                ibv_modify_qp(self.qp, &mut a, mask as i32),
-            )?;
+            verbs_rc("ibv_modify_qp(RTR)", ibv_modify_qp(self.qp, &mut a, mask as i32))?;
 
             let mut a: ibv_qp_attr = std::mem::zeroed();
             a.qp_state = ibv_qp_state::IBV_QPS_RTS;
@@ -309,10 +255,7 @@ impl Verbs {
                 | M::IBV_QP_RNR_RETRY.0
                 | M::IBV_QP_SQ_PSN.0
                 | M::IBV_QP_MAX_QP_RD_ATOMIC.0;
-            verbs_rc(
-                "ibv_modify_qp(RTS)",
-                ibv_modify_qp(self.qp, &mut a, mask as i32),
-            )?;
+            verbs_rc("ibv_modify_qp(RTS)", ibv_modify_qp(self.qp, &mut a, mask as i32))?;
         }
         Ok(())
     }
@@ -321,12 +264,7 @@ impl Verbs {
     ///
     /// # Safety
     /// The range must stay valid until the returned MR is deregistered.
-    unsafe fn reg(
-        &self,
-        ptr: *mut u8,
-        len: usize,
-        access: u32,
-    ) -> Result<*mut ibv_mr, TransportError> {
+    unsafe fn reg(&self, ptr: *mut u8, len: usize, access: u32) -> Result<*mut ibv_mr, TransportError> {
         // SAFETY: `pd` is live; validity of the range is the caller's contract.
         let mr = unsafe { ibv_reg_mr(self.pd, ptr.cast(), len, access as i32) };
         if mr.is_null() {
@@ -404,17 +342,12 @@ unsafe impl Send for RdmaEndpoint {}
 
 impl std::fmt::Debug for RdmaEndpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RdmaEndpoint")
-            .field("peer_node", &self.peer_node)
-            .finish()
+        f.debug_struct("RdmaEndpoint").field("peer_node", &self.peer_node).finish()
     }
 }
 
 fn oob_exchange(sock: &mut TcpStream, mine: &QpInfo) -> Result<QpInfo, TransportError> {
-    let io = |source| TransportError::Io {
-        what: "rdma control connection",
-        source,
-    };
+    let io = |source| TransportError::Io { what: "rdma control connection", source };
     sock.write_all(&mine.encode()).map_err(io)?;
     let mut b = [0u8; QpInfo::LEN];
     sock.read_exact(&mut b).map_err(io)?;
@@ -423,29 +356,17 @@ fn oob_exchange(sock: &mut TcpStream, mine: &QpInfo) -> Result<QpInfo, Transport
 
 impl RdmaEndpoint {
     /// Connects over a TCP control connection to an [`RdmaAcceptor`].
-    pub fn connect(
-        addr: impl ToSocketAddrs,
-        cfg: &Config,
-        registry: Arc<Registry>,
-    ) -> Result<Self, TransportError> {
+    pub fn connect(addr: impl ToSocketAddrs, cfg: &Config, registry: Arc<Registry>) -> Result<Self, TransportError> {
         cfg.validate()?;
         probe()?;
         let addr = addr
             .to_socket_addrs()
-            .map_err(|source| TransportError::Io {
-                what: "resolve",
-                source,
-            })?
+            .map_err(|source| TransportError::Io { what: "resolve", source })?
             .next()
             .ok_or(TransportError::Handshake("no address"))?;
         let deadline = crate::tcp::Deadline::after(cfg.handshake_timeout);
-        let mut sock =
-            TcpStream::connect_timeout(&addr, cfg.handshake_timeout).map_err(|source| {
-                TransportError::Io {
-                    what: "connect",
-                    source,
-                }
-            })?;
+        let mut sock = TcpStream::connect_timeout(&addr, cfg.handshake_timeout)
+            .map_err(|source| TransportError::Io { what: "connect", source })?;
         let peer = crate::tcp::client_handshake(&mut sock, cfg, &deadline)?;
         Self::establish(&mut sock, cfg, registry, peer)
     }
@@ -456,8 +377,7 @@ impl RdmaEndpoint {
         registry: Arc<Registry>,
         peer_node: u64,
     ) -> Result<Self, TransportError> {
-        let cq_depth =
-            RECV_DEPTH + SEND_DEPTH + cfg.max_inflight * MAX_SEGMENTS.min(16) + 64;
+        let cq_depth = RECV_DEPTH + SEND_DEPTH + cfg.max_inflight * MAX_SEGMENTS.min(16) + 64;
         let v = Verbs::open(cq_depth)?;
         let mine = v.local_info()?;
         let theirs = oob_exchange(sock, &mine)?;
@@ -494,11 +414,7 @@ impl RdmaEndpoint {
         for slot in 0..RECV_DEPTH {
             ep.post_recv(slot)?;
         }
-        tracing::info!(
-            node = peer_node,
-            qpn = theirs.qpn,
-            "rdma transport connected"
-        );
+        tracing::info!(node = peer_node, qpn = theirs.qpn, "rdma transport connected");
         Ok(ep)
     }
 
@@ -509,25 +425,16 @@ impl RdmaEndpoint {
             // SAFETY: `recv_mr` is live until Drop.
             lkey: unsafe { (*self.recv_mr).lkey },
         };
-        let mut wr = ibv_recv_wr {
-            wr_id: TAG_RECV | slot as u64,
-            next: std::ptr::null_mut(),
-            sg_list: &mut sge,
-            num_sge: 1,
-        };
+        let mut wr =
+            ibv_recv_wr { wr_id: TAG_RECV | slot as u64, next: std::ptr::null_mut(), sg_list: &mut sge, num_sge: 1 };
         let mut bad = std::ptr::null_mut();
         // SAFETY: the slot lies inside `recv_buf`, registered by `recv_mr`;
         // the buffer is not touched until the receive completes.
-        verbs_rc("ibv_post_recv", unsafe {
-            ibv_post_recv(self.v.qp, &mut wr, &mut bad)
-        })
+        verbs_rc("ibv_post_recv", unsafe { ibv_post_recv(self.v.qp, &mut wr, &mut bad) })
     }
 
     fn lkey(&self, region: RegionId) -> Result<u32, TransportError> {
-        let mr = self
-            .mrs
-            .get(&region.0)
-            .ok_or(TransportError::UnknownRegion(region.0))?;
+        let mr = self.mrs.get(&region.0).ok_or(TransportError::UnknownRegion(region.0))?;
         // SAFETY: MRs in `mrs` are live until deregistered.
         Ok(unsafe { (**mr).lkey })
     }
@@ -551,15 +458,9 @@ impl RdmaEndpoint {
         let buf = self.registry.local(local)?;
         let total: usize = remote.iter().map(|s| s.len as usize).sum();
         if total != buf.total {
-            return Err(TransportError::LengthMismatch {
-                local: buf.total,
-                remote: total,
-            });
+            return Err(TransportError::LengthMismatch { local: buf.total, remote: total });
         }
-        let lkeys: Vec<u32> = local
-            .iter()
-            .map(|l| self.lkey(l.region))
-            .collect::<Result<_, _>>()?;
+        let lkeys: Vec<u32> = local.iter().map(|l| self.lkey(l.region)).collect::<Result<_, _>>()?;
         let op_id = self.next_op;
         self.next_op = (self.next_op + 1) & !TAG_MASK;
         // Build one WR per remote segment with the local pieces it maps to.
@@ -573,79 +474,42 @@ impl RdmaEndpoint {
                 let idx = buf
                     .pieces
                     .iter()
-                    .position(|b| {
-                        (p.ptr as usize) >= (b.ptr as usize)
-                            && (p.ptr as usize) < b.ptr as usize + b.len
-                    })
+                    .position(|b| (p.ptr as usize) >= (b.ptr as usize) && (p.ptr as usize) < b.ptr as usize + b.len)
                     .unwrap_or(0);
-                list.push(ibv_sge {
-                    addr: p.ptr as u64,
-                    length: p.len as u32,
-                    lkey: lkeys[idx],
-                });
+                list.push(ibv_sge { addr: p.ptr as u64, length: p.len as u32, lkey: lkeys[idx] });
             }
             if list.len() > 16 {
-                return Err(TransportError::Limit(
-                    "local pieces per remote segment (max_send_sge 16)",
-                ));
+                return Err(TransportError::Limit("local pieces per remote segment (max_send_sge 16)"));
             }
             sges.push(list);
             off += s.len as usize;
         }
         // SAFETY: all-zero ibv_send_wr is a valid empty request.
-        let mut wrs: Vec<ibv_send_wr> = (0..remote.len())
-            .map(|_| unsafe { std::mem::zeroed() })
-            .collect();
+        let mut wrs: Vec<ibv_send_wr> = (0..remote.len()).map(|_| unsafe { std::mem::zeroed() }).collect();
         let n = wrs.len();
         for (i, s) in remote.iter().enumerate() {
-            let next: *mut ibv_send_wr = if i + 1 < n {
-                &mut wrs[i + 1]
-            } else {
-                std::ptr::null_mut()
-            };
+            let next: *mut ibv_send_wr = if i + 1 < n { &mut wrs[i + 1] } else { std::ptr::null_mut() };
             let wr = &mut wrs[i];
             wr.wr_id = TAG_OP | op_id;
             wr.next = next;
             wr.sg_list = sges[i].as_mut_ptr();
             wr.num_sge = sges[i].len() as i32;
-            wr.opcode = if write {
-                ibv_wr_opcode::IBV_WR_RDMA_WRITE
-            } else {
-                ibv_wr_opcode::IBV_WR_RDMA_READ
-            };
+            wr.opcode = if write { ibv_wr_opcode::IBV_WR_RDMA_WRITE } else { ibv_wr_opcode::IBV_WR_RDMA_READ };
             wr.send_flags = ibv_send_flags::IBV_SEND_SIGNALED.0;
-            wr.wr.rdma = rdma_t {
-                remote_addr: s.addr,
-                rkey: s.key,
-            };
+            wr.wr.rdma = rdma_t { remote_addr: s.addr, rkey: s.key };
         }
         let mut bad = std::ptr::null_mut();
         // SAFETY: every SGE points into registered local memory (validated by
         // `Registry::local`, covered by the region's MR), kept alive by `buf`
         // in `ops` until the completion; the WR chain lives across the call.
-        verbs_rc("ibv_post_send", unsafe {
-            ibv_post_send(self.v.qp, wrs.as_mut_ptr(), &mut bad)
-        })?;
-        self.ops.insert(
-            op_id,
-            Op {
-                user_data,
-                remaining: n,
-                status: Status::Ok,
-                bytes: 0,
-                _local: buf,
-            },
-        );
+        verbs_rc("ibv_post_send", unsafe { ibv_post_send(self.v.qp, wrs.as_mut_ptr(), &mut bad) })?;
+        self.ops.insert(op_id, Op { user_data, remaining: n, status: Status::Ok, bytes: 0, _local: buf });
         Ok(())
     }
 
     /// SENDs `msg` from a registered send buffer, its payload (an inline
     /// WRITE's, `msg.payload_len()` bytes) written after the frame by `fill`.
-    fn post_send_frame(
-        &mut self,
-        msg: &Message,
-        fill: impl FnOnce(&mut [u8]),
-    ) -> Result<(), TransportError> {
+    fn post_send_frame(&mut self, msg: &Message, fill: impl FnOnce(&mut [u8])) -> Result<(), TransportError> {
         if self.dead {
             return Err(TransportError::Disconnected);
         }
@@ -682,19 +546,12 @@ impl RdmaEndpoint {
         wr.num_sge = 1;
         wr.opcode = ibv_wr_opcode::IBV_WR_SEND;
         // A descriptor must not overtake the window binds it refers to.
-        let fence = if std::mem::take(&mut self.fence_next) {
-            ibv_send_flags::IBV_SEND_FENCE.0
-        } else {
-            0
-        };
+        let fence = if std::mem::take(&mut self.fence_next) { ibv_send_flags::IBV_SEND_FENCE.0 } else { 0 };
         wr.send_flags = ibv_send_flags::IBV_SEND_SIGNALED.0 | fence;
         let mut bad = std::ptr::null_mut();
         // SAFETY: the slot is ours until its send completion returns it to `send_free`.
-        verbs_rc("ibv_post_send", unsafe {
-            ibv_post_send(self.v.qp, &mut wr, &mut bad)
-        })
+        verbs_rc("ibv_post_send", unsafe { ibv_post_send(self.v.qp, &mut wr, &mut bad) })
     }
-
 
     /// Decodes completed receives into the inbox, in arrival order, while
     /// it has room and inline payloads get buffers; reposts their buffers.
@@ -712,8 +569,7 @@ impl RdmaEndpoint {
                             return None;
                         };
                         // `decode` checked that `length` payload bytes end the frame.
-                        buf.as_mut_slice()
-                            .copy_from_slice(&frame[used - d.length as usize..used]);
+                        buf.as_mut_slice().copy_from_slice(&frame[used - d.length as usize..used]);
                         d.inline = Some(buf);
                     }
                 }
@@ -775,11 +631,7 @@ impl RdmaEndpoint {
                             }
                             if op.remaining == 0 {
                                 if let Some(op) = self.ops.remove(&id) {
-                                    let bytes = if op.status == Status::Ok {
-                                        op.bytes as u32
-                                    } else {
-                                        0
-                                    };
+                                    let bytes = if op.status == Status::Ok { op.bytes as u32 } else { 0 };
                                     self.completions.push_back(OpCompletion {
                                         user_data: op.user_data,
                                         status: op.status,
@@ -839,19 +691,11 @@ impl Endpoint for RdmaEndpoint {
         }
     }
 
-    unsafe fn register_region(
-        &mut self,
-        ptr: *mut u8,
-        len: usize,
-    ) -> Result<RegionId, TransportError> {
+    unsafe fn register_region(&mut self, ptr: *mut u8, len: usize) -> Result<RegionId, TransportError> {
         // SAFETY: the caller upholds `Registry::register`'s contract.
         let id = unsafe { self.registry.register(ptr, len) }?;
         let access = ibv_access_flags::IBV_ACCESS_LOCAL_WRITE.0
-            | if self.v.mw_type2 {
-                ibv_access_flags::IBV_ACCESS_MW_BIND.0
-            } else {
-                0
-            };
+            | if self.v.mw_type2 { ibv_access_flags::IBV_ACCESS_MW_BIND.0 } else { 0 };
         // SAFETY: same contract: valid until deregistration, which deregisters the MR first.
         match unsafe { self.v.reg(ptr, len, access) } {
             Ok(mr) => {
@@ -874,25 +718,16 @@ impl Endpoint for RdmaEndpoint {
         Ok(())
     }
 
-    fn grant(
-        &mut self,
-        region: RegionId,
-        ranges: &[(u64, u32)],
-        access: Access,
-    ) -> Result<Grant, TransportError> {
+    fn grant(&mut self, region: RegionId, ranges: &[(u64, u32)], access: Access) -> Result<Grant, TransportError> {
         // The software grant checks the ranges and keeps the region busy.
         let soft = self.registry.grant(region, ranges, access)?;
         let remote = match access {
             Access::RemoteRead => ibv_access_flags::IBV_ACCESS_REMOTE_READ.0,
             Access::RemoteWrite => {
-                ibv_access_flags::IBV_ACCESS_REMOTE_WRITE.0
-                    | ibv_access_flags::IBV_ACCESS_LOCAL_WRITE.0
+                ibv_access_flags::IBV_ACCESS_REMOTE_WRITE.0 | ibv_access_flags::IBV_ACCESS_LOCAL_WRITE.0
             }
         };
-        let mr = *self
-            .mrs
-            .get(&region.0)
-            .ok_or(TransportError::UnknownRegion(region.0))?;
+        let mr = *self.mrs.get(&region.0).ok_or(TransportError::UnknownRegion(region.0))?;
         let mut objs = Vec::with_capacity(soft.segments.len());
         let mut segments = crate::Segments::new();
         let result = (|| {
@@ -921,15 +756,9 @@ impl Endpoint for RdmaEndpoint {
                     };
                     let mut bad = std::ptr::null_mut();
                     // SAFETY: the bound range lies inside the region's MR (checked by the registry grant).
-                    verbs_rc("ibv_post_send(BIND_MW)", unsafe {
-                        ibv_post_send(self.v.qp, &mut wr, &mut bad)
-                    })?;
+                    verbs_rc("ibv_post_send(BIND_MW)", unsafe { ibv_post_send(self.v.qp, &mut wr, &mut bad) })?;
                     self.fence_next = true;
-                    segments.push(Segment {
-                        addr: s.addr,
-                        key: rkey,
-                        len: s.len,
-                    });
+                    segments.push(Segment { addr: s.addr, key: rkey, len: s.len });
                 } else {
                     // SAFETY: the range lies inside a registered region (checked
                     // by the registry grant), valid until that region is deregistered,
@@ -938,11 +767,7 @@ impl Endpoint for RdmaEndpoint {
                     objs.push(GrantObj::Mr(m));
                     // SAFETY: `m` was just registered and is live.
                     let key = unsafe { (*m).rkey };
-                    segments.push(Segment {
-                        addr: s.addr,
-                        key,
-                        len: s.len,
-                    });
+                    segments.push(Segment { addr: s.addr, key, len: s.len });
                 }
             }
             Ok::<(), TransportError>(())
@@ -953,36 +778,20 @@ impl Endpoint for RdmaEndpoint {
             return Err(e);
         }
         self.grants.insert(soft.key.0, objs);
-        Ok(Grant {
-            key: soft.key,
-            segments,
-        })
+        Ok(Grant { key: soft.key, segments })
     }
 
     fn revoke(&mut self, key: Key) -> Result<(), TransportError> {
-        let objs = self
-            .grants
-            .remove(&key.0)
-            .ok_or(TransportError::UnknownKey(key.0))?;
+        let objs = self.grants.remove(&key.0).ok_or(TransportError::UnknownKey(key.0))?;
         release(objs);
         self.registry.revoke(key)
     }
 
-    fn post_read(
-        &mut self,
-        remote: &[Segment],
-        local: &[LocalSeg],
-        user_data: u64,
-    ) -> Result<(), TransportError> {
+    fn post_read(&mut self, remote: &[Segment], local: &[LocalSeg], user_data: u64) -> Result<(), TransportError> {
         self.post_rdma(remote, local, user_data, false)
     }
 
-    fn post_write(
-        &mut self,
-        remote: &[Segment],
-        local: &[LocalSeg],
-        user_data: u64,
-    ) -> Result<(), TransportError> {
+    fn post_write(&mut self, remote: &[Segment], local: &[LocalSeg], user_data: u64) -> Result<(), TransportError> {
         self.post_rdma(remote, local, user_data, true)
     }
 
@@ -1050,35 +859,21 @@ pub struct RdmaAcceptor {
 
 impl RdmaAcceptor {
     /// Fails with `NoRdmaDevice` at once on a host without verbs devices.
-    pub fn bind(
-        addr: impl ToSocketAddrs,
-        cfg: Config,
-        registry: Arc<Registry>,
-    ) -> Result<Self, TransportError> {
+    pub fn bind(addr: impl ToSocketAddrs, cfg: Config, registry: Arc<Registry>) -> Result<Self, TransportError> {
         cfg.validate()?;
         probe()?;
-        Ok(Self {
-            listener: crate::tcp::Listener::bind(addr, cfg.clone())?,
-            cfg,
-            registry,
-        })
+        Ok(Self { listener: crate::tcp::Listener::bind(addr, cfg.clone())?, cfg, registry })
     }
 
     /// Waits for the next authenticated peer and sets up its queue pair.
     pub fn accept(&self) -> Result<RdmaEndpoint, TransportError> {
-        let mut a = self
-            .listener
-            .next(None)?
-            .ok_or(TransportError::Disconnected)?;
+        let mut a = self.listener.next(None)?.ok_or(TransportError::Disconnected)?;
         // The QP exchange is bounded like the handshake was.
         let t = Some(self.cfg.handshake_timeout);
         a.sock
             .set_read_timeout(t)
             .and_then(|()| a.sock.set_write_timeout(t))
-            .map_err(|source| TransportError::Io {
-                what: "setsockopt",
-                source,
-            })?;
+            .map_err(|source| TransportError::Io { what: "setsockopt", source })?;
         RdmaEndpoint::establish(&mut a.sock, &self.cfg, self.registry.clone(), a.node)
     }
 
@@ -1094,12 +889,7 @@ mod tests {
 
     #[test]
     fn qp_info_round_trips() {
-        let q = QpInfo {
-            qpn: 0x123456,
-            psn: 0xabcdef,
-            lid: 7,
-            gid: [9; 16],
-        };
+        let q = QpInfo { qpn: 0x123456, psn: 0xabcdef, lid: 7, gid: [9; 16] };
         assert_eq!(QpInfo::decode(&q.encode()), q);
     }
 
@@ -1108,13 +898,8 @@ mod tests {
         if probe().is_ok() {
             return; // A host with a verbs device: the connected path applies instead.
         }
-        let cfg = Config::new(
-            1,
-            1,
-            crate::auth::Secret::new(*b"0123456789abcdef").unwrap(),
-        );
-        let e =
-            RdmaAcceptor::bind("127.0.0.1:0", cfg.clone(), Arc::new(Registry::new())).unwrap_err();
+        let cfg = Config::new(1, 1, crate::auth::Secret::new(*b"0123456789abcdef").unwrap());
+        let e = RdmaAcceptor::bind("127.0.0.1:0", cfg.clone(), Arc::new(Registry::new())).unwrap_err();
         assert!(e.to_string().starts_with("no RDMA device: "), "{e}");
         let e = RdmaEndpoint::connect("127.0.0.1:9", &cfg, Arc::new(Registry::new())).unwrap_err();
         assert!(matches!(e, TransportError::NoRdmaDevice(_)), "{e}");

@@ -31,10 +31,7 @@ pub(crate) fn send_vectored(
             skip -= l;
             continue;
         }
-        iov.push(libc::iovec {
-            iov_base: p.wrapping_add(skip).cast(),
-            iov_len: l - skip,
-        });
+        iov.push(libc::iovec { iov_base: p.wrapping_add(skip).cast(), iov_len: l - skip });
         skip = 0;
         if iov.len() == MAX_IOV {
             break;
@@ -59,12 +56,7 @@ pub(crate) fn send_vectored(
     Ok(n as usize)
 }
 
-fn setsockopt_int(
-    fd: BorrowedFd<'_>,
-    level: libc::c_int,
-    opt: libc::c_int,
-    val: libc::c_int,
-) -> io::Result<()> {
+fn setsockopt_int(fd: BorrowedFd<'_>, level: libc::c_int, opt: libc::c_int, val: libc::c_int) -> io::Result<()> {
     // SAFETY: `val` is a live c_int and its size is passed with it.
     let r = unsafe {
         libc::setsockopt(
@@ -83,23 +75,14 @@ fn setsockopt_int(
 
 /// Abort the connection if sent data stays unacknowledged this long.
 pub(crate) fn set_user_timeout(fd: BorrowedFd<'_>, ms: u32) -> io::Result<()> {
-    setsockopt_int(
-        fd,
-        libc::IPPROTO_TCP,
-        libc::TCP_USER_TIMEOUT,
-        ms.min(i32::MAX as u32) as libc::c_int,
-    )
+    setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, ms.min(i32::MAX as u32) as libc::c_int)
 }
 
 /// `recv` into `buf`: `Ok(0)` is end of stream, `WouldBlock` no data.
 /// With `wait`, blocks until `buf` is full (`MSG_WAITALL`, bounded by
 /// `SO_RCVTIMEO`), else returns at once (`MSG_DONTWAIT`).
 pub(crate) fn recv_some(fd: BorrowedFd<'_>, buf: &mut [u8], wait: bool) -> io::Result<usize> {
-    let flags = if wait {
-        libc::MSG_WAITALL
-    } else {
-        libc::MSG_DONTWAIT
-    };
+    let flags = if wait { libc::MSG_WAITALL } else { libc::MSG_DONTWAIT };
     loop {
         // SAFETY: `buf` is a live, exclusively borrowed byte slice of the given length.
         let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), flags) };
@@ -116,37 +99,22 @@ pub(crate) fn recv_some(fd: BorrowedFd<'_>, buf: &mut [u8], wait: bool) -> io::R
 
 /// `recvmsg` straight into registered memory, skipping the first `skip`
 /// bytes of `pieces`; `wait` as for [`recv_some`]. `Ok(0)` is end of stream.
-pub(crate) fn recv_into_some(
-    fd: BorrowedFd<'_>,
-    pieces: &[IoPtr],
-    mut skip: usize,
-    wait: bool,
-) -> io::Result<usize> {
-    let flags = if wait {
-        libc::MSG_WAITALL
-    } else {
-        libc::MSG_DONTWAIT
-    };
+pub(crate) fn recv_into_some(fd: BorrowedFd<'_>, pieces: &[IoPtr], mut skip: usize, wait: bool) -> io::Result<usize> {
+    let flags = if wait { libc::MSG_WAITALL } else { libc::MSG_DONTWAIT };
     let mut iov: Vec<libc::iovec> = Vec::with_capacity(pieces.len().min(MAX_IOV));
     for p in pieces {
         if skip >= p.len {
             skip -= p.len;
             continue;
         }
-        iov.push(libc::iovec {
-            iov_base: p.ptr.wrapping_add(skip).cast(),
-            iov_len: p.len - skip,
-        });
+        iov.push(libc::iovec { iov_base: p.ptr.wrapping_add(skip).cast(), iov_len: p.len - skip });
         skip = 0;
         if iov.len() == MAX_IOV {
             break;
         }
     }
     if iov.is_empty() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "nothing left to receive",
-        ));
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "nothing left to receive"));
     }
     // SAFETY: all-zero msghdr is valid.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
@@ -172,11 +140,7 @@ pub(crate) fn recv_into_some(
 /// also writable when `write`.
 pub(crate) fn wait_fd(fd: BorrowedFd<'_>, write: bool, timeout_ms: i32) -> io::Result<bool> {
     let events = libc::POLLIN | if write { libc::POLLOUT } else { 0 };
-    let mut p = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events,
-        revents: 0,
-    };
+    let mut p = libc::pollfd { fd: fd.as_raw_fd(), events, revents: 0 };
     // SAFETY: one valid pollfd, count 1.
     let n = unsafe { libc::poll(&mut p, 1, timeout_ms) };
     if n < 0 {

@@ -44,13 +44,10 @@ use crate::mem::{Denied, IoPtr, LocalBuf};
 use crate::ratelimit::{LogLimit, LOG_BURST, LOG_INTERVAL};
 use crate::sys::{self, Chunk};
 use crate::wire::{
-    self, DataReq, DataResp, Descriptor, ErrorMsg, Message, Segment, Status, HEADER_LEN,
-    MAX_DATA_LEN, MAX_FRAME, MAX_SEGMENTS,
+    self, DataReq, DataResp, Descriptor, ErrorMsg, Message, Segment, Status, HEADER_LEN, MAX_DATA_LEN, MAX_FRAME,
+    MAX_SEGMENTS,
 };
-use crate::{
-    Access, Config, Endpoint, Grant, Key, LocalSeg, OpCompletion, RegionId, Registry,
-    TransportError,
-};
+use crate::{Access, Config, Endpoint, Grant, Key, LocalSeg, OpCompletion, RegionId, Registry, TransportError};
 use std::collections::VecDeque;
 use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::fd::AsFd;
@@ -111,11 +108,7 @@ enum Violation {
     #[error("response for unknown operation {0:#x}")]
     UnknownOperation(u64),
     #[error("{response} for a one-sided {operation} (operation {op_id:#x})")]
-    WrongDirection {
-        response: &'static str,
-        operation: &'static str,
-        op_id: u64,
-    },
+    WrongDirection { response: &'static str, operation: &'static str, op_id: u64 },
     #[error("response for unknown segment {0}")]
     UnknownSegment(usize),
     #[error("second response for segment {seg} of operation {op_id:#x}")]
@@ -163,11 +156,7 @@ struct OutItem {
 impl OutItem {
     fn frame(msg: &Message) -> Result<Self, TransportError> {
         let b = msg.to_vec().map_err(TransportError::Encode)?;
-        Ok(Self {
-            len: b.len(),
-            parts: vec![Part::Bytes(b)],
-            app_msg: false,
-        })
+        Ok(Self { len: b.len(), parts: vec![Part::Bytes(b)], app_msg: false })
     }
     fn push_frame(&mut self, msg: &Message) -> Result<(), TransportError> {
         let b = msg.to_vec().map_err(TransportError::Encode)?;
@@ -257,32 +246,16 @@ impl Ops {
     /// The operation a wire `op_id` (any of its segments) belongs to.
     fn get(&mut self, op_id: u64) -> Option<&mut Op> {
         let slot = op_slot(op_id);
-        self.slots
-            .get_mut(slot)?
-            .as_mut()
-            .filter(|o| o.id == op_id & !SEG_MASK)
+        self.slots.get_mut(slot)?.as_mut().filter(|o| o.id == op_id & !SEG_MASK)
     }
     fn finish(&mut self, op_id: u64) {
         let slot = op_slot(op_id);
-        if self
-            .slots
-            .get(slot)
-            .and_then(Option::as_ref)
-            .is_none_or(|o| o.id != op_id & !SEG_MASK)
-        {
+        if self.slots.get(slot).and_then(Option::as_ref).is_none_or(|o| o.id != op_id & !SEG_MASK) {
             return;
         }
         if let Some(op) = self.slots.get_mut(slot).and_then(Option::take) {
-            let bytes = if op.status == Status::Ok {
-                op.bytes as u32
-            } else {
-                0
-            };
-            self.completions.push_back(OpCompletion {
-                user_data: op.user_data,
-                status: op.status,
-                bytes,
-            });
+            let bytes = if op.status == Status::Ok { op.bytes as u32 } else { 0 };
+            self.completions.push_back(OpCompletion { user_data: op.user_data, status: op.status, bytes });
             self.free.push(slot);
         }
     }
@@ -295,12 +268,18 @@ enum Stage {
     Header,
     /// The non-payload part of the body: `want` bytes, first the prefix
     /// that tells the fixed part's length, then the fixed part.
-    Fixed { h: wire::Header, want: usize },
+    Fixed {
+        h: wire::Header,
+        want: usize,
+    },
     /// An inline WRITE waiting for a buffer of the connection's inline
     /// pool: nothing more is read until one is free (backpressure).
     AwaitBuffer(Descriptor),
     /// An inline WRITE's payload, received straight into its pool buffer.
-    Inline { desc: Descriptor, buf: InlineData },
+    Inline {
+        desc: Descriptor,
+        buf: InlineData,
+    },
     /// A payload received straight into registered memory.
     Payload {
         pieces: Vec<IoPtr>,
@@ -370,7 +349,6 @@ struct Conn {
     notify: sys::EventFd,
     signalled: AtomicBool,
 }
-
 
 impl Conn {
     /// Marks the connection dead, wakes both threads and fails every
@@ -457,10 +435,7 @@ impl Conn {
                     // The caller gets the error; the log line gets a copy.
                     let logged = e.raw_os_error().map_or_else(|| e.kind().into(), std::io::Error::from_raw_os_error);
                     self.fail(&ConnError::Send(logged), false);
-                    return Err(TransportError::Io {
-                        what: "send",
-                        source: e,
-                    });
+                    return Err(TransportError::Io { what: "send", source: e });
                 }
             };
             drop(chunks);
@@ -506,19 +481,13 @@ impl Conn {
                         break;
                     }
                     let nap = if pending { APP_ACTIVE } else { self.heartbeat };
-                    let (g, _) = self
-                        .out_cv
-                        .wait_timeout(o, nap)
-                        .unwrap_or_else(|p| p.into_inner());
+                    let (g, _) = self.out_cv.wait_timeout(o, nap).unwrap_or_else(|p| p.into_inner());
                     o = g;
                     self.denials.flush(false, |n| self.denials_summary(n));
                     let idle = o.current.is_empty() && o.app.is_empty() && o.resp.is_empty();
                     if !o.writing && !o.closed && idle && o.last_send.elapsed() >= self.heartbeat {
                         seq += 1;
-                        let hb = Message::Heartbeat(wire::Heartbeat {
-                            sequence: seq,
-                            time_us: 0,
-                        });
+                        let hb = Message::Heartbeat(wire::Heartbeat { sequence: seq, time_us: 0 });
                         if let Ok(item) = OutItem::frame(&hb) {
                             o.app.push_back(item);
                         }
@@ -637,9 +606,7 @@ impl Conn {
                     Ok(_) => {}
                     Err(_) => std::thread::sleep(idle),
                 }
-                if self
-                    .now_ns()
-                    .saturating_sub(self.last_rx_ns.load(Ordering::Relaxed))
+                if self.now_ns().saturating_sub(self.last_rx_ns.load(Ordering::Relaxed))
                     > self.dead_after.as_nanos() as u64
                 {
                     return self.fail(&ConnError::Silent, false);
@@ -698,8 +665,7 @@ impl Conn {
                         }
                         if frames > 0
                             && !blocking
-                            && (!lock(&self.ops).completions.is_empty()
-                                || !lock(&self.inbox).is_empty())
+                            && (!lock(&self.ops).completions.is_empty() || !lock(&self.inbox).is_empty())
                         {
                             // Something to poll: hand it over before the next syscall.
                             return Ok(frames);
@@ -707,9 +673,7 @@ impl Conn {
                     }
                     sys::recv_some(self.sock.as_fd(), &mut rx.hdr[rx.got..], blocking)
                 }
-                Stage::Fixed { want, .. } => {
-                    sys::recv_some(self.sock.as_fd(), &mut rx.body[rx.got..*want], blocking)
-                }
+                Stage::Fixed { want, .. } => sys::recv_some(self.sock.as_fd(), &mut rx.body[rx.got..*want], blocking),
                 Stage::AwaitBuffer(d) => match self.inline_pool.take(d.length as usize) {
                     Some(buf) => {
                         let desc = std::mem::take(d);
@@ -727,9 +691,7 @@ impl Conn {
                 Stage::Inline { buf, .. } => {
                     sys::recv_some(self.sock.as_fd(), &mut buf.as_mut_slice()[rx.got..], blocking)
                 }
-                Stage::Payload { pieces, .. } => {
-                    sys::recv_into_some(self.sock.as_fd(), pieces, rx.got, blocking)
-                }
+                Stage::Payload { pieces, .. } => sys::recv_into_some(self.sock.as_fd(), pieces, rx.got, blocking),
                 Stage::Discard { left, .. } => {
                     let k = (*left - rx.got).min(rx.body.len());
                     sys::recv_some(self.sock.as_fd(), &mut rx.body[..k], blocking)
@@ -770,9 +732,7 @@ impl Conn {
                 }
                 Stage::Fixed { want, .. } if rx.got < *want => continue,
                 Stage::Fixed { h, want } => {
-                    let fixed = h
-                        .fixed_len(&rx.body[..*want])
-                        .map_err(|e| self.protocol_error(e))?;
+                    let fixed = h.fixed_len(&rx.body[..*want]).map_err(|e| self.protocol_error(e))?;
                     if fixed > *want {
                         // A WRITE with segments: the rest of its fixed part.
                         // `fixed` <= MAX_CONTROL_BODY (checked by fixed_len).
@@ -786,9 +746,7 @@ impl Conn {
                 Stage::AwaitBuffer(_) => continue,
                 Stage::Inline { buf, .. } if rx.got < buf.len() => continue,
                 Stage::Inline { .. } => {
-                    if let Stage::Inline { mut desc, buf } =
-                        std::mem::replace(&mut rx.stage, Stage::Header)
-                    {
+                    if let Stage::Inline { mut desc, buf } = std::mem::replace(&mut rx.stage, Stage::Header) {
                         desc.inline = Some(buf);
                         lock(&self.inbox).push_back(Message::Write(desc));
                         self.signal();
@@ -822,41 +780,24 @@ impl Conn {
                 self.serve_read(d)?;
                 Stage::Header
             }
-            Message::DataWrite(d) => {
-                match self
-                    .registry
-                    .check_remote(d.key, d.addr, d.len, Access::RemoteWrite)
-                {
-                    Ok(mem) => Stage::Payload {
-                        pieces: vec![mem],
-                        total: d.len as usize,
-                        then: After::Ack(DataResp {
-                            op_id: d.op_id,
-                            status: Status::Ok,
-                            len: d.len,
-                        }),
-                    },
-                    Err(why) => {
-                        self.deny("write", &d, why);
-                        Stage::Discard {
-                            left: d.len as usize,
-                            then: After::Ack(DataResp {
-                                op_id: d.op_id,
-                                status: Status::AccessDenied,
-                                len: 0,
-                            }),
-                        }
+            Message::DataWrite(d) => match self.registry.check_remote(d.key, d.addr, d.len, Access::RemoteWrite) {
+                Ok(mem) => Stage::Payload {
+                    pieces: vec![mem],
+                    total: d.len as usize,
+                    then: After::Ack(DataResp { op_id: d.op_id, status: Status::Ok, len: d.len }),
+                },
+                Err(why) => {
+                    self.deny("write", &d, why);
+                    Stage::Discard {
+                        left: d.len as usize,
+                        then: After::Ack(DataResp { op_id: d.op_id, status: Status::AccessDenied, len: 0 }),
                     }
                 }
-            }
+            },
             Message::DataReadResp(d) => {
                 let pieces = self.check_response(&d, true)?;
                 match pieces {
-                    Some(p) => Stage::Payload {
-                        pieces: p,
-                        total: d.len as usize,
-                        then: After::Response(d),
-                    },
+                    Some(p) => Stage::Payload { pieces: p, total: d.len as usize, then: After::Response(d) },
                     None => {
                         self.finish_response(d);
                         Stage::Header
@@ -886,8 +827,7 @@ impl Conn {
         match then {
             After::Ack(a) => {
                 let ack = Message::DataWriteAck(a);
-                self.enqueue(OutItem::frame(&ack).map_err(ConnError::Respond)?, true)
-                    .map_err(ConnError::Respond)
+                self.enqueue(OutItem::frame(&ack).map_err(ConnError::Respond)?, true).map_err(ConnError::Respond)
             }
             After::Response(d) => {
                 self.finish_response(d);
@@ -899,11 +839,7 @@ impl Conn {
     /// Tells the peer its frame is malformed (best effort, the connection is
     /// closed next); returns the reason for `fail`.
     fn protocol_error(&self, e: wire::DecodeError) -> ConnError {
-        let code = if matches!(e, wire::DecodeError::UnsupportedVersion { .. }) {
-            ERR_VERSION
-        } else {
-            ERR_PROTOCOL
-        };
+        let code = if matches!(e, wire::DecodeError::UnsupportedVersion { .. }) { ERR_VERSION } else { ERR_PROTOCOL };
         self.send_error(code, &e);
         ConnError::Malformed(e)
     }
@@ -935,34 +871,17 @@ impl Conn {
     }
 
     fn serve_read(&self, d: DataReq) -> Result<(), ConnError> {
-        let mut item = OutItem {
-            parts: Vec::with_capacity(2),
-            len: 0,
-            app_msg: false,
-        };
-        match self
-            .registry
-            .check_remote(d.key, d.addr, d.len, Access::RemoteRead)
-        {
+        let mut item = OutItem { parts: Vec::with_capacity(2), len: 0, app_msg: false };
+        match self.registry.check_remote(d.key, d.addr, d.len, Access::RemoteRead) {
             Ok(mem) => {
-                let r = DataResp {
-                    op_id: d.op_id,
-                    status: Status::Ok,
-                    len: d.len,
-                };
-                item.push_frame(&Message::DataReadResp(r))
-                    .map_err(ConnError::Respond)?;
+                let r = DataResp { op_id: d.op_id, status: Status::Ok, len: d.len };
+                item.push_frame(&Message::DataReadResp(r)).map_err(ConnError::Respond)?;
                 item.push_mem(vec![mem]);
             }
             Err(why) => {
                 self.deny("read", &d, why);
-                let r = DataResp {
-                    op_id: d.op_id,
-                    status: Status::AccessDenied,
-                    len: 0,
-                };
-                item.push_frame(&Message::DataReadResp(r))
-                    .map_err(ConnError::Respond)?;
+                let r = DataResp { op_id: d.op_id, status: Status::AccessDenied, len: 0 };
+                item.push_frame(&Message::DataReadResp(r)).map_err(ConnError::Respond)?;
             }
         }
         self.enqueue(item, true).map_err(ConnError::Respond)
@@ -978,9 +897,7 @@ impl Conn {
     /// complete a torn transfer as Ok). A violation is a protocol error.
     fn check_response(&self, d: &DataResp, read: bool) -> Result<Option<Vec<IoPtr>>, ConnError> {
         let mut ops = lock(&self.ops);
-        let op = ops
-            .get(d.op_id)
-            .ok_or_else(|| self.violation(Violation::UnknownOperation(d.op_id)))?;
+        let op = ops.get(d.op_id).ok_or_else(|| self.violation(Violation::UnknownOperation(d.op_id)))?;
         if op.write == read {
             return Err(self.violation(Violation::WrongDirection {
                 response: if read { "DATA_READ_RESP" } else { "DATA_WRITE_ACK" },
@@ -989,16 +906,10 @@ impl Conn {
             }));
         }
         let seg = (d.op_id & SEG_MASK) as usize;
-        let &(off, len) = op
-            .segs
-            .get(seg)
-            .ok_or_else(|| self.violation(Violation::UnknownSegment(seg)))?;
+        let &(off, len) = op.segs.get(seg).ok_or_else(|| self.violation(Violation::UnknownSegment(seg)))?;
         let bit = 1u128 << seg;
         if op.answered & bit != 0 {
-            return Err(self.violation(Violation::Repeated {
-                seg,
-                op_id: d.op_id & !SEG_MASK,
-            }));
+            return Err(self.violation(Violation::Repeated { seg, op_id: d.op_id & !SEG_MASK }));
         }
         op.answered |= bit;
         if d.status == Status::Ok && d.len != len {
@@ -1033,10 +944,7 @@ pub struct TcpEndpoint {
 
 impl std::fmt::Debug for TcpEndpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TcpEndpoint")
-            .field("peer", &self.conn.peer)
-            .field("peer_node", &self.conn.peer_node)
-            .finish()
+        f.debug_struct("TcpEndpoint").field("peer", &self.conn.peer).field("peer_node", &self.conn.peer_node).finish()
     }
 }
 
@@ -1047,21 +955,13 @@ fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> TransportError {
 impl TcpEndpoint {
     /// Connects to `addr` and authenticates. Blocking (slow path), bounded by
     /// `cfg.handshake_timeout`.
-    pub fn connect(
-        addr: impl ToSocketAddrs,
-        cfg: &Config,
-        registry: Arc<Registry>,
-    ) -> Result<Self, TransportError> {
+    pub fn connect(addr: impl ToSocketAddrs, cfg: &Config, registry: Arc<Registry>) -> Result<Self, TransportError> {
         cfg.validate()?;
-        let addr = addr
-            .to_socket_addrs()
-            .map_err(io("resolve"))?
-            .next()
-            .ok_or(TransportError::Handshake("no address"))?;
+        let addr =
+            addr.to_socket_addrs().map_err(io("resolve"))?.next().ok_or(TransportError::Handshake("no address"))?;
         // One deadline for connect and handshake together.
         let deadline = Deadline::after(cfg.handshake_timeout);
-        let mut sock =
-            TcpStream::connect_timeout(&addr, cfg.handshake_timeout).map_err(io("connect"))?;
+        let mut sock = TcpStream::connect_timeout(&addr, cfg.handshake_timeout).map_err(io("connect"))?;
         let peer_node = client_handshake(&mut sock, cfg, &deadline)?;
         Self::start(sock, addr, peer_node, cfg, registry)
     }
@@ -1078,15 +978,10 @@ impl TcpEndpoint {
         // time out so a peer that stopped reading or sending is noticed;
         // between frames a silent peer is caught by `rx_thread`. Heartbeats
         // keep a healthy idle connection under these limits.
-        sock.set_read_timeout(Some(cfg.dead_after))
+        sock.set_read_timeout(Some(cfg.dead_after)).map_err(io("setsockopt"))?;
+        sock.set_write_timeout(Some(cfg.dead_after)).map_err(io("setsockopt"))?;
+        sys::set_user_timeout(sock.as_fd(), cfg.dead_after.as_millis().min(u32::MAX.into()) as u32)
             .map_err(io("setsockopt"))?;
-        sock.set_write_timeout(Some(cfg.dead_after))
-            .map_err(io("setsockopt"))?;
-        sys::set_user_timeout(
-            sock.as_fd(),
-            cfg.dead_after.as_millis().min(u32::MAX.into()) as u32,
-        )
-        .map_err(io("setsockopt"))?;
         // Checked by `connect` and `TcpAcceptor::bind` (`Config::validate`).
         let max_inflight = cfg.max_inflight;
         const _: () = assert!(crate::MAX_INFLIGHT_MAX as u64 <= u32::MAX as u64);
@@ -1138,15 +1033,10 @@ impl TcpEndpoint {
             .spawn(move || r.rx_thread())
             .map_err(io("spawn"))?;
         let w = conn.clone();
-        let writer = std::thread::Builder::new()
-            .name("hcblk-tcp-tx".into())
-            .spawn(move || w.writer())
-            .map_err(io("spawn"))?;
+        let writer =
+            std::thread::Builder::new().name("hcblk-tcp-tx".into()).spawn(move || w.writer()).map_err(io("spawn"))?;
         tracing::info!(peer = %peer, node = peer_node, "tcp transport connected");
-        Ok(Self {
-            conn,
-            threads: vec![reader, writer],
-        })
+        Ok(Self { conn, threads: vec![reader, writer] })
     }
 
     /// Blocks until a one-sided operation has completed (or the connection
@@ -1168,9 +1058,7 @@ impl TcpEndpoint {
             }
             // This thread receives; short slices so a completion the
             // background receiver handled meanwhile is not missed for long.
-            self.conn
-                .last_app_poll_ns
-                .store(self.conn.now_ns().max(1), Ordering::Relaxed);
+            self.conn.last_app_poll_ns.store(self.conn.now_ns().max(1), Ordering::Relaxed);
             let out = {
                 let o = lock(&self.conn.out);
                 !o.current.is_empty() || !o.resp.is_empty() || !o.app.is_empty()
@@ -1182,13 +1070,8 @@ impl TcpEndpoint {
     /// Receives what is pending on the caller's thread (the poller drives
     /// the connection; the background receiver then stays idle).
     fn drive(&self) {
-        self.conn
-            .last_app_poll_ns
-            .store(self.conn.now_ns().max(1), Ordering::Relaxed);
-        let r = self
-            .conn
-            .pump(64, false)
-            .and_then(|_| self.conn.flush(false));
+        self.conn.last_app_poll_ns.store(self.conn.now_ns().max(1), Ordering::Relaxed);
+        let r = self.conn.pump(64, false).and_then(|_| self.conn.flush(false));
         if let Err(r) = r {
             self.conn.fail(&r, false);
         }
@@ -1237,10 +1120,7 @@ impl TcpEndpoint {
         let local = self.conn.registry.local(local)?;
         let remote_total: usize = remote.iter().map(|s| s.len as usize).sum();
         if remote_total != local.total {
-            return Err(TransportError::LengthMismatch {
-                local: local.total,
-                remote: remote_total,
-            });
+            return Err(TransportError::LengthMismatch { local: local.total, remote: remote_total });
         }
         let mut segs = Vec::with_capacity(remote.len());
         let mut off = 0usize;
@@ -1248,11 +1128,7 @@ impl TcpEndpoint {
             segs.push((off, s.len));
             off += s.len as usize;
         }
-        let mut item = OutItem {
-            parts: Vec::with_capacity(remote.len() * 2),
-            len: 0,
-            app_msg: false,
-        };
+        let mut item = OutItem { parts: Vec::with_capacity(remote.len() * 2), len: 0, app_msg: false };
         let op_id = {
             let mut ops = lock(&self.conn.ops);
             if ops.dead {
@@ -1261,20 +1137,12 @@ impl TcpEndpoint {
             if ops.outstanding >= self.conn.max_inflight {
                 return Err(TransportError::TooManyInFlight(self.conn.max_inflight));
             }
-            let slot = ops
-                .free
-                .pop()
-                .ok_or(TransportError::TooManyInFlight(self.conn.max_inflight))?;
+            let slot = ops.free.pop().ok_or(TransportError::TooManyInFlight(self.conn.max_inflight))?;
             let op_id = (u64::from(ops.next_gen) << 40) | ((slot as u64) << 8);
             ops.next_gen = (ops.next_gen + 1) & 0xff_ffff;
             for (i, (s, &(o, l))) in remote.iter().zip(&segs).enumerate() {
                 // `i` < MAX_SEGMENTS (128, checked above) fits in SEG_MASK.
-                let d = DataReq {
-                    op_id: op_id | i as u64,
-                    addr: s.addr,
-                    key: s.key,
-                    len: s.len,
-                };
+                let d = DataReq { op_id: op_id | i as u64, addr: s.addr, key: s.key, len: s.len };
                 if write {
                     item.push_frame(&Message::DataWrite(d))?;
                     item.push_mem(local.sub(o, l as usize));
@@ -1317,10 +1185,7 @@ impl Endpoint for TcpEndpoint {
         crate::check_send(msg)?;
         self.admit_app_msg()?;
         let mut item = OutItem::frame(msg)?;
-        if let Message::Write(Descriptor {
-            inline: Some(data), ..
-        }) = msg
-        {
+        if let Message::Write(Descriptor { inline: Some(data), .. }) = msg {
             // A payload we do not own past this call: copied (forwarding
             // path; registered memory goes through `send_inline`).
             item.push_bytes(data.to_vec());
@@ -1357,11 +1222,7 @@ impl Endpoint for TcpEndpoint {
         }
     }
 
-    unsafe fn register_region(
-        &mut self,
-        ptr: *mut u8,
-        len: usize,
-    ) -> Result<RegionId, TransportError> {
+    unsafe fn register_region(&mut self, ptr: *mut u8, len: usize) -> Result<RegionId, TransportError> {
         // SAFETY: the caller upholds `Registry::register`'s contract (same as ours).
         unsafe { self.conn.registry.register(ptr, len) }
     }
@@ -1370,12 +1231,7 @@ impl Endpoint for TcpEndpoint {
         self.conn.registry.deregister(region)
     }
 
-    fn grant(
-        &mut self,
-        region: RegionId,
-        ranges: &[(u64, u32)],
-        access: Access,
-    ) -> Result<Grant, TransportError> {
+    fn grant(&mut self, region: RegionId, ranges: &[(u64, u32)], access: Access) -> Result<Grant, TransportError> {
         self.conn.registry.grant(region, ranges, access)
     }
 
@@ -1383,21 +1239,11 @@ impl Endpoint for TcpEndpoint {
         self.conn.registry.revoke(key)
     }
 
-    fn post_read(
-        &mut self,
-        remote: &[Segment],
-        local: &[LocalSeg],
-        user_data: u64,
-    ) -> Result<(), TransportError> {
+    fn post_read(&mut self, remote: &[Segment], local: &[LocalSeg], user_data: u64) -> Result<(), TransportError> {
         self.post(remote, local, user_data, false)
     }
 
-    fn post_write(
-        &mut self,
-        remote: &[Segment],
-        local: &[LocalSeg],
-        user_data: u64,
-    ) -> Result<(), TransportError> {
+    fn post_write(&mut self, remote: &[Segment], local: &[LocalSeg], user_data: u64) -> Result<(), TransportError> {
         self.post(remote, local, user_data, true)
     }
 
@@ -1459,17 +1305,9 @@ pub struct TcpAcceptor {
 
 impl TcpAcceptor {
     /// Binds and starts listening and authenticating in the background.
-    pub fn bind(
-        addr: impl ToSocketAddrs,
-        cfg: Config,
-        registry: Arc<Registry>,
-    ) -> Result<Self, TransportError> {
+    pub fn bind(addr: impl ToSocketAddrs, cfg: Config, registry: Arc<Registry>) -> Result<Self, TransportError> {
         cfg.validate()?;
-        Ok(Self {
-            listener: Listener::bind(addr, cfg.clone())?,
-            cfg,
-            registry,
-        })
+        Ok(Self { listener: Listener::bind(addr, cfg.clone())?, cfg, registry })
     }
 
     pub fn local_addr(&self) -> Result<SocketAddr, TransportError> {

@@ -269,10 +269,7 @@ impl FrameType {
             Ready => (0, 0),
             // The smallest WRITE is inline with one byte; the largest is
             // inline with MAX_INLINE bytes (more than 128 segments take).
-            Write => (
-                DESC_FIXED + 1,
-                MAX_CONTROL_BODY.max(DESC_FIXED + MAX_INLINE as usize),
-            ),
+            Write => (DESC_FIXED + 1, MAX_CONTROL_BODY.max(DESC_FIXED + MAX_INLINE as usize)),
             Read => (DESC_FIXED + SEGMENT_LEN, MAX_CONTROL_BODY),
             Flush => (FLUSH_LEN, FLUSH_LEN),
             Discard | WriteZeroes => (RANGE_LEN, RANGE_LEN),
@@ -293,16 +290,7 @@ impl FrameType {
         use FrameType::*;
         matches!(
             self,
-            Write
-                | Read
-                | Flush
-                | Discard
-                | WriteZeroes
-                | Promise
-                | ClearDirty
-                | Completion
-                | Error
-                | PromiseAck
+            Write | Read | Flush | Discard | WriteZeroes | Promise | ClearDirty | Completion | Error | PromiseAck
         )
     }
 }
@@ -322,18 +310,9 @@ pub enum DecodeError {
     #[error("non-zero reserved field in {0:?} frame")]
     Reserved(FrameType),
     #[error("{ty:?} frame body is {len} bytes, allowed {min}..={max}")]
-    BodyLength {
-        ty: FrameType,
-        len: usize,
-        min: usize,
-        max: usize,
-    },
+    BodyLength { ty: FrameType, len: usize, min: usize, max: usize },
     #[error("{ty:?} body length {len} does not match its contents ({expected})")]
-    LengthMismatch {
-        ty: FrameType,
-        len: usize,
-        expected: usize,
-    },
+    LengthMismatch { ty: FrameType, len: usize, expected: usize },
     #[error("{0} segments, limit is {MAX_SEGMENTS} (and at least 1)")]
     SegmentCount(usize),
     #[error("inline WRITE: {0}")]
@@ -618,10 +597,7 @@ impl Header {
     pub fn fixed_len(&self, prefix: &[u8]) -> Result<usize, DecodeError> {
         let want = self.prefix_len();
         if prefix.len() < want {
-            return Err(DecodeError::Truncated {
-                needed: want,
-                have: prefix.len(),
-            });
+            return Err(DecodeError::Truncated { needed: want, have: prefix.len() });
         }
         if self.ty != FrameType::Write || rd_u32(prefix, 36) & FLAG_INLINE != 0 {
             return Ok(want);
@@ -676,20 +652,14 @@ fn wr_u64(b: &mut [u8], at: usize, v: u64) {
 /// Decodes and checks a frame header (the first [`HEADER_LEN`] bytes of `b`).
 pub fn decode_header(b: &[u8]) -> Result<Header, DecodeError> {
     if b.len() < HEADER_LEN {
-        return Err(DecodeError::Truncated {
-            needed: HEADER_LEN,
-            have: b.len(),
-        });
+        return Err(DecodeError::Truncated { needed: HEADER_LEN, have: b.len() });
     }
     let magic = rd_u16(b, 0);
     if magic != MAGIC {
         return Err(DecodeError::BadMagic(magic));
     }
     if b[2] != VERSION_MAJOR {
-        return Err(DecodeError::UnsupportedVersion {
-            peer_major: b[2],
-            peer_minor: b[3],
-        });
+        return Err(DecodeError::UnsupportedVersion { peer_major: b[2], peer_minor: b[3] });
     }
     let ty = FrameType::from_u8(b[4]).ok_or(DecodeError::UnknownType(b[4]))?;
     if b[5] != 0 || rd_u16(b, 6) != 0 {
@@ -698,34 +668,18 @@ pub fn decode_header(b: &[u8]) -> Result<Header, DecodeError> {
     let body_len = rd_u32(b, 8);
     let (min, max) = ty.body_bounds();
     if (body_len as usize) < min || body_len as usize > max {
-        return Err(DecodeError::BodyLength {
-            ty,
-            len: body_len as usize,
-            min,
-            max,
-        });
+        return Err(DecodeError::BodyLength { ty, len: body_len as usize, min, max });
     }
-    Ok(Header {
-        ty,
-        minor: b[3],
-        body_len,
-    })
+    Ok(Header { ty, minor: b[3], body_len })
 }
 
 fn check_desc(ty: FrameType, d: &Descriptor) -> Result<(), DecodeError> {
-    let known = if ty == FrameType::Write {
-        DESC_FLAGS
-    } else {
-        DESC_FLAGS & !FLAG_INLINE
-    };
+    let known = if ty == FrameType::Write { DESC_FLAGS } else { DESC_FLAGS & !FLAG_INLINE };
     if d.flags & !known != 0 {
         return Err(DecodeError::UnknownFlags(d.flags));
     }
     if d.offset.checked_add(d.length.into()).is_none() {
-        return Err(DecodeError::Overflow {
-            offset: d.offset,
-            length: d.length.into(),
-        });
+        return Err(DecodeError::Overflow { offset: d.offset, length: d.length.into() });
     }
     if d.is_inline() {
         if !d.segments.is_empty() {
@@ -735,18 +689,11 @@ fn check_desc(ty: FrameType, d: &Descriptor) -> Result<(), DecodeError> {
             return Err(DecodeError::ZeroLength);
         }
         if d.length > MAX_INLINE {
-            return Err(DecodeError::IoTooLarge {
-                len: d.length.into(),
-                limit: MAX_INLINE,
-            });
+            return Err(DecodeError::IoTooLarge { len: d.length.into(), limit: MAX_INLINE });
         }
         if let Some(p) = &d.inline {
             if p.len() != d.length as usize {
-                return Err(DecodeError::LengthMismatch {
-                    ty,
-                    len: p.len(),
-                    expected: d.length as usize,
-                });
+                return Err(DecodeError::LengthMismatch { ty, len: p.len(), expected: d.length as usize });
             }
         }
         return Ok(());
@@ -759,10 +706,7 @@ fn check_desc(ty: FrameType, d: &Descriptor) -> Result<(), DecodeError> {
         return Err(DecodeError::SegmentCount(n));
     }
     if d.length > MAX_IO_LEN {
-        return Err(DecodeError::IoTooLarge {
-            len: d.length.into(),
-            limit: MAX_IO_LEN,
-        });
+        return Err(DecodeError::IoTooLarge { len: d.length.into(), limit: MAX_IO_LEN });
     }
     let mut sum: u64 = 0;
     for s in &d.segments {
@@ -770,19 +714,12 @@ fn check_desc(ty: FrameType, d: &Descriptor) -> Result<(), DecodeError> {
             return Err(DecodeError::ZeroLength);
         }
         if s.addr.checked_add(s.len.into()).is_none() {
-            return Err(DecodeError::Overflow {
-                offset: s.addr,
-                length: s.len.into(),
-            });
+            return Err(DecodeError::Overflow { offset: s.addr, length: s.len.into() });
         }
         sum += u64::from(s.len);
     }
     if sum != u64::from(d.length) {
-        return Err(DecodeError::LengthMismatch {
-            ty,
-            len: d.length as usize,
-            expected: sum as usize,
-        });
+        return Err(DecodeError::LengthMismatch { ty, len: d.length as usize, expected: sum as usize });
     }
     Ok(())
 }
@@ -795,10 +732,7 @@ fn check_range(r: &RangeOp) -> Result<(), DecodeError> {
         return Err(DecodeError::UnknownFlags(r.flags));
     }
     if r.offset.checked_add(r.length).is_none() {
-        return Err(DecodeError::Overflow {
-            offset: r.offset,
-            length: r.length,
-        });
+        return Err(DecodeError::Overflow { offset: r.offset, length: r.length });
     }
     Ok(())
 }
@@ -808,10 +742,7 @@ fn check_clear_dirty(c: &ClearDirty) -> Result<(), DecodeError> {
         return Err(DecodeError::ZeroLength);
     }
     if c.first_region.checked_add(c.region_count).is_none() {
-        return Err(DecodeError::Overflow {
-            offset: c.first_region.into(),
-            length: c.region_count.into(),
-        });
+        return Err(DecodeError::Overflow { offset: c.first_region.into(), length: c.region_count.into() });
     }
     Ok(())
 }
@@ -832,33 +763,20 @@ fn check_data_req(d: &DataReq) -> Result<(), DecodeError> {
         return Err(DecodeError::ZeroLength);
     }
     if d.len > MAX_DATA_LEN {
-        return Err(DecodeError::IoTooLarge {
-            len: d.len.into(),
-            limit: MAX_DATA_LEN,
-        });
+        return Err(DecodeError::IoTooLarge { len: d.len.into(), limit: MAX_DATA_LEN });
     }
     if d.addr.checked_add(d.len.into()).is_none() {
-        return Err(DecodeError::Overflow {
-            offset: d.addr,
-            length: d.len.into(),
-        });
+        return Err(DecodeError::Overflow { offset: d.addr, length: d.len.into() });
     }
     Ok(())
 }
 
 fn check_data_resp(ty: FrameType, d: &DataResp) -> Result<(), DecodeError> {
     if d.len > MAX_DATA_LEN {
-        return Err(DecodeError::IoTooLarge {
-            len: d.len.into(),
-            limit: MAX_DATA_LEN,
-        });
+        return Err(DecodeError::IoTooLarge { len: d.len.into(), limit: MAX_DATA_LEN });
     }
     if ty == FrameType::DataReadResp && d.status != Status::Ok && d.len != 0 {
-        return Err(DecodeError::LengthMismatch {
-            ty,
-            len: d.len as usize,
-            expected: 0,
-        });
+        return Err(DecodeError::LengthMismatch { ty, len: d.len as usize, expected: 0 });
     }
     Ok(())
 }
@@ -869,10 +787,7 @@ pub fn decode_body(h: &Header, body: &[u8]) -> Result<Message, DecodeError> {
     let ty = h.ty;
     let fixed = h.fixed_len(body)?;
     if body.len() < fixed {
-        return Err(DecodeError::Truncated {
-            needed: fixed,
-            have: body.len(),
-        });
+        return Err(DecodeError::Truncated { needed: fixed, have: body.len() });
     }
     let body = &body[..fixed];
     let payload = h.body_len as usize - fixed;
@@ -886,17 +801,11 @@ pub fn decode_body(h: &Header, body: &[u8]) -> Result<Message, DecodeError> {
     let msg = match ty {
         FrameType::Hello => {
             zero(rd_u64(body, 0) == 0)?;
-            Message::Hello(Hello {
-                cluster_id: rd_u64(body, 8),
-                node_id: rd_u64(body, 16),
-                nonce: rd_arr(body, 24),
-            })
+            Message::Hello(Hello { cluster_id: rd_u64(body, 8), node_id: rd_u64(body, 16), nonce: rd_arr(body, 24) })
         }
-        FrameType::Challenge => Message::Challenge(Challenge {
-            node_id: rd_u64(body, 0),
-            nonce: rd_arr(body, 8),
-            mac: rd_arr(body, 40),
-        }),
+        FrameType::Challenge => {
+            Message::Challenge(Challenge { node_id: rd_u64(body, 0), nonce: rd_arr(body, 8), mac: rd_arr(body, 40) })
+        }
         FrameType::Auth => Message::Auth(rd_arr(body, 0)),
         FrameType::Ready => Message::Ready,
         FrameType::Write | FrameType::Read => {
@@ -915,20 +824,12 @@ pub fn decode_body(h: &Header, body: &[u8]) -> Result<Message, DecodeError> {
                 }
                 let expected = DESC_FIXED + n * SEGMENT_LEN;
                 if body.len() != expected {
-                    return Err(DecodeError::LengthMismatch {
-                        ty,
-                        len: body.len(),
-                        expected,
-                    });
+                    return Err(DecodeError::LengthMismatch { ty, len: body.len(), expected });
                 }
                 (0..n)
                     .map(|i| {
                         let at = DESC_FIXED + i * SEGMENT_LEN;
-                        Segment {
-                            addr: rd_u64(body, at),
-                            key: rd_u32(body, at + 8),
-                            len: rd_u32(body, at + 12),
-                        }
+                        Segment { addr: rd_u64(body, at), key: rd_u32(body, at + 8), len: rd_u32(body, at + 12) }
                     })
                     .collect()
             };
@@ -947,11 +848,7 @@ pub fn decode_body(h: &Header, body: &[u8]) -> Result<Message, DecodeError> {
             };
             check_desc(ty, &d)?;
             if inline && payload != d.length as usize {
-                return Err(DecodeError::LengthMismatch {
-                    ty,
-                    len: payload,
-                    expected: d.length as usize,
-                });
+                return Err(DecodeError::LengthMismatch { ty, len: payload, expected: d.length as usize });
             }
             if ty == FrameType::Write {
                 Message::Write(d)
@@ -1023,36 +920,21 @@ pub fn decode_body(h: &Header, body: &[u8]) -> Result<Message, DecodeError> {
             status: Status::from_u32(rd_u32(body, 8))?,
             bytes: rd_u32(body, 12),
         }),
-        FrameType::Heartbeat => Message::Heartbeat(Heartbeat {
-            sequence: rd_u64(body, 0),
-            time_us: rd_u64(body, 8),
-        }),
+        FrameType::Heartbeat => Message::Heartbeat(Heartbeat { sequence: rd_u64(body, 0), time_us: rd_u64(body, 8) }),
         FrameType::Error => {
             let n = usize::from(rd_u16(body, 4));
             zero(rd_u16(body, 6) == 0 && rd_u64(body, 8) == 0 && rd_u64(body, 16) == 0)?;
             if n > MAX_ERROR_TEXT || body.len() != ERROR_FIXED + n {
-                return Err(DecodeError::LengthMismatch {
-                    ty,
-                    len: body.len(),
-                    expected: ERROR_FIXED + n,
-                });
+                return Err(DecodeError::LengthMismatch { ty, len: body.len(), expected: ERROR_FIXED + n });
             }
-            let text =
-                std::str::from_utf8(&body[ERROR_FIXED..]).map_err(|_| DecodeError::BadText)?;
-            Message::Error(ErrorMsg {
-                code: rd_u32(body, 0),
-                text: text.to_owned(),
-            })
+            let text = std::str::from_utf8(&body[ERROR_FIXED..]).map_err(|_| DecodeError::BadText)?;
+            Message::Error(ErrorMsg { code: rd_u32(body, 0), text: text.to_owned() })
         }
         FrameType::PromiseAck => {
             zero(rd_u16(body, 34) == 0 && rd_u32(body, 36) == 0)?;
             let n = usize::from(rd_u16(body, 32));
             if n > MAX_BITMAP || body.len() != PROMISE_ACK_FIXED + n {
-                return Err(DecodeError::LengthMismatch {
-                    ty,
-                    len: body.len(),
-                    expected: PROMISE_ACK_FIXED + n,
-                });
+                return Err(DecodeError::LengthMismatch { ty, len: body.len(), expected: PROMISE_ACK_FIXED + n });
             }
             Message::PromiseAck(PromiseAck {
                 request_id: rd_u64(body, 0),
@@ -1064,46 +946,27 @@ pub fn decode_body(h: &Header, body: &[u8]) -> Result<Message, DecodeError> {
             })
         }
         FrameType::DataRead | FrameType::DataWrite => {
-            let d = DataReq {
-                op_id: rd_u64(body, 0),
-                addr: rd_u64(body, 8),
-                key: rd_u32(body, 16),
-                len: rd_u32(body, 20),
-            };
+            let d =
+                DataReq { op_id: rd_u64(body, 0), addr: rd_u64(body, 8), key: rd_u32(body, 16), len: rd_u32(body, 20) };
             check_data_req(&d)?;
             if ty == FrameType::DataRead {
                 Message::DataRead(d)
             } else {
                 if payload != d.len as usize {
-                    return Err(DecodeError::LengthMismatch {
-                        ty,
-                        len: payload,
-                        expected: d.len as usize,
-                    });
+                    return Err(DecodeError::LengthMismatch { ty, len: payload, expected: d.len as usize });
                 }
                 Message::DataWrite(d)
             }
         }
         FrameType::DataReadResp | FrameType::DataWriteAck => {
             zero(rd_u64(body, 16) == 0)?;
-            let d = DataResp {
-                op_id: rd_u64(body, 0),
-                status: Status::from_u32(rd_u32(body, 8))?,
-                len: rd_u32(body, 12),
-            };
+            let d =
+                DataResp { op_id: rd_u64(body, 0), status: Status::from_u32(rd_u32(body, 8))?, len: rd_u32(body, 12) };
             check_data_resp(ty, &d)?;
             if ty == FrameType::DataReadResp {
-                let expected = if d.status == Status::Ok {
-                    d.len as usize
-                } else {
-                    0
-                };
+                let expected = if d.status == Status::Ok { d.len as usize } else { 0 };
                 if payload != expected {
-                    return Err(DecodeError::LengthMismatch {
-                        ty,
-                        len: payload,
-                        expected,
-                    });
+                    return Err(DecodeError::LengthMismatch { ty, len: payload, expected });
                 }
                 Message::DataReadResp(d)
             } else {
@@ -1122,10 +985,7 @@ pub fn decode(buf: &[u8]) -> Result<(Message, usize), DecodeError> {
     let h = decode_header(buf)?;
     let total = HEADER_LEN + h.body_len as usize;
     if buf.len() < total {
-        return Err(DecodeError::Truncated {
-            needed: total,
-            have: buf.len(),
-        });
+        return Err(DecodeError::Truncated { needed: total, have: buf.len() });
     }
     let msg = decode_body(&h, &buf[HEADER_LEN..total])?;
     Ok((msg, total))
@@ -1200,11 +1060,7 @@ impl Message {
             Message::ClearDirty(c) => check_clear_dirty(c),
             Message::PromiseAck(a) => check_promise_ack(a),
             Message::Error(e) if e.text.len() > MAX_ERROR_TEXT => {
-                Err(DecodeError::LengthMismatch {
-                    ty: FrameType::Error,
-                    len: e.text.len(),
-                    expected: MAX_ERROR_TEXT,
-                })
+                Err(DecodeError::LengthMismatch { ty: FrameType::Error, len: e.text.len(), expected: MAX_ERROR_TEXT })
             }
             Message::DataRead(d) | Message::DataWrite(d) => check_data_req(d),
             Message::DataReadResp(d) => check_data_resp(FrameType::DataReadResp, d),
@@ -1221,10 +1077,7 @@ impl Message {
         let fixed = self.fixed_body_len();
         let n = HEADER_LEN + fixed;
         if out.len() < n {
-            return Err(EncodeError::BufferTooSmall {
-                needed: n,
-                have: out.len(),
-            });
+            return Err(EncodeError::BufferTooSmall { needed: n, have: out.len() });
         }
         let out = &mut out[..n];
         out.fill(0);
@@ -1374,24 +1227,16 @@ mod tests {
     }
 
     fn common() -> impl Strategy<Value = Common> + Clone {
-        (
-            any::<u64>(),
-            any::<u64>(),
-            any::<u64>(),
-            any::<u32>(),
-            any::<u64>(),
-            any::<u64>(),
+        (any::<u64>(), any::<u64>(), any::<u64>(), any::<u32>(), any::<u64>(), any::<u64>()).prop_map(
+            |(request_id, volume, generation, epoch, incarnation, floor)| Common {
+                request_id,
+                volume,
+                generation,
+                epoch,
+                incarnation,
+                floor,
+            },
         )
-            .prop_map(
-                |(request_id, volume, generation, epoch, incarnation, floor)| Common {
-                    request_id,
-                    volume,
-                    generation,
-                    epoch,
-                    incarnation,
-                    floor,
-                },
-            )
     }
 
     fn desc(c: Common, offset: u64, length: u32, flags: u32, segments: Segments) -> Descriptor {
@@ -1415,17 +1260,11 @@ mod tests {
         (
             common(),
             0u64..(u64::MAX >> 1),
-            prop::collection::vec(
-                (any::<u32>().prop_map(u64::from), any::<u32>(), 1u32..65536),
-                1..=MAX_SEGMENTS,
-            ),
+            prop::collection::vec((any::<u32>().prop_map(u64::from), any::<u32>(), 1u32..65536), 1..=MAX_SEGMENTS),
             any::<bool>(),
         )
             .prop_map(|(c, offset, segs, fua)| {
-                let segments: Segments = segs
-                    .into_iter()
-                    .map(|(addr, key, len)| Segment { addr, key, len })
-                    .collect();
+                let segments: Segments = segs.into_iter().map(|(addr, key, len)| Segment { addr, key, len }).collect();
                 let length = segments.iter().map(|s| s.len).sum();
                 desc(c, offset, length, if fua { FLAG_FUA } else { 0 }, segments)
             })
@@ -1433,17 +1272,15 @@ mod tests {
 
     /// An inline WRITE descriptor (payload not part of the message).
     fn inline_write() -> impl Strategy<Value = Descriptor> {
-        (common(), 0u64..(u64::MAX >> 1), 1..=MAX_INLINE, any::<bool>()).prop_map(
-            |(c, offset, length, fua)| {
-                let flags = FLAG_INLINE | if fua { FLAG_FUA } else { 0 };
-                desc(c, offset, length, flags, Segments::new())
-            },
-        )
+        (common(), 0u64..(u64::MAX >> 1), 1..=MAX_INLINE, any::<bool>()).prop_map(|(c, offset, length, fua)| {
+            let flags = FLAG_INLINE | if fua { FLAG_FUA } else { 0 };
+            desc(c, offset, length, flags, Segments::new())
+        })
     }
 
     fn message() -> impl Strategy<Value = Message> {
-        let range = (common(), 0u64..(1 << 62), 1u64..(1 << 40), 0u32..2).prop_map(
-            |(c, offset, length, flags)| RangeOp {
+        let range =
+            (common(), 0u64..(1 << 62), 1u64..(1 << 40), 0u32..2).prop_map(|(c, offset, length, flags)| RangeOp {
                 request_id: c.request_id,
                 volume: c.volume,
                 generation: c.generation,
@@ -1453,35 +1290,14 @@ mod tests {
                 epoch: c.epoch,
                 incarnation: c.incarnation,
                 floor: c.floor,
-            },
-        );
-        let data_req = (
-            any::<u64>(),
-            0u64..(1 << 48),
-            any::<u32>(),
-            1..=MAX_DATA_LEN,
-        )
-            .prop_map(|(op_id, addr, key, len)| DataReq {
-                op_id,
-                addr,
-                key,
-                len,
             });
+        let data_req = (any::<u64>(), 0u64..(1 << 48), any::<u32>(), 1..=MAX_DATA_LEN)
+            .prop_map(|(op_id, addr, key, len)| DataReq { op_id, addr, key, len });
         prop_oneof![
-            (any::<u64>(), any::<u64>(), any::<[u8; 32]>()).prop_map(
-                |(cluster_id, node_id, nonce)| Message::Hello(Hello {
-                    cluster_id,
-                    node_id,
-                    nonce
-                })
-            ),
-            (any::<u64>(), any::<[u8; 32]>(), any::<[u8; 32]>()).prop_map(
-                |(node_id, nonce, mac)| Message::Challenge(Challenge {
-                    node_id,
-                    nonce,
-                    mac
-                })
-            ),
+            (any::<u64>(), any::<u64>(), any::<[u8; 32]>())
+                .prop_map(|(cluster_id, node_id, nonce)| Message::Hello(Hello { cluster_id, node_id, nonce })),
+            (any::<u64>(), any::<[u8; 32]>(), any::<[u8; 32]>())
+                .prop_map(|(node_id, nonce, mac)| Message::Challenge(Challenge { node_id, nonce, mac })),
             any::<[u8; 32]>().prop_map(Message::Auth),
             Just(Message::Ready),
             segmented().prop_map(Message::Write),
@@ -1517,41 +1333,30 @@ mod tests {
                     upto,
                 })
             ),
-            (
-                common(),
-                status(),
-                any::<u64>(),
-                prop::collection::vec(any::<u8>(), 0..=MAX_BITMAP)
-            )
-                .prop_map(|(c, status, promised, bitmap)| Message::PromiseAck(PromiseAck {
+            (common(), status(), any::<u64>(), prop::collection::vec(any::<u8>(), 0..=MAX_BITMAP)).prop_map(
+                |(c, status, promised, bitmap)| Message::PromiseAck(PromiseAck {
                     request_id: c.request_id,
                     status,
                     epoch: c.epoch,
                     incarnation: c.incarnation,
                     promised,
                     bitmap,
-                })),
-            (any::<u64>(), status(), any::<u32>()).prop_map(|(request_id, status, bytes)| {
-                Message::Completion(Completion {
-                    request_id,
-                    status,
-                    bytes,
                 })
+            ),
+            (any::<u64>(), status(), any::<u32>()).prop_map(|(request_id, status, bytes)| {
+                Message::Completion(Completion { request_id, status, bytes })
             }),
-            (any::<u64>(), any::<u64>()).prop_map(|(sequence, time_us)| Message::Heartbeat(
-                Heartbeat { sequence, time_us }
-            )),
-            (any::<u32>(), "[a-zA-Z0-9 ]{0,200}")
-                .prop_map(|(code, text)| Message::Error(ErrorMsg { code, text })),
+            (any::<u64>(), any::<u64>())
+                .prop_map(|(sequence, time_us)| Message::Heartbeat(Heartbeat { sequence, time_us })),
+            (any::<u32>(), "[a-zA-Z0-9 ]{0,200}").prop_map(|(code, text)| Message::Error(ErrorMsg { code, text })),
             data_req.clone().prop_map(Message::DataRead),
             data_req.prop_map(Message::DataWrite),
             (any::<u64>(), status(), 0..=MAX_DATA_LEN).prop_map(|(op_id, status, len)| {
                 let len = if status == Status::Ok { len } else { 0 };
                 Message::DataReadResp(DataResp { op_id, status, len })
             }),
-            (any::<u64>(), status(), 0..=MAX_DATA_LEN).prop_map(|(op_id, status, len)| {
-                Message::DataWriteAck(DataResp { op_id, status, len })
-            }),
+            (any::<u64>(), status(), 0..=MAX_DATA_LEN)
+                .prop_map(|(op_id, status, len)| { Message::DataWriteAck(DataResp { op_id, status, len }) }),
         ]
     }
 
@@ -1608,14 +1413,7 @@ mod tests {
     }
 
     fn common1() -> Common {
-        Common {
-            request_id: 1,
-            volume: 2,
-            generation: 3,
-            epoch: 4,
-            incarnation: 5,
-            floor: 1,
-        }
+        Common { request_id: 1, volume: 2, generation: 3, epoch: 4, incarnation: 5, floor: 1 }
     }
 
     fn write_with(segs: Vec<Segment>, offset: u64) -> Descriptor {
@@ -1636,13 +1434,7 @@ mod tests {
         let mut b = Message::Ready.to_vec().unwrap();
         b[2] = VERSION_MAJOR + 1;
         let e = decode(&b).unwrap_err();
-        assert_eq!(
-            e,
-            DecodeError::UnsupportedVersion {
-                peer_major: VERSION_MAJOR + 1,
-                peer_minor: VERSION_MINOR
-            }
-        );
+        assert_eq!(e, DecodeError::UnsupportedVersion { peer_major: VERSION_MAJOR + 1, peer_minor: VERSION_MINOR });
         assert!(e.to_string().contains("major versions differ"), "{e}");
         // A v1 peer is told which versions differ.
         b[2] = 1;
@@ -1669,20 +1461,11 @@ mod tests {
         let d = write_with(vec![seg(0x1000, 512); MAX_SEGMENTS], 0);
         let mut b = Message::Write(d).to_vec().unwrap();
         wr_u16(&mut b, HEADER_LEN + 40, (MAX_SEGMENTS + 1) as u16);
-        assert_eq!(
-            decode(&b).unwrap_err(),
-            DecodeError::SegmentCount(MAX_SEGMENTS + 1)
-        );
+        assert_eq!(decode(&b).unwrap_err(), DecodeError::SegmentCount(MAX_SEGMENTS + 1));
         let too_many = write_with(vec![seg(0x1000, 512); MAX_SEGMENTS + 1], 0);
-        assert!(matches!(
-            Message::Write(too_many).to_vec(),
-            Err(EncodeError::Invalid(DecodeError::SegmentCount(_)))
-        ));
+        assert!(matches!(Message::Write(too_many).to_vec(), Err(EncodeError::Invalid(DecodeError::SegmentCount(_)))));
         let none = write_with(vec![], 0);
-        assert!(matches!(
-            Message::Read(none).to_vec(),
-            Err(EncodeError::Invalid(DecodeError::SegmentCount(0)))
-        ));
+        assert!(matches!(Message::Read(none).to_vec(), Err(EncodeError::Invalid(DecodeError::SegmentCount(0)))));
     }
 
     #[test]
@@ -1690,44 +1473,21 @@ mod tests {
         let d = write_with(vec![seg(0x1000, 4096)], 0);
         let mut b = Message::Write(d).to_vec().unwrap();
         wr_u64(&mut b, HEADER_LEN + 24, u64::MAX - 100);
-        assert!(matches!(
-            decode(&b).unwrap_err(),
-            DecodeError::Overflow { .. }
-        ));
+        assert!(matches!(decode(&b).unwrap_err(), DecodeError::Overflow { .. }));
         let mut b = frame_with_payload(&Message::Write(inline_with(512)), 7);
         wr_u64(&mut b, HEADER_LEN + 24, u64::MAX - 100);
-        assert!(matches!(
-            decode(&b).unwrap_err(),
-            DecodeError::Overflow { .. }
-        ));
-        let r = RangeOp {
-            offset: u64::MAX,
-            length: 2,
-            ..RangeOp::default()
-        };
+        assert!(matches!(decode(&b).unwrap_err(), DecodeError::Overflow { .. }));
+        let r = RangeOp { offset: u64::MAX, length: 2, ..RangeOp::default() };
         assert!(Message::Discard(r).to_vec().is_err());
-        let mut c = ClearDirty {
-            first_region: u32::MAX,
-            region_count: 1,
-            ..ClearDirty::default()
-        };
-        assert!(matches!(
-            Message::ClearDirty(c).to_vec(),
-            Err(EncodeError::Invalid(DecodeError::Overflow { .. }))
-        ));
+        let mut c = ClearDirty { first_region: u32::MAX, region_count: 1, ..ClearDirty::default() };
+        assert!(matches!(Message::ClearDirty(c).to_vec(), Err(EncodeError::Invalid(DecodeError::Overflow { .. }))));
         c.first_region = 0;
         c.region_count = 0;
-        assert!(matches!(
-            Message::ClearDirty(c).to_vec(),
-            Err(EncodeError::Invalid(DecodeError::ZeroLength))
-        ));
+        assert!(matches!(Message::ClearDirty(c).to_vec(), Err(EncodeError::Invalid(DecodeError::ZeroLength))));
         c.region_count = 1;
         let mut b = Message::ClearDirty(c).to_vec().unwrap();
         wr_u32(&mut b, HEADER_LEN + 40, u32::MAX);
-        assert!(matches!(
-            decode(&b).unwrap_err(),
-            DecodeError::Overflow { .. }
-        ));
+        assert!(matches!(decode(&b).unwrap_err(), DecodeError::Overflow { .. }));
     }
 
     #[test]
@@ -1735,27 +1495,16 @@ mod tests {
         let d = write_with(vec![seg(0x1000, 4096), seg(0x9000, 512)], 0);
         let mut b = Message::Write(d).to_vec().unwrap();
         wr_u32(&mut b, HEADER_LEN + 32, 4096);
-        assert!(matches!(
-            decode(&b).unwrap_err(),
-            DecodeError::LengthMismatch { .. }
-        ));
+        assert!(matches!(decode(&b).unwrap_err(), DecodeError::LengthMismatch { .. }));
         // Body length disagreeing with the segment count.
-        let mut b2 = Message::Write(write_with(vec![seg(1, 1)], 0))
-            .to_vec()
-            .unwrap();
+        let mut b2 = Message::Write(write_with(vec![seg(1, 1)], 0)).to_vec().unwrap();
         b2.extend_from_slice(&[0u8; SEGMENT_LEN]);
         wr_u32(&mut b2, 8, (DESC_FIXED + 2 * SEGMENT_LEN) as u32);
-        assert!(matches!(
-            decode(&b2).unwrap_err(),
-            DecodeError::LengthMismatch { .. }
-        ));
+        assert!(matches!(decode(&b2).unwrap_err(), DecodeError::LengthMismatch { .. }));
         // Oversized body is refused from the header alone.
         let mut b3 = Message::Ready.to_vec().unwrap();
         wr_u32(&mut b3, 8, u32::MAX);
-        assert!(matches!(
-            decode_header(&b3).unwrap_err(),
-            DecodeError::BodyLength { .. }
-        ));
+        assert!(matches!(decode_header(&b3).unwrap_err(), DecodeError::BodyLength { .. }));
         // A PROMISE_ACK whose bitmap length disagrees with its body.
         let a = PromiseAck {
             request_id: 1,
@@ -1767,14 +1516,8 @@ mod tests {
         };
         let mut b4 = Message::PromiseAck(a.clone()).to_vec().unwrap();
         wr_u16(&mut b4, HEADER_LEN + 32, 9);
-        assert!(matches!(
-            decode(&b4).unwrap_err(),
-            DecodeError::LengthMismatch { .. }
-        ));
-        let too_big = PromiseAck {
-            bitmap: vec![0; MAX_BITMAP + 1],
-            ..a
-        };
+        assert!(matches!(decode(&b4).unwrap_err(), DecodeError::LengthMismatch { .. }));
+        let too_big = PromiseAck { bitmap: vec![0; MAX_BITMAP + 1], ..a };
         assert!(Message::PromiseAck(too_big).to_vec().is_err());
     }
 
@@ -1795,39 +1538,25 @@ mod tests {
         let mut short = b.clone();
         wr_u32(&mut short, 8, (DESC_FIXED + 4) as u32);
         short.pop();
-        assert!(matches!(
-            decode(&short).unwrap_err(),
-            DecodeError::LengthMismatch { .. }
-        ));
+        assert!(matches!(decode(&short).unwrap_err(), DecodeError::LengthMismatch { .. }));
         // Segments on an inline WRITE.
         let mut with_segs = b.clone();
         wr_u16(&mut with_segs, HEADER_LEN + 40, 1);
-        assert_eq!(
-            decode(&with_segs).unwrap_err(),
-            DecodeError::Inline("it carries remote segments")
-        );
+        assert_eq!(decode(&with_segs).unwrap_err(), DecodeError::Inline("it carries remote segments"));
         let mut d = inline_with(16);
         d.segments.push(seg(0x1000, 16));
         assert!(Message::Write(d).to_vec().is_err());
         // Over MAX_INLINE, and zero bytes.
         assert_eq!(
-            Message::Write(inline_with(MAX_INLINE + 1))
-                .to_vec()
-                .unwrap_err(),
-            EncodeError::Invalid(DecodeError::IoTooLarge {
-                len: (MAX_INLINE + 1).into(),
-                limit: MAX_INLINE
-            })
+            Message::Write(inline_with(MAX_INLINE + 1)).to_vec().unwrap_err(),
+            EncodeError::Invalid(DecodeError::IoTooLarge { len: (MAX_INLINE + 1).into(), limit: MAX_INLINE })
         );
         assert!(Message::Write(inline_with(0)).to_vec().is_err());
         let mut big = Message::Write(inline_with(MAX_INLINE)).to_vec().unwrap();
         wr_u32(&mut big, HEADER_LEN + 32, MAX_INLINE + 1);
         wr_u32(&mut big, 8, (DESC_FIXED as u32) + MAX_INLINE + 1);
         big.resize(HEADER_LEN + DESC_FIXED + MAX_INLINE as usize + 1, 0);
-        assert!(matches!(
-            decode(&big).unwrap_err(),
-            DecodeError::BodyLength { .. }
-        ));
+        assert!(matches!(decode(&big).unwrap_err(), DecodeError::BodyLength { .. }));
         // A READ is never inline; FLAG_INLINE is an unknown flag there.
         let mut r = write_with(vec![seg(0x1000, 512)], 0);
         r.flags = FLAG_INLINE;
@@ -1835,25 +1564,15 @@ mod tests {
             Message::Read(r.clone()).to_vec().unwrap_err(),
             EncodeError::Invalid(DecodeError::UnknownFlags(FLAG_INLINE))
         );
-        let mut rb = Message::Read(Descriptor { flags: 0, ..r })
-            .to_vec()
-            .unwrap();
+        let mut rb = Message::Read(Descriptor { flags: 0, ..r }).to_vec().unwrap();
         wr_u32(&mut rb, HEADER_LEN + 36, FLAG_INLINE);
-        assert_eq!(
-            decode(&rb).unwrap_err(),
-            DecodeError::UnknownFlags(FLAG_INLINE)
-        );
+        assert_eq!(decode(&rb).unwrap_err(), DecodeError::UnknownFlags(FLAG_INLINE));
         // A non-inline WRITE as long as an inline one may be is still
         // bounded as a control frame.
-        let mut seg_write = Message::Write(write_with(vec![seg(0x1000, 512)], 0))
-            .to_vec()
-            .unwrap();
+        let mut seg_write = Message::Write(write_with(vec![seg(0x1000, 512)], 0)).to_vec().unwrap();
         wr_u32(&mut seg_write, 8, 60000);
         seg_write.resize(HEADER_LEN + 60000, 0);
-        assert!(matches!(
-            decode(&seg_write).unwrap_err(),
-            DecodeError::BodyLength { .. }
-        ));
+        assert!(matches!(decode(&seg_write).unwrap_err(), DecodeError::BodyLength { .. }));
         // An attached payload must match `length` and needs the flag.
         let mut d = inline_with(3);
         d.inline = Some(InlineData::copy_from(b"abcd"));
@@ -1870,54 +1589,25 @@ mod tests {
 
     #[test]
     fn length_limits_name_the_limit_that_applies() {
-        let d = DataReq {
-            op_id: 1,
-            addr: 0x1000,
-            key: 1,
-            len: 1,
-        };
+        let d = DataReq { op_id: 1, addr: 0x1000, key: 1, len: 1 };
         let mut b = Message::DataRead(d).to_vec().unwrap();
         wr_u32(&mut b, HEADER_LEN + 20, MAX_DATA_LEN + 1);
         let e = decode(&b).unwrap_err();
-        assert_eq!(
-            e,
-            DecodeError::IoTooLarge {
-                len: (MAX_DATA_LEN + 1).into(),
-                limit: MAX_DATA_LEN
-            }
-        );
+        assert_eq!(e, DecodeError::IoTooLarge { len: (MAX_DATA_LEN + 1).into(), limit: MAX_DATA_LEN });
         assert!(e.to_string().contains(&MAX_DATA_LEN.to_string()), "{e}");
         assert!(!e.to_string().contains(&MAX_IO_LEN.to_string()), "{e}");
         let big = write_with(vec![seg(0x1000, MAX_DATA_LEN); 5], 0);
         let e = Message::Write(big).to_vec().unwrap_err();
-        assert!(
-            e.source()
-                .unwrap()
-                .to_string()
-                .contains(&MAX_IO_LEN.to_string()),
-            "{e}"
-        );
+        assert!(e.source().unwrap().to_string().contains(&MAX_IO_LEN.to_string()), "{e}");
     }
 
     #[test]
     fn reserved_fields_must_be_zero() {
         let frames = [
             (Message::Write(write_with(vec![seg(0x1000, 8)], 0)), 42),
-            (
-                Message::Flush(Flush {
-                    request_id: 1,
-                    ..Flush::default()
-                }),
-                28,
-            ),
+            (Message::Flush(Flush { request_id: 1, ..Flush::default() }), 28),
             (Message::Promise(Promise::default()), 32),
-            (
-                Message::ClearDirty(ClearDirty {
-                    region_count: 1,
-                    ..ClearDirty::default()
-                }),
-                56,
-            ),
+            (Message::ClearDirty(ClearDirty { region_count: 1, ..ClearDirty::default() }), 56),
             (
                 Message::PromiseAck(PromiseAck {
                     request_id: 1,
@@ -1934,11 +1624,7 @@ mod tests {
             let mut b = m.to_vec().unwrap();
             assert!(decode(&b).is_ok());
             b[HEADER_LEN + at] = 1;
-            assert_eq!(
-                decode(&b).unwrap_err(),
-                DecodeError::Reserved(m.frame_type()),
-                "{m:?}"
-            );
+            assert_eq!(decode(&b).unwrap_err(), DecodeError::Reserved(m.frame_type()), "{m:?}");
         }
     }
 
@@ -1973,31 +1659,18 @@ mod tests {
                 continue;
             }
             assert!(ty.body_bounds().0 >= MIN_BODY_AFTER_HANDSHAKE, "{ty:?}");
-            let h = Header {
-                ty,
-                minor: 0,
-                body_len: ty.body_bounds().0 as u32,
-            };
+            let h = Header { ty, minor: 0, body_len: ty.body_bounds().0 as u32 };
             assert!(h.prefix_len() >= MIN_BODY_AFTER_HANDSHAKE, "{ty:?}");
         }
         for ty in [DataRead, DataReadResp, DataWrite, DataWriteAck] {
-            let h = Header {
-                ty,
-                minor: 0,
-                body_len: ty.body_bounds().1 as u32,
-            };
+            let h = Header { ty, minor: 0, body_len: ty.body_bounds().1 as u32 };
             assert_eq!(h.prefix_len(), MIN_BODY_AFTER_HANDSHAKE, "{ty:?}");
         }
     }
 
     #[test]
     fn data_frame_payload_follows_fixed_part() {
-        let m = Message::DataWrite(DataReq {
-            op_id: 7,
-            addr: 0x1000,
-            key: 9,
-            len: 5,
-        });
+        let m = Message::DataWrite(DataReq { op_id: 7, addr: 0x1000, key: 9, len: 5 });
         let mut b = m.to_vec().unwrap();
         b.extend_from_slice(b"hello");
         let (back, used) = decode(&b).unwrap();
@@ -2020,11 +1693,7 @@ mod tests {
             epoch: 11,
             incarnation: 12,
             floor: 13,
-            segments: Segments::from_slice(&[Segment {
-                addr: 0xAABB,
-                key: 0xCC,
-                len: 512,
-            }]),
+            segments: Segments::from_slice(&[Segment { addr: 0xAABB, key: 0xCC, len: 512 }]),
             inline: None,
         };
         let b = Message::Write(d.clone()).to_vec().unwrap();
@@ -2034,27 +1703,13 @@ mod tests {
         assert_eq!(&b[12 + 32..12 + 48], &[0, 2, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 11, 0, 0, 0]);
         assert_eq!(b[12 + 48], 12);
         assert_eq!(b[12 + 56], 13);
-        assert_eq!(
-            &b[12 + 64..12 + 80],
-            &[0xBB, 0xAA, 0, 0, 0, 0, 0, 0, 0xCC, 0, 0, 0, 0, 2, 0, 0]
-        );
+        assert_eq!(&b[12 + 64..12 + 80], &[0xBB, 0xAA, 0, 0, 0, 0, 0, 0, 0xCC, 0, 0, 0, 0, 2, 0, 0]);
         // Inline: flags 3, no segments, body = 64 + length.
-        let inl = Descriptor {
-            flags: FLAG_FUA | FLAG_INLINE,
-            segments: Segments::new(),
-            ..d
-        };
+        let inl = Descriptor { flags: FLAG_FUA | FLAG_INLINE, segments: Segments::new(), ..d };
         let b = Message::Write(inl).to_vec().unwrap();
         assert_eq!(&b[8..12], &[64, 2, 0, 0]);
         assert_eq!(&b[12 + 36..12 + 42], &[3, 0, 0, 0, 0, 0]);
-        let f = Flush {
-            request_id: 1,
-            volume: 2,
-            generation: 3,
-            epoch: 4,
-            incarnation: 5,
-            floor: 6,
-        };
+        let f = Flush { request_id: 1, volume: 2, generation: 3, epoch: 4, incarnation: 5, floor: 6 };
         let b = Message::Flush(f).to_vec().unwrap();
         assert_eq!(b.len(), 12 + 48);
         assert_eq!([b[12], b[20], b[28], b[36], b[44], b[52]], [1, 2, 3, 4, 5, 6]);
@@ -2073,13 +1728,7 @@ mod tests {
         assert_eq!(b.len(), 12 + 64);
         let at = [0, 8, 16, 24, 32, 40, 44, 48, 56].map(|o| b[12 + o]);
         assert_eq!(at, [1, 2, 3, 4, 5, 1, 7, 8, 9]);
-        let p = Promise {
-            request_id: 1,
-            volume: 2,
-            generation: 3,
-            epoch: 4,
-            extent: 5,
-        };
+        let p = Promise { request_id: 1, volume: 2, generation: 3, epoch: 4, extent: 5 };
         let b = Message::Promise(p).to_vec().unwrap();
         assert_eq!(b.len(), 12 + 40);
         assert_eq!([0, 8, 16, 24, 28].map(|o| b[12 + o]), [1, 2, 3, 4, 5]);

@@ -103,10 +103,7 @@ impl Backing {
             return Err(Error::BlockSize(config.block_size));
         }
         if config.size_bytes == 0 || !config.size_bytes.is_multiple_of(u64::from(config.block_size)) {
-            return Err(Error::SizeNotAligned {
-                size: config.size_bytes,
-                block_size: config.block_size,
-            });
+            return Err(Error::SizeNotAligned { size: config.size_bytes, block_size: config.block_size });
         }
         let mut backing = Self {
             kind: config.kind,
@@ -136,8 +133,8 @@ impl Backing {
                 backing.file = Some(file);
             }
             BackingKind::Ram => {
-                let len = usize::try_from(config.size_bytes)
-                    .map_err(|_| Error::HugepagesExhausted { bytes: usize::MAX })?;
+                let len =
+                    usize::try_from(config.size_bytes).map_err(|_| Error::HugepagesExhausted { bytes: usize::MAX })?;
                 backing.ram = Some(HugeBuffer::new(len)?);
             }
             BackingKind::Null => {}
@@ -253,8 +250,7 @@ fn open_direct(path: &Path, config: &BackingConfig) -> Result<File, Error> {
                         size: config.size_bytes,
                     });
                 }
-                file.set_len(config.size_bytes)
-                    .map_err(|source| Error::Size { path: path.to_owned(), source })?;
+                file.set_len(config.size_bytes).map_err(|source| Error::Size { path: path.to_owned(), source })?;
             }
         }
         BackingKind::Device => {
@@ -263,11 +259,7 @@ fn open_direct(path: &Path, config: &BackingConfig) -> Result<File, Error> {
             }
             let device_bytes = block_device_bytes(&file, path)?;
             if device_bytes < config.size_bytes {
-                return Err(Error::DeviceTooSmall {
-                    path: path.to_owned(),
-                    device_bytes,
-                    size: config.size_bytes,
-                });
+                return Err(Error::DeviceTooSmall { path: path.to_owned(), device_bytes, size: config.size_bytes });
             }
         }
         BackingKind::Ram | BackingKind::Null => {}
@@ -301,15 +293,8 @@ fn dio_alignment(file: &File, kind: BackingKind, path: &Path) -> Result<(u32, u3
     let mut stx: libc::statx = unsafe { std::mem::zeroed() };
     // SAFETY: the fd is open, the path is an empty C string used with AT_EMPTY_PATH, and `stx`
     // is a live, writable statx the kernel fills in.
-    let rc = unsafe {
-        libc::statx(
-            file.as_raw_fd(),
-            c"".as_ptr(),
-            libc::AT_EMPTY_PATH,
-            libc::STATX_DIOALIGN,
-            &mut stx,
-        )
-    };
+    let rc =
+        unsafe { libc::statx(file.as_raw_fd(), c"".as_ptr(), libc::AT_EMPTY_PATH, libc::STATX_DIOALIGN, &mut stx) };
     if rc == 0 && stx.stx_mask & libc::STATX_DIOALIGN != 0 && stx.stx_dio_offset_align != 0 {
         return Ok((stx.stx_dio_offset_align, stx.stx_dio_mem_align.max(1)));
     }

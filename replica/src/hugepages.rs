@@ -76,10 +76,7 @@ impl Drop for HugeBuffer {
 /// Free hugepages in the default pool, from /proc/meminfo.
 pub fn free_hugepages() -> Option<u64> {
     let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
-    meminfo
-        .lines()
-        .find_map(|line| line.strip_prefix("HugePages_Free:"))
-        .and_then(|rest| rest.trim().parse().ok())
+    meminfo.lines().find_map(|line| line.strip_prefix("HugePages_Free:")).and_then(|rest| rest.trim().parse().ok())
 }
 
 #[cfg(test)]

@@ -10,7 +10,9 @@ pub enum Op {
     /// The range's contents become unspecified; space may be released.
     Discard,
     /// The range reads back as zeroes; with `unmap` the space may be released too.
-    WriteZeroes { unmap: bool },
+    WriteZeroes {
+        unmap: bool,
+    },
 }
 
 /// A request handed to a [`crate::ShardQueue`].
@@ -39,15 +41,7 @@ unsafe impl Send for IoRequest {}
 impl IoRequest {
     /// A request that carries no buffers (flush, discard, write-zeroes).
     pub fn without_data(user_data: u64, op: Op, offset_bytes: u64, len_bytes: u64) -> Self {
-        Self {
-            user_data,
-            op,
-            offset_bytes,
-            len_bytes,
-            iov: std::ptr::null(),
-            iov_count: 0,
-            fua: false,
-        }
+        Self { user_data, op, offset_bytes, len_bytes, iov: std::ptr::null(), iov_count: 0, fua: false }
     }
 }
 

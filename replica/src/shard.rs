@@ -72,9 +72,9 @@ impl ShardQueue {
         }
         let (engine, bounce) = match backing.kind() {
             BackingKind::File | BackingKind::Device => {
-                let fd = backing.raw_fd().ok_or_else(|| {
-                    Error::Uring(std::io::Error::other("file backing without a descriptor"))
-                })?;
+                let fd = backing
+                    .raw_fd()
+                    .ok_or_else(|| Error::Uring(std::io::Error::other("file backing without a descriptor")))?;
                 (Some(UringEngine::new(depth, fd)?), Some(HugeBuffer::new(BOUNCE_BYTES)?))
             }
             BackingKind::Ram | BackingKind::Null => (None, None),
@@ -215,10 +215,7 @@ impl ShardQueue {
     fn start(&mut self, request: IoRequest) -> Option<IoStatus> {
         let backing = &self.backing;
         let capacity = backing.capacity_bytes();
-        let in_range = request
-            .offset_bytes
-            .checked_add(request.len_bytes)
-            .is_some_and(|end| end <= capacity);
+        let in_range = request.offset_bytes.checked_add(request.len_bytes).is_some_and(|end| end <= capacity);
         let mutates = !matches!(request.op, Op::Read | Op::Flush);
         if mutates && backing.read_only() {
             return Some(IoStatus::IoError(libc::EROFS));
@@ -298,9 +295,7 @@ impl ShardQueue {
                     Ok(found) => found,
                     Err(status) => return Some(status),
                 };
-                let entry = opcode::Fsync::new(types::Fixed(0))
-                    .flags(types::FsyncFlags::DATASYNC)
-                    .build();
+                let entry = opcode::Fsync::new(types::Fixed(0)).flags(types::FsyncFlags::DATASYNC).build();
                 engine.push(slot, request, entry)
             }
             Op::Discard | Op::WriteZeroes { .. } if device => Some(self.sync_io(fd, &request, true)),
@@ -342,9 +337,7 @@ impl ShardQueue {
         }
         // SAFETY: the submit contract: `iov` points at `iov_count` valid iovecs.
         let iovecs = unsafe { iovec_slice(request) };
-        iovecs
-            .iter()
-            .all(|v| (v.iov_base as usize).is_multiple_of(mem_align) && v.iov_len % mem_align == 0)
+        iovecs.iter().all(|v| (v.iov_base as usize).is_multiple_of(mem_align) && v.iov_len % mem_align == 0)
     }
 
     /// The slow path, run inline: unaligned reads and writes through the hugepage bounce
@@ -360,7 +353,11 @@ impl ShardQueue {
                 let range: [u64; 2] = [request.offset_bytes, request.len_bytes];
                 // SAFETY: both ioctls read a [u64; 2] (start, length) through the pointer.
                 let rc = unsafe { libc::ioctl(fd, ioctl, range.as_ptr()) };
-                if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+                if rc == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
             }
             Op::Discard | Op::WriteZeroes { .. } => {
                 let mode = match request.op {
@@ -368,10 +365,12 @@ impl ShardQueue {
                     _ => libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
                 };
                 // SAFETY: plain syscall on an open fd with in-range values.
-                let rc = unsafe {
-                    libc::fallocate(fd, mode, request.offset_bytes as i64, request.len_bytes as i64)
-                };
-                if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+                let rc = unsafe { libc::fallocate(fd, mode, request.offset_bytes as i64, request.len_bytes as i64) };
+                if rc == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
             }
         };
         let result = result.and_then(|()| if request.fua && request.op == Op::Write { fdatasync(fd) } else { Ok(()) });
@@ -485,7 +484,10 @@ impl UringEngine {
 /// would be lost, so that is said loudly.
 fn push_completion(completions: &ArrayQueue<IoCompletion>, completion: IoCompletion) {
     if completions.push(completion).is_err() {
-        tracing::error!(user_data = completion.user_data, "shard invariant broken: completion queue full; the request is lost");
+        tracing::error!(
+            user_data = completion.user_data,
+            "shard invariant broken: completion queue full; the request is lost"
+        );
         debug_assert!(false, "shard invariant broken: completion queue full");
     }
 }
@@ -516,7 +518,11 @@ fn status_of(request: &IoRequest, result: i32) -> IoStatus {
 
 fn fdatasync(fd: RawFd) -> std::io::Result<()> {
     // SAFETY: plain syscall on an open fd.
-    if unsafe { libc::fdatasync(fd) } == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+    if unsafe { libc::fdatasync(fd) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 fn pread_exact(fd: RawFd, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
@@ -548,9 +554,8 @@ fn pwrite_all(fd: RawFd, buf: &[u8], offset: u64) -> std::io::Result<()> {
     let mut done = 0;
     while done < buf.len() {
         // SAFETY: the source is the unwritten tail of `buf`, valid for reads of its length.
-        let n = unsafe {
-            libc::pwrite(fd, buf[done..].as_ptr().cast(), buf.len() - done, (offset + done as u64) as i64)
-        };
+        let n =
+            unsafe { libc::pwrite(fd, buf[done..].as_ptr().cast(), buf.len() - done, (offset + done as u64) as i64) };
         if n > 0 {
             done += n as usize;
         } else {
@@ -805,7 +810,10 @@ mod tests {
         let backing = Arc::new(Backing::open(&config).unwrap());
         for depth in [0, ShardQueue::DEPTH_MAX + 1, u32::MAX] {
             let refused = ShardQueue::new(Arc::clone(&backing), ShardQueueConfig { depth });
-            assert!(matches!(refused, Err(Error::Depth { depth: d, max: ShardQueue::DEPTH_MAX }) if d == depth), "depth {depth}");
+            assert!(
+                matches!(refused, Err(Error::Depth { depth: d, max: ShardQueue::DEPTH_MAX }) if d == depth),
+                "depth {depth}"
+            );
         }
         for depth in [1, ShardQueue::DEPTH_MAX] {
             let queue = ShardQueue::new(Arc::clone(&backing), ShardQueueConfig { depth }).unwrap();
@@ -842,7 +850,8 @@ mod tests {
             read_only: false,
             create: false,
         };
-        let backing = Arc::new(Backing::open(&config).expect("needs 2 free hugepages (echo 64 > /proc/sys/vm/nr_hugepages)"));
+        let backing =
+            Arc::new(Backing::open(&config).expect("needs 2 free hugepages (echo 64 > /proc/sys/vm/nr_hugepages)"));
         let mut queue = ShardQueue::new(backing, ShardQueueConfig::default()).unwrap();
         let mut buf = Aligned::new(8192);
         buf.slice().fill(9);
@@ -867,7 +876,8 @@ mod tests {
         };
         let err = Backing::open(&missing).unwrap_err().to_string();
         assert!(err.contains("missing.img"), "{err}");
-        let not_device = BackingConfig { kind: BackingKind::Device, path: Some(dir.path().to_owned()), ..missing.clone() };
+        let not_device =
+            BackingConfig { kind: BackingKind::Device, path: Some(dir.path().to_owned()), ..missing.clone() };
         assert!(Backing::open(&not_device).is_err());
         let unaligned = BackingConfig { size_bytes: 1000, ..missing };
         assert!(Backing::open(&unaligned).unwrap_err().to_string().contains("not a multiple"));

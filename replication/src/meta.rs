@@ -169,7 +169,11 @@ impl VolumeMeta {
             return Err(format!("region size {} is not a power of two >= the block size", self.region_bytes));
         }
         if self.region_bytes > u64::from(crate::msg::TRANSFER_MAX) {
-            return Err(format!("region size {} is larger than the {} bytes one transfer moves", self.region_bytes, crate::msg::TRANSFER_MAX));
+            return Err(format!(
+                "region size {} is larger than the {} bytes one transfer moves",
+                self.region_bytes,
+                crate::msg::TRANSFER_MAX
+            ));
         }
         if !self.extent_bytes.is_power_of_two() || self.extent_bytes < self.region_bytes {
             return Err(format!("extent size {} is not a power of two >= the region size", self.extent_bytes));
@@ -240,7 +244,9 @@ impl VolumeMeta {
 
     /// True when every extent has every member in sync.
     pub fn is_whole(&self) -> bool {
-        self.extents.iter().all(|e| e.members.len() == usize::from(self.replicas) && e.in_sync_count() == e.members.len())
+        self.extents
+            .iter()
+            .all(|e| e.members.len() == usize::from(self.replicas) && e.in_sync_count() == e.members.len())
     }
 
     /// True when writes to extent `i` may proceed (I10).
@@ -341,8 +347,20 @@ mod tests {
             owner: Some("a".into()),
             epoch: 1,
             extents: vec![
-                ExtentMeta { members: vec![member("a", MemberState::InSync), member("b", MemberState::InSync), member("c", MemberState::Stale)] },
-                ExtentMeta { members: vec![member("a", MemberState::InSync), member("b", MemberState::InSync), member("d", MemberState::InSync)] },
+                ExtentMeta {
+                    members: vec![
+                        member("a", MemberState::InSync),
+                        member("b", MemberState::InSync),
+                        member("c", MemberState::Stale),
+                    ],
+                },
+                ExtentMeta {
+                    members: vec![
+                        member("a", MemberState::InSync),
+                        member("b", MemberState::InSync),
+                        member("d", MemberState::InSync),
+                    ],
+                },
             ],
             risk_accepted: None,
         }

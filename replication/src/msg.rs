@@ -42,18 +42,60 @@ pub struct Stamp {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Request {
     /// `inline`: the data travels with the descriptor; otherwise the replica pulls it.
-    Write { seq: Seq, stamp: Stamp, extent: u32, offset: u64, len: u32, fua: bool, inline: bool },
+    Write {
+        seq: Seq,
+        stamp: Stamp,
+        extent: u32,
+        offset: u64,
+        len: u32,
+        fua: bool,
+        inline: bool,
+    },
     /// The replica pushes `len` bytes at `offset` into the owner's buffer.
-    Read { seq: Seq, stamp: Stamp, extent: u32, offset: u64, len: u32 },
-    Flush { seq: Seq, stamp: Stamp },
-    Discard { seq: Seq, stamp: Stamp, extent: u32, offset: u64, len: u64 },
-    WriteZeroes { seq: Seq, stamp: Stamp, extent: u32, offset: u64, len: u64 },
+    Read {
+        seq: Seq,
+        stamp: Stamp,
+        extent: u32,
+        offset: u64,
+        len: u32,
+    },
+    Flush {
+        seq: Seq,
+        stamp: Stamp,
+    },
+    Discard {
+        seq: Seq,
+        stamp: Stamp,
+        extent: u32,
+        offset: u64,
+        len: u64,
+    },
+    WriteZeroes {
+        seq: Seq,
+        stamp: Stamp,
+        extent: u32,
+        offset: u64,
+        len: u64,
+    },
     /// Promise to refuse every request of an older generation, then report the extent's dirty
     /// regions. Also how an owner asks again for a replica's bits.
-    Promise { seq: Seq, volume: u64, generation: u64, epoch: u32, extent: u32 },
+    Promise {
+        seq: Seq,
+        volume: u64,
+        generation: u64,
+        epoch: u32,
+        extent: u32,
+    },
     /// Forget dirty regions `[first, first + count)` of an extent whose every replica has
     /// flushed them, unless a write numbered above `upto` touched them since.
-    ClearDirty { seq: Seq, stamp: Stamp, extent: u32, first: u32, count: u32, upto: Seq },
+    ClearDirty {
+        seq: Seq,
+        stamp: Stamp,
+        extent: u32,
+        first: u32,
+        count: u32,
+        upto: Seq,
+    },
 }
 
 impl Request {

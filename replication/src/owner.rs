@@ -129,9 +129,14 @@ pub enum GuestStatus {
 pub enum DataRef {
     None,
     /// Bytes of guest request `id`'s buffers, starting `offset` bytes into them.
-    Guest { id: GuestId, offset: u64 },
+    Guest {
+        id: GuestId,
+        offset: u64,
+    },
     /// The owner's copy buffer `slot` (resync, rebuild, reconcile), from its start.
-    Copy { slot: u32 },
+    Copy {
+        slot: u32,
+    },
 }
 
 /// The answer to [`OwnerAction::ReadMeta`] and [`OwnerAction::WriteMeta`].
@@ -139,7 +144,9 @@ pub enum DataRef {
 pub enum MetaResult {
     /// The document and its `mod_revision`, or `None` if the volume does not exist.
     Read(Option<(VolumeMeta, i64)>),
-    Committed { revision: i64 },
+    Committed {
+        revision: i64,
+    },
     /// The compare failed; the current document (read in the same transaction).
     Conflict(Option<(VolumeMeta, i64)>),
     /// etcd could not be reached; for a write the outcome is unknown.
@@ -148,13 +155,25 @@ pub enum MetaResult {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum OwnerAction {
-    Send { to: NodeId, request: Request, data: DataRef },
+    Send {
+        to: NodeId,
+        request: Request,
+        data: DataRef,
+    },
     /// Every replica answered request `seq` or was given up on: revoke its memory keys.
-    Retire { seq: Seq },
-    Complete { id: GuestId, status: GuestStatus },
+    Retire {
+        seq: Seq,
+    },
+    Complete {
+        id: GuestId,
+        status: GuestStatus,
+    },
     ReadMeta,
     /// Compare-and-swap of the volume document on `expect_revision`.
-    WriteMeta { expect_revision: i64, meta: VolumeMeta },
+    WriteMeta {
+        expect_revision: i64,
+        meta: VolumeMeta,
+    },
     /// List the registered nodes and call [`Owner::on_nodes`].
     ListNodes,
     Event(OwnerEvent),
@@ -163,21 +182,55 @@ pub enum OwnerAction {
 /// Transitions worth a log line and a status change.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum OwnerEvent {
-    Attached { generation: u64 },
-    MemberFailed { node: String, reason: String },
-    MembershipCommitted { epoch: u32, summary: String },
-    Suspended { extent: u32 },
-    Resumed { extent: u32 },
-    SyncStarted { node: String, extent: u32, regions: u32, rebuild: bool },
-    SyncDone { node: String, extent: u32, regions: u32 },
-    Reconciled { extent: u32, regions: u32 },
-    Replacing { extent: u32, lost: String, new: String },
-    Fenced { reason: String },
+    Attached {
+        generation: u64,
+    },
+    MemberFailed {
+        node: String,
+        reason: String,
+    },
+    MembershipCommitted {
+        epoch: u32,
+        summary: String,
+    },
+    Suspended {
+        extent: u32,
+    },
+    Resumed {
+        extent: u32,
+    },
+    SyncStarted {
+        node: String,
+        extent: u32,
+        regions: u32,
+        rebuild: bool,
+    },
+    SyncDone {
+        node: String,
+        extent: u32,
+        regions: u32,
+    },
+    Reconciled {
+        extent: u32,
+        regions: u32,
+    },
+    Replacing {
+        extent: u32,
+        lost: String,
+        new: String,
+    },
+    Fenced {
+        reason: String,
+    },
     /// Every in-sync replica of the extent restarted: acknowledged writes they had not flushed
     /// may be lost; the next flush fails.
-    WritesMayBeLost { extent: u32 },
+    WritesMayBeLost {
+        extent: u32,
+    },
     Detached,
-    Resized { size_bytes: u64 },
+    Resized {
+        size_bytes: u64,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -238,11 +291,21 @@ impl Peer {
 #[derive(Debug)]
 enum SyncStage {
     /// Mirroring; waiting for writes sent before mirroring began (seq < barrier) to finish.
-    Draining { barrier: Seq },
+    Draining {
+        barrier: Seq,
+    },
     /// Asking the in-sync members (and the target) for their dirty bits.
-    Querying { waiting: BTreeMap<Seq, NodeId>, bits: Bitmap },
-    Copying { todo: VecDeque<u32>, active: u32 },
-    Flushing { seq: Option<Seq> },
+    Querying {
+        waiting: BTreeMap<Seq, NodeId>,
+        bits: Bitmap,
+    },
+    Copying {
+        todo: VecDeque<u32>,
+        active: u32,
+    },
+    Flushing {
+        seq: Option<Seq>,
+    },
     /// Waiting for the CAS that makes it in sync.
     Joining,
 }
@@ -292,13 +355,31 @@ enum CopyPurpose {
 
 #[derive(Debug)]
 enum PieceKind {
-    Read { guest: GuestId },
-    Mutate { guest: GuestId, op: GuestOp },
-    Flush { guest: GuestId },
-    Copy { purpose: CopyPurpose, region: u32, slot: u32, source: Option<NodeId>, wrote: bool },
+    Read {
+        guest: GuestId,
+    },
+    Mutate {
+        guest: GuestId,
+        op: GuestOp,
+    },
+    Flush {
+        guest: GuestId,
+    },
+    Copy {
+        purpose: CopyPurpose,
+        region: u32,
+        slot: u32,
+        source: Option<NodeId>,
+        wrote: bool,
+    },
     /// The last step of a sync job: make what was copied durable before joining.
-    SyncFlush { node: NodeId },
-    Clean { regions: Vec<u32>, flushed: bool },
+    SyncFlush {
+        node: NodeId,
+    },
+    Clean {
+        regions: Vec<u32>,
+        flushed: bool,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -530,14 +611,35 @@ impl Owner {
         let mut out: Vec<String> = self
             .pieces
             .iter()
-            .map(|(id, p)| format!("piece {id} {:?} extent {} [{}..{}) {:?} locked {} acked {:?} subs {:?}", p.kind, p.extent, p.offset, p.offset + p.len, p.state, p.locked, p.acked, p.subs))
+            .map(|(id, p)| {
+                format!(
+                    "piece {id} {:?} extent {} [{}..{}) {:?} locked {} acked {:?} subs {:?}",
+                    p.kind,
+                    p.extent,
+                    p.offset,
+                    p.offset + p.len,
+                    p.state,
+                    p.locked,
+                    p.acked,
+                    p.subs
+                )
+            })
             .collect();
         for (seq, sub) in &self.subs {
             out.push(format!("sub {seq:#x} piece {:?} targets {:?}", sub.piece, sub.targets));
         }
-        out.push(format!("must_remove {:?} joins {:?} meta_op {:?} pending_meta {}", self.must_remove, self.joins, self.meta_op, self.pending_meta.is_some()));
+        out.push(format!(
+            "must_remove {:?} joins {:?} meta_op {:?} pending_meta {}",
+            self.must_remove,
+            self.joins,
+            self.meta_op,
+            self.pending_meta.is_some()
+        ));
         for (id, p) in &self.peers {
-            out.push(format!("peer {} ({id:#x}) inc {:?} session {} promised {:?} asking {:?} failed {}", p.name, p.incarnation, p.session, p.promised, p.asking, p.failed));
+            out.push(format!(
+                "peer {} ({id:#x}) inc {:?} session {} promised {:?} asking {:?} failed {}",
+                p.name, p.incarnation, p.session, p.promised, p.asking, p.failed
+            ));
         }
         out
     }
@@ -598,7 +700,10 @@ impl Owner {
         };
         let sector = crate::msg::SECTOR;
         let bad_range = op != GuestOp::Flush
-            && (len == 0 || !offset.is_multiple_of(sector) || !len.is_multiple_of(sector) || offset.checked_add(len).is_none_or(|end| end > meta.size_bytes));
+            && (len == 0
+                || !offset.is_multiple_of(sector)
+                || !len.is_multiple_of(sector)
+                || offset.checked_add(len).is_none_or(|end| end > meta.size_bytes));
         let read_only = meta.read_only && !matches!(op, GuestOp::Read | GuestOp::Flush);
         if bad_range || read_only {
             self.actions.push_back(OwnerAction::Complete { id, status: GuestStatus::IoError });
@@ -680,7 +785,9 @@ impl Owner {
             return;
         }
         match reply {
-            Reply::Promised { seq, status, incarnation, bitmap, .. } => self.on_promised(from, seq, status, incarnation, bitmap),
+            Reply::Promised { seq, status, incarnation, bitmap, .. } => {
+                self.on_promised(from, seq, status, incarnation, bitmap)
+            }
             Reply::Done { seq, status } => self.on_done(from, seq, status),
         }
         self.step();
@@ -797,7 +904,11 @@ impl Owner {
         for node in late {
             self.fail_node(node, "timed out");
         }
-        if now >= self.next_meta_poll && self.meta_op == MetaOp::Idle && self.meta.is_some() && now >= self.meta_retry_at {
+        if now >= self.next_meta_poll
+            && self.meta_op == MetaOp::Idle
+            && self.meta.is_some()
+            && now >= self.meta_retry_at
+        {
             self.next_meta_poll = now + self.cfg.meta_poll;
             self.meta_op = MetaOp::Reading;
             self.actions.push_back(OwnerAction::ReadMeta);
@@ -822,7 +933,9 @@ impl Owner {
         if let Err(e) = meta.validate() {
             return self.fence(&format!("the volume's metadata is invalid: {e}"));
         }
-        if let Some(other) = meta.owner.as_deref().filter(|o| *o != self.cfg.node && self.cfg.takeover_of.as_deref() != Some(*o)) {
+        if let Some(other) =
+            meta.owner.as_deref().filter(|o| *o != self.cfg.node && self.cfg.takeover_of.as_deref() != Some(*o))
+        {
             return self.fence(&format!("the volume is attached on {other}"));
         }
         meta.generation += 1;
@@ -836,7 +949,9 @@ impl Owner {
     fn committed(&mut self, meta: VolumeMeta, revision: i64) {
         if self.phase == Phase::Claiming {
             self.generation = meta.generation;
-            self.extents = (0..meta.extent_count()).map(|e| ExtentRt { unreconciled: Bitmap::new(meta.extent_regions(e)), ..Default::default() }).collect();
+            self.extents = (0..meta.extent_count())
+                .map(|e| ExtentRt { unreconciled: Bitmap::new(meta.extent_regions(e)), ..Default::default() })
+                .collect();
             self.meta = Some(meta);
             self.revision = revision;
             self.sync_peers();
@@ -914,8 +1029,10 @@ impl Owner {
             let e = self.extents.len() as u32;
             self.extents.push(ExtentRt { unreconciled: Bitmap::new(meta.extent_regions(e)), ..Default::default() });
         }
-        let name = |peers: &BTreeMap<NodeId, Peer>, n: NodeId| peers.get(&n).map(|p| p.name.clone()).unwrap_or_default();
-        self.must_remove.retain(|&(e, n)| meta.extents.get(e as usize).is_some_and(|x| x.is_in_sync(&name(&self.peers, n))));
+        let name =
+            |peers: &BTreeMap<NodeId, Peer>, n: NodeId| peers.get(&n).map(|p| p.name.clone()).unwrap_or_default();
+        self.must_remove
+            .retain(|&(e, n)| meta.extents.get(e as usize).is_some_and(|x| x.is_in_sync(&name(&self.peers, n))));
         let joins: Vec<((u32, NodeId), u64)> = self.joins.iter().map(|(k, v)| (*k, *v)).collect();
         for ((e, n), drained_at) in joins {
             if meta.extents[e as usize].is_in_sync(&name(&self.peers, n)) {
@@ -929,7 +1046,8 @@ impl Owner {
         // Jobs for members that left their extent (replaced) end.
         for (e, rt) in self.extents.iter_mut().enumerate() {
             let ext = &meta.extents[e];
-            rt.syncing.retain(|n, _| ext.member(&name(&self.peers, *n)).is_some_and(|m| m.state != MemberState::InSync));
+            rt.syncing
+                .retain(|n, _| ext.member(&name(&self.peers, *n)).is_some_and(|m| m.state != MemberState::InSync));
         }
         self.replacements.retain(|&e, (lost, new)| {
             let ext = &meta.extents[e as usize];
@@ -1050,14 +1168,16 @@ impl Owner {
                 let cid = node_id(c);
                 self.may_be_clean(e as u32, cid)
                     && !self.gone(cid)
-                    && (self.must_remove.contains(&(e as u32, cid)) || !self.peers.get(&cid).is_some_and(|p| p.usable(e as u32)))
+                    && (self.must_remove.contains(&(e as u32, cid))
+                        || !self.peers.get(&cid).is_some_and(|p| p.usable(e as u32)))
             });
             if clean_away {
                 continue;
             }
             for mm in &mut ext.members {
                 let n = node_id(&mm.node);
-                let usable = !self.must_remove.contains(&(e as u32, n)) && self.peers.get(&n).is_some_and(|p| p.usable(e as u32));
+                let usable = !self.must_remove.contains(&(e as u32, n))
+                    && self.peers.get(&n).is_some_and(|p| p.usable(e as u32));
                 let current = self.peers.get(&n).and_then(|p| p.incarnation);
                 let joining = self.joins.contains_key(&(e as u32, n));
                 if mm.state == MemberState::InSync && !joining && usable {
@@ -1141,7 +1261,11 @@ impl Owner {
         // As long as a probe's: the answer waits for the member to make its promise durable.
         peer.asking.insert(seq, (extent, self.now + self.cfg.probe_interval + self.cfg.promise_timeout));
         let epoch = peer.session;
-        self.actions.push_back(OwnerAction::Send { to: node, request: Request::Promise { seq, volume, generation, epoch, extent }, data: DataRef::None });
+        self.actions.push_back(OwnerAction::Send {
+            to: node,
+            request: Request::Promise { seq, volume, generation, epoch, extent },
+            data: DataRef::None,
+        });
         seq
     }
 
@@ -1258,7 +1382,9 @@ impl Owner {
         let Some(meta) = &self.meta else { return false };
         meta.extents[extent as usize].in_sync().any(|o| {
             let oid = node_id(o);
-            oid != node && !self.must_remove.contains(&(extent, oid)) && self.peers.get(&oid).is_some_and(|p| p.usable(extent))
+            oid != node
+                && !self.must_remove.contains(&(extent, oid))
+                && self.peers.get(&oid).is_some_and(|p| p.usable(extent))
         })
     }
 
@@ -1319,7 +1445,8 @@ impl Owner {
         peer.next_probe = self.now + self.cfg.probe_interval;
         if first {
             let node_name = peer.name.clone();
-            self.actions.push_back(OwnerAction::Event(OwnerEvent::MemberFailed { node: node_name, reason: reason.to_owned() }));
+            self.actions
+                .push_back(OwnerAction::Event(OwnerEvent::MemberFailed { node: node_name, reason: reason.to_owned() }));
         }
         // A sync that finished but is not in etcd yet does not count: it missed something.
         self.joins.retain(|(_, n), _| *n != node);
@@ -1424,7 +1551,9 @@ impl Owner {
         let mut out: Vec<NodeId> = meta.extents[extent as usize]
             .in_sync()
             .map(node_id)
-            .filter(|n| !self.must_remove.contains(&(extent, *n)) && self.peers.get(n).is_some_and(|p| p.usable(extent)))
+            .filter(|n| {
+                !self.must_remove.contains(&(extent, *n)) && self.peers.get(n).is_some_and(|p| p.usable(extent))
+            })
             .collect();
         if let Some(i) = out.iter().position(|n| *n == self.me) {
             out.swap(0, i);
@@ -1438,13 +1567,15 @@ impl Owner {
         let Some(meta) = &self.meta else { return false };
         let name = self.name_of(node);
         let Some(m) = meta.extents[extent as usize].member(&name) else { return false };
-        m.incarnation == 0 || self.peers.get(&node).and_then(|p| p.incarnation.or(p.last_incarnation)) == Some(m.incarnation)
+        m.incarnation == 0
+            || self.peers.get(&node).and_then(|p| p.incarnation.or(p.last_incarnation)) == Some(m.incarnation)
     }
 
     /// As [`is_clean`](Self::is_clean), but also true for a member this owner has not heard
     /// from yet: it may well hold everything, so it is waited for, never written off.
     fn may_be_clean(&self, extent: u32, node: NodeId) -> bool {
-        self.is_clean(extent, node) || self.peers.get(&node).is_none_or(|p| p.incarnation.or(p.last_incarnation).is_none())
+        self.is_clean(extent, node)
+            || self.peers.get(&node).is_none_or(|p| p.incarnation.or(p.last_incarnation).is_none())
     }
 
     /// Where a region of `extent` may be copied from: a usable in-sync member that did not
@@ -1484,7 +1615,12 @@ impl Owner {
     }
 
     fn syncing_targets(&self, extent: u32) -> Vec<NodeId> {
-        self.extents[extent as usize].syncing.keys().copied().filter(|n| self.peers.get(n).is_some_and(|p| p.usable(extent))).collect()
+        self.extents[extent as usize]
+            .syncing
+            .keys()
+            .copied()
+            .filter(|n| self.peers.get(n).is_some_and(|p| p.usable(extent)))
+            .collect()
     }
 
     fn region_range(&self, extent: u32, region: u32) -> (u64, u64) {
@@ -1588,7 +1724,14 @@ impl Owner {
         }
     }
 
-    fn send(&mut self, pid: u64, targets: &[NodeId], make: impl Fn(Seq, Stamp) -> (Request, DataRef), mutates: bool, extent: Option<u32>) -> Seq {
+    fn send(
+        &mut self,
+        pid: u64,
+        targets: &[NodeId],
+        make: impl Fn(Seq, Stamp) -> (Request, DataRef),
+        mutates: bool,
+        extent: Option<u32>,
+    ) -> Seq {
         let seq = self.new_seq();
         let deadline = self.now + self.cfg.io_timeout;
         let mut sub = Sub { piece: Some(pid), targets: BTreeMap::new(), mutates, extent };
@@ -1618,9 +1761,18 @@ impl Owner {
         match piece.kind {
             PieceKind::Read { guest } => {
                 let Some(node) = self.read_source(extent) else { return self.requeue(pid) };
-                self.send(pid, &[node], |seq, stamp| {
-                    (Request::Read { seq, stamp, extent, offset, len: len as u32 }, DataRef::Guest { id: guest, offset: guest_off })
-                }, false, Some(extent));
+                self.send(
+                    pid,
+                    &[node],
+                    |seq, stamp| {
+                        (
+                            Request::Read { seq, stamp, extent, offset, len: len as u32 },
+                            DataRef::Guest { id: guest, offset: guest_off },
+                        )
+                    },
+                    false,
+                    Some(extent),
+                );
             }
             PieceKind::Mutate { guest, op } => {
                 let meta = self.meta.as_ref().expect("serving");
@@ -1637,14 +1789,28 @@ impl Owner {
                     self.extents[extent as usize].dirty.insert(r, self.now);
                 }
                 let inline_max = u64::from(self.cfg.inline_max);
-                self.send(pid, &targets, |seq, stamp| match op {
-                    GuestOp::Write { fua } => (
-                        Request::Write { seq, stamp, extent, offset, len: len as u32, fua, inline: len <= inline_max },
-                        DataRef::Guest { id: guest, offset: guest_off },
-                    ),
-                    GuestOp::Discard => (Request::Discard { seq, stamp, extent, offset, len }, DataRef::None),
-                    _ => (Request::WriteZeroes { seq, stamp, extent, offset, len }, DataRef::None),
-                }, true, Some(extent));
+                self.send(
+                    pid,
+                    &targets,
+                    |seq, stamp| match op {
+                        GuestOp::Write { fua } => (
+                            Request::Write {
+                                seq,
+                                stamp,
+                                extent,
+                                offset,
+                                len: len as u32,
+                                fua,
+                                inline: len <= inline_max,
+                            },
+                            DataRef::Guest { id: guest, offset: guest_off },
+                        ),
+                        GuestOp::Discard => (Request::Discard { seq, stamp, extent, offset, len }, DataRef::None),
+                        _ => (Request::WriteZeroes { seq, stamp, extent, offset, len }, DataRef::None),
+                    },
+                    true,
+                    Some(extent),
+                );
             }
             PieceKind::Flush { .. } => {
                 let mut targets: BTreeSet<NodeId> = BTreeSet::new();
@@ -1675,19 +1841,32 @@ impl Owner {
                     if let Some(PieceKind::Copy { source: s, .. }) = self.pieces.get_mut(&pid).map(|p| &mut p.kind) {
                         *s = Some(source);
                     }
-                    self.send(pid, &[source], |seq, stamp| {
-                        (Request::Read { seq, stamp, extent, offset, len: len as u32 }, DataRef::Copy { slot })
-                    }, false, Some(extent));
+                    self.send(
+                        pid,
+                        &[source],
+                        |seq, stamp| {
+                            (Request::Read { seq, stamp, extent, offset, len: len as u32 }, DataRef::Copy { slot })
+                        },
+                        false,
+                        Some(extent),
+                    );
                 } else {
                     let source = match &self.pieces[&pid].kind {
                         PieceKind::Copy { source, .. } => *source,
                         _ => None,
                     };
                     let targets: Vec<NodeId> = match purpose {
-                        CopyPurpose::Reconcile => self.servers(extent).into_iter().filter(|n| Some(*n) != source).collect(),
+                        CopyPurpose::Reconcile => {
+                            self.servers(extent).into_iter().filter(|n| Some(*n) != source).collect()
+                        }
                         CopyPurpose::Sync(node, id) => {
-                            let ok = self.extents[extent as usize].syncing.get(&node).is_some_and(|j| j.id == id) && self.peers.get(&node).is_some_and(|p| p.usable(extent));
-                            if ok { vec![node] } else { Vec::new() }
+                            let ok = self.extents[extent as usize].syncing.get(&node).is_some_and(|j| j.id == id)
+                                && self.peers.get(&node).is_some_and(|p| p.usable(extent));
+                            if ok {
+                                vec![node]
+                            } else {
+                                Vec::new()
+                            }
                         }
                     };
                     if targets.is_empty() {
@@ -1698,13 +1877,34 @@ impl Owner {
                         self.extents[extent as usize].dirty.insert(r, self.now);
                     }
                     let inline_max = u64::from(self.cfg.inline_max);
-                    self.send(pid, &targets, |seq, stamp| {
-                        (Request::Write { seq, stamp, extent, offset, len: len as u32, fua: false, inline: len <= inline_max }, DataRef::Copy { slot })
-                    }, true, Some(extent));
+                    self.send(
+                        pid,
+                        &targets,
+                        |seq, stamp| {
+                            (
+                                Request::Write {
+                                    seq,
+                                    stamp,
+                                    extent,
+                                    offset,
+                                    len: len as u32,
+                                    fua: false,
+                                    inline: len <= inline_max,
+                                },
+                                DataRef::Copy { slot },
+                            )
+                        },
+                        true,
+                        Some(extent),
+                    );
                 }
             }
             PieceKind::Clean { ref regions, flushed } => {
-                let members: Vec<NodeId> = self.meta.as_ref().expect("serving").extents[extent as usize].members.iter().map(|m| node_id(&m.node)).collect();
+                let members: Vec<NodeId> = self.meta.as_ref().expect("serving").extents[extent as usize]
+                    .members
+                    .iter()
+                    .map(|m| node_id(&m.node))
+                    .collect();
                 if !members.iter().all(|n| self.peers.get(n).is_some_and(|p| p.usable(extent))) {
                     return self.drop_piece(pid);
                 }
@@ -1721,9 +1921,15 @@ impl Owner {
                         }
                     }
                     for (first, count) in runs {
-                        self.send(pid, &members, |seq, stamp| {
-                            (Request::ClearDirty { seq, stamp, extent, first, count, upto }, DataRef::None)
-                        }, false, None);
+                        self.send(
+                            pid,
+                            &members,
+                            |seq, stamp| {
+                                (Request::ClearDirty { seq, stamp, extent, first, count, upto }, DataRef::None)
+                            },
+                            false,
+                            None,
+                        );
                     }
                 }
             }
@@ -1810,7 +2016,11 @@ impl Owner {
             }
             PieceKind::Clean { ref regions, flushed } => {
                 let extent = piece.extent;
-                let members: Vec<NodeId> = self.meta.as_ref().expect("serving").extents[extent as usize].members.iter().map(|m| node_id(&m.node)).collect();
+                let members: Vec<NodeId> = self.meta.as_ref().expect("serving").extents[extent as usize]
+                    .members
+                    .iter()
+                    .map(|m| node_id(&m.node))
+                    .collect();
                 let all = members.iter().all(|m| piece.acked.contains(m));
                 if all && !flushed {
                     if let PieceKind::Clean { flushed, .. } = &mut piece.kind {
@@ -1888,7 +2098,8 @@ impl Owner {
         }
         // What etcd holds may already be a document whose CAS is in flight (or went
         // unanswered): it binds as well as the committed one (I4, I10).
-        let docs: Vec<&VolumeMeta> = std::iter::once(meta).chain(self.pending_meta.iter()).chain(self.uncertain_meta.iter()).collect();
+        let docs: Vec<&VolumeMeta> =
+            std::iter::once(meta).chain(self.pending_meta.iter()).chain(self.uncertain_meta.iter()).collect();
         let mut resend = false;
         let mut wait = false;
         for &e in &extents {
@@ -1968,7 +2179,11 @@ impl Owner {
             }
             return;
         }
-        if self.phase == Phase::Promising && self.peers.values().all(|p| p.asking.is_empty()) && self.desired_meta().is_none() && self.meta_op == MetaOp::Idle {
+        if self.phase == Phase::Promising
+            && self.peers.values().all(|p| p.asking.is_empty())
+            && self.desired_meta().is_none()
+            && self.meta_op == MetaOp::Idle
+        {
             self.begin_serving();
         }
         self.schedule_meta();
@@ -1983,7 +2198,12 @@ impl Owner {
             self.start_sync_jobs();
             self.advance_sync_jobs();
             self.schedule_copies();
-            let ids: Vec<u64> = self.pieces.iter().filter(|(_, p)| matches!(p.state, PieceState::Queued | PieceState::Ready | PieceState::Held)).map(|(id, _)| *id).collect();
+            let ids: Vec<u64> = self
+                .pieces
+                .iter()
+                .filter(|(_, p)| matches!(p.state, PieceState::Queued | PieceState::Ready | PieceState::Held))
+                .map(|(id, _)| *id)
+                .collect();
             for id in ids {
                 self.advance(id);
             }
@@ -2027,7 +2247,8 @@ impl Owner {
             let rt = &mut self.extents[e as usize];
             if suspended != rt.suspended {
                 rt.suspended = suspended;
-                let event = if suspended { OwnerEvent::Suspended { extent: e } } else { OwnerEvent::Resumed { extent: e } };
+                let event =
+                    if suspended { OwnerEvent::Suspended { extent: e } } else { OwnerEvent::Resumed { extent: e } };
                 self.actions.push_back(OwnerAction::Event(event));
             }
         }
@@ -2074,7 +2295,8 @@ impl Owner {
                     continue;
                 }
                 let n = node_id(&m.node);
-                if self.extents[e as usize].syncing.contains_key(&n) || !self.peers.get(&n).is_some_and(|p| p.usable(e)) {
+                if self.extents[e as usize].syncing.contains_key(&n) || !self.peers.get(&n).is_some_and(|p| p.usable(e))
+                {
                     continue;
                 }
                 let barrier = (self.generation << SEQ_GENERATION_SHIFT) | self.next_seq;
@@ -2082,7 +2304,15 @@ impl Owner {
                 self.next_piece += 1;
                 self.extents[e as usize].syncing.insert(
                     n,
-                    SyncJob { id: self.next_piece, rebuild, stage: SyncStage::Draining { barrier }, total: 0, done: 0, started: self.now, drained_at: 0 },
+                    SyncJob {
+                        id: self.next_piece,
+                        rebuild,
+                        stage: SyncStage::Draining { barrier },
+                        total: 0,
+                        done: 0,
+                        started: self.now,
+                        drained_at: 0,
+                    },
                 );
             }
         }
@@ -2102,7 +2332,11 @@ impl Owner {
                         // has), the sync waits; asking the joiner alone would find nothing to
                         // copy and let it join without what it missed.
                         let source = self.copy_source(e).is_some();
-                        if busy || !source { 0 } else { 1 }
+                        if busy || !source {
+                            0
+                        } else {
+                            1
+                        }
                     }
                     SyncStage::Querying { waiting, .. } if waiting.is_empty() => 2,
                     SyncStage::Copying { todo, active } if todo.is_empty() && *active == 0 => 3,
@@ -2140,13 +2374,20 @@ impl Owner {
                         job.stage = SyncStage::Copying { todo, active: 0 };
                         let (total, rebuild) = (job.total, job.rebuild);
                         let node = self.name_of(n);
-                        self.actions.push_back(OwnerAction::Event(OwnerEvent::SyncStarted { node, extent: e, regions: total, rebuild }));
+                        self.actions.push_back(OwnerAction::Event(OwnerEvent::SyncStarted {
+                            node,
+                            extent: e,
+                            regions: total,
+                            rebuild,
+                        }));
                     }
                     3 => {
                         let job = self.extents[e as usize].syncing.get_mut(&n).expect("present");
                         job.stage = SyncStage::Flushing { seq: None };
                         let pid = self.new_piece(PieceKind::SyncFlush { node: n }, e, 0, 0, 0);
-                        if let Some(SyncJob { stage: SyncStage::Flushing { seq }, .. }) = self.extents[e as usize].syncing.get_mut(&n) {
+                        if let Some(SyncJob { stage: SyncStage::Flushing { seq }, .. }) =
+                            self.extents[e as usize].syncing.get_mut(&n)
+                        {
                             *seq = Some(pid);
                         }
                         self.advance(pid);
@@ -2154,7 +2395,9 @@ impl Owner {
                     4 => {
                         // The flush failed without failing the node (should not happen): retry.
                         let pid = self.new_piece(PieceKind::SyncFlush { node: n }, e, 0, 0, 0);
-                        if let Some(SyncJob { stage: SyncStage::Flushing { seq }, .. }) = self.extents[e as usize].syncing.get_mut(&n) {
+                        if let Some(SyncJob { stage: SyncStage::Flushing { seq }, .. }) =
+                            self.extents[e as usize].syncing.get_mut(&n)
+                        {
                             *seq = Some(pid);
                         }
                         self.advance(pid);
@@ -2207,13 +2450,21 @@ impl Owner {
                 let Some(slot) = self.copy_slots_free.pop() else { break };
                 self.extents[e as usize].reconciling.insert(region);
                 let (offset, len) = self.region_range(e, region);
-                let pid = self.new_piece(PieceKind::Copy { purpose: CopyPurpose::Reconcile, region, slot, source: None, wrote: false }, e, offset, len, 0);
+                let pid = self.new_piece(
+                    PieceKind::Copy { purpose: CopyPurpose::Reconcile, region, slot, source: None, wrote: false },
+                    e,
+                    offset,
+                    len,
+                    0,
+                );
                 self.advance(pid);
             }
             // Resync and rebuild.
             let nodes: Vec<NodeId> = self.extents[e as usize].syncing.keys().copied().collect();
             for n in nodes {
-                while let Some(SyncJob { stage: SyncStage::Copying { todo, .. }, .. }) = self.extents[e as usize].syncing.get(&n) {
+                while let Some(SyncJob { stage: SyncStage::Copying { todo, .. }, .. }) =
+                    self.extents[e as usize].syncing.get(&n)
+                {
                     if todo.is_empty() || self.copy_slots_free.is_empty() || !self.take_copy_budget(false) {
                         break;
                     }
@@ -2224,7 +2475,19 @@ impl Owner {
                     let region = todo.pop_front().expect("checked");
                     *active += 1;
                     let (offset, len) = self.region_range(e, region);
-                    let pid = self.new_piece(PieceKind::Copy { purpose: CopyPurpose::Sync(n, job_id), region, slot, source: None, wrote: false }, e, offset, len, 0);
+                    let pid = self.new_piece(
+                        PieceKind::Copy {
+                            purpose: CopyPurpose::Sync(n, job_id),
+                            region,
+                            slot,
+                            source: None,
+                            wrote: false,
+                        },
+                        e,
+                        offset,
+                        len,
+                        0,
+                    );
                     self.advance(pid);
                 }
             }
@@ -2265,7 +2528,9 @@ impl Owner {
             let whole = ext.members.len() == usize::from(meta.replicas)
                 && ext.members.iter().all(|m| {
                     let n = node_id(&m.node);
-                    m.state == MemberState::InSync && !self.must_remove.contains(&(e, n)) && self.peers.get(&n).is_some_and(|p| p.usable(e))
+                    m.state == MemberState::InSync
+                        && !self.must_remove.contains(&(e, n))
+                        && self.peers.get(&n).is_some_and(|p| p.usable(e))
                 })
                 && rt.syncing.is_empty()
                 && rt.unreconciled.is_empty();
@@ -2331,7 +2596,11 @@ impl Owner {
                 }
                 if let Some(new) = placement::replacement(&meta, e, &name, &nodes) {
                     let new = new.name.clone();
-                    self.actions.push_back(OwnerAction::Event(OwnerEvent::Replacing { extent: e, lost: name.clone(), new: new.clone() }));
+                    self.actions.push_back(OwnerAction::Event(OwnerEvent::Replacing {
+                        extent: e,
+                        lost: name.clone(),
+                        new: new.clone(),
+                    }));
                     self.replacements.insert(e, (name.clone(), new));
                 }
             }
@@ -2379,7 +2648,8 @@ impl Owner {
             let restarted = self.meta.as_ref().is_some_and(|m| {
                 m.extents[e as usize].in_sync().any(|n| {
                     let id = node_id(n);
-                    self.peers.get(&id).is_some_and(|p| p.usable(e)) && (self.peers[&id].restarted || !self.is_clean(e, id))
+                    self.peers.get(&id).is_some_and(|p| p.usable(e))
+                        && (self.peers[&id].restarted || !self.is_clean(e, id))
                 })
             });
             if restarted {

@@ -14,7 +14,9 @@ use crate::meta::{ExtentMeta, Locality, Member, MemberState, NodeInfo, VolumeMet
 pub enum PlacementError {
     #[error("{replicas} replicas need {replicas} nodes in distinct failure domains; the cluster has {domains} up ({nodes} nodes)")]
     TooFewDomains { replicas: u8, domains: usize, nodes: usize },
-    #[error("not enough free space: extent {extent} needs {bytes} bytes on {replicas} nodes in distinct failure domains")]
+    #[error(
+        "not enough free space: extent {extent} needs {bytes} bytes on {replicas} nodes in distinct failure domains"
+    )]
     NoSpace { extent: u32, bytes: u64, replicas: u8 },
     #[error("node {0} is not registered (is its daemon running in cluster mode?)")]
     UnknownNode(String),
@@ -56,16 +58,17 @@ pub fn place(req: &PlacementRequest<'_>, nodes: &[NodeInfo]) -> Result<Vec<Exten
             }
         }
         while chosen.len() < usize::from(req.replicas) {
-            let next = best_candidate(nodes, &chosen, &free, bytes, i)
-                .ok_or(PlacementError::NoSpace { extent: i as u32, bytes, replicas: req.replicas })?;
+            let next = best_candidate(nodes, &chosen, &free, bytes, i).ok_or(PlacementError::NoSpace {
+                extent: i as u32,
+                bytes,
+                replicas: req.replicas,
+            })?;
             chosen.push(next);
         }
         for n in &chosen {
             *free.get_mut(n.name.as_str()).expect("chosen from nodes") -= bytes;
         }
-        out.push(ExtentMeta {
-            members: chosen.iter().map(|n| Member::new(&n.name, MemberState::InSync)).collect(),
-        });
+        out.push(ExtentMeta { members: chosen.iter().map(|n| Member::new(&n.name, MemberState::InSync)).collect() });
     }
     Ok(out)
 }
@@ -74,12 +77,8 @@ pub fn place(req: &PlacementRequest<'_>, nodes: &[NodeInfo]) -> Result<Vec<Exten
 /// domain none of the remaining members uses, with room for the extent; the roomiest wins.
 pub fn replacement<'n>(meta: &VolumeMeta, extent: u32, lost: &str, nodes: &'n [NodeInfo]) -> Option<&'n NodeInfo> {
     let e = &meta.extents[extent as usize];
-    let others: Vec<&NodeInfo> = e
-        .members
-        .iter()
-        .filter(|m| m.node != lost)
-        .filter_map(|m| nodes.iter().find(|n| n.name == m.node))
-        .collect();
+    let others: Vec<&NodeInfo> =
+        e.members.iter().filter(|m| m.node != lost).filter_map(|m| nodes.iter().find(|n| n.name == m.node)).collect();
     let bytes = meta.extent_len(extent);
     let free: BTreeMap<&str, u64> = nodes.iter().map(|n| (n.name.as_str(), n.free_bytes)).collect();
     nodes
@@ -146,7 +145,13 @@ mod tests {
     #[test]
     fn distinct_nodes_local_first_and_balanced() {
         let nodes: Vec<NodeInfo> = (1..=5).map(|i| node(&format!("n{i}"), None, 100 * G)).collect();
-        let req = PlacementRequest { size_bytes: 20 * G, extent_bytes: G, replicas: 3, locality: Locality::Prefer, local: Some("n3") };
+        let req = PlacementRequest {
+            size_bytes: 20 * G,
+            extent_bytes: G,
+            replicas: 3,
+            locality: Locality::Prefer,
+            local: Some("n3"),
+        };
         let extents = place(&req, &nodes).unwrap();
         assert_eq!(extents.len(), 20);
         let mut per_node: BTreeMap<String, u32> = BTreeMap::new();
@@ -174,7 +179,8 @@ mod tests {
             node("b1", Some("b"), 100 * G),
             node("c1", Some("c"), 100 * G),
         ];
-        let req = PlacementRequest { size_bytes: 8 * G, extent_bytes: G, replicas: 3, locality: Locality::None, local: None };
+        let req =
+            PlacementRequest { size_bytes: 8 * G, extent_bytes: G, replicas: 3, locality: Locality::None, local: None };
         for e in place(&req, &nodes).unwrap() {
             let zones: Vec<&str> = e.members.iter().map(|m| &m.node[..1]).collect();
             assert!(zones.contains(&"a") && zones.contains(&"b") && zones.contains(&"c"), "{zones:?}");
@@ -185,8 +191,15 @@ mod tests {
 
     #[test]
     fn capacity_is_respected_and_named() {
-        let nodes = vec![node("n1", None, 2 * G), node("n2", None, 10 * G), node("n3", None, 10 * G), node("n4", None, 10 * G)];
-        let req = PlacementRequest { size_bytes: 4 * G, extent_bytes: G, replicas: 3, locality: Locality::Prefer, local: Some("n1") };
+        let nodes =
+            vec![node("n1", None, 2 * G), node("n2", None, 10 * G), node("n3", None, 10 * G), node("n4", None, 10 * G)];
+        let req = PlacementRequest {
+            size_bytes: 4 * G,
+            extent_bytes: G,
+            replicas: 3,
+            locality: Locality::Prefer,
+            local: Some("n1"),
+        };
         let extents = place(&req, &nodes).unwrap();
         let on_n1 = extents.iter().filter(|e| e.member("n1").is_some()).count();
         assert_eq!(on_n1, 2, "n1 holds what fits, the rest goes elsewhere");
@@ -198,8 +211,20 @@ mod tests {
 
     #[test]
     fn replacement_avoids_members_and_their_domains() {
-        let nodes = vec![node("n1", None, 10 * G), node("n2", None, 10 * G), node("n3", None, 10 * G), node("n4", None, 5 * G), node("n5", None, 9 * G)];
-        let req = PlacementRequest { size_bytes: G, extent_bytes: G, replicas: 3, locality: Locality::Prefer, local: Some("n1") };
+        let nodes = vec![
+            node("n1", None, 10 * G),
+            node("n2", None, 10 * G),
+            node("n3", None, 10 * G),
+            node("n4", None, 5 * G),
+            node("n5", None, 9 * G),
+        ];
+        let req = PlacementRequest {
+            size_bytes: G,
+            extent_bytes: G,
+            replicas: 3,
+            locality: Locality::Prefer,
+            local: Some("n1"),
+        };
         let extents = place(&req, &nodes).unwrap();
         let mut meta = crate::meta::tests_support::meta_with(extents);
         meta.extents[0].members = vec![

@@ -27,7 +27,9 @@ struct Range {
 
 impl Range {
     fn conflicts(&self, other: &Range) -> bool {
-        self.start < other.end && other.start < self.end && (self.mode == Mode::Exclusive || other.mode == Mode::Exclusive)
+        self.start < other.end
+            && other.start < self.end
+            && (self.mode == Mode::Exclusive || other.mode == Mode::Exclusive)
     }
 }
 
@@ -74,7 +76,8 @@ impl RangeLock {
         let mut i = 0;
         while i < self.waiting.len() {
             let w = self.waiting[i];
-            let blocked = self.held.iter().any(|h| h.conflicts(&w)) || self.waiting.iter().take(i).any(|e| e.conflicts(&w));
+            let blocked =
+                self.held.iter().any(|h| h.conflicts(&w)) || self.waiting.iter().take(i).any(|e| e.conflicts(&w));
             if blocked {
                 i += 1;
             } else {

@@ -41,29 +41,74 @@ pub enum DiskResult {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ReplicaAction {
     /// Answer the owner; the op is finished.
-    Reply { to: NodeId, op: OpId, reply: Reply },
+    Reply {
+        to: NodeId,
+        op: OpId,
+        reply: Reply,
+    },
     /// Read the volume's metadata from etcd (by id) and call [`Replica::on_meta`].
-    ReadMeta { volume: u64 },
+    ReadMeta {
+        volume: u64,
+    },
     /// Write `state` durably (a failed fsync is fatal: the driver must not report it done),
     /// then call [`Replica::on_persisted`].
-    Persist { volume: u64, version: u64, state: PersistedVolume },
+    Persist {
+        volume: u64,
+        version: u64,
+        state: PersistedVolume,
+    },
     /// Fetch the op's data from the owner's memory (one-sided READ) into the op's buffer, then
     /// call [`Replica::on_pulled`].
-    Pull { op: OpId },
+    Pull {
+        op: OpId,
+    },
     /// Write the op's buffer to the volume's replica at `offset`, then [`Replica::on_disk`].
-    DiskWrite { op: OpId, volume: u64, offset: u64, len: u32, fua: bool },
-    DiskRead { op: OpId, volume: u64, offset: u64, len: u32 },
+    DiskWrite {
+        op: OpId,
+        volume: u64,
+        offset: u64,
+        len: u32,
+        fua: bool,
+    },
+    DiskRead {
+        op: OpId,
+        volume: u64,
+        offset: u64,
+        len: u32,
+    },
     /// Push the op's buffer into the owner's memory (one-sided WRITE), then
     /// [`Replica::on_pushed`].
-    Push { op: OpId },
-    DiskFlush { op: OpId, volume: u64 },
-    DiskDiscard { op: OpId, volume: u64, offset: u64, len: u64 },
-    DiskZero { op: OpId, volume: u64, offset: u64, len: u64 },
+    Push {
+        op: OpId,
+    },
+    DiskFlush {
+        op: OpId,
+        volume: u64,
+    },
+    DiskDiscard {
+        op: OpId,
+        volume: u64,
+        offset: u64,
+        len: u64,
+    },
+    DiskZero {
+        op: OpId,
+        volume: u64,
+        offset: u64,
+        len: u64,
+    },
     /// This node no longer holds the extent (replaced, or the volume shrank): release its
     /// space. Not acknowledged.
-    DropExtent { volume: u64, extent: u32, offset: u64, len: u64 },
+    DropExtent {
+        volume: u64,
+        extent: u32,
+        offset: u64,
+        len: u64,
+    },
     /// The volume was deleted: remove its data and metadata files.
-    DropVolume { volume: u64 },
+    DropVolume {
+        volume: u64,
+    },
 }
 
 /// What a replica keeps durably about one volume.
@@ -180,7 +225,9 @@ impl<'a> Reader<'a> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum OpState {
     /// Waiting for its bits to be durable and/or its data to arrive.
-    Preparing { pulled: bool },
+    Preparing {
+        pulled: bool,
+    },
     AtDisk,
     Pushing,
 }
@@ -389,7 +436,17 @@ impl Replica {
         match request {
             Request::Write { extent, offset, len, inline, .. } => {
                 let need_version = self.mark_dirty(stamp.volume, extent, offset, u64::from(len), seq);
-                self.ops.insert(op, Op { from, request, generation: stamp.generation, state: OpState::Preparing { pulled: inline }, need_version, aborted: false });
+                self.ops.insert(
+                    op,
+                    Op {
+                        from,
+                        request,
+                        generation: stamp.generation,
+                        state: OpState::Preparing { pulled: inline },
+                        need_version,
+                        aborted: false,
+                    },
+                );
                 if !inline {
                     self.actions.push_back(ReplicaAction::Pull { op });
                 }
@@ -397,15 +454,45 @@ impl Replica {
             }
             Request::Discard { extent, offset, len, .. } | Request::WriteZeroes { extent, offset, len, .. } => {
                 let need_version = self.mark_dirty(stamp.volume, extent, offset, len, seq);
-                self.ops.insert(op, Op { from, request, generation: stamp.generation, state: OpState::Preparing { pulled: true }, need_version, aborted: false });
+                self.ops.insert(
+                    op,
+                    Op {
+                        from,
+                        request,
+                        generation: stamp.generation,
+                        state: OpState::Preparing { pulled: true },
+                        need_version,
+                        aborted: false,
+                    },
+                );
                 self.advance(op);
             }
             Request::Read { offset, len, .. } => {
-                self.ops.insert(op, Op { from, request, generation: stamp.generation, state: OpState::AtDisk, need_version: 0, aborted: false });
+                self.ops.insert(
+                    op,
+                    Op {
+                        from,
+                        request,
+                        generation: stamp.generation,
+                        state: OpState::AtDisk,
+                        need_version: 0,
+                        aborted: false,
+                    },
+                );
                 self.actions.push_back(ReplicaAction::DiskRead { op, volume: stamp.volume, offset, len });
             }
             Request::Flush { .. } => {
-                self.ops.insert(op, Op { from, request, generation: stamp.generation, state: OpState::AtDisk, need_version: 0, aborted: false });
+                self.ops.insert(
+                    op,
+                    Op {
+                        from,
+                        request,
+                        generation: stamp.generation,
+                        state: OpState::AtDisk,
+                        need_version: 0,
+                        aborted: false,
+                    },
+                );
                 self.actions.push_back(ReplicaAction::DiskFlush { op, volume: stamp.volume });
             }
             Request::ClearDirty { extent, first, count, upto, .. } => {
@@ -628,7 +715,9 @@ impl Replica {
         }
         // A renewed ask from the promised owner for an extent we hold needs no etcd read.
         let known = self.volumes.get(&volume).is_some_and(|v| {
-            v.state.promised == generation && v.state.owner == from && matches!(request, Request::Promise { extent, .. } if v.state.extents.contains_key(&extent))
+            v.state.promised == generation
+                && v.state.owner == from
+                && matches!(request, Request::Promise { extent, .. } if v.state.extents.contains_key(&extent))
         });
         if known {
             // A new session of the same owner: requests of older sessions are refused from now.
@@ -639,7 +728,17 @@ impl Replica {
                     vol.changed = true;
                 }
             }
-            self.ops.insert(op, Op { from, request: request.clone(), generation, state: OpState::AtDisk, need_version: 0, aborted: false });
+            self.ops.insert(
+                op,
+                Op {
+                    from,
+                    request: request.clone(),
+                    generation,
+                    state: OpState::AtDisk,
+                    need_version: 0,
+                    aborted: false,
+                },
+            );
             return self.grant_promise(op);
         }
         // Otherwise the claim is checked against etcd: a peer that knows the cluster secret
@@ -735,12 +834,26 @@ impl Replica {
                 // Never written yet: the first promise creates the record.
                 vol.changed = true;
             }
-            self.ops.insert(op, Op { from, request: request.clone(), generation, state: OpState::AtDisk, need_version: 0, aborted: false });
+            self.ops.insert(
+                op,
+                Op {
+                    from,
+                    request: request.clone(),
+                    generation,
+                    state: OpState::AtDisk,
+                    need_version: 0,
+                    aborted: false,
+                },
+            );
             self.abort_older(volume, generation);
             self.grant_promise(op);
         }
         // A volume record made only to hold pending promises, none granted: forget it.
-        if self.volumes.get(&volume).is_some_and(|v| v.durable == 0 && !v.persisting && !v.changed && v.verifying.is_empty()) {
+        if self
+            .volumes
+            .get(&volume)
+            .is_some_and(|v| v.durable == 0 && !v.persisting && !v.changed && v.verifying.is_empty())
+        {
             self.volumes.remove(&volume);
         }
     }
@@ -750,7 +863,11 @@ impl Replica {
         let stale: Vec<OpId> = self
             .ops
             .iter()
-            .filter(|(_, o)| o.request.volume() == volume && o.generation < generation && !matches!(o.request, Request::Promise { .. }))
+            .filter(|(_, o)| {
+                o.request.volume() == volume
+                    && o.generation < generation
+                    && !matches!(o.request, Request::Promise { .. })
+            })
             .map(|(id, _)| *id)
             .collect();
         for op in stale {
@@ -881,7 +998,9 @@ mod tests {
             r.on_meta(1, Ok(Some(meta(g))));
             out = drain(r);
         }
-        if let Some(ReplicaAction::Persist { version, .. }) = out.iter().find(|a| matches!(a, ReplicaAction::Persist { .. })).cloned() {
+        if let Some(ReplicaAction::Persist { version, .. }) =
+            out.iter().find(|a| matches!(a, ReplicaAction::Persist { .. })).cloned()
+        {
             r.on_persisted(1, version);
             out.extend(drain(r));
         }
@@ -898,17 +1017,39 @@ mod tests {
         let mut r = replica();
         assert!(matches!(promise(&mut r, 1, 5), Reply::Promised { status: Status::Ok, .. }));
         let owner = node_id("n1");
-        r.on_request(2, owner, Request::Write { seq: 10, stamp: stamp(5, 10), extent: 0, offset: 4096, len: 4096, fua: false, inline: true });
+        r.on_request(
+            2,
+            owner,
+            Request::Write {
+                seq: 10,
+                stamp: stamp(5, 10),
+                extent: 0,
+                offset: 4096,
+                len: 4096,
+                fua: false,
+                inline: true,
+            },
+        );
         let out = drain(&mut r);
         let Some(ReplicaAction::Persist { version, state, .. }) = out.first().cloned() else { panic!("{out:?}") };
         assert!(state.extents[&0].get(0), "region 0 dirty in the persisted state");
-        assert!(!out.iter().any(|a| matches!(a, ReplicaAction::DiskWrite { .. })), "no data before the bit is durable: {out:?}");
+        assert!(
+            !out.iter().any(|a| matches!(a, ReplicaAction::DiskWrite { .. })),
+            "no data before the bit is durable: {out:?}"
+        );
         r.on_persisted(1, version);
         assert!(matches!(drain(&mut r)[..], [ReplicaAction::DiskWrite { op: 2, offset: 4096, .. }]));
         r.on_disk(2, DiskResult::Ok);
-        assert_eq!(drain(&mut r), vec![ReplicaAction::Reply { to: owner, op: 2, reply: Reply::Done { seq: 10, status: Status::Ok } }]);
+        assert_eq!(
+            drain(&mut r),
+            vec![ReplicaAction::Reply { to: owner, op: 2, reply: Reply::Done { seq: 10, status: Status::Ok } }]
+        );
         // A second write to the same region needs no persist.
-        r.on_request(3, owner, Request::Write { seq: 11, stamp: stamp(5, 10), extent: 0, offset: 0, len: 512, fua: false, inline: false });
+        r.on_request(
+            3,
+            owner,
+            Request::Write { seq: 11, stamp: stamp(5, 10), extent: 0, offset: 0, len: 512, fua: false, inline: false },
+        );
         assert_eq!(drain(&mut r), vec![ReplicaAction::Pull { op: 3 }]);
         r.on_pulled(3, true);
         assert!(matches!(drain(&mut r)[..], [ReplicaAction::DiskWrite { op: 3, .. }]));
@@ -919,24 +1060,42 @@ mod tests {
         let mut r = replica();
         promise(&mut r, 1, 5);
         let owner = node_id("n1");
-        let write = |seq, stamp| Request::Write { seq, stamp, extent: 0, offset: 0, len: 512, fua: false, inline: true };
+        let write =
+            |seq, stamp| Request::Write { seq, stamp, extent: 0, offset: 0, len: 512, fua: false, inline: true };
         let status_of = |r: &mut Replica, op, from, req| {
             r.on_request(op, from, req);
-            drain(r)
-                .into_iter()
-                .find_map(|a| match a {
-                    ReplicaAction::Reply { reply, .. } => Some(reply.status()),
-                    _ => None,
-                })
+            drain(r).into_iter().find_map(|a| match a {
+                ReplicaAction::Reply { reply, .. } => Some(reply.status()),
+                _ => None,
+            })
         };
         assert_eq!(status_of(&mut r, 2, owner, write(1, stamp(4, 0))), Some(Status::StaleGeneration));
         assert_eq!(status_of(&mut r, 3, owner, write(2, stamp(6, 0))), Some(Status::NotPromised));
         assert_eq!(status_of(&mut r, 4, node_id("n3"), write(3, stamp(5, 0))), Some(Status::NotOwner));
-        assert_eq!(status_of(&mut r, 5, owner, write(4, Stamp { incarnation: 76, ..stamp(5, 0) })), Some(Status::StaleIncarnation));
+        assert_eq!(
+            status_of(&mut r, 5, owner, write(4, Stamp { incarnation: 76, ..stamp(5, 0) })),
+            Some(Status::StaleIncarnation)
+        );
         assert_eq!(status_of(&mut r, 6, owner, write(5, Stamp { epoch: 0, ..stamp(5, 0) })), Some(Status::StaleEpoch));
-        let far = Request::Write { seq: 6, stamp: stamp(5, 0), extent: 0, offset: 1 << 30, len: 512, fua: false, inline: true };
+        let far = Request::Write {
+            seq: 6,
+            stamp: stamp(5, 0),
+            extent: 0,
+            offset: 1 << 30,
+            len: 512,
+            fua: false,
+            inline: true,
+        };
         assert_eq!(status_of(&mut r, 7, owner, far), Some(Status::BadRequest));
-        let other = Request::Write { seq: 7, stamp: stamp(5, 0), extent: 3, offset: 3 << 30, len: 512, fua: false, inline: true };
+        let other = Request::Write {
+            seq: 7,
+            stamp: stamp(5, 0),
+            extent: 3,
+            offset: 3 << 30,
+            len: 512,
+            fua: false,
+            inline: true,
+        };
         assert_eq!(status_of(&mut r, 8, owner, other), Some(Status::NotMember));
         // First copy taken (waits for its persist), second refused, and below the floor too.
         assert_eq!(status_of(&mut r, 9, owner, write(20, stamp(5, 10))), None);
@@ -949,22 +1108,38 @@ mod tests {
         let mut r = replica();
         promise(&mut r, 1, 5);
         let owner = node_id("n1");
-        r.on_request(2, owner, Request::Write { seq: 10, stamp: stamp(5, 10), extent: 0, offset: 0, len: 512, fua: false, inline: false });
+        r.on_request(
+            2,
+            owner,
+            Request::Write { seq: 10, stamp: stamp(5, 10), extent: 0, offset: 0, len: 512, fua: false, inline: false },
+        );
         let out = drain(&mut r);
-        let Some(ReplicaAction::Persist { version: write_version, .. }) = out.first().cloned() else { panic!("{out:?}") };
+        let Some(ReplicaAction::Persist { version: write_version, .. }) = out.first().cloned() else {
+            panic!("{out:?}")
+        };
         // Generation 6, owned by n3 in etcd: n3 may claim it, n1 may not.
         r.on_request(3, node_id("n1"), Request::Promise { seq: 2, volume: 1, generation: 6, epoch: 1, extent: 0 });
         assert_eq!(drain(&mut r), vec![ReplicaAction::ReadMeta { volume: 1 }]);
         let mut m6 = meta(6);
         m6.owner = Some("n3".into());
         r.on_meta(1, Ok(Some(m6.clone())));
-        assert!(matches!(drain(&mut r)[..], [ReplicaAction::Reply { reply: Reply::Promised { status: Status::NotOwner, .. }, .. }]));
+        assert!(matches!(
+            drain(&mut r)[..],
+            [ReplicaAction::Reply { reply: Reply::Promised { status: Status::NotOwner, .. }, .. }]
+        ));
         r.on_request(4, node_id("n3"), Request::Promise { seq: 3, volume: 1, generation: 6, epoch: 1, extent: 0 });
         drain(&mut r);
         r.on_meta(1, Ok(Some(m6)));
         let out = drain(&mut r);
         // The old write, still waiting for its data, is answered stale and never applied.
-        assert_eq!(out, vec![ReplicaAction::Reply { to: owner, op: 2, reply: Reply::Done { seq: 10, status: Status::StaleGeneration } }]);
+        assert_eq!(
+            out,
+            vec![ReplicaAction::Reply {
+                to: owner,
+                op: 2,
+                reply: Reply::Done { seq: 10, status: Status::StaleGeneration }
+            }]
+        );
         r.on_pulled(2, true);
         assert!(drain(&mut r).is_empty(), "a finished op stays finished");
         // The promise waits for the persist in flight, then for its own.
@@ -974,7 +1149,10 @@ mod tests {
         assert_eq!(state.promised, 6);
         assert_eq!(out.len(), 1, "{out:?}");
         r.on_persisted(1, version);
-        assert!(matches!(drain(&mut r)[..], [ReplicaAction::Reply { op: 4, reply: Reply::Promised { status: Status::Ok, promised: 6, .. }, .. }]));
+        assert!(matches!(
+            drain(&mut r)[..],
+            [ReplicaAction::Reply { op: 4, reply: Reply::Promised { status: Status::Ok, promised: 6, .. }, .. }]
+        ));
     }
 
     #[test]
@@ -983,7 +1161,11 @@ mod tests {
         promise(&mut r, 1, 5);
         let owner = node_id("n1");
         for (op, seq, offset) in [(2, 10, 0), (3, 11, 1 << 20)] {
-            r.on_request(op, owner, Request::Write { seq, stamp: stamp(5, 10), extent: 0, offset, len: 512, fua: false, inline: true });
+            r.on_request(
+                op,
+                owner,
+                Request::Write { seq, stamp: stamp(5, 10), extent: 0, offset, len: 512, fua: false, inline: true },
+            );
             for a in drain(&mut r) {
                 if let ReplicaAction::Persist { version, .. } = a {
                     r.on_persisted(1, version);
@@ -992,7 +1174,11 @@ mod tests {
             r.on_disk(op, DiskResult::Ok);
             drain(&mut r);
         }
-        r.on_request(4, owner, Request::ClearDirty { seq: 12, stamp: stamp(5, 12), extent: 0, first: 0, count: 2, upto: 10 });
+        r.on_request(
+            4,
+            owner,
+            Request::ClearDirty { seq: 12, stamp: stamp(5, 12), extent: 0, first: 0, count: 2, upto: 10 },
+        );
         drain(&mut r);
         let bits = &r.volume_state(1).unwrap().extents[&0];
         assert!(!bits.get(0) && bits.get(1), "region 1 was written after seq 10");

@@ -26,7 +26,10 @@ fn seeds_hold_every_invariant() {
 fn a_seed_replays_exactly() {
     let a = run_seed(7, None, false).expect("seed 7");
     let b = run_seed(7, None, false).expect("seed 7");
-    assert_eq!((a.steps, a.sim_time, a.model.writes_acked, a.crashes), (b.steps, b.sim_time, b.model.writes_acked, b.crashes));
+    assert_eq!(
+        (a.steps, a.sim_time, a.model.writes_acked, a.crashes),
+        (b.steps, b.sim_time, b.model.writes_acked, b.crashes)
+    );
 }
 
 fn caught(bug: PlantedBug) -> String {

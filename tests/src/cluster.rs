@@ -79,20 +79,7 @@ const NFT_TABLE: &str = "hcblk";
 /// iptables arguments that add (`-A`) or delete (`-D`) the NFQUEUE rule of
 /// the delay emulation.
 fn nfqueue_rule(op: &str) -> Vec<&str> {
-    vec![
-        "-w",
-        "-t",
-        "mangle",
-        op,
-        "POSTROUTING",
-        "-o",
-        HOST_IF,
-        "-j",
-        "NFQUEUE",
-        "--queue-num",
-        "0",
-        "--queue-bypass",
-    ]
+    vec!["-w", "-t", "mangle", op, "POSTROUTING", "-o", HOST_IF, "-j", "NFQUEUE", "--queue-num", "0", "--queue-bypass"]
 }
 
 /// One host of a [`ClusterNet`].
@@ -112,10 +99,7 @@ pub struct Host {
 #[derive(Debug)]
 enum Netem {
     Qdisc,
-    Emulated {
-        loss: bool,
-        delayer: Option<nfqueue::Delayer>,
-    },
+    Emulated { loss: bool, delayer: Option<nfqueue::Delayer> },
 }
 
 #[derive(Debug, Default)]
@@ -140,34 +124,21 @@ pub struct ClusterNet {
 
 /// Runs `cmd`, returning its stdout; a failure carries `what` and stderr.
 fn run(cmd: &mut Command, what: &str) -> Result<String> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("cannot run `{what}`"))?;
+    let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("cannot run `{what}`"))?;
     if !out.status.success() {
-        bail!(
-            "`{what}` failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("`{what}` failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn ip(args: &[&str]) -> Result<()> {
-    run(
-        Command::new("ip").args(args),
-        &format!("ip {}", args.join(" ")),
-    )
-    .map(drop)
+    run(Command::new("ip").args(args), &format!("ip {}", args.join(" "))).map(drop)
 }
 
 /// `program args` inside namespace `ns`.
 fn ns_run(ns: &str, program: &str, args: &[&str]) -> Result<String> {
     run(
-        Command::new("ip")
-            .args(["netns", "exec", ns, program])
-            .args(args),
+        Command::new("ip").args(["netns", "exec", ns, program]).args(args),
         &format!("{program} {} (in {ns})", args.join(" ")),
     )
 }
@@ -182,16 +153,11 @@ fn nft_script(ns: &str, script: &str) -> Result<()> {
         .spawn()
         .context("cannot run `nft -f -`")?;
     if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(script.as_bytes())
-            .context("write nft script")?;
+        stdin.write_all(script.as_bytes()).context("write nft script")?;
     }
     let out = child.wait_with_output().context("wait for nft")?;
     if !out.status.success() {
-        bail!(
-            "`nft -f -` in {ns} failed: {}\nscript:\n{script}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("`nft -f -` in {ns} failed: {}\nscript:\n{script}", String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(())
 }
@@ -217,16 +183,11 @@ fn validate_names(names: &[&str]) -> Result<()> {
         bail!("a cluster needs at least one host");
     }
     if names.len() > MAX_HOSTS {
-        bail!(
-            "at most {MAX_HOSTS} hosts fit 198.18.1.10-254, got {}",
-            names.len()
-        );
+        bail!("at most {MAX_HOSTS} hosts fit 198.18.1.10-254, got {}", names.len());
     }
     let mut seen = BTreeSet::new();
     for n in names {
-        let plain = n
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        let plain = n.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
         if n.is_empty() || n.len() > HOST_NAME_MAX || !plain {
             bail!("host name {n:?}: expected 1-{HOST_NAME_MAX} of [A-Za-z0-9_-]");
         }
@@ -269,19 +230,13 @@ fn parse_netem(spec: &str) -> Result<NetemSpec> {
              emulation supports only `delay TIME [JITTER]` and `loss [random] PCT%`"
         )
     };
-    let mut s = NetemSpec {
-        delay: Duration::ZERO,
-        jitter: Duration::ZERO,
-        loss_ppm: 0,
-    };
+    let mut s = NetemSpec { delay: Duration::ZERO, jitter: Duration::ZERO, loss_ppm: 0 };
     let words: Vec<&str> = spec.split_whitespace().collect();
     let mut i = 0;
     while i < words.len() {
         match words[i] {
             "delay" => {
-                let t = words
-                    .get(i + 1)
-                    .ok_or_else(|| anyhow!("netem: `delay` needs a time"))?;
+                let t = words.get(i + 1).ok_or_else(|| anyhow!("netem: `delay` needs a time"))?;
                 s.delay = parse_time(t).ok_or_else(|| anyhow!("netem: bad delay {t:?}"))?;
                 i += 2;
                 if let Some(j) = words.get(i).and_then(|w| parse_time(w)) {
@@ -302,9 +257,7 @@ fn parse_netem(spec: &str) -> Result<NetemSpec> {
                 if words.get(i) == Some(&"random") {
                     i += 1;
                 }
-                let p = words
-                    .get(i)
-                    .ok_or_else(|| anyhow!("netem: `loss` needs a percentage"))?;
+                let p = words.get(i).ok_or_else(|| anyhow!("netem: `loss` needs a percentage"))?;
                 let pct: f64 = p
                     .strip_suffix('%')
                     .and_then(|n| n.parse().ok())
@@ -332,10 +285,7 @@ impl ClusterNet {
     /// gets 198.18.1.(10+i)). Names: 1-32 of `[A-Za-z0-9_-]`, unique.
     pub fn create(names: &[&str]) -> Result<Self> {
         if sys::euid() != 0 {
-            bail!(
-                "cluster network tests need root (CAP_SYS_ADMIN + CAP_NET_ADMIN); running as uid {}",
-                sys::euid()
-            );
+            bail!("cluster network tests need root (CAP_SYS_ADMIN + CAP_NET_ADMIN); running as uid {}", sys::euid());
         }
         require("ip", "-V", "iproute2")?;
         require("nft", "--version", "nftables")?;
@@ -368,10 +318,7 @@ impl ClusterNet {
             net.created.push(host.ns.clone());
             // Both ends are created directly in their namespaces: nothing
             // appears in the root namespace, not even for a moment.
-            ip(&[
-                "-n", &host.ns, "link", "add", HOST_IF, "type", "veth", "peer", "name", &host.port,
-                "netns", &sw,
-            ])?;
+            ip(&["-n", &host.ns, "link", "add", HOST_IF, "type", "veth", "peer", "name", &host.port, "netns", &sw])?;
             ip(&["-n", &sw, "link", "set", &host.port, "master", "br0"])?;
             ip(&["-n", &sw, "link", "set", &host.port, "up"])?;
             let cidr = format!("{}/24", host.addr);
@@ -415,13 +362,10 @@ impl ClusterNet {
     }
 
     fn index(&self, name: &str) -> Result<usize> {
-        self.hosts
-            .iter()
-            .position(|h| h.name == name)
-            .ok_or_else(|| {
-                let known: Vec<&str> = self.hosts.iter().map(|h| h.name.as_str()).collect();
-                anyhow!("no host {name:?} in this cluster (hosts: {known:?})")
-            })
+        self.hosts.iter().position(|h| h.name == name).ok_or_else(|| {
+            let known: Vec<&str> = self.hosts.iter().map(|h| h.name.as_str()).collect();
+            anyhow!("no host {name:?} in this cluster (hosts: {known:?})")
+        })
     }
 
     /// The host called `name`.
@@ -479,14 +423,7 @@ impl ClusterNet {
         let i = self.index(name)?;
         let mut f = self.faults();
         if !f.down.contains(&i) {
-            ip(&[
-                "-n",
-                &self.switch,
-                "link",
-                "set",
-                &self.hosts[i].port,
-                "down",
-            ])?;
+            ip(&["-n", &self.switch, "link", "set", &self.hosts[i].port, "down"])?;
             f.down.insert(i);
         }
         Ok(())
@@ -537,12 +474,7 @@ impl ClusterNet {
     fn blocked_pairs(&self, a: usize, b: usize, op: &str) -> Result<()> {
         let (x, y) = (self.hosts[a].addr, self.hosts[b].addr);
         let elements = format!("{{ {x} . {y}, {y} . {x} }}");
-        ns_run(
-            &self.switch,
-            "nft",
-            &[op, "element", "bridge", NFT_TABLE, "blocked", &elements],
-        )
-        .map(drop)
+        ns_run(&self.switch, "nft", &[op, "element", "bridge", NFT_TABLE, "blocked", &elements]).map(drop)
     }
 
     /// Degrades host `name`'s egress as netem `spec` says (e.g. `"delay 2ms
@@ -569,10 +501,7 @@ impl ClusterNet {
             }
         }
         let s = parse_netem(spec)?;
-        let mut state = Netem::Emulated {
-            loss: false,
-            delayer: None,
-        };
+        let mut state = Netem::Emulated { loss: false, delayer: None };
         let applied = self.emulate(i, s, &mut state);
         // Whatever part was installed is recorded, so a failure is undone by
         // clear_netem (and by drop).
@@ -596,29 +525,19 @@ impl ClusterNet {
             } else {
                 format!("numgen random mod 1000000 < {} ", s.loss_ppm)
             };
-            let rule = format!(
-                "add rule bridge {NFT_TABLE} loss_{} {cond}drop",
-                self.hosts[i].port
-            );
+            let rule = format!("add rule bridge {NFT_TABLE} loss_{} {cond}drop", self.hosts[i].port);
             nft_script(&self.switch, &rule)?;
             *loss = true;
         }
         if !s.delay.is_zero() {
             // This kernel lacks sch_netem and nft's queue statement: the
             // delay needs an iptables NFQUEUE rule.
-            require(
-                "iptables",
-                "-V",
-                "iptables, for netem delay without sch_netem",
-            )?;
+            require("iptables", "-V", "iptables, for netem delay without sch_netem")?;
             // The queue is bound before any packet is sent to it (and
             // --queue-bypass lets packets through should it ever be unbound).
             *delayer = Some(nfqueue::Delayer::start(
                 self.netns_path(i),
-                nfqueue::DelaySpec {
-                    delay: s.delay,
-                    jitter: s.jitter,
-                },
+                nfqueue::DelaySpec { delay: s.delay, jitter: s.jitter },
             )?);
             ns_run(ns, "iptables", &nfqueue_rule("-A"))?;
         }
@@ -636,24 +555,20 @@ impl ClusterNet {
         let ns = &self.hosts[i].ns;
         match f.netem.remove(&i) {
             None => Ok(()),
-            Some(Netem::Qdisc) => {
-                ns_run(ns, "tc", &["qdisc", "del", "dev", HOST_IF, "root"]).map(drop)
-            }
+            Some(Netem::Qdisc) => ns_run(ns, "tc", &["qdisc", "del", "dev", HOST_IF, "root"]).map(drop),
             Some(Netem::Emulated { loss, delayer }) => {
                 let mut result = Ok(());
                 if let Some(mut d) = delayer {
                     // First no new packets are queued, then the held ones go.
                     // The rule may be missing if installing it failed.
-                    let listed =
-                        ns_run(ns, "iptables", &["-w", "-t", "mangle", "-S", "POSTROUTING"])?;
+                    let listed = ns_run(ns, "iptables", &["-w", "-t", "mangle", "-S", "POSTROUTING"])?;
                     if listed.contains("NFQUEUE") {
                         result = ns_run(ns, "iptables", &nfqueue_rule("-D")).map(drop);
                     }
                     result = result.and(d.stop());
                 }
                 if loss {
-                    let flush =
-                        format!("flush chain bridge {NFT_TABLE} loss_{}", self.hosts[i].port);
+                    let flush = format!("flush chain bridge {NFT_TABLE} loss_{}", self.hosts[i].port);
                     result = result.and(nft_script(&self.switch, &flush));
                 }
                 result
@@ -707,14 +622,8 @@ mod tests {
         assert_eq!(s.delay, Duration::from_micros(1500));
         assert_eq!(s.jitter, Duration::from_micros(500));
         assert_eq!(s.loss_ppm, 1000);
-        assert_eq!(
-            parse_netem("delay 300").unwrap().delay,
-            Duration::from_micros(300)
-        );
-        assert_eq!(
-            parse_netem("delay 1s").unwrap().delay,
-            Duration::from_secs(1)
-        );
+        assert_eq!(parse_netem("delay 300").unwrap().delay, Duration::from_micros(300));
+        assert_eq!(parse_netem("delay 1s").unwrap().delay, Duration::from_secs(1));
     }
 
     #[test]

@@ -207,7 +207,12 @@ pub fn wait_for<T>(timeout: Duration, what: &str, f: impl FnMut() -> Result<Opti
 }
 
 /// [`wait_for`] polling every `interval` (for probes that cost a process spawn).
-pub fn wait_for_every<T>(timeout: Duration, interval: Duration, what: &str, mut f: impl FnMut() -> Result<Option<T>>) -> Result<T> {
+pub fn wait_for_every<T>(
+    timeout: Duration,
+    interval: Duration,
+    what: &str,
+    mut f: impl FnMut() -> Result<Option<T>>,
+) -> Result<T> {
     let start = Instant::now();
     let mut last_err = None;
     loop {
@@ -237,9 +242,7 @@ pub fn tail(s: &str, bytes: usize) -> &str {
 
 fn random_hex(bytes: usize) -> Result<String> {
     let mut b = vec![0u8; bytes];
-    fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut b))
-        .context("read /dev/urandom")?;
+    fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)).context("read /dev/urandom")?;
     Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
@@ -280,11 +283,7 @@ pub fn output_within(mut cmd: Command, timeout: Duration, what: &str) -> Result<
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    Ok(Output {
-        status,
-        stdout: out_t.join().unwrap_or_default(),
-        stderr: err_t.join().unwrap_or_default(),
-    })
+    Ok(Output { status, stdout: out_t.join().unwrap_or_default(), stderr: err_t.join().unwrap_or_default() })
 }
 
 /// `kill -SIG pid` through kill(1): this crate keeps libc signal calls out of the fixture.
@@ -317,7 +316,10 @@ impl Cluster {
         }
         let serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
         let bin = hcblk_binary()?;
-        require_file(Path::new(crate::etcd::ETCD_BIN), "the cluster tests need a real etcd (Debian package etcd-server)")?;
+        require_file(
+            Path::new(crate::etcd::ETCD_BIN),
+            "the cluster tests need a real etcd (Debian package etcd-server)",
+        )?;
         require_file(Path::new(ETCDCTL_BIN), "the cluster tests read etcd with etcdctl (Debian package etcd-client)")?;
         let names: Vec<String> = (1..=options.nodes).map(|i| format!("n{i}")).collect();
         let mut hosts: Vec<&str> = vec!["etcd"];
@@ -352,16 +354,8 @@ impl Cluster {
             });
         }
         let etcd_host = net.host("etcd").clone();
-        let mut cluster = Self {
-            nodes,
-            etcd: None,
-            net,
-            _hugepages: Some(reservation),
-            dir,
-            options,
-            bin,
-            _serial: serial,
-        };
+        let mut cluster =
+            Self { nodes, etcd: None, net, _hugepages: Some(reservation), dir, options, bin, _serial: serial };
         // From here on `cluster`'s Drop cleans up whatever was started.
         let etcd = EtcdServer::start(EtcdOptions {
             name: "etcd".into(),
@@ -537,9 +531,7 @@ impl Cluster {
         let since = log.metadata().map(|m| m.len()).unwrap_or(0);
         writeln!(log, "==== hcblk-tests: start {starts} of {} ====", self.nodes[i].name)?;
         let mut cmd = self.daemon_command(i);
-        cmd.stdin(Stdio::null())
-            .stdout(log.try_clone().context("dup the daemon log")?)
-            .stderr(log);
+        cmd.stdin(Stdio::null()).stdout(log.try_clone().context("dup the daemon log")?).stderr(log);
         // `ip netns exec` execs the daemon in place: the child's pid is the daemon's.
         let child = cmd.spawn().with_context(|| format!("spawn {}", self.bin.display()))?;
         self.nodes[i].child = Some(child);
@@ -559,11 +551,17 @@ impl Cluster {
             let child = self.nodes[i].child.as_mut().context("spawned above")?;
             if let Some(status) = child.try_wait()? {
                 self.nodes[i].child = None;
-                bail!("hcblk daemon of {name} exited ({status}) before it was ready; its log:\n{}", tail(&text, LOG_TAIL_BYTES));
+                bail!(
+                    "hcblk daemon of {name} exited ({status}) before it was ready; its log:\n{}",
+                    tail(&text, LOG_TAIL_BYTES)
+                );
             }
             if start.elapsed() > READY_TIMEOUT {
                 let _ = self.kill9(&name);
-                bail!("hcblk daemon of {name} not ready within {READY_TIMEOUT:?}; its log:\n{}", tail(&text, LOG_TAIL_BYTES));
+                bail!(
+                    "hcblk daemon of {name} not ready within {READY_TIMEOUT:?}; its log:\n{}",
+                    tail(&text, LOG_TAIL_BYTES)
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -690,7 +688,8 @@ impl Cluster {
             args.push("--force");
         }
         let out = self.cli_ok(node, &args)?;
-        socket_line(&out).with_context(|| format!("`hcblk volume attach {name}` on {node} printed no `socket: PATH` line:\n{out}"))
+        socket_line(&out)
+            .with_context(|| format!("`hcblk volume attach {name}` on {node} printed no `socket: PATH` line:\n{out}"))
     }
 
     pub fn detach(&self, node: &str, name: &str) -> Result<()> {
@@ -706,9 +705,12 @@ impl Cluster {
     /// `etcdctl get KEY` run in etcd's namespace; `None` if the key does not exist.
     pub fn etcd_get(&self, key: &str) -> Result<Option<String>> {
         let mut c = self.net.command("etcd", ETCDCTL_BIN);
-        c.env("ETCDCTL_API", "3")
-            .arg(format!("--endpoints={}", self.etcd_endpoint()))
-            .args(["--command-timeout=5s", "get", key, "--print-value-only"]);
+        c.env("ETCDCTL_API", "3").arg(format!("--endpoints={}", self.etcd_endpoint())).args([
+            "--command-timeout=5s",
+            "get",
+            key,
+            "--print-value-only",
+        ]);
         let out = output_within(c, Duration::from_secs(15), &format!("etcdctl get {key}"))?;
         if !out.status.success() {
             bail!("etcdctl get {key} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
@@ -721,9 +723,12 @@ impl Cluster {
     /// the daemons own every key under [`ETCD_PREFIX`]).
     pub fn etcd_put(&self, key: &str, value: &str) -> Result<()> {
         let mut c = self.net.command("etcd", ETCDCTL_BIN);
-        c.env("ETCDCTL_API", "3")
-            .arg(format!("--endpoints={}", self.etcd_endpoint()))
-            .args(["--command-timeout=5s", "put", key, value]);
+        c.env("ETCDCTL_API", "3").arg(format!("--endpoints={}", self.etcd_endpoint())).args([
+            "--command-timeout=5s",
+            "put",
+            key,
+            value,
+        ]);
         let out = output_within(c, Duration::from_secs(15), &format!("etcdctl put {key}"))?;
         if !out.status.success() {
             bail!("etcdctl put {key} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
@@ -742,9 +747,7 @@ impl Cluster {
 
     /// The cluster id the daemons agreed on (`/hcblk/v1/cluster`, `{"cluster_id": N, ...}`).
     pub fn cluster_id(&self) -> Result<u64> {
-        let raw = self
-            .etcd_get(&format!("{ETCD_PREFIX}cluster"))?
-            .context("no cluster document in etcd yet")?;
+        let raw = self.etcd_get(&format!("{ETCD_PREFIX}cluster"))?.context("no cluster document in etcd yet")?;
         let v: serde_json::Value = serde_json::from_str(&raw).with_context(|| format!("cluster document: {raw}"))?;
         v.get("cluster_id")
             .and_then(serde_json::Value::as_u64)
@@ -822,7 +825,8 @@ pub fn socket_line(out: &str) -> Option<PathBuf> {
 
 /// `VmRSS` of process `pid` in KiB.
 pub fn rss_kib(pid: u32) -> Result<u64> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).with_context(|| format!("read /proc/{pid}/status"))?;
+    let status =
+        fs::read_to_string(format!("/proc/{pid}/status")).with_context(|| format!("read /proc/{pid}/status"))?;
     status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))

@@ -65,13 +65,7 @@ impl EtcdOptions {
         if peer_addr == client_addr {
             bail!("cannot find two distinct free loopback ports");
         }
-        Ok(Self {
-            name: name.to_owned(),
-            data_dir: data_dir.to_owned(),
-            client_addr,
-            peer_addr,
-            netns: None,
-        })
+        Ok(Self { name: name.to_owned(), data_dir: data_dir.to_owned(), client_addr, peer_addr, netns: None })
     }
 }
 

@@ -51,11 +51,7 @@ pub fn build_guest() -> Result<PathBuf> {
         .output()
         .context("running qemu/build-guest.sh")?;
     if !output.status.success() {
-        bail!(
-            "qemu/build-guest.sh failed ({}):\n{}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr)
-        );
+        bail!("qemu/build-guest.sh failed ({}):\n{}", output.status, String::from_utf8_lossy(&output.stderr));
     }
     Ok(out)
 }
@@ -430,10 +426,7 @@ pub struct QsdServer {
 
 impl QsdServer {
     pub fn start(dir: &Path, spec: &VolumeSpec) -> Result<Self> {
-        require_tool(
-            "qemu-storage-daemon",
-            "apt-get install qemu-system-x86 (Debian ships it there)",
-        )?;
+        require_tool("qemu-storage-daemon", "apt-get install qemu-system-x86 (Debian ships it there)")?;
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let image = dir.join("disk.img");
         File::create(&image)
@@ -462,14 +455,7 @@ impl QsdServer {
         ];
         let log = dir.join("qsd.log");
         let child = Self::spawn(&args, &socket, &qmp, &log)?;
-        Ok(Self {
-            child,
-            args,
-            socket,
-            qmp,
-            image,
-            log,
-        })
+        Ok(Self { child, args, socket, qmp, image, log })
     }
 
     fn spawn(args: &[String], socket: &Path, qmp: &Path, log: &Path) -> Result<Child> {
@@ -485,11 +471,7 @@ impl QsdServer {
         let mut child = Command::new("qemu-storage-daemon")
             .args(args)
             .stdin(Stdio::null())
-            .stdout(
-                log_file
-                    .try_clone()
-                    .context("duplicating the qsd.log handle")?,
-            )
+            .stdout(log_file.try_clone().context("duplicating the qsd.log handle")?)
             .stderr(log_file)
             .spawn()
             .context("spawning qemu-storage-daemon")?;
@@ -540,11 +522,8 @@ impl Server for QsdServer {
 pub fn stop_gracefully(child: &mut Child, limit: Duration) -> Result<ExitStatus> {
     // kill(1) rather than libc::kill keeps this crate free of unsafe; the
     // pid is our unreaped child (we hold its `Child`), so it cannot be reused.
-    let status = Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status()
-        .context("running kill -TERM")?;
+    let status =
+        Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().context("running kill -TERM")?;
     if !status.success() {
         bail!("kill -TERM {} failed ({status})", child.id());
     }
@@ -696,16 +675,12 @@ impl GuestOutcome {
 /// The last `HCBLK-RESULT` of a console transcript. Markers may follow
 /// firmware escape sequences on the same line, so they are searched, not anchored.
 pub fn parse_verdict(console: &str) -> Option<Verdict> {
-    let line = console
-        .lines()
-        .rev()
-        .find_map(|l| l.find("HCBLK-RESULT ").map(|i| &l[i..]))?;
+    let line = console.lines().rev().find_map(|l| l.find("HCBLK-RESULT ").map(|i| &l[i..]))?;
     let rest = line["HCBLK-RESULT ".len()..].trim_end_matches(['\r', ' ']);
     if rest == "PASS" {
         Some(Verdict::Pass)
     } else {
-        rest.strip_prefix("FAIL")
-            .map(|reason| Verdict::Fail(reason.trim().to_owned()))
+        rest.strip_prefix("FAIL").map(|reason| Verdict::Fail(reason.trim().to_owned()))
     }
 }
 
@@ -788,10 +763,7 @@ pub fn run_guest(
         .stderr(Stdio::piped())
         .spawn()
         .context("spawning qemu/run-guest.sh")?;
-    let stderr = child
-        .stderr
-        .take()
-        .ok_or_else(|| anyhow!("no stderr pipe"))?;
+    let stderr = child.stderr.take().ok_or_else(|| anyhow!("no stderr pipe"))?;
     // Drain stderr on a thread so run-guest.sh can never block on a full pipe.
     let stderr_reader = std::thread::spawn(move || {
         let mut text = String::new();
@@ -845,8 +817,7 @@ pub fn run_guest(
     let console = String::from_utf8_lossy(&fs::read(&log).unwrap_or_default()).into_owned();
     let verdict = match status.code() {
         Some(0) => Verdict::Pass,
-        Some(1) => parse_verdict(&console)
-            .unwrap_or_else(|| Verdict::Fail("run-guest.sh failed".to_owned())),
+        Some(1) => parse_verdict(&console).unwrap_or_else(|| Verdict::Fail("run-guest.sh failed".to_owned())),
         Some(2) => Verdict::NoVerdict,
         Some(3) => Verdict::Timeout,
         _ => bail!("qemu/run-guest.sh could not run the guest ({status}):\n{script_stderr}"),
@@ -856,20 +827,13 @@ pub fn run_guest(
     if verdict == Verdict::Pass && parse_verdict(&console) != Some(Verdict::Pass) {
         bail!("run-guest.sh reported PASS but the console has no PASS verdict:\n{script_stderr}");
     }
-    Ok(GuestOutcome {
-        verdict,
-        console,
-        log,
-        elapsed: start.elapsed(),
-    })
+    Ok(GuestOutcome { verdict, console, log, elapsed: start.elapsed() })
 }
 
 /// Whether the console log contains `marker` (re-read each time: the logs
 /// are a few hundred KiB at most and this runs every 100 ms).
 pub fn console_has(log: &Path, marker: &str) -> bool {
-    fs::read(log)
-        .map(|bytes| String::from_utf8_lossy(&bytes).contains(marker))
-        .unwrap_or(false)
+    fs::read(log).map(|bytes| String::from_utf8_lossy(&bytes).contains(marker)).unwrap_or(false)
 }
 
 /// The gaps of every `HCBLK-STALL ms=<gap>` line of a console transcript (`fio-kill`
@@ -899,7 +863,8 @@ mod tests {
         let mut newest = std::time::UNIX_EPOCH;
         for entry in fs::read_dir(dir).unwrap() {
             let path = entry.unwrap().path();
-            let time = if path.is_dir() { newest_source(&path) } else { fs::metadata(&path).unwrap().modified().unwrap() };
+            let time =
+                if path.is_dir() { newest_source(&path) } else { fs::metadata(&path).unwrap().modified().unwrap() };
             newest = newest.max(time);
         }
         newest
@@ -936,15 +901,13 @@ mod tests {
 
     #[test]
     fn verdict_is_the_last_marker_even_after_escape_codes() {
-        let console = "SeaBIOS\n\x1b[2JHCBLK-BOOT mode=x\nHCBLK-RESULT FAIL first\r\nHCBLK-RESULT PASS\r\n[ 7.4] reboot";
-        assert_eq!(parse_verdict(console), Some(Verdict::Pass));
         let console =
-            "\x1b[?7lHCBLK-RESULT FAIL fio verify-only exited 1: crc32c: verify failed at ...\r\n";
+            "SeaBIOS\n\x1b[2JHCBLK-BOOT mode=x\nHCBLK-RESULT FAIL first\r\nHCBLK-RESULT PASS\r\n[ 7.4] reboot";
+        assert_eq!(parse_verdict(console), Some(Verdict::Pass));
+        let console = "\x1b[?7lHCBLK-RESULT FAIL fio verify-only exited 1: crc32c: verify failed at ...\r\n";
         assert_eq!(
             parse_verdict(console),
-            Some(Verdict::Fail(
-                "fio verify-only exited 1: crc32c: verify failed at ...".to_owned()
-            ))
+            Some(Verdict::Fail("fio verify-only exited 1: crc32c: verify failed at ...".to_owned()))
         );
     }
 

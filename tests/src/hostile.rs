@@ -116,7 +116,11 @@ impl HostileConn {
     pub fn send_raw(&mut self, bytes: &[u8]) -> Result<()> {
         match self.sock.write_all(bytes) {
             Err(e) if matches!(e.kind(), std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset) => {
-                eprintln!("send {} bytes to {}: the target closed the connection already ({e})", bytes.len(), self.peer);
+                eprintln!(
+                    "send {} bytes to {}: the target closed the connection already ({e})",
+                    bytes.len(),
+                    self.peer
+                );
                 Ok(())
             }
             r => r.with_context(|| format!("send {} bytes to {}", bytes.len(), self.peer)),
@@ -164,7 +168,9 @@ impl HostileConn {
                     match e.kind() {
                         ErrorKind::WouldBlock | ErrorKind::TimedOut => return Ok(Received::TimedOut),
                         ErrorKind::Interrupted => {}
-                        ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe => self.closed = true,
+                        ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe => {
+                            self.closed = true
+                        }
                         _ => return Err(e).with_context(|| format!("receive from {}", self.peer)),
                     }
                 }
@@ -218,7 +224,9 @@ impl HostileConn {
         self.send(&Message::Hello(Hello { cluster_id: id.cluster_id, node_id: id.node_id, nonce }))?;
         let ch = match self.recv(left())? {
             Received::Frame(Message::Challenge(c), _) => c,
-            Received::Frame(Message::Error(e), _) => return Ok(HandshakeOutcome::Refused { code: e.code, text: e.text }),
+            Received::Frame(Message::Error(e), _) => {
+                return Ok(HandshakeOutcome::Refused { code: e.code, text: e.text })
+            }
             Received::Closed => return Ok(HandshakeOutcome::Closed),
             Received::TimedOut => return Ok(HandshakeOutcome::TimedOut),
             other => bail!("expected CHALLENGE, got {other:?}"),
@@ -241,7 +249,9 @@ impl HostileConn {
         // A liar goes on even when the acceptor's proof does not check out.
         self.send(&Message::Auth(proof))?;
         Ok(match self.recv(left())? {
-            Received::Frame(Message::Ready, _) => HandshakeOutcome::Ready { server_node: ch.node_id, server_proof_valid },
+            Received::Frame(Message::Ready, _) => {
+                HandshakeOutcome::Ready { server_node: ch.node_id, server_proof_valid }
+            }
             Received::Frame(Message::Error(e), _) => HandshakeOutcome::Refused { code: e.code, text: e.text },
             Received::Closed => HandshakeOutcome::Closed,
             Received::TimedOut => HandshakeOutcome::TimedOut,
@@ -266,7 +276,9 @@ impl HostileConn {
                 Received::Closed => return Ok(Closing { error, after: start.elapsed(), frames }),
                 // The stream is unusable, and the target may still be sending: drop it.
                 Received::Malformed(m) => bail!("target sent undecodable bytes: {m}"),
-                Received::TimedOut => bail!("{} kept the connection open for {timeout:?} ({frames} frames, error {error:?})", self.peer),
+                Received::TimedOut => {
+                    bail!("{} kept the connection open for {timeout:?} ({frames} frames, error {error:?})", self.peer)
+                }
             }
         }
     }
@@ -338,9 +350,14 @@ pub enum ReadPolicy {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DriveOutcome {
     /// The target's COMPLETION for the descriptor.
-    Completed { status: Status, bytes: u32 },
+    Completed {
+        status: Status,
+        bytes: u32,
+    },
     /// The target closed the connection (after an ERROR, if it sent one).
-    Closed { error: Option<(u32, String)> },
+    Closed {
+        error: Option<(u32, String)>,
+    },
     TimedOut,
 }
 
@@ -359,7 +376,14 @@ pub struct Drive {
 /// Sends `m` (a WRITE, READ, FLUSH, ... whose request id is `request_id`; an inline WRITE with
 /// `payload`) and serves the target's one-sided operations on `mem` as `policy` says, until
 /// the COMPLETION of `request_id` (or a PROMISE_ACK of it), a close, or `timeout`.
-pub fn drive(conn: &mut HostileConn, m: &Message, payload: &[u8], mem: &mut Memory, policy: ReadPolicy, timeout: Duration) -> Result<Drive> {
+pub fn drive(
+    conn: &mut HostileConn,
+    m: &Message,
+    payload: &[u8],
+    mem: &mut Memory,
+    policy: ReadPolicy,
+    timeout: Duration,
+) -> Result<Drive> {
     let request_id = match m {
         Message::Write(d) | Message::Read(d) => d.request_id,
         Message::Flush(f) => f.request_id,
@@ -388,8 +412,14 @@ pub fn drive(conn: &mut HostileConn, m: &Message, payload: &[u8], mem: &mut Memo
             Received::Frame(Message::DataRead(r), _) => {
                 d.data_reads += 1;
                 let honest = |mem: &Memory| match mem.window(r.addr, r.len) {
-                    Some(w) => (Message::DataReadResp(DataResp { op_id: r.op_id, status: Status::Ok, len: r.len }), mem.bytes[w].to_vec()),
-                    None => (Message::DataReadResp(DataResp { op_id: r.op_id, status: Status::AccessDenied, len: 0 }), Vec::new()),
+                    Some(w) => (
+                        Message::DataReadResp(DataResp { op_id: r.op_id, status: Status::Ok, len: r.len }),
+                        mem.bytes[w].to_vec(),
+                    ),
+                    None => (
+                        Message::DataReadResp(DataResp { op_id: r.op_id, status: Status::AccessDenied, len: 0 }),
+                        Vec::new(),
+                    ),
                 };
                 match policy {
                     ReadPolicy::Honest => {
@@ -445,7 +475,15 @@ pub fn drive(conn: &mut HostileConn, m: &Message, payload: &[u8], mem: &mut Memo
 }
 
 /// A READ/WRITE descriptor with the given stamps (no segments, not inline).
-pub fn descriptor(request_id: u64, volume: u64, generation: u64, epoch: u32, incarnation: u64, offset: u64, length: u32) -> Descriptor {
+pub fn descriptor(
+    request_id: u64,
+    volume: u64,
+    generation: u64,
+    epoch: u32,
+    incarnation: u64,
+    offset: u64,
+    length: u32,
+) -> Descriptor {
     Descriptor { request_id, volume, generation, offset, length, epoch, incarnation, ..Descriptor::default() }
 }
 
@@ -482,7 +520,12 @@ pub fn handshake_as(addr: SocketAddr, id: &Identity, timeout: Duration) -> Resul
 
 /// Sends a valid HELLO one byte every `interval`; returns how many bytes went out before the
 /// target closed the connection, and when (an error if it never did within `limit`).
-pub fn trickle_hello(addr: SocketAddr, id: &Identity, interval: Duration, limit: Duration) -> Result<(usize, Duration)> {
+pub fn trickle_hello(
+    addr: SocketAddr,
+    id: &Identity,
+    interval: Duration,
+    limit: Duration,
+) -> Result<(usize, Duration)> {
     let b = Message::Hello(Hello { cluster_id: id.cluster_id, node_id: id.node_id, nonce: [9; NONCE_LEN] })
         .to_vec()
         .map_err(|e| anyhow!("{e}"))?;
@@ -564,7 +607,9 @@ pub fn forged_one_sided(conn: &mut HostileConn, keys: &[(u32, u64)], timeout: Du
                 r.closed = true;
                 break;
             }
-            Received::TimedOut => bail!("{} of {} forged accesses answered within {timeout:?}", r.denied + r.allowed, r.sent),
+            Received::TimedOut => {
+                bail!("{} of {} forged accesses answered within {timeout:?}", r.denied + r.allowed, r.sent)
+            }
             Received::Malformed(m) => bail!("target sent undecodable bytes: {m}"),
         }
     }
@@ -626,7 +671,12 @@ impl FloodReport {
 /// Writes `frames(i)` for i in 0..n as fast as the target takes them (a writer thread) while
 /// reading everything it answers (one-sided READs left unanswered: `Silent`), for at most
 /// `duration` in all; then closes the connection.
-pub fn flood(conn: HostileConn, n: u64, frames: impl Fn(u64) -> (Message, Vec<u8>) + Send, duration: Duration) -> Result<FloodReport> {
+pub fn flood(
+    conn: HostileConn,
+    n: u64,
+    frames: impl Fn(u64) -> (Message, Vec<u8>) + Send,
+    duration: Duration,
+) -> Result<FloodReport> {
     let mut conn = conn;
     let mut writer = conn.try_clone_socket()?;
     let stop = Arc::new(AtomicBool::new(false));
@@ -663,8 +713,12 @@ pub fn flood(conn: HostileConn, n: u64, frames: impl Fn(u64) -> (Message, Vec<u8
                 break;
             }
             match conn.recv_app(left.min(Duration::from_millis(500)))? {
-                Received::Frame(Message::Completion(c), _) => *r.statuses.entry(format!("{:?}", c.status)).or_default() += 1,
-                Received::Frame(Message::PromiseAck(a), _) => *r.statuses.entry(format!("{:?}", a.status)).or_default() += 1,
+                Received::Frame(Message::Completion(c), _) => {
+                    *r.statuses.entry(format!("{:?}", c.status)).or_default() += 1
+                }
+                Received::Frame(Message::PromiseAck(a), _) => {
+                    *r.statuses.entry(format!("{:?}", a.status)).or_default() += 1
+                }
                 Received::Frame(Message::DataRead(_), _) => r.data_reads += 1,
                 Received::Frame(Message::DataWrite(_), _) => r.data_writes += 1,
                 Received::Frame(Message::Error(e), _) => r.errors.push((e.code, e.text)),
@@ -750,7 +804,9 @@ mod tests {
         });
         let mut c = HostileConn::connect(addr, Duration::from_secs(2)).unwrap();
         match c.recv(Duration::from_secs(5)).unwrap() {
-            Received::Frame(Message::Completion(x), p) => assert_eq!((x.request_id, x.status, p.len()), (5, Status::Busy, 0)),
+            Received::Frame(Message::Completion(x), p) => {
+                assert_eq!((x.request_id, x.status, p.len()), (5, Status::Busy, 0))
+            }
             other => panic!("{other:?}"),
         }
         match c.recv(Duration::from_secs(5)).unwrap() {

@@ -26,18 +26,9 @@ fn ip(args: &[&str]) -> Result<()> {
         .args(args)
         .stdin(Stdio::null())
         .output()
-        .with_context(|| {
-            format!(
-                "cannot run `ip {}` (is iproute2 installed?)",
-                args.join(" ")
-            )
-        })?;
+        .with_context(|| format!("cannot run `ip {}` (is iproute2 installed?)", args.join(" ")))?;
     if !out.status.success() {
-        bail!(
-            "`ip {}` failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("`ip {}` failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(())
 }
@@ -52,13 +43,7 @@ impl NetnsPair {
                 unsafe { libc::geteuid() }
             });
         }
-        if Command::new("ip")
-            .arg("-V")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_err()
-        {
+        if Command::new("ip").arg("-V").stdout(Stdio::null()).stderr(Stdio::null()).status().is_err() {
             bail!("network namespace tests need the `ip` command (Debian package iproute2)");
         }
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
@@ -72,14 +57,8 @@ impl NetnsPair {
         // From here on `pair`'s Drop cleans up whatever was created.
         ip(&["netns", "add", &pair.a])?;
         ip(&["netns", "add", &pair.b])?;
-        ip(&[
-            "link", "add", "veth-a", "netns", &pair.a, "type", "veth", "peer", "name", "veth-b",
-            "netns", &pair.b,
-        ])?;
-        for (ns, dev, addr) in [
-            (&pair.a, "veth-a", pair.addr_a),
-            (&pair.b, "veth-b", pair.addr_b),
-        ] {
+        ip(&["link", "add", "veth-a", "netns", &pair.a, "type", "veth", "peer", "name", "veth-b", "netns", &pair.b])?;
+        for (ns, dev, addr) in [(&pair.a, "veth-a", pair.addr_a), (&pair.b, "veth-b", pair.addr_b)] {
             ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", dev])?;
             ip(&["-n", ns, "link", "set", dev, "up"])?;
             ip(&["-n", ns, "link", "set", "lo", "up"])?;
@@ -97,8 +76,7 @@ impl NetnsPair {
     /// Moves the calling thread into namespace `ns`; sockets it creates from
     /// now on live there (other threads are unaffected).
     pub fn enter(&self, ns: &str) -> Result<()> {
-        let f = std::fs::File::open(format!("/run/netns/{ns}"))
-            .with_context(|| format!("open /run/netns/{ns}"))?;
+        let f = std::fs::File::open(format!("/run/netns/{ns}")).with_context(|| format!("open /run/netns/{ns}"))?;
         // SAFETY: `f` is an open namespace file; setns only changes this thread's network namespace.
         if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
             return Err(std::io::Error::last_os_error()).context("setns(CLONE_NEWNET)");
@@ -111,11 +89,7 @@ impl Drop for NetnsPair {
     fn drop(&mut self) {
         // Deleting a namespace also deletes its end of the veth pair.
         for ns in [&self.a, &self.b] {
-            let _ = Command::new("ip")
-                .args(["netns", "del", ns])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
+            let _ = Command::new("ip").args(["netns", "del", ns]).stdout(Stdio::null()).stderr(Stdio::null()).status();
         }
     }
 }

@@ -84,7 +84,11 @@ impl Layout {
             region_bytes: Some(m.region_bytes),
             owner: m.owner.clone(),
             generation: Some(m.generation),
-            extents: m.extents.iter().map(|e| e.members.iter().map(|mb| (mb.node.clone(), mb.state)).collect()).collect(),
+            extents: m
+                .extents
+                .iter()
+                .map(|e| e.members.iter().map(|mb| (mb.node.clone(), mb.state)).collect())
+                .collect(),
         }
     }
 
@@ -93,7 +97,8 @@ impl Layout {
         // `volume info --json` in cluster mode: geometry at the top level, the layout under
         // `cluster` (`id`, `owner`, and `extents` as one array of members per extent).
         let parse = || -> Result<Self> {
-            let cluster = info.get("cluster").filter(|c| c.is_object()).ok_or_else(|| anyhow!("no `cluster` section"))?;
+            let cluster =
+                info.get("cluster").filter(|c| c.is_object()).ok_or_else(|| anyhow!("no `cluster` section"))?;
             let id = parse_id(cluster.get("id").ok_or_else(|| anyhow!("no `cluster.id`"))?)?;
             let size_bytes = u64_field(info, "size_bytes")?;
             let extent_bytes = u64_field(info, "extent_bytes")?;
@@ -111,8 +116,14 @@ impl Layout {
                         .ok_or_else(|| anyhow!("extent {i} is not an array of members"))?
                         .iter()
                         .map(|m| {
-                            let node = m.get("node").and_then(Value::as_str).ok_or_else(|| anyhow!("extent {i}: a member without `node`"))?;
-                            let state = m.get("state").and_then(Value::as_str).ok_or_else(|| anyhow!("extent {i}: member {node} without `state`"))?;
+                            let node = m
+                                .get("node")
+                                .and_then(Value::as_str)
+                                .ok_or_else(|| anyhow!("extent {i}: a member without `node`"))?;
+                            let state = m
+                                .get("state")
+                                .and_then(Value::as_str)
+                                .ok_or_else(|| anyhow!("extent {i}: member {node} without `state`"))?;
                             Ok((node.to_owned(), parse_state(state)?))
                         })
                         .collect::<Result<Vec<_>>>()
@@ -170,7 +181,10 @@ impl Layout {
 
     /// One line per extent: `e0: n1=in_sync n2=stale ...`.
     pub fn describe(&self) -> String {
-        let mut s = format!("volume {:016x}, {} bytes, owner {:?}, generation {:?}", self.id, self.size_bytes, self.owner, self.generation);
+        let mut s = format!(
+            "volume {:016x}, {} bytes, owner {:?}, generation {:?}",
+            self.id, self.size_bytes, self.owner, self.generation
+        );
         for (i, e) in self.extents.iter().enumerate() {
             let members: Vec<String> = e.iter().map(|(n, st)| format!("{n}={st:?}")).collect();
             s += &format!("\n  extent {i}: {}", members.join(" "));
@@ -204,12 +218,20 @@ fn read_full(f: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
 /// Checks that the in-sync members of every extent hold the same bytes for that extent.
 /// `path_of(node)` is the node's replica file of this volume. Extents with fewer than two
 /// in-sync members are skipped (nothing to compare), unless `min_in_sync` says otherwise.
-pub fn compare_in_sync(layout: &Layout, min_in_sync: usize, path_of: impl Fn(&str) -> Result<PathBuf>) -> Result<CompareReport> {
+pub fn compare_in_sync(
+    layout: &Layout,
+    min_in_sync: usize,
+    path_of: impl Fn(&str) -> Result<PathBuf>,
+) -> Result<CompareReport> {
     let mut report = CompareReport::default();
     for i in 0..layout.extents.len() {
         let members = layout.in_sync(i);
         if members.len() < min_in_sync {
-            bail!("extent {i} has {} in-sync members, expected at least {min_in_sync}\n{}", members.len(), layout.describe());
+            bail!(
+                "extent {i} has {} in-sync members, expected at least {min_in_sync}\n{}",
+                members.len(),
+                layout.describe()
+            );
         }
         if members.len() < 2 {
             continue;
@@ -224,7 +246,10 @@ pub fn compare_in_sync(layout: &Layout, min_in_sync: usize, path_of: impl Fn(&st
                 let f = match File::open(&p) {
                     Ok(f) => Some(f),
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-                    Err(e) => return Err(e).with_context(|| format!("open {n}'s replica {} (extent {i} in sync there)", p.display())),
+                    Err(e) => {
+                        return Err(e)
+                            .with_context(|| format!("open {n}'s replica {} (extent {i} in sync there)", p.display()))
+                    }
                 };
                 if f.as_ref().map_or(Ok(0), |f| f.metadata().map(|m| m.len()))? < end {
                     report.short_files.push(p.clone());

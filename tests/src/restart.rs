@@ -97,10 +97,7 @@ pub fn recovered_inflight(log: &str) -> Recovered {
 
 /// Requests a stopping hcblk completed before it exited (`drained the requests in flight`).
 pub fn drained_at_stop(log: &str) -> u64 {
-    log.lines()
-        .filter(|l| l.contains("drained the requests in flight"))
-        .filter_map(|l| log_field(l, "requests="))
-        .sum()
+    log.lines().filter(|l| l.contains("drained the requests in flight")).filter_map(|l| log_field(l, "requests=")).sum()
 }
 
 /// The number after `key` on a log line (`key=123`, as tracing writes fields).

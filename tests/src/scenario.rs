@@ -26,7 +26,15 @@ pub struct Vol {
 
 /// `volume create NAME --size SIZE --replicas R --min-replicas M --extent-size E` on `node`,
 /// then `volume attach` there.
-pub fn create_and_attach(c: &Cluster, node: &str, name: &str, size_mib: u64, replicas: u8, min: u8, extent_mib: u64) -> Result<Vol> {
+pub fn create_and_attach(
+    c: &Cluster,
+    node: &str,
+    name: &str,
+    size_mib: u64,
+    replicas: u8,
+    min: u8,
+    extent_mib: u64,
+) -> Result<Vol> {
     let size = format!("{size_mib}M");
     let extent = format!("{extent_mib}M");
     c.create_volume(
@@ -47,7 +55,14 @@ pub fn layout(c: &Cluster, name: &str) -> Result<Layout> {
 
 /// Polls the layout in etcd until `pred` holds; returns it. `watch` (if any) is polled at the
 /// same time, collecting resync progress from the owner.
-pub fn wait_layout(c: &Cluster, name: &str, timeout: Duration, what: &str, mut watch: Option<&mut SyncWatch>, pred: impl Fn(&Layout) -> bool) -> Result<Layout> {
+pub fn wait_layout(
+    c: &Cluster,
+    name: &str,
+    timeout: Duration,
+    what: &str,
+    mut watch: Option<&mut SyncWatch>,
+    pred: impl Fn(&Layout) -> bool,
+) -> Result<Layout> {
     let mut last = None;
     let r = wait_for_every(timeout, LAYOUT_POLL, what, || {
         if let Some(w) = watch.as_deref_mut() {
@@ -94,7 +109,11 @@ impl SyncWatch {
         match c.volume_info(&self.owner, &self.volume) {
             Ok(info) => {
                 for s in Syncs::from_info_json(&info) {
-                    match self.seen.iter_mut().find(|x| x.node == s.node && x.extent == s.extent && x.rebuild == s.rebuild) {
+                    match self
+                        .seen
+                        .iter_mut()
+                        .find(|x| x.node == s.node && x.extent == s.extent && x.rebuild == s.rebuild)
+                    {
                         Some(x) => {
                             x.regions_done = x.regions_done.max(s.regions_done);
                             x.regions_total = x.regions_total.max(s.regions_total);
@@ -111,7 +130,13 @@ impl SyncWatch {
 
 /// How much was copied to `node` after `log_offset` of the owner's log, by the log's finished
 /// syncs and the progress `watch` saw (the larger per extent): (regions, the records).
-pub fn resynced_regions(c: &Cluster, owner: &str, node: &str, log_offset: usize, watch: &SyncWatch) -> Result<(u64, Vec<SyncSeen>)> {
+pub fn resynced_regions(
+    c: &Cluster,
+    owner: &str,
+    node: &str,
+    log_offset: usize,
+    watch: &SyncWatch,
+) -> Result<(u64, Vec<SyncSeen>)> {
     let log = c.log(owner)?;
     let from_log = resyncs_in_log(log.get(log_offset..).unwrap_or(""), node);
     let mut per_extent: std::collections::BTreeMap<Option<u32>, u64> = Default::default();
@@ -120,7 +145,8 @@ pub fn resynced_regions(c: &Cluster, owner: &str, node: &str, log_offset: usize,
         let e = per_extent.entry(s.extent).or_default();
         *e = (*e).max(regions);
     }
-    let records: Vec<SyncSeen> = from_log.into_iter().chain(watch.seen.iter().filter(|s| s.node == node).cloned()).collect();
+    let records: Vec<SyncSeen> =
+        from_log.into_iter().chain(watch.seen.iter().filter(|s| s.node == node).cloned()).collect();
     Ok((per_extent.values().sum(), records))
 }
 
@@ -153,7 +179,9 @@ pub fn check_replicas(c: &Cluster, name: &str, ledgers: &[&Ledger], min_in_sync:
         for node in l.in_sync(i) {
             let path = c.replica_path(node, l.id)?;
             let r = verify::verify_file(&path, ledgers, b0, b1 - b0, &Observed::Zero)?;
-            r.ensure_ok().with_context(|| format!("{node}'s replica of extent {i} ({}) misses acknowledged writes", path.display()))?;
+            r.ensure_ok().with_context(|| {
+                format!("{node}'s replica of extent {i} ({}) misses acknowledged writes", path.display())
+            })?;
         }
     }
     Ok(report)
@@ -171,7 +199,14 @@ pub fn verify_through(socket: &std::path::Path, ledgers: &[&Ledger]) -> Result<v
     let mut client = verify_client(socket)?;
     let (first, end) = ledger_span(ledgers);
     let r = verify::verify(&mut client, ledgers, first, end - first, &Observed::Zero)?;
-    eprintln!("verify through {}: {} blocks, {} written, {} zero, {:.1?}", socket.display(), r.blocks_checked, r.written, r.zero, r.elapsed);
+    eprintln!(
+        "verify through {}: {} blocks, {} written, {} zero, {:.1?}",
+        socket.display(),
+        r.blocks_checked,
+        r.written,
+        r.zero,
+        r.elapsed
+    );
     r.ensure_ok()?;
     Ok(r)
 }

@@ -149,7 +149,10 @@ pub fn inspect_block(data: &[u8], index: u64) -> Observed {
     let mut expect = vec![0u8; BLOCK - HEADER];
     fill_payload(&mut expect, seed, block, seq);
     if let Some(at) = expect.iter().zip(&data[HEADER..]).position(|(a, b)| a != b) {
-        return Observed::Corrupt(format!("payload of write {seq} of client {seed:#x} differs at byte {}", HEADER + at));
+        return Observed::Corrupt(format!(
+            "payload of write {seq} of client {seed:#x} differs at byte {}",
+            HEADER + at
+        ));
     }
     Observed::Write { seed, seq }
 }
@@ -266,11 +269,15 @@ impl BlkClient {
     /// Connects to the export at `socket`; retries for up to 10 s while the socket is not
     /// there yet or refuses (an export just attached).
     pub fn connect(socket: &Path, slots: usize, slot_bytes: usize) -> Result<Self> {
-        ensure!(slots > 0 && slot_bytes > 0 && slot_bytes.is_multiple_of(BLOCK), "bad client geometry {slots} x {slot_bytes}");
+        ensure!(
+            slots > 0 && slot_bytes > 0 && slot_bytes.is_multiple_of(BLOCK),
+            "bad client geometry {slots} x {slot_bytes}"
+        );
         let path = socket.to_str().context("socket path is not UTF-8")?;
         let start = Instant::now();
         let mut blkio = loop {
-            let mut b = Blkio::new("virtio-blk-vhost-user").map_err(|e| anyhow::anyhow!("libblkio driver: {}", e.message()))?;
+            let mut b =
+                Blkio::new("virtio-blk-vhost-user").map_err(|e| anyhow::anyhow!("libblkio driver: {}", e.message()))?;
             b.set_str("path", path).map_err(|e| anyhow::anyhow!("set path: {}", e.message()))?;
             b.set_bool("read-only", false).map_err(|e| anyhow::anyhow!("set read-only: {}", e.message()))?;
             match b.connect() {
@@ -286,7 +293,8 @@ impl BlkClient {
         let capacity = blkio.get_u64("capacity").map_err(|e| anyhow::anyhow!("capacity: {}", e.message()))?;
         let started = blkio.start().map_err(|e| anyhow::anyhow!("start {}: {}", socket.display(), e.message()))?;
         let queue = started.queues.into_iter().next().context("libblkio returned no queue")?;
-        let align = blkio.get_u64("mem-region-alignment").map_err(|e| anyhow::anyhow!("{}", e.message()))?.max(4096) as usize;
+        let align =
+            blkio.get_u64("mem-region-alignment").map_err(|e| anyhow::anyhow!("{}", e.message()))?.max(4096) as usize;
         let len = (slots * slot_bytes).div_ceil(align) * align;
         let region = blkio.alloc_mem_region(len).map_err(|e| anyhow::anyhow!("alloc_mem_region: {}", e.message()))?;
         blkio.map_mem_region(&region).map_err(|e| anyhow::anyhow!("map_mem_region: {}", e.message()))?;
@@ -493,7 +501,12 @@ impl WorkloadReport {
             bail!("I/O stalled for good ({})", self.summary());
         }
         if self.error_count > 0 {
-            bail!("{} I/O errors reached the client, first: {:?} ({})", self.error_count, self.errors.first(), self.summary());
+            bail!(
+                "{} I/O errors reached the client, first: {:?} ({})",
+                self.error_count,
+                self.errors.first(),
+                self.summary()
+            );
         }
         Ok(())
     }
@@ -750,9 +763,21 @@ impl Workload {
     /// Starts writing on a thread of its own with `client` (whose slots must hold
     /// `blocks_per_write` blocks and number at least `queue_depth`).
     pub fn start(client: BlkClient, cfg: WorkloadConfig) -> Result<Self> {
-        ensure!(cfg.blocks_per_write >= 1 && cfg.blocks >= cfg.blocks_per_write * 4, "the range must hold at least 4 writes");
-        ensure!(client.slots >= cfg.queue_depth && cfg.queue_depth >= 1, "client has {} slots for queue depth {}", client.slots, cfg.queue_depth);
-        ensure!(client.slot_bytes as u64 >= cfg.blocks_per_write * BLOCK as u64, "client slots too small for {} blocks", cfg.blocks_per_write);
+        ensure!(
+            cfg.blocks_per_write >= 1 && cfg.blocks >= cfg.blocks_per_write * 4,
+            "the range must hold at least 4 writes"
+        );
+        ensure!(
+            client.slots >= cfg.queue_depth && cfg.queue_depth >= 1,
+            "client has {} slots for queue depth {}",
+            client.slots,
+            cfg.queue_depth
+        );
+        ensure!(
+            client.slot_bytes as u64 >= cfg.blocks_per_write * BLOCK as u64,
+            "client slots too small for {} blocks",
+            cfg.blocks_per_write
+        );
         let end = (cfg.first_block + cfg.blocks) * BLOCK as u64;
         ensure!(end <= client.capacity, "range ends at {end}, beyond the device's {} bytes", client.capacity);
         let stop = Arc::new(AtomicBool::new(false));
@@ -863,7 +888,14 @@ pub struct Mismatch {
 impl std::fmt::Display for Mismatch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let exp: Vec<String> = self.expected.iter().map(ToString::to_string).collect();
-        write!(f, "block {} (byte {}) holds {}, expected {}", self.block, self.block * BLOCK as u64, self.found, exp.join(" or "))
+        write!(
+            f,
+            "block {} (byte {}) holds {}, expected {}",
+            self.block,
+            self.block * BLOCK as u64,
+            self.found,
+            exp.join(" or ")
+        )
     }
 }
 
@@ -882,7 +914,12 @@ impl VerifyReport {
     pub fn ensure_ok(&self) -> Result<()> {
         if self.mismatch_count > 0 {
             let list: Vec<String> = self.mismatches.iter().map(ToString::to_string).collect();
-            bail!("{} of {} blocks hold what no acknowledged write put there:\n  {}", self.mismatch_count, self.blocks_checked, list.join("\n  "));
+            bail!(
+                "{} of {} blocks hold what no acknowledged write put there:\n  {}",
+                self.mismatch_count,
+                self.blocks_checked,
+                list.join("\n  ")
+            );
         }
         Ok(())
     }
@@ -890,7 +927,13 @@ impl VerifyReport {
 
 /// Reads blocks `[first_block, first_block + blocks)` through `client` and checks each
 /// against `ledgers` (oldest first; the volume held `initial` everywhere before).
-pub fn verify(client: &mut BlkClient, ledgers: &[&Ledger], first_block: u64, blocks: u64, initial: &Observed) -> Result<VerifyReport> {
+pub fn verify(
+    client: &mut BlkClient,
+    ledgers: &[&Ledger],
+    first_block: u64,
+    blocks: u64,
+    initial: &Observed,
+) -> Result<VerifyReport> {
     let start = Instant::now();
     let mut r = VerifyReport::default();
     let per_read = (client.slot_bytes / BLOCK) as u64;
@@ -900,7 +943,9 @@ pub fn verify(client: &mut BlkClient, ledgers: &[&Ledger], first_block: u64, blo
     let mut b = first_block;
     while b < end {
         let n = per_read.min(end - b);
-        let data = client.read_sync(b * BLOCK as u64, (n as usize) * BLOCK, VERIFY_IO_TIMEOUT).with_context(|| format!("verify: read of blocks {b}..{}", b + n))?;
+        let data = client
+            .read_sync(b * BLOCK as u64, (n as usize) * BLOCK, VERIFY_IO_TIMEOUT)
+            .with_context(|| format!("verify: read of blocks {b}..{}", b + n))?;
         for i in 0..n {
             let block = b + i;
             let at = i as usize * BLOCK;
@@ -927,7 +972,13 @@ pub fn verify(client: &mut BlkClient, ledgers: &[&Ledger], first_block: u64, blo
 
 /// Verifies the blocks of a stored image file directly (a replica file, a standalone
 /// volume's backing) against `ledgers`: for checks that do not go through an export.
-pub fn verify_file(path: &Path, ledgers: &[&Ledger], first_block: u64, blocks: u64, initial: &Observed) -> Result<VerifyReport> {
+pub fn verify_file(
+    path: &Path,
+    ledgers: &[&Ledger],
+    first_block: u64,
+    blocks: u64,
+    initial: &Observed,
+) -> Result<VerifyReport> {
     use std::os::unix::fs::FileExt;
     let start = Instant::now();
     let f = std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
@@ -938,7 +989,9 @@ pub fn verify_file(path: &Path, ledgers: &[&Ledger], first_block: u64, blocks: u
         // Past the end of a sparse file reads as zeros, as the device would.
         let mut got = 0;
         while got < BLOCK {
-            let n = f.read_at(&mut buf[got..], block * BLOCK as u64 + got as u64).with_context(|| format!("read {}", path.display()))?;
+            let n = f
+                .read_at(&mut buf[got..], block * BLOCK as u64 + got as u64)
+                .with_context(|| format!("read {}", path.display()))?;
             if n == 0 {
                 break;
             }

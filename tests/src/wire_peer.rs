@@ -36,13 +36,10 @@ pub fn pattern(seed: u8, offset: u64) -> u8 {
 /// Serves connections one after another until killed.
 pub fn run(cfg: PeerConfig) -> Result<()> {
     let registry = Arc::new(Registry::new());
-    let mut disk: Vec<u8> = (0..cfg.disk_bytes as u64)
-        .map(|o| pattern(cfg.seed, o))
-        .collect();
+    let mut disk: Vec<u8> = (0..cfg.disk_bytes as u64).map(|o| pattern(cfg.seed, o)).collect();
     // SAFETY: `disk` is never touched through Rust references after this
     // point and lives until the process exits (this function never returns Ok).
-    let region =
-        unsafe { registry.register(disk.as_mut_ptr(), disk.len()) }.context("register disk")?;
+    let region = unsafe { registry.register(disk.as_mut_ptr(), disk.len()) }.context("register disk")?;
     let acceptor = TcpAcceptor::bind(&cfg.listen, cfg.transport.clone(), registry)
         .with_context(|| format!("listen on {}", cfg.listen))?;
     println!("READY {}", acceptor.local_addr()?);
@@ -58,11 +55,7 @@ pub fn run(cfg: PeerConfig) -> Result<()> {
 }
 
 fn complete(ep: &mut TcpEndpoint, request_id: u64, status: Status, bytes: u32) -> bool {
-    let m = Message::Completion(Completion {
-        request_id,
-        status,
-        bytes,
-    });
+    let m = Message::Completion(Completion { request_id, status, bytes });
     loop {
         match ep.send(&m) {
             Ok(()) => return true,
@@ -72,25 +65,12 @@ fn complete(ep: &mut TcpEndpoint, request_id: u64, status: Status, bytes: u32) -
     }
 }
 
-fn start(
-    ep: &mut TcpEndpoint,
-    d: &Descriptor,
-    write: bool,
-    region: proto::RegionId,
-    disk_bytes: u64,
-) -> bool {
-    let in_bounds = d
-        .offset
-        .checked_add(d.length.into())
-        .is_some_and(|e| e <= disk_bytes);
+fn start(ep: &mut TcpEndpoint, d: &Descriptor, write: bool, region: proto::RegionId, disk_bytes: u64) -> bool {
+    let in_bounds = d.offset.checked_add(d.length.into()).is_some_and(|e| e <= disk_bytes);
     if !in_bounds {
         return complete(ep, d.request_id, Status::BadRequest, 0);
     }
-    let local = [LocalSeg {
-        region,
-        offset: d.offset,
-        len: d.length,
-    }];
+    let local = [LocalSeg { region, offset: d.offset, len: d.length }];
     if let Some(data) = &d.inline {
         // The data came with the descriptor: no one-sided READ.
         let status = match ep.registry().copy_to_local(&local, data) {
@@ -107,9 +87,7 @@ fn start(
     };
     match posted {
         Ok(()) => true,
-        Err(proto::TransportError::TooManyInFlight(_)) => {
-            complete(ep, d.request_id, Status::Busy, 0)
-        }
+        Err(proto::TransportError::TooManyInFlight(_)) => complete(ep, d.request_id, Status::Busy, 0),
         Err(_) => false,
     }
 }
@@ -130,12 +108,8 @@ fn serve(mut ep: TcpEndpoint, region: proto::RegionId, disk_bytes: u64) {
                         Message::Discard(r) | Message::WriteZeroes(r) => {
                             complete(&mut ep, r.request_id, Status::Unsupported, 0)
                         }
-                        Message::Promise(p) => {
-                            complete(&mut ep, p.request_id, Status::Unsupported, 0)
-                        }
-                        Message::ClearDirty(c) => {
-                            complete(&mut ep, c.request_id, Status::Unsupported, 0)
-                        }
+                        Message::Promise(p) => complete(&mut ep, p.request_id, Status::Unsupported, 0),
+                        Message::ClearDirty(c) => complete(&mut ep, c.request_id, Status::Unsupported, 0),
                         _ => true,
                     };
                     if !ok {

@@ -43,17 +43,12 @@ impl Server {
                         let ident = ident.clone();
                         std::thread::spawn(move || echo(s, &ident));
                     }
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                        std::thread::sleep(Duration::from_millis(5))
-                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(5)),
                     Err(_) => std::thread::sleep(Duration::from_millis(5)),
                 }
             }
         });
-        Ok(Server {
-            stop,
-            thread: Some(thread),
-        })
+        Ok(Server { stop, thread: Some(thread) })
     }
 }
 
@@ -90,9 +85,7 @@ fn probe(net: &ClusterNet, from: &str, to: &str, timeout: Duration) -> Result<St
         .with_context(|| format!("connect {from} -> {to} ({addr})"))?;
     s.set_read_timeout(Some(timeout))?;
     let mut line = String::new();
-    BufReader::new(s)
-        .read_line(&mut line)
-        .with_context(|| format!("greeting {from} -> {to}"))?;
+    BufReader::new(s).read_line(&mut line).with_context(|| format!("greeting {from} -> {to}"))?;
     Ok(line.trim_end().to_string())
 }
 
@@ -102,9 +95,7 @@ fn expect_reach(net: &ClusterNet, from: &str, to: &str, ident: &str) -> Result<(
         match probe(net, from, to, Duration::from_secs(2)) {
             Ok(got) if got == ident => return Ok(()),
             Ok(got) => bail!("{from} -> {to}: reached {got:?}, expected {ident:?}"),
-            Err(e) if Instant::now() > deadline => {
-                return Err(e.context(format!("{from} -> {to} must be reachable")))
-            }
+            Err(e) if Instant::now() > deadline => return Err(e.context(format!("{from} -> {to} must be reachable"))),
             Err(_) => std::thread::sleep(Duration::from_millis(100)),
         }
     }
@@ -116,11 +107,7 @@ fn expect_reach(net: &ClusterNet, from: &str, to: &str, ident: &str) -> Result<(
 fn expect_cut(net: &ClusterNet, from: &str, to: &str) -> Result<()> {
     match probe(net, from, to, UNREACHABLE_WAIT) {
         Ok(got) => bail!("{from} -> {to} must be cut, but reached {got:?}"),
-        Err(e) => match e
-            .root_cause()
-            .downcast_ref::<std::io::Error>()
-            .map(|e| e.kind())
-        {
+        Err(e) => match e.root_cause().downcast_ref::<std::io::Error>().map(|e| e.kind()) {
             Some(ErrorKind::TimedOut | ErrorKind::WouldBlock) => Ok(()),
             _ => bail!("{from} -> {to} must time out, but failed with: {e:#}"),
         },
@@ -129,11 +116,7 @@ fn expect_cut(net: &ClusterNet, from: &str, to: &str) -> Result<()> {
 
 /// Checks every ordered pair at once (cut pairs each wait the full
 /// timeout, so in parallel): `cut(a, b)` says which must fail.
-fn check_matrix(
-    net: &ClusterNet,
-    hosts: &[&str],
-    cut: impl Fn(&str, &str) -> bool + Sync,
-) -> Result<()> {
+fn check_matrix(net: &ClusterNet, hosts: &[&str], cut: impl Fn(&str, &str) -> bool + Sync) -> Result<()> {
     std::thread::scope(|s| {
         let mut probes = Vec::new();
         for &a in hosts {
@@ -142,13 +125,15 @@ fn check_matrix(
                     continue;
                 }
                 let cut = &cut;
-                probes.push(s.spawn(move || {
-                    if cut(a, b) {
-                        expect_cut(net, a, b)
-                    } else {
-                        expect_reach(net, a, b, b)
-                    }
-                }));
+                probes.push(s.spawn(
+                    move || {
+                        if cut(a, b) {
+                            expect_cut(net, a, b)
+                        } else {
+                            expect_reach(net, a, b, b)
+                        }
+                    },
+                ));
             }
         }
         let mut errors = Vec::new();
@@ -203,16 +188,12 @@ fn cluster_net_all_pairs_reach_each_other() -> Result<()> {
     let in_n1 = net.run_in("n1", || TcpListener::bind((n2, 0)).map(drop))?;
     assert_eq!(in_n1.unwrap_err().kind(), ErrorKind::AddrNotAvailable);
     for h in net.hosts() {
-        let e = TcpListener::bind((h.addr, 0))
-            .expect_err("root namespace must not hold cluster addresses");
+        let e = TcpListener::bind((h.addr, 0)).expect_err("root namespace must not hold cluster addresses");
         assert_eq!(e.kind(), ErrorKind::AddrNotAvailable);
     }
 
     // A process started with `command` runs inside the host.
-    let out = net
-        .command("n3", "ip")
-        .args(["-4", "-o", "addr", "show", "dev", "eth0"])
-        .output()?;
+    let out = net.command("n3", "ip").args(["-4", "-o", "addr", "show", "dev", "eth0"]).output()?;
     let out = String::from_utf8_lossy(&out.stdout);
     assert!(out.contains("198.18.1.13/24"), "{out}");
     Ok(())
@@ -245,13 +226,9 @@ fn cluster_net_block_cuts_exactly_one_pair() -> Result<()> {
 
     // A second pair, then undo the first in the other order.
     net.block("n3", "etcd")?;
-    check_matrix(&net, &HOSTS, |a, b| {
-        pair(a, b) || (a, b) == ("n3", "etcd") || (a, b) == ("etcd", "n3")
-    })?;
+    check_matrix(&net, &HOSTS, |a, b| pair(a, b) || (a, b) == ("n3", "etcd") || (a, b) == ("etcd", "n3"))?;
     net.unblock("n2", "n1")?;
-    check_matrix(&net, &HOSTS, |a, b| {
-        (a, b) == ("n3", "etcd") || (a, b) == ("etcd", "n3")
-    })?;
+    check_matrix(&net, &HOSTS, |a, b| (a, b) == ("n3", "etcd") || (a, b) == ("etcd", "n3"))?;
     net.heal()?;
     check_matrix(&net, &HOSTS, |_, _| false)?;
     assert!(net.block("n1", "n1").is_err());
@@ -262,9 +239,7 @@ fn cluster_net_block_cuts_exactly_one_pair() -> Result<()> {
 /// Median round trip of 1 KiB over an established connection `from` -> `to`.
 fn rtt(net: &ClusterNet, from: &str, to: &str) -> Result<Duration> {
     let addr = SocketAddr::from((net.host(to).addr, PORT));
-    let mut s = net.run_in(from, || {
-        TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-    })??;
+    let mut s = net.run_in(from, || TcpStream::connect_timeout(&addr, Duration::from_secs(5)))??;
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut r = BufReader::new(s.try_clone()?);
@@ -358,10 +333,7 @@ fn cluster_net_netem_adds_delay_and_loss() -> Result<()> {
     assert_eq!(udp_delivered(&net, "n1", "n2", 400)?, 400);
     net.netem("n1", "loss 50%")?;
     let got = udp_delivered(&net, "n1", "n2", 400)?;
-    assert!(
-        (100..=300).contains(&got),
-        "{got} of 400 delivered at 50 % loss"
-    );
+    assert!((100..=300).contains(&got), "{got} of 400 delivered at 50 % loss");
     // Only n1's egress: n2 -> n1 is intact.
     assert_eq!(udp_delivered(&net, "n2", "n1", 400)?, 400);
     net.netem("n1", "loss 100%")?;
@@ -374,10 +346,7 @@ fn cluster_net_netem_adds_delay_and_loss() -> Result<()> {
         "round trips n2 -> n1: {before:?} before, {delayed:?} at 20 ms, {small:?} at 2 ms, \
          {after:?} after clear, {both:?} at 2 ms + 5 %; {got}/400 delivered at 50 % loss"
     );
-    assert!(
-        both >= Duration::from_millis(2),
-        "round trip with 2 ms delay and 5 % loss: {both:?}"
-    );
+    assert!(both >= Duration::from_millis(2), "round trip with 2 ms delay and 5 % loss: {both:?}");
     net.clear_netem("n1")?;
     net.clear_netem("n1")?; // idempotent
     assert_eq!(udp_delivered(&net, "n1", "n2", 400)?, 400);
@@ -420,12 +389,7 @@ fn cluster_net_drop_deletes_every_namespace_also_after_a_panic() -> Result<()> {
     names.push(net.switch_ns().to_string());
     let listed = netns_list()?;
     for n in &names {
-        assert!(
-            listed
-                .lines()
-                .any(|l| l.split_whitespace().next() == Some(n)),
-            "{n} missing"
-        );
+        assert!(listed.lines().any(|l| l.split_whitespace().next() == Some(n)), "{n} missing");
     }
     net.link_down("n2")?;
     net.block("n1", "n3")?;
@@ -451,10 +415,7 @@ fn cluster_net_drop_deletes_every_namespace_also_after_a_panic() -> Result<()> {
     let names = rx.recv()?;
     let listed = netns_list()?;
     for n in &names {
-        assert!(
-            !listed.contains(n.as_str()),
-            "{n} left behind after a panic:\n{listed}"
-        );
+        assert!(!listed.contains(n.as_str()), "{n} left behind after a panic:\n{listed}");
     }
     Ok(())
 }

@@ -12,8 +12,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use anyhow::{ensure, Context, Result};
 use hcblk_tests::guest::{
-    build_guest, parse_stalls, quantile, run_guest, start_server, GuestEvent, GuestRun, Verdict,
-    VolumeSpec,
+    build_guest, parse_stalls, quantile, run_guest, start_server, GuestEvent, GuestRun, Verdict, VolumeSpec,
 };
 
 const MIB: u64 = 1024 * 1024;
@@ -40,11 +39,7 @@ impl Fixture {
         let dir = std::env::temp_dir().join(format!("hcblk-guest-{name}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        Ok(Self {
-            _lock: lock,
-            guest_dir,
-            dir,
-        })
+        Ok(Self { _lock: lock, guest_dir, dir })
     }
 
     fn passed(self) {
@@ -55,33 +50,13 @@ impl Fixture {
 #[test]
 fn guest_fio_verify_on_two_queues() -> Result<()> {
     let fx = Fixture::new("fio-verify")?;
-    let server = start_server(
-        &fx.dir,
-        &VolumeSpec {
-            size: 256 * MIB,
-            queues: 2,
-            read_only: false,
-        },
-    )?;
+    let server = start_server(&fx.dir, &VolumeSpec { size: 256 * MIB, queues: 2, read_only: false })?;
     // Two CPUs, two pinned jobs: each virtqueue must raise completions.
-    let run = GuestRun::new("fio-verify")
-        .param("size", "64M")
-        .param("require_queues", "2");
+    let run = GuestRun::new("fio-verify").param("size", "64M").param("require_queues", "2");
     let out = run_guest(&fx.guest_dir, &fx.dir, server.socket(), &run, None)?;
-    ensure!(
-        out.verdict == Verdict::Pass,
-        "fio verify failed: {}",
-        out.describe()
-    );
-    ensure!(
-        out.console.contains("HCBLK-QUEUES-BUSY 2"),
-        "both queues should carry I/O: {}",
-        out.describe()
-    );
-    eprintln!(
-        "boot + 64 MiB fio write/verify round: {:.1} s",
-        out.elapsed.as_secs_f64()
-    );
+    ensure!(out.verdict == Verdict::Pass, "fio verify failed: {}", out.describe());
+    ensure!(out.console.contains("HCBLK-QUEUES-BUSY 2"), "both queues should carry I/O: {}", out.describe());
+    eprintln!("boot + 64 MiB fio write/verify round: {:.1} s", out.elapsed.as_secs_f64());
     drop(server);
     fx.passed();
     Ok(())
@@ -90,34 +65,19 @@ fn guest_fio_verify_on_two_queues() -> Result<()> {
 #[test]
 fn guest_detects_a_corrupted_block_between_boots() -> Result<()> {
     let fx = Fixture::new("corrupt")?;
-    let mut server = start_server(
-        &fx.dir,
-        &VolumeSpec {
-            size: 256 * MIB,
-            queues: 2,
-            read_only: false,
-        },
-    )?;
+    let mut server = start_server(&fx.dir, &VolumeSpec { size: 256 * MIB, queues: 2, read_only: false })?;
     let socket = server.socket().to_path_buf();
     // The same layout in every boot: verify-only recomputes it from these.
     let write = GuestRun::new("fio-write").param("size", "64M");
     let verify = GuestRun::new("fio-verify-only").param("size", "64M");
 
     let out = run_guest(&fx.guest_dir, &fx.dir, &socket, &write, None)?;
-    ensure!(
-        out.verdict == Verdict::Pass,
-        "fio write failed: {}",
-        out.describe()
-    );
+    ensure!(out.verdict == Verdict::Pass, "fio write failed: {}", out.describe());
 
     // Control: the data survives a reboot, so a FAIL below can only come from
     // the corruption.
     let out = run_guest(&fx.guest_dir, &fx.dir, &socket, &verify, None)?;
-    ensure!(
-        out.verdict == Verdict::Pass,
-        "data did not persist across boots: {}",
-        out.describe()
-    );
+    ensure!(out.verdict == Verdict::Pass, "data did not persist across boots: {}", out.describe());
 
     // Inside the first 4 KiB fio block after 1 MiB, away from its header.
     server.corrupt(MIB + 4096 + 100, 64)?;
@@ -126,10 +86,7 @@ fn guest_detects_a_corrupted_block_between_boots() -> Result<()> {
         Verdict::Fail(reason) if reason.contains("verify failed") || reason.contains("bad ") => {
             eprintln!("corruption detected as expected: {reason}");
         }
-        _ => anyhow::bail!(
-            "a corrupted block must fail fio verification: {}",
-            out.describe()
-        ),
+        _ => anyhow::bail!("a corrupted block must fail fio verification: {}", out.describe()),
     }
     drop(server);
     fx.passed();
@@ -139,14 +96,7 @@ fn guest_detects_a_corrupted_block_between_boots() -> Result<()> {
 #[test]
 fn guest_sees_a_live_resize() -> Result<()> {
     let fx = Fixture::new("resize")?;
-    let mut server = start_server(
-        &fx.dir,
-        &VolumeSpec {
-            size: 256 * MIB,
-            queues: 2,
-            read_only: false,
-        },
-    )?;
+    let mut server = start_server(&fx.dir, &VolumeSpec { size: 256 * MIB, queues: 2, read_only: false })?;
     let socket = server.socket().to_path_buf();
     let mut seen_sectors = None;
     let mut grow = |event: GuestEvent| -> Result<()> {
@@ -158,18 +108,10 @@ fn guest_sees_a_live_resize() -> Result<()> {
     };
     let run = GuestRun::new("resize").param("resize_timeout", "60");
     let out = run_guest(&fx.guest_dir, &fx.dir, &socket, &run, Some(&mut grow))?;
+    ensure!(seen_sectors == Some(256 * MIB / 512), "guest saw {seen_sectors:?} sectors before the resize");
+    ensure!(out.verdict == Verdict::Pass, "resize not seen: {}", out.describe());
     ensure!(
-        seen_sectors == Some(256 * MIB / 512),
-        "guest saw {seen_sectors:?} sectors before the resize"
-    );
-    ensure!(
-        out.verdict == Verdict::Pass,
-        "resize not seen: {}",
-        out.describe()
-    );
-    ensure!(
-        out.console
-            .contains(&format!("HCBLK-RESIZED {}", 512 * MIB / 512)),
+        out.console.contains(&format!("HCBLK-RESIZED {}", 512 * MIB / 512)),
         "guest saw a different size: {}",
         out.describe()
     );
@@ -181,21 +123,10 @@ fn guest_sees_a_live_resize() -> Result<()> {
 #[test]
 fn guest_cannot_write_a_read_only_export() -> Result<()> {
     let fx = Fixture::new("read-only")?;
-    let server = start_server(
-        &fx.dir,
-        &VolumeSpec {
-            size: 64 * MIB,
-            queues: 1,
-            read_only: true,
-        },
-    )?;
+    let server = start_server(&fx.dir, &VolumeSpec { size: 64 * MIB, queues: 1, read_only: true })?;
     let run = GuestRun::new("read-only").queues(1);
     let out = run_guest(&fx.guest_dir, &fx.dir, server.socket(), &run, None)?;
-    ensure!(
-        out.verdict == Verdict::Pass,
-        "read-only export misbehaved: {}",
-        out.describe()
-    );
+    ensure!(out.verdict == Verdict::Pass, "read-only export misbehaved: {}", out.describe());
     drop(server);
     fx.passed();
     Ok(())
@@ -204,14 +135,7 @@ fn guest_cannot_write_a_read_only_export() -> Result<()> {
 #[test]
 fn guest_reconnects_after_a_server_restart() -> Result<()> {
     let fx = Fixture::new("reconnect")?;
-    let mut server = start_server(
-        &fx.dir,
-        &VolumeSpec {
-            size: 256 * MIB,
-            queues: 2,
-            read_only: false,
-        },
-    )?;
+    let mut server = start_server(&fx.dir, &VolumeSpec { size: 256 * MIB, queues: 2, read_only: false })?;
     let socket = server.socket().to_path_buf();
     let mut restarts = 0;
     let mut restart_when_idle = |event: GuestEvent| -> Result<()> {
@@ -222,26 +146,10 @@ fn guest_reconnects_after_a_server_restart() -> Result<()> {
         Ok(())
     };
     // idle=10 s covers the restart plus QEMU's 1 s reconnect timer on a loaded host.
-    let run = GuestRun::new("reconnect")
-        .param("size", "64M")
-        .param("idle", "10")
-        .reconnect_ms(1000);
-    let out = run_guest(
-        &fx.guest_dir,
-        &fx.dir,
-        &socket,
-        &run,
-        Some(&mut restart_when_idle),
-    )?;
-    ensure!(
-        restarts == 1,
-        "the server was restarted {restarts} times, expected once"
-    );
-    ensure!(
-        out.verdict == Verdict::Pass,
-        "guest data or I/O did not survive a server restart: {}",
-        out.describe()
-    );
+    let run = GuestRun::new("reconnect").param("size", "64M").param("idle", "10").reconnect_ms(1000);
+    let out = run_guest(&fx.guest_dir, &fx.dir, &socket, &run, Some(&mut restart_when_idle))?;
+    ensure!(restarts == 1, "the server was restarted {restarts} times, expected once");
+    ensure!(out.verdict == Verdict::Pass, "guest data or I/O did not survive a server restart: {}", out.describe());
     drop(server);
     fx.passed();
     Ok(())
@@ -264,24 +172,12 @@ fn guest_reconnects_after_a_server_restart() -> Result<()> {
 fn guest_io_survives_a_server_restart() -> Result<()> {
     let soak = std::env::var("HCBLK_SOAK").is_ok_and(|v| !v.is_empty() && v != "0");
     let kills: usize = if soak { 20 } else { 10 };
-    let seed = std::env::var("HCBLK_KILL_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(1, |d| d.as_nanos() as u64)
-        });
+    let seed = std::env::var("HCBLK_KILL_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
+    });
     eprintln!("kill loop: {kills} kills, HCBLK_KILL_SEED={seed}");
     let fx = Fixture::new("kill")?;
-    let mut server = start_server(
-        &fx.dir,
-        &VolumeSpec {
-            size: 256 * MIB,
-            queues: 2,
-            read_only: false,
-        },
-    )?;
+    let mut server = start_server(&fx.dir, &VolumeSpec { size: 256 * MIB, queues: 2, read_only: false })?;
     let socket = server.socket().to_path_buf();
     let log = fx.dir.join("fio-kill.log");
     let mut rng = SplitMix64(seed);
@@ -306,15 +202,10 @@ fn guest_io_survives_a_server_restart() -> Result<()> {
             // A random moment: between 0.5 and 3 s after I/O resumed.
             std::thread::sleep(std::time::Duration::from_millis(500 + rng.next() % 2500));
             let console = read_console(&log);
-            ensure!(
-                !console.contains("HCBLK-RESULT"),
-                "the guest finished after {i} kills; raise its runtime"
-            );
+            ensure!(!console.contains("HCBLK-RESULT"), "the guest finished after {i} kills; raise its runtime");
             let stalls_before = parse_stalls(&console).len();
             let killed = std::time::Instant::now();
-            server
-                .kill_and_restart()
-                .with_context(|| format!("kill {}", i + 1))?;
+            server.kill_and_restart().with_context(|| format!("kill {}", i + 1))?;
             let serving = killed.elapsed();
             // The guest reports the pause once its completions resume.
             let deadline = killed + std::time::Duration::from_secs(60);
@@ -329,11 +220,7 @@ fn guest_io_survives_a_server_restart() -> Result<()> {
                     "the guest finished before its I/O resumed after kill {}",
                     i + 1
                 );
-                ensure!(
-                    std::time::Instant::now() < deadline,
-                    "guest I/O did not resume within 60 s of kill {}",
-                    i + 1
-                );
+                ensure!(std::time::Instant::now() < deadline, "guest I/O did not resume within 60 s of kill {}", i + 1);
                 std::thread::sleep(std::time::Duration::from_millis(50));
             };
             eprintln!(
@@ -361,19 +248,8 @@ fn guest_io_survives_a_server_restart() -> Result<()> {
         .reconnect_ms(200)
         .timeout_s(runtime as u32 + 300)
         .log(&log);
-    let out = run_guest(
-        &fx.guest_dir,
-        &fx.dir,
-        &socket,
-        &run,
-        Some(&mut kill_loop),
-    )?;
-    ensure!(
-        out.verdict == Verdict::Pass,
-        "guest I/O across {} server kills failed: {}",
-        cycles.len(),
-        out.describe()
-    );
+    let out = run_guest(&fx.guest_dir, &fx.dir, &socket, &run, Some(&mut kill_loop))?;
+    ensure!(out.verdict == Verdict::Pass, "guest I/O across {} server kills failed: {}", cycles.len(), out.describe());
     ensure!(
         (kills..=max_kills).contains(&cycles.len()),
         "the server was killed {} times, expected {kills} to {max_kills}",
@@ -389,11 +265,7 @@ fn guest_io_survives_a_server_restart() -> Result<()> {
              over {recoveries} queue recoveries; {out_of_order} of them out of ring order (a server \
              without inflight tracking would have lost them and completed others twice)",
         );
-        ensure!(
-            total > 0,
-            "no request was in flight at any of the {} kills: the kills missed the I/O",
-            cycles.len()
-        );
+        ensure!(total > 0, "no request was in flight at any of the {} kills: the kills missed the I/O", cycles.len());
     }
     let serving: Vec<_> = cycles.iter().map(|c| c.0).collect();
     let paused: Vec<_> = cycles.iter().map(|c| c.1).collect();

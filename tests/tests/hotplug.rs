@@ -396,7 +396,11 @@ fn a_volume_moves_to_another_vm_and_survives_that_vm_being_killed() -> Result<()
             let _ = qmp.execute("chardev-remove", json!({"id": "hpchr0"}));
             ensure!(second.is_err(), "VM 1 got {VOLUME_B} while VM 2 had it");
             ensure!(took < Duration::from_secs(30), "VM 1's device_add of a volume VM 2 has took {took:?} to fail");
-            eprintln!("VM 1's device_add of {VOLUME_B} while VM 2 had it failed after {} ms: {:#}", took.as_millis(), second.unwrap_err());
+            eprintln!(
+                "VM 1's device_add of {VOLUME_B} while VM 2 had it failed after {} ms: {:#}",
+                took.as_millis(),
+                second.unwrap_err()
+            );
             ensure!(connected(server, VOLUME_B)?, "{VOLUME_B} lost VM 2 when VM 1 asked for it");
             let pid = fs::read_to_string(&pidfile2).context("reading VM 2's pidfile")?;
             let status = std::process::Command::new("kill").args(["-KILL", pid.trim()]).status()?;

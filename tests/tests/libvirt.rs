@@ -13,7 +13,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use hcblk_tests::guest::{build_guest, parse_verdict, repo_root, require_tool, HcblkServer, Server, Verdict, VolumeSpec};
+use hcblk_tests::guest::{
+    build_guest, parse_verdict, repo_root, require_tool, HcblkServer, Server, Verdict, VolumeSpec,
+};
 
 const MIB: u64 = 1 << 20;
 const URI: &str = "qemu:///system";
@@ -226,7 +228,10 @@ fn a_libvirt_domain_runs_hot_plugs_and_survives_a_daemon_kill() -> Result<()> {
     fs::write(&xml_path, domain_xml(&name, &boot, &socket_a, &console)?)?;
     let disk_path = dir.join("disk-b.xml");
     let shipped_disk = fs::read_to_string(repo_root().join("qemu/libvirt-hotplug-disk.xml"))?;
-    fs::write(&disk_path, replace_once(&shipped_disk, "/run/hcblk/volb.sock", &socket_b.display().to_string(), "disk socket")?)?;
+    fs::write(
+        &disk_path,
+        replace_once(&shipped_disk, "/run/hcblk/volb.sock", &socket_b.display().to_string(), "disk socket")?,
+    )?;
     let (xml, disk) = (xml_path.display().to_string(), disk_path.display().to_string());
 
     virsh(&["define", &xml])?;

@@ -9,9 +9,7 @@ use hcblk_tests::wire_peer::pattern;
 use proto::auth::Secret;
 use proto::tcp::TcpEndpoint;
 use proto::wire::{Completion, Descriptor, FLAG_INLINE, MAX_INLINE};
-use proto::{
-    Access, Config, Endpoint, Key, LocalSeg, Message, Registry, Status, TransportError,
-};
+use proto::{Access, Config, Endpoint, Key, LocalSeg, Message, Registry, Status, TransportError};
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::process::Stdio;
@@ -40,25 +38,12 @@ impl Hosts {
     }
 
     fn start_peer(&self) -> Result<Child> {
-        let mut cmd = self
-            .net
-            .command(&self.net.b, env!("CARGO_BIN_EXE_hcblk-wire-peer"));
-        cmd.args([
-            "--listen",
-            &format!("{}:{PORT}", self.net.addr_b),
-            "--secret-file",
-        ])
-        .arg(self.dir.join("secret"))
-        .args([
-            "--node",
-            "2",
-            "--disk-mib",
-            "64",
-            "--seed",
-            &SEED.to_string(),
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
+        let mut cmd = self.net.command(&self.net.b, env!("CARGO_BIN_EXE_hcblk-wire-peer"));
+        cmd.args(["--listen", &format!("{}:{PORT}", self.net.addr_b), "--secret-file"])
+            .arg(self.dir.join("secret"))
+            .args(["--node", "2", "--disk-mib", "64", "--seed", &SEED.to_string()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
         let mut child = Child(cmd.spawn().context("spawn hcblk-wire-peer")?);
         let out = child.0.stdout.take().context("peer stdout")?;
         let mut line = String::new();
@@ -69,11 +54,7 @@ impl Hosts {
         Ok(child)
     }
 
-    fn connect(
-        &self,
-        secret: &[u8],
-        registry: Arc<Registry>,
-    ) -> Result<TcpEndpoint, TransportError> {
+    fn connect(&self, secret: &[u8], registry: Arc<Registry>) -> Result<TcpEndpoint, TransportError> {
         let cfg = Config::new(1, 1, Secret::new(secret.to_vec()).unwrap());
         TcpEndpoint::connect((self.net.addr_b, PORT), &cfg, registry)
     }
@@ -92,20 +73,14 @@ struct Guest {
 }
 
 fn guest(ep: &mut TcpEndpoint, len: usize) -> Guest {
-    let mut mem: Vec<u8> = (0..len)
-        .map(|i| (i as u32).wrapping_mul(2654435761).to_le_bytes()[2])
-        .collect();
+    let mut mem: Vec<u8> = (0..len).map(|i| (i as u32).wrapping_mul(2654435761).to_le_bytes()[2]).collect();
     // SAFETY: `mem` lives in the returned `Guest`, which every test drops after
     // the endpoints using it; it is only read through Rust after they are gone.
     let region = unsafe { ep.register_region(mem.as_mut_ptr(), mem.len()) }.unwrap();
     Guest { mem, region }
 }
 
-fn wait_completions(
-    ep: &mut TcpEndpoint,
-    n: usize,
-    limit: Duration,
-) -> Result<HashMap<u64, Completion>> {
+fn wait_completions(ep: &mut TcpEndpoint, n: usize, limit: Duration) -> Result<HashMap<u64, Completion>> {
     let mut got = HashMap::new();
     let deadline = Instant::now() + limit;
     while got.len() < n {
@@ -187,12 +162,7 @@ fn proto_tcp_one_sided_read_write_between_two_hosts() -> Result<()> {
     let mut expect_initial = Vec::new();
     let mut off = d0.offset;
     for &(o, l) in &segments_for(0) {
-        expect_initial.push((
-            o,
-            (off..off + u64::from(l))
-                .map(|x| pattern(SEED, x))
-                .collect::<Vec<u8>>(),
-        ));
+        expect_initial.push((o, (off..off + u64::from(l)).map(|x| pattern(SEED, x)).collect::<Vec<u8>>()));
         off += u64::from(l);
     }
 
@@ -212,11 +182,7 @@ fn proto_tcp_one_sided_read_write_between_two_hosts() -> Result<()> {
     let c = wait_completions(&mut ep, written.len(), Duration::from_secs(20))?;
     for (id, _, segs) in &written {
         let want: u32 = segs.iter().map(|s| s.1).sum();
-        assert_eq!(
-            (c[id].status, c[id].bytes),
-            (Status::Ok, want),
-            "request {id}"
-        );
+        assert_eq!((c[id].status, c[id].bytes), (Status::Ok, want), "request {id}");
         // The request is complete: its key dies with it.
         ep.revoke(keys[id])?;
     }
@@ -229,11 +195,7 @@ fn proto_tcp_one_sided_read_write_between_two_hosts() -> Result<()> {
         // Two destination segments per read, split unevenly.
         let dst = read_base + (n as u64 % 4) * 200_000 / 4;
         let split = total / 3;
-        let r = ep.grant(
-            g.region,
-            &[(dst, split), (dst + 100_000, total - split)],
-            Access::RemoteWrite,
-        )?;
+        let r = ep.grant(g.region, &[(dst, split), (dst + 100_000, total - split)], Access::RemoteWrite)?;
         send(&mut ep, Message::Read(desc(1000 + id, *offset, &r)));
         let c = wait_completions(&mut ep, 1, Duration::from_secs(10))?;
         assert_eq!(c[&(1000 + id)].status, Status::Ok);
@@ -241,10 +203,8 @@ fn proto_tcp_one_sided_read_write_between_two_hosts() -> Result<()> {
         reads.push((n, dst, split, total));
         // Verify now (the peer is done with these bytes): what came back equals
         // what the peer pulled from the guest segments.
-        let src: Vec<u8> = segs
-            .iter()
-            .flat_map(|&(o, l)| g.mem[o as usize..(o + u64::from(l)) as usize].to_vec())
-            .collect();
+        let src: Vec<u8> =
+            segs.iter().flat_map(|&(o, l)| g.mem[o as usize..(o + u64::from(l)) as usize].to_vec()).collect();
         let got: Vec<u8> = [
             &g.mem[dst as usize..(dst + u64::from(split)) as usize],
             &g.mem[(dst + 100_000) as usize..(dst + 100_000 + u64::from(total - split)) as usize],
@@ -258,10 +218,7 @@ fn proto_tcp_one_sided_read_write_between_two_hosts() -> Result<()> {
     let revoked = ep.grant(g.region, segs, Access::RemoteRead)?;
     ep.revoke(revoked.key)?;
     send(&mut ep, Message::Write(desc(5000, *offset, &revoked)));
-    assert_eq!(
-        wait_completions(&mut ep, 1, Duration::from_secs(10))?[&5000].status,
-        Status::AccessDenied
-    );
+    assert_eq!(wait_completions(&mut ep, 1, Duration::from_secs(10))?[&5000].status, Status::AccessDenied);
 
     // 5. Another request's key: request B's addresses under request A's key.
     let a = ep.grant(g.region, &[(0, 4096)], Access::RemoteRead)?;
@@ -278,21 +235,14 @@ fn proto_tcp_one_sided_read_write_between_two_hosts() -> Result<()> {
     assert_eq!(c[&5002].status, Status::AccessDenied);
     // And a legitimate request on the same connection still works.
     send(&mut ep, Message::Write(desc(5003, 0, &b)));
-    assert_eq!(
-        wait_completions(&mut ep, 1, Duration::from_secs(10))?[&5003].status,
-        Status::Ok
-    );
+    assert_eq!(wait_completions(&mut ep, 1, Duration::from_secs(10))?[&5003].status, Status::Ok);
     ep.revoke(a.key)?;
     ep.revoke(b.key)?;
     assert!(ep.is_connected());
     drop(ep);
 
     for (o, bytes) in expect_initial {
-        assert_eq!(
-            &g.mem[o as usize..o as usize + bytes.len()],
-            &bytes[..],
-            "initial READ at guest offset {o}"
-        );
+        assert_eq!(&g.mem[o as usize..o as usize + bytes.len()], &bytes[..], "initial READ at guest offset {o}");
     }
     g.mem.clear();
     Ok(())
@@ -305,11 +255,7 @@ fn proto_tcp_inline_writes_between_two_hosts() -> Result<()> {
     let mut ep = hosts.connect(SECRET, Arc::new(Registry::new()))?;
     let mut g = guest(&mut ep, 16 << 20);
     let region = g.region;
-    let piece = |offset: u64, len: u32| LocalSeg {
-        region,
-        offset,
-        len,
-    };
+    let piece = |offset: u64, len: u32| LocalSeg { region, offset, len };
     // 64 inline WRITEs in flight, 1 byte to MAX_INLINE, some gathered from
     // two guest pieces, with segmented WRITEs between them; each payload
     // travels with its descriptor (no one-sided READ).
@@ -391,10 +337,7 @@ fn proto_tcp_authentication_failure_is_refused() -> Result<()> {
             floor: 9,
         }),
     );
-    assert_eq!(
-        wait_completions(&mut ep, 1, Duration::from_secs(10))?[&9].status,
-        Status::Ok
-    );
+    assert_eq!(wait_completions(&mut ep, 1, Duration::from_secs(10))?[&9].status, Status::Ok);
     Ok(())
 }
 
@@ -432,16 +375,10 @@ fn proto_tcp_peer_killed_mid_transfer_then_reconnect() -> Result<()> {
     };
     let wgr = ep.grant(g.region, &[(0, 65536)], Access::RemoteRead)?;
     send(&mut ep, Message::Write(desc(100, 4096, &wgr)));
-    assert_eq!(
-        wait_completions(&mut ep, 1, Duration::from_secs(10))?[&100].status,
-        Status::Ok
-    );
+    assert_eq!(wait_completions(&mut ep, 1, Duration::from_secs(10))?[&100].status, Status::Ok);
     let rgr = ep.grant(g.region, &[(1 << 20, 65536)], Access::RemoteWrite)?;
     send(&mut ep, Message::Read(desc(101, 4096, &rgr)));
-    assert_eq!(
-        wait_completions(&mut ep, 1, Duration::from_secs(10))?[&101].status,
-        Status::Ok
-    );
+    assert_eq!(wait_completions(&mut ep, 1, Duration::from_secs(10))?[&101].status, Status::Ok);
     drop(ep);
     assert_eq!(g.mem[..65536], g.mem[1 << 20..(1 << 20) + 65536]);
     g.mem.clear();

@@ -12,8 +12,8 @@
 use anyhow::{ensure, Result};
 use hcblk_tests::cluster_fixture::Cluster;
 use hcblk_tests::guest::{build_guest, run_guest, GuestEvent, GuestRun, Verdict};
-use hcblk_tests::scenario::{create_and_attach, ensure_no_panics, layout, member_except, wait_layout};
 use hcblk_tests::replicas::compare_in_sync;
+use hcblk_tests::scenario::{create_and_attach, ensure_no_panics, layout, member_except, wait_layout};
 use std::time::Duration;
 
 #[test]
@@ -43,7 +43,9 @@ fn replication_guest_fio_verify_survives_a_replica_kill() -> Result<()> {
         ensure!(out.verdict == Verdict::Pass, "the guest saw the replica kill: {}", out.describe());
         eprintln!("guest passed in {:.1?}", out.elapsed);
         c.restart(&victim)?;
-        let whole = wait_layout(c, "vm", Duration::from_secs(120), "the killed replica resynced", None, |l| l.whole_with(3, &[]))?;
+        let whole = wait_layout(c, "vm", Duration::from_secs(120), "the killed replica resynced", None, |l| {
+            l.whole_with(3, &[])
+        })?;
         let r = compare_in_sync(&whole, 3, |n| c.replica_path(n, whole.id))?;
         eprintln!("replicas equal: {} bytes compared", r.bytes_compared);
         ensure_no_panics(c)

@@ -31,8 +31,8 @@ use anyhow::{ensure, Result};
 use hcblk_tests::cluster_fixture::Cluster;
 use hcblk_tests::replicas::Layout;
 use hcblk_tests::scenario::{
-    check_replicas, create_and_attach, ensure_no_panics, layout, member_except, progress, resynced_regions, start_workload, verify_through,
-    wait_layout, SyncWatch, MIB,
+    check_replicas, create_and_attach, ensure_no_panics, layout, member_except, progress, resynced_regions,
+    start_workload, verify_through, wait_layout, SyncWatch, MIB,
 };
 use hcblk_tests::verify::{WorkloadConfig, BLOCK};
 use replication::MemberState;
@@ -60,13 +60,25 @@ fn replication_baseline_write_and_verify() -> Result<()> {
         let v = create_and_attach(c, "n1", "vol", SIZE_MIB, 3, 2, EXTENT_MIB)?;
         let l = layout(c, "vol")?;
         eprintln!("{}", l.describe());
-        ensure!(l.extents.len() == 4 && l.whole_with(3, &[]), "a new volume has 3 in-sync members per extent: {}", l.describe());
+        ensure!(
+            l.extents.len() == 4 && l.whole_with(3, &[]),
+            "a new volume has 3 in-sync members per extent: {}",
+            l.describe()
+        );
         ensure!(l.owner.as_deref() == Some("n1"), "attached on n1: {}", l.describe());
-        ensure!(l.extents.iter().all(|e| e.iter().any(|(n, _)| n == "n1")), "locality prefer: n1 holds every extent: {}", l.describe());
+        ensure!(
+            l.extents.iter().all(|e| e.iter().any(|(n, _)| n == "n1")),
+            "locality prefer: n1 holds every extent: {}",
+            l.describe()
+        );
         // The CLI's JSON describes the same layout (the contract the other tests rely on).
         let info = c.volume_info("n1", "vol")?;
         let from_info = Layout::from_info_json(&info)?;
-        ensure!(from_info.id == l.id && from_info.extents == l.extents && from_info.extent_bytes == l.extent_bytes, "volume info --json disagrees with etcd:\n{info}\n{}", l.describe());
+        ensure!(
+            from_info.id == l.id && from_info.extents == l.extents && from_info.extent_bytes == l.extent_bytes,
+            "volume info --json disagrees with etcd:\n{info}\n{}",
+            l.describe()
+        );
 
         // 4 KiB writes (inline to the replicas) over the hot range...
         let a = start_workload(&v.socket, hot_workload(0xa1))?;
@@ -199,8 +211,16 @@ fn replication_owner_partitioned_no_split_brain() -> Result<()> {
         let socket_b = c.attach(&new_owner, "vol", true)?;
         eprintln!("attach --force on {new_owner} took {:.1?}", t.elapsed());
         let taken = layout(c, "vol")?;
-        ensure!(taken.owner.as_deref() == Some(new_owner.as_str()) && taken.generation.unwrap_or(0) > gen0, "after the takeover: {}", taken.describe());
-        ensure!(taken.extents.iter().all(|e| e.iter().all(|(n, s)| n != "n1" || *s != MemberState::InSync)), "the unreachable old owner is still in sync: {}", taken.describe());
+        ensure!(
+            taken.owner.as_deref() == Some(new_owner.as_str()) && taken.generation.unwrap_or(0) > gen0,
+            "after the takeover: {}",
+            taken.describe()
+        );
+        ensure!(
+            taken.extents.iter().all(|e| e.iter().all(|(n, s)| n != "n1" || *s != MemberState::InSync)),
+            "the unreachable old owner is still in sync: {}",
+            taken.describe()
+        );
 
         // Client B on the new owner writes half of A's range and beyond.
         let mut cfg_b = WorkloadConfig::new(0xb0, HOT_BLOCKS / 2, HOT_BLOCKS);
@@ -224,7 +244,11 @@ fn replication_owner_partitioned_no_split_brain() -> Result<()> {
         }
         // Nothing the old owner acknowledged after it was cut off: no replica could have it.
         if let Some(last) = a.last_ok {
-            ensure!(last <= cut + Duration::from_secs(1), "the old owner acknowledged a write {:.1?} after it lost etcd and its peers", last.saturating_sub(cut));
+            ensure!(
+                last <= cut + Duration::from_secs(1),
+                "the old owner acknowledged a write {:.1?} after it lost etcd and its peers",
+                last.saturating_sub(cut)
+            );
         }
 
         // One history: every write A had acknowledged, then B's on top; none of the writes A
@@ -232,7 +256,14 @@ fn replication_owner_partitioned_no_split_brain() -> Result<()> {
         let a_strict = a.ledger.forget_unknown_after(seq_cut);
         verify_through(&socket_b, &[&a_strict, &b.ledger])?;
         // The old owner rejoins as a replica and is resynced.
-        let whole = wait_layout(c, "vol", Duration::from_secs(120), "three in-sync members everywhere after the heal", None, |l| l.whole_with(3, &[]))?;
+        let whole = wait_layout(
+            c,
+            "vol",
+            Duration::from_secs(120),
+            "three in-sync members everywhere after the heal",
+            None,
+            |l| l.whole_with(3, &[]),
+        )?;
         ensure!(whole.owner.as_deref() == Some(new_owner.as_str()), "owner changed again: {}", whole.describe());
         check_replicas(c, "vol", &[&a_strict, &b.ledger], 3)?;
         ensure_no_panics(c)
@@ -273,7 +304,11 @@ fn replication_soak_replicas_killed_and_partitioned() -> Result<()> {
                 c.heal()?;
             }
             wait_layout(c, "vol", Duration::from_secs(180), "the volume whole again", None, |l| l.whole_with(3, &[]))?;
-            eprintln!("soak round {round}: {} {victim}, whole again; {} writes so far", if kill { "killed" } else { "partitioned" }, w.writes_ok());
+            eprintln!(
+                "soak round {round}: {} {victim}, whole again; {} writes so far",
+                if kill { "killed" } else { "partitioned" },
+                w.writes_ok()
+            );
             round += 1;
         }
         let (_, rep) = w.stop()?;

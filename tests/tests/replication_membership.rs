@@ -12,8 +12,8 @@
 use anyhow::{ensure, Context, Result};
 use hcblk_tests::cluster_fixture::{wait_for_every, Cluster, ClusterOptions};
 use hcblk_tests::scenario::{
-    check_replicas, create_and_attach, ensure_no_panics, holds_for, layout, member_except, progress, replica_files_blank, start_workload,
-    verify_through, wait_layout, SyncWatch, LAYOUT_POLL, MIB,
+    check_replicas, create_and_attach, ensure_no_panics, holds_for, layout, member_except, progress,
+    replica_files_blank, start_workload, verify_through, wait_layout, SyncWatch, LAYOUT_POLL, MIB,
 };
 use hcblk_tests::verify::{WorkloadConfig, BLOCK};
 use replication::MemberState;
@@ -42,10 +42,20 @@ fn replication_node_lost_for_good_is_replaced_and_rebuilt() -> Result<()> {
         let t = Instant::now();
         c.kill9(&lost)?;
         let mut watch = SyncWatch::new("n1", "vol");
-        let whole = wait_layout(c, "vol", Duration::from_secs(150), "three in-sync members per extent, none on the lost node", Some(&mut watch), |l| {
-            l.whole_with(3, &[lost.as_str()])
-        })?;
-        eprintln!("replaced and rebuilt {:.1?} after the loss; rebuilds seen {:?}\n{}", t.elapsed(), watch.seen, whole.describe());
+        let whole = wait_layout(
+            c,
+            "vol",
+            Duration::from_secs(150),
+            "three in-sync members per extent, none on the lost node",
+            Some(&mut watch),
+            |l| l.whole_with(3, &[lost.as_str()]),
+        )?;
+        eprintln!(
+            "replaced and rebuilt {:.1?} after the loss; rebuilds seen {:?}\n{}",
+            t.elapsed(),
+            watch.seen,
+            whole.describe()
+        );
         progress(&w, 200, Duration::from_secs(60), "after the rebuild")?;
         let (_, rep) = w.stop()?;
         eprintln!("workload: {}", rep.summary());
@@ -76,14 +86,20 @@ fn two_members_lost(accept_risk: bool) -> Result<()> {
         // the owner must hold writes back, not fail them.
         std::thread::sleep(Duration::from_secs(6));
         let stalled_at = w.writes_ok();
-        holds_for(Duration::from_secs(6), "the stall with one in-sync member", || Ok(w.writes_ok() == stalled_at && !w.is_finished()))?;
+        holds_for(Duration::from_secs(6), "the stall with one in-sync member", || {
+            Ok(w.writes_ok() == stalled_at && !w.is_finished())
+        })?;
         let l = layout(c, "vol")?;
         ensure!(l.in_sync(0) == vec!["n1"], "extent 0 should be down to its owner: {}", l.describe());
 
         if accept_risk {
             c.cli_ok("n1", &["volume", "accept-risk", "vol", "--reason", "hcblk-tests: two replicas lost"])?;
             let meta = c.volume_meta("vol")?.context("no volume document")?;
-            ensure!(meta.risk_accepted.as_ref().is_some_and(|r| r.reason.contains("two replicas lost")), "acceptance not recorded: {:?}", meta.risk_accepted);
+            ensure!(
+                meta.risk_accepted.as_ref().is_some_and(|r| r.reason.contains("two replicas lost")),
+                "acceptance not recorded: {:?}",
+                meta.risk_accepted
+            );
             let t = progress(&w, 300, Duration::from_secs(60), "running on the accepted risk")?;
             eprintln!("writes resumed on the accepted risk within {t:.1?}");
             c.restart(&x)?;
@@ -94,17 +110,28 @@ fn two_members_lost(accept_risk: bool) -> Result<()> {
             eprintln!("writes resumed {t:.1?} after {x} came back");
             c.restart(&y)?;
         }
-        let whole = wait_layout(c, "vol", Duration::from_secs(120), "both members back in sync", None, |l| l.whole_with(3, &[]))?;
+        let whole = wait_layout(c, "vol", Duration::from_secs(120), "both members back in sync", None, |l| {
+            l.whole_with(3, &[])
+        })?;
         progress(&w, 200, Duration::from_secs(60), "whole again")?;
         let (_, rep) = w.stop()?;
         eprintln!("workload: {}", rep.summary());
         rep.ensure_clean()?;
-        ensure!(rep.longest_gap >= Duration::from_secs(6), "writes never stalled with one replica left: {}", rep.summary());
+        ensure!(
+            rep.longest_gap >= Duration::from_secs(6),
+            "writes never stalled with one replica left: {}",
+            rep.summary()
+        );
         if accept_risk {
-            wait_for_every(Duration::from_secs(30), LAYOUT_POLL, "the owner to clear the risk acceptance of the whole volume", || {
-                let meta = c.volume_meta("vol")?.context("no volume document")?;
-                Ok(meta.risk_accepted.is_none().then_some(()))
-            })
+            wait_for_every(
+                Duration::from_secs(30),
+                LAYOUT_POLL,
+                "the owner to clear the risk acceptance of the whole volume",
+                || {
+                    let meta = c.volume_meta("vol")?.context("no volume document")?;
+                    Ok(meta.risk_accepted.is_none().then_some(()))
+                },
+            )
             .with_context(|| whole.describe())?;
         }
         verify_through(&v.socket, &[&rep.ledger])?;

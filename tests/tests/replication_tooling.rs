@@ -16,7 +16,9 @@ use hcblk_tests::guest::flip_bytes_in_file;
 use hcblk_tests::hostile::{self, DriveOutcome, HandshakeOutcome, Identity, Memory, ReadPolicy};
 use hcblk_tests::netns::Child;
 use hcblk_tests::scenario;
-use hcblk_tests::verify::{fill_block, verify, verify_file, BlkClient, Ledger, Observed, Workload, WorkloadConfig, BLOCK};
+use hcblk_tests::verify::{
+    fill_block, verify, verify_file, BlkClient, Ledger, Observed, Workload, WorkloadConfig, BLOCK,
+};
 use hcblk_tests::wire_peer::pattern;
 use proto::auth::Secret;
 use proto::tcp::{ERR_AUTH, ERR_CLUSTER, ERR_PROTOCOL, ERR_VERSION, MAX_PENDING_HANDSHAKES};
@@ -37,10 +39,15 @@ fn fixture_runs_etcd_and_standalone_daemons_in_namespaces() -> Result<()> {
         // etcd answers from a node's namespace, not from the test's own.
         let health = |c: &Cluster| -> Result<bool> {
             let mut cmd = c.command("n1", "etcdctl");
-            cmd.env("ETCDCTL_API", "3")
-                .arg(format!("--endpoints={}", c.etcd_endpoint()))
-                .args(["--dial-timeout=1s", "--command-timeout=2s", "endpoint", "health"]);
-            Ok(hcblk_tests::cluster_fixture::output_within(cmd, Duration::from_secs(10), "etcdctl endpoint health")?.status.success())
+            cmd.env("ETCDCTL_API", "3").arg(format!("--endpoints={}", c.etcd_endpoint())).args([
+                "--dial-timeout=1s",
+                "--command-timeout=2s",
+                "endpoint",
+                "health",
+            ]);
+            Ok(hcblk_tests::cluster_fixture::output_within(cmd, Duration::from_secs(10), "etcdctl endpoint health")?
+                .status
+                .success())
         };
         ensure!(health(c)?, "etcd not reachable from n1");
         // The CLI runs in the node's namespace against its own daemon.
@@ -100,7 +107,11 @@ fn verifying_client_against_a_standalone_volume() -> Result<()> {
         eprintln!("client A: {}", a.summary());
         a.ensure_clean()?;
         ensure!(a.longest_gap >= Duration::from_millis(1800), "the 2 s freeze was not measured: {}", a.summary());
-        ensure!(a.gaps.iter().any(|(_, g)| *g >= Duration::from_millis(1800)), "the freeze is not listed: {}", a.summary());
+        ensure!(
+            a.gaps.iter().any(|(_, g)| *g >= Duration::from_millis(1800)),
+            "the freeze is not listed: {}",
+            a.summary()
+        );
 
         // Client B (another seed): 64 KiB writes over an overlapping range, on the same
         // connection after A (one frontend at a time).
@@ -126,7 +137,8 @@ fn verifying_client_against_a_standalone_volume() -> Result<()> {
         verify_file(&image, &[&a.ledger, &b.ledger], 0, all, &Observed::Zero)?.ensure_ok()?;
 
         // The verifier must catch damage: three blocks A wrote and B did not touch.
-        let written: Vec<u64> = (0..blocks / 2).filter(|&blk| a.ledger.state(blk).is_some_and(|(d, _)| d != 0)).take(3).collect();
+        let written: Vec<u64> =
+            (0..blocks / 2).filter(|&blk| a.ledger.state(blk).is_some_and(|(d, _)| d != 0)).take(3).collect();
         ensure!(written.len() == 3, "A wrote too few blocks below B's range");
         let (flip, lost, foreign) = (written[0], written[1], written[2]);
         flip_bytes_in_file(&image, flip * BLOCK as u64 + 1000, 1)?;
@@ -140,9 +152,18 @@ fn verifying_client_against_a_standalone_volume() -> Result<()> {
         drop(f);
         let r = verify(&mut client, &[&a.ledger, &b.ledger], 0, all, &Observed::Zero)?;
         let bad: Vec<u64> = r.mismatches.iter().map(|m| m.block).collect();
-        ensure!(r.mismatch_count == 3 && bad == vec![flip, lost, foreign], "expected exactly the three damaged blocks, got {:?}", r.mismatches);
+        ensure!(
+            r.mismatch_count == 3 && bad == vec![flip, lost, foreign],
+            "expected exactly the three damaged blocks, got {:?}",
+            r.mismatches
+        );
         let text = r.ensure_ok().unwrap_err().to_string();
-        ensure!(text.contains("checksum") && text.contains("holds zeros") && text.contains(&format!("write {}", done + 1_000_000)), "{text}");
+        ensure!(
+            text.contains("checksum")
+                && text.contains("holds zeros")
+                && text.contains(&format!("write {}", done + 1_000_000)),
+            "{text}"
+        );
         Ok(())
     })
 }
@@ -174,15 +195,30 @@ fn scenario_checks_against_injected_volume_documents() -> Result<()> {
             owner: Some("n1".into()),
             epoch: 5,
             extents: vec![
-                ExtentMeta { members: vec![member("n1", MemberState::InSync), member("n2", MemberState::InSync), member("n3", MemberState::Stale)] },
-                ExtentMeta { members: vec![member("n1", MemberState::InSync), member("n2", MemberState::InSync), member("n3", MemberState::InSync)] },
+                ExtentMeta {
+                    members: vec![
+                        member("n1", MemberState::InSync),
+                        member("n2", MemberState::InSync),
+                        member("n3", MemberState::Stale),
+                    ],
+                },
+                ExtentMeta {
+                    members: vec![
+                        member("n1", MemberState::InSync),
+                        member("n2", MemberState::InSync),
+                        member("n3", MemberState::InSync),
+                    ],
+                },
             ],
             risk_accepted: None,
         };
         let key = format!("{}volumes/vol", hcblk_tests::cluster_fixture::ETCD_PREFIX);
         ensure!(c.volume_meta("vol")?.is_none(), "no document yet");
         c.etcd_put(&key, &String::from_utf8(meta.to_json())?)?;
-        c.etcd_put(&format!("{}cluster", hcblk_tests::cluster_fixture::ETCD_PREFIX), r#"{"cluster_id":4242,"created_unix_s":1}"#)?;
+        c.etcd_put(
+            &format!("{}cluster", hcblk_tests::cluster_fixture::ETCD_PREFIX),
+            r#"{"cluster_id":4242,"created_unix_s":1}"#,
+        )?;
         ensure!(c.cluster_id()? == 4242);
         ensure!(c.volume_meta("vol")?.as_ref() == Some(&meta));
         let l = scenario::layout(c, "vol")?;
@@ -220,13 +256,20 @@ fn scenario_checks_against_injected_volume_documents() -> Result<()> {
             String::from_utf8(m.to_json())?
         };
         std::thread::scope(|s| -> Result<()> {
-            let waiter = s.spawn(|| scenario::wait_layout(c, "vol", Duration::from_secs(20), "n3 stale again", None, |l| l.state_of(0, "n3") == Some(MemberState::Stale)));
+            let waiter = s.spawn(|| {
+                scenario::wait_layout(c, "vol", Duration::from_secs(20), "n3 stale again", None, |l| {
+                    l.state_of(0, "n3") == Some(MemberState::Stale)
+                })
+            });
             std::thread::sleep(Duration::from_secs(1));
             c.etcd_put(&key, &put)?;
             waiter.join().map_err(|_| anyhow::anyhow!("waiter panicked"))??;
             Ok(())
         })?;
-        let e = format!("{:#}", scenario::wait_layout(c, "vol", Duration::from_secs(1), "the impossible", None, |_| false).unwrap_err());
+        let e = format!(
+            "{:#}",
+            scenario::wait_layout(c, "vol", Duration::from_secs(1), "the impossible", None, |_| false).unwrap_err()
+        );
         ensure!(e.contains("the impossible") && e.contains("extent 0: n1=InSync"), "{e}");
         // A node that wrote nothing, and one that did.
         ensure!(scenario::replica_files_blank(c, "n1").is_err());
@@ -271,7 +314,11 @@ impl WirePeer {
     }
 
     fn id(&self) -> Identity {
-        Identity { cluster_id: 1, node_id: 1, secret: Some(Secret::new(b"tooling-test-cluster-secret".to_vec()).unwrap()) }
+        Identity {
+            cluster_id: 1,
+            node_id: 1,
+            secret: Some(Secret::new(b"tooling-test-cluster-secret".to_vec()).unwrap()),
+        }
     }
 
     fn rss(&self) -> Result<u64> {
@@ -320,8 +367,18 @@ fn hostile_peer_against_the_wire_peer() -> Result<()> {
         let data: Vec<u8> = (0..8192u32).map(|i| (i * 7 + 3) as u8).collect();
         let mut mem = Memory::new(0x1000_0000, data.clone());
         let mut conn = hostile::authenticated(addr, &id)?;
-        let r = hostile::drive(&mut conn, &Message::Write(write_desc(1, MIB, &mem, 2, 8192)), &[], &mut mem, ReadPolicy::Honest, limit)?;
-        ensure!(r.outcome == DriveOutcome::Completed { status: Status::Ok, bytes: 8192 } && r.data_reads == 2, "honest WRITE: {r:?}");
+        let r = hostile::drive(
+            &mut conn,
+            &Message::Write(write_desc(1, MIB, &mem, 2, 8192)),
+            &[],
+            &mut mem,
+            ReadPolicy::Honest,
+            limit,
+        )?;
+        ensure!(
+            r.outcome == DriveOutcome::Completed { status: Status::Ok, bytes: 8192 } && r.data_reads == 2,
+            "honest WRITE: {r:?}"
+        );
         conn.shutdown();
         ensure!(read_back(addr, &id, MIB, 8192)? == data, "honest write not read back");
 
@@ -333,7 +390,8 @@ fn hostile_peer_against_the_wire_peer() -> Result<()> {
         let foreign_cluster = Identity { cluster_id: 99, ..id.clone() };
         let (h, _) = hostile::handshake_as(addr, &foreign_cluster, limit)?;
         ensure!(matches!(h, HandshakeOutcome::Refused { code, .. } if code == ERR_CLUSTER), "foreign cluster: {h:?}");
-        let foreign_secret = Identity { secret: Some(Secret::new(b"another-cluster-s-secret".to_vec())?), ..id.clone() };
+        let foreign_secret =
+            Identity { secret: Some(Secret::new(b"another-cluster-s-secret".to_vec())?), ..id.clone() };
         let (h, _) = hostile::handshake_as(addr, &foreign_secret, limit)?;
         ensure!(matches!(h, HandshakeOutcome::Refused { code, .. } if code == ERR_AUTH), "foreign secret: {h:?}");
         let forged = Identity { secret: None, ..id.clone() };
@@ -359,7 +417,14 @@ fn hostile_peer_against_the_wire_peer() -> Result<()> {
         let f = hostile::forged_one_sided(&mut conn, &hostile::forged_keys(200, 0x1234), limit)?;
         ensure!(f.allowed == 0 && f.denied == f.sent && !f.closed, "forged keys: {f:?}");
         let mut mem2 = Memory::new(0x2000_0000, vec![0x11; 4096]);
-        let r = hostile::drive(&mut conn, &Message::Write(write_desc(2, 2 * MIB, &mem2, 1, 4096)), &[], &mut mem2, ReadPolicy::Honest, limit)?;
+        let r = hostile::drive(
+            &mut conn,
+            &Message::Write(write_desc(2, 2 * MIB, &mem2, 1, 4096)),
+            &[],
+            &mut mem2,
+            ReadPolicy::Honest,
+            limit,
+        )?;
         ensure!(matches!(r.outcome, DriveOutcome::Completed { status: Status::Ok, .. }), "after forged keys: {r:?}");
         // A response nobody asked for, of either direction: cut off (the transport closes
         // without an ERROR for an unknown operation; any ERROR it sends must say protocol).
@@ -372,15 +437,28 @@ fn hostile_peer_against_the_wire_peer() -> Result<()> {
         // Lies while the peer pulls a 4-segment write: the transfer never completes as Ok,
         // and the segments never answered are not written. (The wire peer pulls straight into
         // its disk, so an answered segment may land; a real replica pulls into a buffer.)
-        for (k, policy) in [ReadPolicy::DuplicateFirst, ReadPolicy::WrongDirection, ReadPolicy::CloseAfterFirst].into_iter().enumerate() {
+        for (k, policy) in [ReadPolicy::DuplicateFirst, ReadPolicy::WrongDirection, ReadPolicy::CloseAfterFirst]
+            .into_iter()
+            .enumerate()
+        {
             let off = (8 + k as u64) * MIB;
             let mut mem = Memory::new(0x3000_0000, vec![0xee; 16384]);
             let mut conn = hostile::authenticated(addr, &id)?;
-            let r = hostile::drive(&mut conn, &Message::Write(write_desc(10 + k as u64, off, &mem, 4, 16384)), &[], &mut mem, policy, limit)?;
+            let r = hostile::drive(
+                &mut conn,
+                &Message::Write(write_desc(10 + k as u64, off, &mem, 4, 16384)),
+                &[],
+                &mut mem,
+                policy,
+                limit,
+            )?;
             match &r.outcome {
                 DriveOutcome::Closed { error } => {
                     if policy != ReadPolicy::CloseAfterFirst {
-                        ensure!(error.as_ref().is_some_and(|e| e.0 == ERR_PROTOCOL), "{policy:?}: closed without a protocol error: {r:?}");
+                        ensure!(
+                            error.as_ref().is_some_and(|e| e.0 == ERR_PROTOCOL),
+                            "{policy:?}: closed without a protocol error: {r:?}"
+                        );
                     }
                 }
                 other => bail!("{policy:?}: {other:?}, expected the connection cut"),
@@ -406,7 +484,10 @@ fn hostile_peer_against_the_wire_peer() -> Result<()> {
         )?;
         eprintln!("pull flood: {rep:?}");
         ensure!(rep.data_reads <= 256, "{} one-sided READs outstanding, the bound is 256", rep.data_reads);
-        ensure!(rep.statuses.get("Busy").copied().unwrap_or(0) + rep.data_reads >= rep.sent.min(3000) - 8, "pull flood: {rep:?}");
+        ensure!(
+            rep.statuses.get("Busy").copied().unwrap_or(0) + rep.data_reads >= rep.sent.min(3000) - 8,
+            "pull flood: {rep:?}"
+        );
         let conn = hostile::authenticated(addr, &id)?;
         let payload = vec![0x42u8; 65536];
         let rep = hostile::flood(

@@ -52,7 +52,10 @@ struct Build {
 
 impl Build {
     fn new(path: PathBuf) -> Result<Self> {
-        let out = Command::new(&path).arg("--version").output().with_context(|| format!("running {} --version", path.display()))?;
+        let out = Command::new(&path)
+            .arg("--version")
+            .output()
+            .with_context(|| format!("running {} --version", path.display()))?;
         ensure!(out.status.success(), "{} --version: {out:?}", path.display());
         let text = String::from_utf8_lossy(&out.stdout);
         let version = text
@@ -96,8 +99,12 @@ fn guest_io_survives_upgrades_and_restarts_in_place() -> Result<()> {
     // The path the "service" runs, as /usr/local/bin/hcblk for the systemd unit.
     let installed = bin_dir.join("hcblk");
     install_binary(&builds[0].path, &installed)?;
-    let mut server =
-        HcblkServer::start_with_binary(installed.clone(), &dir, &VolumeSpec { size: 256 * MIB, queues: 2, read_only: false }, &[])?;
+    let mut server = HcblkServer::start_with_binary(
+        installed.clone(),
+        &dir,
+        &VolumeSpec { size: 256 * MIB, queues: 2, read_only: false },
+        &[],
+    )?;
     let socket = server.socket().to_path_buf();
     check_version(&server.incarnation_log(), &builds[0], "the first start")?;
 
@@ -154,7 +161,10 @@ fn guest_io_survives_upgrades_and_restarts_in_place() -> Result<()> {
             check_version(&server.incarnation_log(), &builds[next], &what)?;
             eprintln!(
                 "{what}: {}serving again after {} ms, guest I/O paused {} ms",
-                stopped.map_or(String::new(), |d| format!("drained {drained_now}, exited {} ms after SIGTERM, ", d.as_millis())),
+                stopped.map_or(String::new(), |d| format!(
+                    "drained {drained_now}, exited {} ms after SIGTERM, ",
+                    d.as_millis()
+                )),
                 cycle.serving.as_millis(),
                 cycle.paused.as_millis()
             );
@@ -217,7 +227,11 @@ fn guest_io_survives_upgrades_and_restarts_in_place() -> Result<()> {
 fn check_version(log: &str, build: &Build, when: &str) -> Result<()> {
     match ready_version(log) {
         Some(v) if v == build.version => Ok(()),
-        other => bail!("after {when} the daemon reported version {other:?}, expected {} ({})", build.version, build.path.display()),
+        other => bail!(
+            "after {when} the daemon reported version {other:?}, expected {} ({})",
+            build.version,
+            build.path.display()
+        ),
     }
 }
 
@@ -236,7 +250,10 @@ fn check_ended(log: &str, started_after: Option<Stop>, stopped_by: Option<Stop>,
         );
     }
     if stopped_by == Some(Stop::Term) {
-        ensure!(log.contains("daemon stopped"), "no `daemon stopped` in the log of the daemon stopped for {what}:\n{log}");
+        ensure!(
+            log.contains("daemon stopped"),
+            "no `daemon stopped` in the log of the daemon stopped for {what}:\n{log}"
+        );
         ensure!(!log.contains("still busy"), "an export hit its stop timeout at {what}:\n{log}");
     }
     Ok(())

@@ -16,10 +16,10 @@
 use arbitrary::Arbitrary;
 use backend::request::{self, Limits, Op, Scratch, SECTOR_SIZE};
 use libfuzzer_sys::fuzz_target;
+use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
-use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
 
 const RINGS: u64 = 0x100;
@@ -187,12 +187,8 @@ fuzz_target!(|input: Input| {
             write_readable(&mem, &chain.descs, 16, &segment);
         }
 
-        let status = chain.status.map(|offset| Desc {
-            addr: Addr::Data(offset),
-            len: Len::Small(1),
-            write: true,
-            raw: None,
-        });
+        let status =
+            chain.status.map(|offset| Desc { addr: Addr::Data(offset), len: Len::Small(1), write: true, raw: None });
         let descs: Vec<&Desc> = chain.descs.iter().chain(status.as_ref()).collect();
         let first = next_index as u16;
         match chain.indirect {

@@ -287,10 +287,11 @@ impl Etcd {
         let n = u32::try_from(etcd.inner.endpoints.len()).unwrap_or(u32::MAX);
         let budget = etcd.inner.config.dial_timeout.saturating_mul(n);
         let probe_key = etcd.inner.config.prefix.as_str();
-        let probe = etcd.run_for(budget, Call { op: "probe", key: "", write: false, lease: None }, |mut c| async move {
-            c.get(probe_key, Some(ec::GetOptions::new().with_count_only())).await?;
-            Ok(())
-        });
+        let probe =
+            etcd.run_for(budget, Call { op: "probe", key: "", write: false, lease: None }, |mut c| async move {
+                c.get(probe_key, Some(ec::GetOptions::new().with_count_only())).await?;
+                Ok(())
+            });
         let unreachable = |cause: String| EtcdError::Unreachable {
             endpoints: etcd.inner.endpoints_line.clone(),
             timeout: budget,
@@ -720,9 +721,7 @@ impl Etcd {
                     {
                         unknown(cause)
                     }
-                    Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown
-                        if !from_etcd =>
-                    {
+                    Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown if !from_etcd => {
                         unreachable(cause)
                     }
                     code => {
@@ -1024,9 +1023,8 @@ mod tests {
     #[test]
     fn connect_to_nothing_is_one_unreachable_error_naming_every_endpoint() {
         // Two ports nobody listens on: bind, note, close.
-        let ports: Vec<u16> = (0..2)
-            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port())
-            .collect();
+        let ports: Vec<u16> =
+            (0..2).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()).collect();
         let endpoints: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
         let started = Instant::now();
         let e = Etcd::connect(EtcdConfig::new(endpoints)).unwrap_err();

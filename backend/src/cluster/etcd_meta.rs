@@ -44,7 +44,9 @@ pub struct ClusterDoc {
 /// The answer to [`EtcdMeta::create_volume`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CreateVolume {
-    Created { revision: i64 },
+    Created {
+        revision: i64,
+    },
     /// A volume of that name exists.
     NameTaken,
     /// Another volume has that id (pick another one and retry).
@@ -83,7 +85,8 @@ impl EtcdMeta {
                     return Ok(fresh);
                 }
                 Ok(CreateOutcome::Exists { present }) => {
-                    let kv = present.first().ok_or_else(|| malformed(keys::CLUSTER, "exists but was not read".into()))?;
+                    let kv =
+                        present.first().ok_or_else(|| malformed(keys::CLUSTER, "exists but was not read".into()))?;
                     return decode_cluster(kv);
                 }
                 // Maybe written: the next attempt finds out (it reads what is there).
@@ -101,7 +104,9 @@ impl EtcdMeta {
         let doc = encode_volume(&key, meta)?;
         let id_key = keys::volume_id(meta.id);
         match self.etcd.create_all(&[(key.as_str(), doc.as_slice()), (id_key.as_str(), meta.name.as_bytes())]) {
-            Ok(CreateOutcome::Created { revision }) => Ok(CreateVolume::Created { revision: revision_i64(revision, &key)? }),
+            Ok(CreateOutcome::Created { revision }) => {
+                Ok(CreateVolume::Created { revision: revision_i64(revision, &key)? })
+            }
             Ok(CreateOutcome::Exists { present }) => {
                 if present.iter().any(|kv| kv.key == key) {
                     Ok(CreateVolume::NameTaken)
@@ -132,8 +137,12 @@ impl EtcdMeta {
         };
         let doc = encode_volume(&key, meta)?;
         match self.etcd.compare_and_swap(&key, expect, &doc, extra) {
-            Ok(CasOutcome::Committed { revision }) => Ok(MetaWrite::Committed { revision: revision_i64(revision, &key)? }),
-            Ok(CasOutcome::Conflict { current }) => Ok(MetaWrite::Conflict(current.map(|kv| decode_volume(&kv, name)).transpose()?.map(Box::new))),
+            Ok(CasOutcome::Committed { revision }) => {
+                Ok(MetaWrite::Committed { revision: revision_i64(revision, &key)? })
+            }
+            Ok(CasOutcome::Conflict { current }) => {
+                Ok(MetaWrite::Conflict(current.map(|kv| decode_volume(&kv, name)).transpose()?.map(Box::new)))
+            }
             Err(e) => Err(meta_error(e, &key)),
         }
     }
@@ -148,8 +157,12 @@ impl EtcdMeta {
         let status = keys::status(name).map_err(|e| meta_error(e, &key))?;
         let extra = [Op::delete(keys::volume_id(id)), Op::delete(status)];
         match self.etcd.compare_and_delete(&key, expect, &extra) {
-            Ok(CasOutcome::Committed { revision }) => Ok(MetaWrite::Committed { revision: revision_i64(revision, &key)? }),
-            Ok(CasOutcome::Conflict { current }) => Ok(MetaWrite::Conflict(current.map(|kv| decode_volume(&kv, name)).transpose()?.map(Box::new))),
+            Ok(CasOutcome::Committed { revision }) => {
+                Ok(MetaWrite::Committed { revision: revision_i64(revision, &key)? })
+            }
+            Ok(CasOutcome::Conflict { current }) => {
+                Ok(MetaWrite::Conflict(current.map(|kv| decode_volume(&kv, name)).transpose()?.map(Box::new)))
+            }
             Err(e) => Err(meta_error(e, &key)),
         }
     }
@@ -239,7 +252,9 @@ impl MetaStore for EtcdMeta {
     fn read_volume_by_id(&self, id: u64) -> Result<Option<VolumeMeta>, MetaError> {
         let id_key = keys::volume_id(id);
         let name = match self.etcd.get(&id_key) {
-            Ok(Some(kv)) => String::from_utf8(kv.value).map_err(|_| malformed(&id_key, "volume name is not UTF-8".into()))?,
+            Ok(Some(kv)) => {
+                String::from_utf8(kv.value).map_err(|_| malformed(&id_key, "volume name is not UTF-8".into()))?
+            }
             Ok(None) => return Ok(None),
             Err(e) => return Err(meta_error(e, &id_key)),
         };
@@ -256,8 +271,8 @@ impl MetaStore for EtcdMeta {
         let (kvs, _) = self.etcd.list(keys::NODES).map_err(|e| meta_error(e, keys::NODES))?;
         kvs.iter()
             .map(|kv| {
-                let name =
-                    keys::name_under(keys::NODES, &kv.key).ok_or_else(|| malformed(&kv.key, "not a node key".into()))?;
+                let name = keys::name_under(keys::NODES, &kv.key)
+                    .ok_or_else(|| malformed(&kv.key, "not a node key".into()))?;
                 decode_node(kv, name)
             })
             .collect()
@@ -335,9 +350,14 @@ mod tests {
         let cause = || super::super::Cause("x".into());
         let unknown = EtcdError::OutcomeUnknown { op: "compare-and-swap", key: "volumes/v".into(), cause: cause() };
         assert!(matches!(meta_error(unknown, "k"), MetaError::Unavailable(_)));
-        let down = EtcdError::Unreachable { endpoints: "e".into(), timeout: std::time::Duration::from_secs(1), cause: cause() };
+        let down = EtcdError::Unreachable {
+            endpoints: "e".into(),
+            timeout: std::time::Duration::from_secs(1),
+            cause: cause(),
+        };
         assert!(matches!(meta_error(down, "k"), MetaError::Unavailable(_)));
-        let refused = EtcdError::Server { op: "get", key: "k".into(), code: "Unavailable".into(), message: "no leader".into() };
+        let refused =
+            EtcdError::Server { op: "get", key: "k".into(), code: "Unavailable".into(), message: "no leader".into() };
         assert!(matches!(meta_error(refused, "k"), MetaError::Unavailable(_)));
         let bad = EtcdError::Malformed { key: "volumes/v".into(), reason: "r".into() };
         assert!(matches!(meta_error(bad, "k"), MetaError::Malformed { key, .. } if key == "volumes/v"));

@@ -13,7 +13,9 @@ use replication::{NodeInfo, VolumeMeta};
 /// The answer to [`MetaStore::write_volume`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MetaWrite {
-    Committed { revision: i64 },
+    Committed {
+        revision: i64,
+    },
     /// The compare failed: the current document and its revision (`None`: deleted).
     Conflict(Option<Box<(VolumeMeta, i64)>>),
 }

@@ -79,5 +79,5 @@ pub use etcd::{
 };
 pub use etcd_meta::{ClusterDoc, CreateVolume, EtcdMeta, VOLUME_DOC_BYTES_MAX};
 pub use meta::{MemoryMeta, MetaError, MetaStore, MetaWrite};
-pub use status::{PublishedStatus, PublishedSync};
 pub use registration::{NodeRegistration, RegistrationConfig, RegistrationError, DEFAULT_TTL};
+pub use status::{PublishedStatus, PublishedSync};

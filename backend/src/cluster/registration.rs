@@ -168,13 +168,10 @@ impl NodeRegistration {
             failing: false,
             conflict_logged: false,
         };
-        let thread = thread::Builder::new()
-            .name("hcblk-etcd-reg".into())
-            .spawn(move || worker.run())
-            .map_err(|e| {
-                let _ = etcd.lease_revoke(lease.id);
-                RegistrationError::Thread(e)
-            })?;
+        let thread = thread::Builder::new().name("hcblk-etcd-reg".into()).spawn(move || worker.run()).map_err(|e| {
+            let _ = etcd.lease_revoke(lease.id);
+            RegistrationError::Thread(e)
+        })?;
         Ok(Self { shared, thread: Some(thread), etcd: etcd.clone(), name: name.to_owned(), key })
     }
 

@@ -144,7 +144,11 @@ mod tests {
     #[test]
     fn garbage_is_an_error() {
         for bad in [&b""[..], b"null", b"{}", b"{\"node\":1}", &vec![b' '; STATUS_BYTES_MAX + 1]] {
-            assert!(PublishedStatus::from_json(bad).is_err(), "{:?}", String::from_utf8_lossy(&bad[..bad.len().min(20)]));
+            assert!(
+                PublishedStatus::from_json(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(&bad[..bad.len().min(20)])
+            );
         }
         let mut extra: serde_json::Value = serde_json::from_slice(&sample().to_json()).unwrap();
         extra["x"] = 1.into();

@@ -469,7 +469,10 @@ mod tests {
         let Request::Create(create) = request else { panic!("{request:?}") };
         assert_eq!((create.block_size, create.queues, create.backing), (512, 1, BackingType::File));
         assert_eq!((create.path, create.read_only, create.serial), (None, false, None));
-        assert_eq!((create.replicas, create.min_replicas, create.extent_bytes, create.locality), (None, None, None, None));
+        assert_eq!(
+            (create.replicas, create.min_replicas, create.extent_bytes, create.locality),
+            (None, None, None, None)
+        );
         let request = decode_request(br#"{"op":"attach","name":"a"}"#).unwrap();
         assert_eq!(request, Request::Attach { name: "a".into(), force: false });
     }

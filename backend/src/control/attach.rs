@@ -101,7 +101,11 @@ pub struct OwnerSettings {
 
 impl Default for OwnerSettings {
     fn default() -> Self {
-        Self { io_timeout: Duration::from_secs(5), replace_after: Duration::from_secs(600), resync_bytes_per_s: 64 << 20 }
+        Self {
+            io_timeout: Duration::from_secs(5),
+            replace_after: Duration::from_secs(600),
+            resync_bytes_per_s: 64 << 20,
+        }
     }
 }
 
@@ -147,8 +151,8 @@ impl<E: Exporter<ReplicatedVolume>> Attacher for ReplicatedAttacher<E> {
             lease: self.lease.clone(),
             attach_timeout: ATTACH_TIMEOUT,
         };
-        let volume =
-            ReplicatedVolume::attach(config).map_err(|e| Error::Attach { name: name.to_owned(), source: Box::new(e) })?;
+        let volume = ReplicatedVolume::attach(config)
+            .map_err(|e| Error::Attach { name: name.to_owned(), source: Box::new(e) })?;
         match self.exporter.start(export, Arc::clone(&volume)) {
             Ok(export) => Ok(ReplicatedHandle { volume, export }),
             Err(source) => {

@@ -331,9 +331,7 @@ fn cluster_options(args: &DaemonArgs, env_secret: bool) -> Result<Option<Cluster
         return Err(Error::Invalid(format!("--etcd {etcd:?}: expected comma-separated http://HOST:PORT URLs")));
     }
     let (Some(node), Some(listen)) = (&args.node, &args.listen) else {
-        return Err(Error::Invalid(
-            "cluster mode (--etcd) also needs --node NAME and --listen ADDR:PORT".into(),
-        ));
+        return Err(Error::Invalid("cluster mode (--etcd) also needs --node NAME and --listen ADDR:PORT".into()));
     };
     validate_label("node name", node)?;
     let listen: SocketAddr = listen
@@ -518,7 +516,8 @@ fn operator() -> String {
         .iter()
         .find_map(|v| std::env::var(v).ok().filter(|u| !u.is_empty()))
         .unwrap_or_else(|| "unknown".into());
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map_or_else(|_| "unknown".into(), |h| h.trim().to_owned());
+    let host =
+        std::fs::read_to_string("/proc/sys/kernel/hostname").map_or_else(|_| "unknown".into(), |h| h.trim().to_owned());
     format!("{user}@{host}")
 }
 
@@ -632,7 +631,8 @@ fn print_info(out: &mut impl Write, v: &VolumeInfo) -> io::Result<()> {
         let members: Vec<String> = members
             .iter()
             .map(|m| {
-                let state = serde_json::to_value(m.state).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+                let state =
+                    serde_json::to_value(m.state).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
                 if m.up {
                     format!("{} {state}", m.node)
                 } else {
@@ -666,7 +666,8 @@ fn progress_text(s: &crate::cluster::PublishedSync, region_bytes: u64) -> String
 
 fn print_list(out: &mut impl Write, volumes: &[VolumeInfo]) -> io::Result<()> {
     let width = volumes.iter().map(|v| v.name.len()).max().unwrap_or(0);
-    let owner_width = volumes.iter().filter_map(|v| v.cluster.as_ref()?.owner.as_ref().map(String::len)).max().unwrap_or(1);
+    let owner_width =
+        volumes.iter().filter_map(|v| v.cluster.as_ref()?.owner.as_ref().map(String::len)).max().unwrap_or(1);
     for v in volumes {
         match &v.cluster {
             None => writeln!(
@@ -777,7 +778,10 @@ mod tests {
         assert_eq!(version("0.1.0", None), "0.1.0");
         assert_eq!(version("0.1.0", Some("")), "0.1.0");
         assert_eq!(version("0.1.0", Some("g1a2b3c")), "0.1.0+g1a2b3c");
-        let err = Cli::command().version(version("0.1.0", Some("x"))).try_get_matches_from(["hcblk", "--version"]).unwrap_err();
+        let err = Cli::command()
+            .version(version("0.1.0", Some("x")))
+            .try_get_matches_from(["hcblk", "--version"])
+            .unwrap_err();
         assert_eq!(err.kind(), clap::error::ErrorKind::DisplayVersion);
         assert_eq!(err.to_string(), "hcblk 0.1.0+x\n");
     }
@@ -791,11 +795,25 @@ mod tests {
         };
         assert_eq!((create.size_bytes, create.queues, create.block_size), (10 << 30, 2, 512));
         assert_eq!(create.backing, BackingType::Null);
-        assert_eq!((create.replicas, create.min_replicas, create.extent_bytes, create.locality), (None, None, None, None));
+        assert_eq!(
+            (create.replicas, create.min_replicas, create.extent_bytes, create.locality),
+            (None, None, None, None)
+        );
 
         let (Request::Create(create), _) = request(&[
-            "volume", "create", "vm1", "--size", "10G", "--replicas", "3", "--min-replicas", "2", "--extent-size", "256M",
-            "--locality", "none",
+            "volume",
+            "create",
+            "vm1",
+            "--size",
+            "10G",
+            "--replicas",
+            "3",
+            "--min-replicas",
+            "2",
+            "--extent-size",
+            "256M",
+            "--locality",
+            "none",
         ])
         .unwrap() else {
             panic!()
@@ -821,7 +839,10 @@ mod tests {
 
     #[test]
     fn cluster_verbs_become_requests() {
-        assert_eq!(request(&["volume", "attach", "v", "--force"]).unwrap(), (Request::Attach { name: "v".into(), force: true }, false));
+        assert_eq!(
+            request(&["volume", "attach", "v", "--force"]).unwrap(),
+            (Request::Attach { name: "v".into(), force: true }, false)
+        );
         assert_eq!(request(&["volume", "detach", "v"]).unwrap(), (Request::Detach { name: "v".into() }, false));
         assert_eq!(request(&["volume", "info", "v", "--json"]).unwrap(), (Request::Info { name: "v".into() }, true));
         let (Request::AcceptRisk { name, reason, by }, _) =
@@ -832,12 +853,16 @@ mod tests {
         assert_eq!((name.as_str(), reason.as_str()), ("v", "n3 replaced"));
         assert!(by.contains('@'), "{by}");
         assert!(matches!(parse(&["node", "list"]).command, Command::Node(NodeCommand::List { json: false })));
-        assert!(matches!(parse(&["cluster", "status", "--json"]).command, Command::Cluster(ClusterCommand::Status { json: true })));
+        assert!(matches!(
+            parse(&["cluster", "status", "--json"]).command,
+            Command::Cluster(ClusterCommand::Status { json: true })
+        ));
     }
 
     #[test]
     fn relative_paths_are_made_absolute_by_the_cli() {
-        let (Request::Create(create), _) = request(&["volume", "create", "vm1", "--size", "1G", "--path", "disk.img"]).unwrap()
+        let (Request::Create(create), _) =
+            request(&["volume", "create", "vm1", "--size", "1G", "--path", "disk.img"]).unwrap()
         else {
             panic!()
         };
@@ -923,19 +948,35 @@ mod tests {
         );
         let c = cluster(
             &[
-                "--zone", "rack-1", "--transport", "tcp", "--io-timeout", "2s", "--replace-after", "30m", "--resync-rate",
-                "100M/s", "--capacity", "1T",
+                "--zone",
+                "rack-1",
+                "--transport",
+                "tcp",
+                "--io-timeout",
+                "2s",
+                "--replace-after",
+                "30m",
+                "--resync-rate",
+                "100M/s",
+                "--capacity",
+                "1T",
             ],
             false,
         )
         .unwrap()
         .unwrap();
-        assert_eq!((c.zone.as_deref(), c.transport, c.capacity_bytes), (Some("rack-1"), proto::TransportKind::Tcp, Some(1 << 40)));
-        assert_eq!(c.owner, OwnerSettings {
-            io_timeout: Duration::from_secs(2),
-            replace_after: Duration::from_secs(1800),
-            resync_bytes_per_s: 100 << 20
-        });
+        assert_eq!(
+            (c.zone.as_deref(), c.transport, c.capacity_bytes),
+            (Some("rack-1"), proto::TransportKind::Tcp, Some(1 << 40))
+        );
+        assert_eq!(
+            c.owner,
+            OwnerSettings {
+                io_timeout: Duration::from_secs(2),
+                replace_after: Duration::from_secs(1800),
+                resync_bytes_per_s: 100 << 20
+            }
+        );
         assert_eq!(cluster(&["--resync-rate", "0"], false).unwrap().unwrap().owner.resync_bytes_per_s, 0);
         // The secret from the environment instead of a file.
         let mut args = CLUSTER[2..6].to_vec();
@@ -953,7 +994,8 @@ mod tests {
         assert!(err(&[], true).contains("given twice"), "{}", err(&[], true));
         let neither = cluster_options(&daemon_args(&CLUSTER[..6]), false).unwrap_err().to_string();
         assert!(neither.contains("needs the cluster secret") && neither.contains(SECRET_ENV), "{neither}");
-        let missing = cluster_options(&daemon_args(&["--etcd", "a:1", "--cluster-secret-file", "s"]), false).unwrap_err();
+        let missing =
+            cluster_options(&daemon_args(&["--etcd", "a:1", "--cluster-secret-file", "s"]), false).unwrap_err();
         assert!(missing.to_string().contains("--node NAME and --listen"), "{missing}");
         for (bad, why) in [
             (&["--transport", "loopback"][..], "auto, tcp or rdma"),
@@ -1044,7 +1086,9 @@ mod tests {
         let info = render(Request::Info { name: "vm1".into() }, Response::Volume { volume: volume.clone() });
         assert!(info.contains("\nsize: 10737418240\n") && info.contains("\nsocket: /run/hcblk/vm1.sock\n"), "{info}");
         assert!(info.contains("\nbacking: file\n") && info.contains("\npath: /d/volumes/vm1.img\n"), "{info}");
-        for line in ["replicas: 1", "min_replicas: 1", "extent_size: 1G", "generation: 3", "epoch: 1", "rejected_requests: 7"] {
+        for line in
+            ["replicas: 1", "min_replicas: 1", "extent_size: 1G", "generation: 3", "epoch: 1", "rejected_requests: 7"]
+        {
             assert!(info.contains(&format!("\n{line}\n")), "{line}: {info}");
         }
         assert!(!info.contains("owner"), "{info}");
@@ -1071,9 +1115,17 @@ mod tests {
                 owner_up: true,
                 attached_here: false,
                 state: VolumeState::Degraded,
-                risk_accepted: Some(RiskAcceptance { by: "root@h1".into(), at_unix_s: 1_795_317_910, reason: "n3 swap".into() }),
+                risk_accepted: Some(RiskAcceptance {
+                    by: "root@h1".into(),
+                    at_unix_s: 1_795_317_910,
+                    reason: "n3 swap".into(),
+                }),
                 extents: vec![
-                    vec![member("n1", MemberState::InSync, true), member("n2", MemberState::InSync, true), member("n3", MemberState::Stale, false)],
+                    vec![
+                        member("n1", MemberState::InSync, true),
+                        member("n2", MemberState::InSync, true),
+                        member("n3", MemberState::Stale, false),
+                    ],
                     vec![member("n1", MemberState::InSync, true), member("n2", MemberState::Rebuilding, true)],
                     vec![member("n1", MemberState::InSync, true)],
                 ],
@@ -1142,7 +1194,10 @@ mod tests {
         assert_eq!(accepted, "volume vm1: risk accepted by root@h1: n3 swap\n");
         let list = render(Request::List {}, Response::Volumes { volumes: vec![volume] });
         assert_eq!(list, "vm1    2560M  3/2  n1  degraded   -\n");
-        assert_eq!(render(Request::Detach { name: "v".into() }, Response::Detached { name: "v".into() }), "volume v detached\n");
+        assert_eq!(
+            render(Request::Detach { name: "v".into() }, Response::Detached { name: "v".into() }),
+            "volume v detached\n"
+        );
     }
 
     #[test]

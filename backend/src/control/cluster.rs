@@ -208,7 +208,12 @@ impl<A: Attacher> ClusterVolumes<A> {
             extents: Vec::new(),
             risk_accepted: None,
         };
-        check_doc_capacity(&meta, request.size_bytes.div_ceil(extent_bytes), &nodes, "create it with a larger --extent-size")?;
+        check_doc_capacity(
+            &meta,
+            request.size_bytes.div_ceil(extent_bytes),
+            &nodes,
+            "create it with a larger --extent-size",
+        )?;
         meta.extents = placement::place(
             &PlacementRequest {
                 size_bytes: request.size_bytes,
@@ -364,7 +369,11 @@ impl<A: Attacher> ClusterVolumes<A> {
         for _ in 0..CAS_ATTEMPTS {
             let (meta, revision) = self.read(name)?;
             if new_size_bytes < meta.size_bytes {
-                return Err(Error::Shrink { name: name.to_owned(), current: meta.size_bytes, requested: new_size_bytes });
+                return Err(Error::Shrink {
+                    name: name.to_owned(),
+                    current: meta.size_bytes,
+                    requested: new_size_bytes,
+                });
             }
             store::validate_geometry(new_size_bytes, meta.block_size, meta.queues)?;
             if new_size_bytes == meta.size_bytes {
@@ -377,8 +386,13 @@ impl<A: Attacher> ClusterVolumes<A> {
             match self.meta.write_volume(name, revision, &grown)? {
                 MetaWrite::Committed { .. } => {
                     committed = true;
-                    tracing::info!(volume = name, from_bytes = meta.size_bytes, to_bytes = new_size_bytes,
-                        extents = grown.extents.len(), "volume resized in etcd");
+                    tracing::info!(
+                        volume = name,
+                        from_bytes = meta.size_bytes,
+                        to_bytes = new_size_bytes,
+                        extents = grown.extents.len(),
+                        "volume resized in etcd"
+                    );
                     break;
                 }
                 MetaWrite::Conflict(_) => continue,
@@ -539,7 +553,14 @@ impl<A: Attacher> ClusterVolumes<A> {
         tracing::info!(volume = name, socket = %socket.display(), cpu, "volume attached");
         self.attached.insert(
             name.to_owned(),
-            Attached { handle, socket, exported_bytes, rates: SyncRates::default(), published: None, fenced_logged: false },
+            Attached {
+                handle,
+                socket,
+                exported_bytes,
+                rates: SyncRates::default(),
+                published: None,
+                fenced_logged: false,
+            },
         );
         self.info(name)
     }
@@ -741,7 +762,12 @@ fn grow_export<H: AttachedVolume>(name: &str, a: &mut Attached<H>, status: &Owne
     let Some(size) = status.size_bytes.filter(|&s| s > a.exported_bytes) else { return };
     match a.handle.resize(size) {
         Ok(()) => {
-            tracing::info!(volume = name, from_bytes = a.exported_bytes, to_bytes = size, "export grown to the document's size");
+            tracing::info!(
+                volume = name,
+                from_bytes = a.exported_bytes,
+                to_bytes = size,
+                "export grown to the document's size"
+            );
             a.exported_bytes = size;
         }
         Err(e) => tracing::warn!(volume = name, error = %super::chain(&e), "cannot grow the export; retrying"),
@@ -781,7 +807,8 @@ pub fn published_status(node: &str, status: &OwnerStatus, rates: &SyncRates, now
 pub fn volume_state(meta: &VolumeMeta, status: Option<&PublishedStatus>) -> VolumeState {
     if meta.owner.is_none() {
         VolumeState::Detached
-    } else if (0..meta.extent_count()).any(|i| !meta.writable(i)) || status.is_some_and(|s| !s.suspended_extents.is_empty())
+    } else if (0..meta.extent_count()).any(|i| !meta.writable(i))
+        || status.is_some_and(|s| !s.suspended_extents.is_empty())
     {
         VolumeState::Suspended
     } else if !meta.is_whole() {
@@ -839,11 +866,8 @@ fn check_doc_capacity(meta: &VolumeMeta, extents: u64, nodes: &[NodeInfo], advic
 /// The largest `meta`'s document can become with `extents` extents (see
 /// [`check_doc_capacity`]).
 fn worst_doc_bytes(meta: &VolumeMeta, extents: u64, name_len: usize) -> u64 {
-    let risk = RiskAcceptance {
-        by: "x".repeat(BY_BYTES_MAX),
-        at_unix_s: u64::MAX,
-        reason: "x".repeat(REASON_BYTES_MAX),
-    };
+    let risk =
+        RiskAcceptance { by: "x".repeat(BY_BYTES_MAX), at_unix_s: u64::MAX, reason: "x".repeat(REASON_BYTES_MAX) };
     let base = VolumeMeta {
         extents: Vec::new(),
         owner: Some("x".repeat(name_len)),
@@ -1026,16 +1050,18 @@ mod tests {
     #[test]
     fn document_capacity_is_bounded_at_its_worst() {
         let m = meta(&[&[I, I, I]]);
-        let nodes = |len: usize| vec![NodeInfo {
-            name: "n".repeat(len),
-            id: 1,
-            address: "a:1".into(),
-            zone: None,
-            capacity_bytes: 0,
-            free_bytes: 0,
-            version: String::new(),
-            started_unix_s: 0,
-        }];
+        let nodes = |len: usize| {
+            vec![NodeInfo {
+                name: "n".repeat(len),
+                id: 1,
+                address: "a:1".into(),
+                zone: None,
+                capacity_bytes: 0,
+                free_bytes: 0,
+                version: String::new(),
+                started_unix_s: 0,
+            }]
+        };
         // The estimate is an upper bound of a real document of that many extents.
         let mut big = m.clone();
         big.extents = vec![big.extents[0].clone(); 1000];

@@ -43,7 +43,9 @@ use super::housekeeping::{node_value, Housekeeping};
 use super::notify::Notifier;
 use super::volumes::{Volumes, NEEDS_CLUSTER};
 use super::Error;
-use crate::cluster::{keys, Etcd, EtcdConfig, EtcdMeta, MetaStore, NodeRegistration, RegistrationConfig, RegistrationError};
+use crate::cluster::{
+    keys, Etcd, EtcdConfig, EtcdMeta, MetaStore, NodeRegistration, RegistrationConfig, RegistrationError,
+};
 use crate::member::{MemberConfig, Members};
 use crate::replicated::LeaseClock;
 use crate::socket::group_can_traverse;
@@ -123,7 +125,9 @@ impl<E: Exporter<Backing>> Manager for Volumes<E> {
             Request::Create(create) => self.create(create).map(|volume| Response::Volume { volume }),
             Request::List {} => Ok(Response::Volumes { volumes: self.list() }),
             Request::Info { name } => self.get(&name).map(|volume| Response::Volume { volume }),
-            Request::Resize { name, size_bytes } => self.resize(&name, size_bytes).map(|volume| Response::Volume { volume }),
+            Request::Resize { name, size_bytes } => {
+                self.resize(&name, size_bytes).map(|volume| Response::Volume { volume })
+            }
             Request::Delete { name, force } => self.delete(&name, force).map(|()| Response::Deleted { name }),
             Request::Attach { .. }
             | Request::Detach { .. }
@@ -140,7 +144,9 @@ impl<A: super::attach::Attacher> Manager for ClusterVolumes<A> {
             Request::Create(create) => self.create(create).map(|volume| Response::Volume { volume }),
             Request::List {} => self.list().map(|volumes| Response::Volumes { volumes }),
             Request::Info { name } => self.info(&name).map(|volume| Response::Volume { volume }),
-            Request::Resize { name, size_bytes } => self.resize(&name, size_bytes).map(|volume| Response::Volume { volume }),
+            Request::Resize { name, size_bytes } => {
+                self.resize(&name, size_bytes).map(|volume| Response::Volume { volume })
+            }
             Request::Delete { name, force } => self.delete(&name, force).map(|()| Response::Deleted { name }),
             Request::Attach { name, force } => self.attach(&name, force).map(|volume| Response::Volume { volume }),
             Request::Detach { name } => self.detach(&name).map(|()| Response::Detached { name }),
@@ -259,7 +265,12 @@ pub fn run(config: DaemonConfig, version: &str) -> Result<(), Error> {
     result
 }
 
-fn serve_standalone(config: &DaemonConfig, version: &str, listener: UnixListener, notifier: Option<&Notifier>) -> Result<(), Error> {
+fn serve_standalone(
+    config: &DaemonConfig,
+    version: &str,
+    listener: UnixListener,
+    notifier: Option<&Notifier>,
+) -> Result<(), Error> {
     let inbox = Inbox::new();
     let signals = inbox.install_signals()?;
     // Volumes are restored while the API socket is already bound: clients (and a second
@@ -291,7 +302,8 @@ fn connect_cluster(options: &ClusterOptions) -> Result<Connected, Error> {
     let secret = match &options.secret {
         SecretSource::File(path) => proto::auth::Secret::from_file(path).map_err(Error::Secret)?,
         SecretSource::Env => {
-            let value = std::env::var_os(SECRET_ENV).ok_or_else(|| Error::Invalid(format!("{SECRET_ENV} is not set")))?;
+            let value =
+                std::env::var_os(SECRET_ENV).ok_or_else(|| Error::Invalid(format!("{SECRET_ENV} is not set")))?;
             proto::auth::Secret::new(value.as_bytes().to_vec()).map_err(Error::Secret)?
         }
     };
@@ -328,7 +340,8 @@ fn member_spin(poll: &crate::PollConfig) -> std::time::Duration {
 /// same replica service address. Another live daemon with that address would hold the port,
 /// and this start fails when it binds it; one on another host has another address.
 fn is_previous_run(value: &[u8], options: &ClusterOptions) -> bool {
-    serde_json::from_slice::<NodeInfo>(value).is_ok_and(|n| n.name == options.node && n.address == options.listen.to_string())
+    serde_json::from_slice::<NodeInfo>(value)
+        .is_ok_and(|n| n.name == options.node && n.address == options.listen.to_string())
 }
 
 fn serve_cluster(
@@ -375,13 +388,14 @@ fn serve_cluster(
     };
     let value = node_value(&template, members.used_bytes());
     let previous = |v: &[u8]| is_previous_run(v, options);
-    let registration = match NodeRegistration::start_reclaiming(meta.etcd(), &node, value, RegistrationConfig::default(), previous) {
-        Ok(r) => Arc::new(r),
-        Err(e) => {
-            members.stop();
-            return Err(e.into());
-        }
-    };
+    let registration =
+        match NodeRegistration::start_reclaiming(meta.etcd(), &node, value, RegistrationConfig::default(), previous) {
+            Ok(r) => Arc::new(r),
+            Err(e) => {
+                members.stop();
+                return Err(e.into());
+            }
+        };
     tracing::info!(node = %node, cluster_id, address = %options.listen, transport = ?kind, capacity_bytes, "joined the cluster");
     let housekeeping = Housekeeping::start(
         Arc::clone(&store),
@@ -410,7 +424,8 @@ fn serve_cluster(
         lease: Some(lease_clock),
         exporter: VhostUser { socket_access: config.socket_access },
     };
-    let cluster_config = ClusterConfig { node: node.clone(), socket_dir: config.socket_dir.clone(), poll: config.poll.clone() };
+    let cluster_config =
+        ClusterConfig { node: node.clone(), socket_dir: config.socket_dir.clone(), poll: config.poll.clone() };
     let mut volumes = ClusterVolumes::new(cluster_config, meta, attacher, Arc::clone(&registration));
     let attached = volumes.reattach_owned();
     tracing::info!(attached, "volumes owned by this node attached");
@@ -487,7 +502,9 @@ fn prepare_socket_dir(config: &DaemonConfig) -> Result<(), Error> {
             let mode = if gid.is_some() { 0o750 } else { 0o755 };
             fs::set_permissions(dir, fs::Permissions::from_mode(mode)).map_err(Error::io(what()))?;
         }
-        Err(source) => return Err(Error::Io { what: format!("inspect the socket directory {}", dir.display()), source }),
+        Err(source) => {
+            return Err(Error::Io { what: format!("inspect the socket directory {}", dir.display()), source })
+        }
     }
     if let Some(gid) = gid {
         for parent in dir.ancestors().skip(1) {

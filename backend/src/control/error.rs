@@ -107,9 +107,7 @@ pub enum Error {
     Registration(#[from] crate::cluster::RegistrationError),
     #[error("cannot place the volume's extents")]
     Placement(#[source] replication::placement::PlacementError),
-    #[error(
-        "volume {name} is attached on node {node}, which is up; detach it there, or pass --force to take it over"
-    )]
+    #[error("volume {name} is attached on node {node}, which is up; detach it there, or pass --force to take it over")]
     AttachedElsewhere { name: String, node: String },
     #[error("volume {name} is attached on node {node}; detach it first or pass --force")]
     Attached { name: String, node: String },

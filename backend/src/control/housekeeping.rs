@@ -59,7 +59,9 @@ pub fn collect_garbage(meta: &dyn MetaStore, host: &dyn ReplicaHost) -> Result<u
                 seen += 1;
             }
             Err(e @ MetaError::Unavailable(_)) => return Err(e),
-            Err(e) => tracing::warn!(volume_id = id, error = %super::chain(&e), "cannot read the volume's document; its replicas stay"),
+            Err(e) => {
+                tracing::warn!(volume_id = id, error = %super::chain(&e), "cannot read the volume's document; its replicas stay")
+            }
         }
     }
     Ok(seen)

@@ -250,9 +250,7 @@ pub fn validate_geometry(size_bytes: u64, block_size: u32, queues: u16) -> Resul
 /// A power of two from [`EXTENT_BYTES_MIN`] (16 MiB) to [`EXTENT_BYTES_MAX`] (4 GiB).
 pub fn validate_extent_bytes(extent_bytes: u64) -> Result<(), Error> {
     if !extent_bytes.is_power_of_two() || !(EXTENT_BYTES_MIN..=EXTENT_BYTES_MAX).contains(&extent_bytes) {
-        return Err(Error::Invalid(format!(
-            "extent size {extent_bytes} bytes is not a power of two from 16M to 4G"
-        )));
+        return Err(Error::Invalid(format!("extent size {extent_bytes} bytes is not a power of two from 16M to 4G")));
     }
     Ok(())
 }

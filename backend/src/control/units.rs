@@ -296,9 +296,6 @@ mod tests {
         assert_eq!(format_rfc3339(0), "1970-01-01T00:00:00Z");
         assert_eq!(format_rfc3339(951_782_400), "2000-02-29T00:00:00Z");
         assert_eq!(format_rfc3339(1_795_317_910), "2026-11-22T03:25:10Z");
-        assert_eq!(
-            format_rfc3339_nanos(Duration::new(1_795_317_910, 42)),
-            "2026-11-22T03:25:10.000000042Z"
-        );
+        assert_eq!(format_rfc3339_nanos(Duration::new(1_795_317_910, 42)), "2026-11-22T03:25:10.000000042Z");
     }
 }

@@ -48,7 +48,15 @@ impl LocalMember {
         let core = Arc::clone(members.core());
         let inbox = Arc::new(Inbox::new(notify));
         let origin = core.register_inbox(Arc::clone(&inbox));
-        Self { core, origin, inbox, ops: HashMap::new(), disks: HashMap::new(), replies: VecDeque::new(), backlog: VecDeque::new() }
+        Self {
+            core,
+            origin,
+            inbox,
+            ops: HashMap::new(),
+            disks: HashMap::new(),
+            replies: VecDeque::new(),
+            backlog: VecDeque::new(),
+        }
     }
 
     pub fn node_id(&self) -> u64 {
@@ -136,21 +144,30 @@ impl LocalMember {
                 self.core.call(|r| r.on_pushed(op, true));
                 None
             }
-            ReplicaAction::DiskRead { op, volume, offset, len } => {
-                self.submit_disk(op, volume, Op::Read, offset, u64::from(len), false).err().map(|()| ReplicaAction::DiskRead { op, volume, offset, len })
-            }
-            ReplicaAction::DiskWrite { op, volume, offset, len, fua } => {
-                self.submit_disk(op, volume, Op::Write, offset, u64::from(len), fua).err().map(|()| ReplicaAction::DiskWrite { op, volume, offset, len, fua })
-            }
-            ReplicaAction::DiskFlush { op, volume } => self.submit_disk(op, volume, Op::Flush, 0, 0, false).err().map(|()| ReplicaAction::DiskFlush { op, volume }),
-            ReplicaAction::DiskDiscard { op, volume, offset, len } => {
-                self.submit_disk(op, volume, Op::Discard, offset, len, false).err().map(|()| ReplicaAction::DiskDiscard { op, volume, offset, len })
-            }
+            ReplicaAction::DiskRead { op, volume, offset, len } => self
+                .submit_disk(op, volume, Op::Read, offset, u64::from(len), false)
+                .err()
+                .map(|()| ReplicaAction::DiskRead { op, volume, offset, len }),
+            ReplicaAction::DiskWrite { op, volume, offset, len, fua } => self
+                .submit_disk(op, volume, Op::Write, offset, u64::from(len), fua)
+                .err()
+                .map(|()| ReplicaAction::DiskWrite { op, volume, offset, len, fua }),
+            ReplicaAction::DiskFlush { op, volume } => self
+                .submit_disk(op, volume, Op::Flush, 0, 0, false)
+                .err()
+                .map(|()| ReplicaAction::DiskFlush { op, volume }),
+            ReplicaAction::DiskDiscard { op, volume, offset, len } => self
+                .submit_disk(op, volume, Op::Discard, offset, len, false)
+                .err()
+                .map(|()| ReplicaAction::DiskDiscard { op, volume, offset, len }),
             ReplicaAction::DiskZero { op, volume, offset, len } => self
                 .submit_disk(op, volume, Op::WriteZeroes { unmap: false }, offset, len, false)
                 .err()
                 .map(|()| ReplicaAction::DiskZero { op, volume, offset, len }),
-            ReplicaAction::Persist { .. } | ReplicaAction::ReadMeta { .. } | ReplicaAction::DropExtent { .. } | ReplicaAction::DropVolume { .. } => None,
+            ReplicaAction::Persist { .. }
+            | ReplicaAction::ReadMeta { .. }
+            | ReplicaAction::DropExtent { .. }
+            | ReplicaAction::DropVolume { .. } => None,
         }
     }
 
@@ -158,11 +175,9 @@ impl LocalMember {
     fn submit_disk(&mut self, op: OpId, volume: u64, kind: Op, offset: u64, len: u64, fua: bool) -> Result<(), ()> {
         if !self.disks.contains_key(&volume) {
             let (_, size) = self.core.geometry(volume);
-            let queue = self
-                .core
-                .store
-                .data(volume, size)
-                .and_then(|backing| ShardQueue::new(backing, ShardQueueConfig { depth: DISK_DEPTH }).map_err(super::MemberError::from));
+            let queue = self.core.store.data(volume, size).and_then(|backing| {
+                ShardQueue::new(backing, ShardQueueConfig { depth: DISK_DEPTH }).map_err(super::MemberError::from)
+            });
             match queue {
                 Ok(q) => {
                     self.disks.insert(volume, q);

@@ -201,7 +201,11 @@ impl Core {
                     continue;
                 }
                 ReplicaAction::DropVolume { volume } => {
-                    let _ = self.writer.lock().unwrap_or_else(|p| p.into_inner()).send(WriterJob::DropVolume { volume: *volume });
+                    let _ = self
+                        .writer
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .send(WriterJob::DropVolume { volume: *volume });
                     continue;
                 }
                 ReplicaAction::ReadMeta { volume } => {
@@ -263,7 +267,9 @@ impl Members {
         });
         let (service, listen) = service::Service::bind(Arc::clone(&core), &config)?;
         let mut threads = Vec::new();
-        let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| std::thread::Builder::new().name(name.into()).spawn(f).map_err(MemberError::Start);
+        let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new().name(name.into()).spawn(f).map_err(MemberError::Start)
+        };
         let c = Arc::clone(&core);
         threads.push(spawn("replica-writer", Box::new(move || writer_loop(&c, &writer_rx)))?);
         let c = Arc::clone(&core);
@@ -351,7 +357,8 @@ fn writer_loop(core: &Core, jobs: &mpsc::Receiver<WriterJob>) {
             WriterJob::Persist { volume, version, state } => match core.store.persist(&state) {
                 Ok(()) => core.call(|r| r.on_persisted(volume, version)),
                 Err(e) => {
-                    let fsync = matches!(&e, MemberError::Io { source, .. } if source.raw_os_error() != Some(libc::ENOSPC));
+                    let fsync =
+                        matches!(&e, MemberError::Io { source, .. } if source.raw_os_error() != Some(libc::ENOSPC));
                     tracing::error!(volume = format_args!("{volume:016x}"), error = %crate::control::chain(&e), "cannot write a replica state record");
                     if fsync {
                         // The kernel may have dropped pages it was asked to write: carrying on
@@ -367,7 +374,12 @@ fn writer_loop(core: &Core, jobs: &mpsc::Receiver<WriterJob>) {
                 if let Err(e) = core.store.drop_range(volume, offset, len) {
                     tracing::warn!(volume = format_args!("{volume:016x}"), error = %crate::control::chain(&e), "cannot release a dropped extent's space");
                 } else {
-                    tracing::info!(volume = format_args!("{volume:016x}"), offset, len, "extent no longer held here: space released");
+                    tracing::info!(
+                        volume = format_args!("{volume:016x}"),
+                        offset,
+                        len,
+                        "extent no longer held here: space released"
+                    );
                 }
             }
             WriterJob::DropVolume { volume } => {

@@ -132,18 +132,21 @@ impl Service {
         // registry's endpoints (the service drops its connections before the pool, field
         // order in `Service` aside: `stop` clears `conns` first), and is only reached through
         // the registry's checked pieces and the disk requests of ops holding its chunks.
-        let region = unsafe { registry.register(buf.as_ptr(), buf.len()) }.map_err(|source| MemberError::Listen { addr: config.listen, source })?;
+        let region = unsafe { registry.register(buf.as_ptr(), buf.len()) }
+            .map_err(|source| MemberError::Listen { addr: config.listen, source })?;
         let chunks = buf.len() / CHUNK_BYTES;
         let pool = Pool { buf, region, used: vec![false; chunks] };
         let listen_err = |source| MemberError::Listen { addr: config.listen, source };
         let (acceptor, listen) = match config.kind {
             #[cfg(feature = "rdma")]
             TransportKind::Rdma => {
-                let a = proto::rdma::RdmaAcceptor::bind(config.listen, config.transport.clone(), Arc::clone(&registry)).map_err(listen_err)?;
+                let a = proto::rdma::RdmaAcceptor::bind(config.listen, config.transport.clone(), Arc::clone(&registry))
+                    .map_err(listen_err)?;
                 (Acceptor::Rdma(a), config.listen)
             }
             _ => {
-                let a = proto::tcp::TcpAcceptor::bind(config.listen, config.transport.clone(), Arc::clone(&registry)).map_err(listen_err)?;
+                let a = proto::tcp::TcpAcceptor::bind(config.listen, config.transport.clone(), Arc::clone(&registry))
+                    .map_err(listen_err)?;
                 let addr = a.local_addr().map_err(listen_err)?;
                 (Acceptor::Tcp(a), addr)
             }
@@ -182,7 +185,10 @@ impl Service {
             .name("replica-accept".into())
             .spawn(move || accept_loop(acceptor, tx, &core))
             .map_err(MemberError::Start)?;
-        let service = std::thread::Builder::new().name("replica-service".into()).spawn(move || self.run()).map_err(MemberError::Start)?;
+        let service = std::thread::Builder::new()
+            .name("replica-service".into())
+            .spawn(move || self.run())
+            .map_err(MemberError::Start)?;
         Ok(vec![accept, service])
     }
 
@@ -223,7 +229,11 @@ impl Service {
     fn sleep(&self) {
         let mut fds: Vec<libc::pollfd> = Vec::with_capacity(self.conns.len() + self.disks.len() + 1);
         fds.push(libc::pollfd { fd: self.core.service_wake.as_raw_fd(), events: libc::POLLIN, revents: 0 });
-        fds.extend(self.conns.values().filter_map(|c| c.ep.poll_fd()).map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 }));
+        fds.extend(self.conns.values().filter_map(|c| c.ep.poll_fd()).map(|fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        }));
         let timers = self.conns.values().any(|c| c.ep.poll_fd().is_none());
         let disk_fds: Vec<RawFd> = self.disks.values().filter_map(ShardQueue::completion_eventfd).collect();
         fds.extend(disk_fds.iter().map(|&fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 }));
@@ -299,7 +309,18 @@ impl Service {
         };
         let op = self.core.new_op(REMOTE_ORIGIN);
         let data = inline.map_or(Data::None, Data::Inline);
-        self.ops.insert(op, RemoteOp { conn, request_len: len, segments, data, iov: Box::new(libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }), in_disk: false, pulling: false });
+        self.ops.insert(
+            op,
+            RemoteOp {
+                conn,
+                request_len: len,
+                segments,
+                data,
+                iov: Box::new(libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }),
+                in_disk: false,
+                pulling: false,
+            },
+        );
         self.core.call(|r| r.on_request(op, node, request));
     }
 
@@ -365,7 +386,11 @@ impl Service {
         match action {
             ReplicaAction::Reply { op, reply, .. } => {
                 let o = self.ops.remove(&op)?;
-                let bytes = if matches!(reply, Reply::Done { status: replication::Status::Ok, .. }) { o.request_len } else { 0 };
+                let bytes = if matches!(reply, Reply::Done { status: replication::Status::Ok, .. }) {
+                    o.request_len
+                } else {
+                    0
+                };
                 if let Data::Pool(off, len) = o.data {
                     self.pool.free(off, len);
                 }
@@ -422,21 +447,30 @@ impl Service {
                     };
                     self.ops.get_mut(&op).expect("present").data = Data::Pool(off, alloc);
                 }
-                self.submit(op, volume, Op::Read, offset, u64::from(len), false).err().map(|()| ReplicaAction::DiskRead { op, volume, offset, len })
+                self.submit(op, volume, Op::Read, offset, u64::from(len), false)
+                    .err()
+                    .map(|()| ReplicaAction::DiskRead { op, volume, offset, len })
             }
-            ReplicaAction::DiskWrite { op, volume, offset, len, fua } => {
-                self.submit(op, volume, Op::Write, offset, u64::from(len), fua).err().map(|()| ReplicaAction::DiskWrite { op, volume, offset, len, fua })
+            ReplicaAction::DiskWrite { op, volume, offset, len, fua } => self
+                .submit(op, volume, Op::Write, offset, u64::from(len), fua)
+                .err()
+                .map(|()| ReplicaAction::DiskWrite { op, volume, offset, len, fua }),
+            ReplicaAction::DiskFlush { op, volume } => {
+                self.submit(op, volume, Op::Flush, 0, 0, false).err().map(|()| ReplicaAction::DiskFlush { op, volume })
             }
-            ReplicaAction::DiskFlush { op, volume } => self.submit(op, volume, Op::Flush, 0, 0, false).err().map(|()| ReplicaAction::DiskFlush { op, volume }),
-            ReplicaAction::DiskDiscard { op, volume, offset, len } => {
-                self.submit(op, volume, Op::Discard, offset, len, false).err().map(|()| ReplicaAction::DiskDiscard { op, volume, offset, len })
-            }
+            ReplicaAction::DiskDiscard { op, volume, offset, len } => self
+                .submit(op, volume, Op::Discard, offset, len, false)
+                .err()
+                .map(|()| ReplicaAction::DiskDiscard { op, volume, offset, len }),
             ReplicaAction::DiskZero { op, volume, offset, len } => self
                 .submit(op, volume, Op::WriteZeroes { unmap: false }, offset, len, false)
                 .err()
                 .map(|()| ReplicaAction::DiskZero { op, volume, offset, len }),
             // Routed to the writer and meta threads, never here.
-            ReplicaAction::Persist { .. } | ReplicaAction::ReadMeta { .. } | ReplicaAction::DropExtent { .. } | ReplicaAction::DropVolume { .. } => None,
+            ReplicaAction::Persist { .. }
+            | ReplicaAction::ReadMeta { .. }
+            | ReplicaAction::DropExtent { .. }
+            | ReplicaAction::DropVolume { .. } => None,
         }
     }
 
@@ -444,11 +478,9 @@ impl Service {
     fn submit(&mut self, op: OpId, volume: u64, kind: Op, offset: u64, len: u64, fua: bool) -> Result<(), ()> {
         if !self.disks.contains_key(&volume) {
             let (_, size) = self.core.geometry(volume);
-            let queue = self
-                .core
-                .store
-                .data(volume, size)
-                .and_then(|backing| ShardQueue::new(backing, ShardQueueConfig { depth: DISK_DEPTH }).map_err(MemberError::from));
+            let queue = self.core.store.data(volume, size).and_then(|backing| {
+                ShardQueue::new(backing, ShardQueueConfig { depth: DISK_DEPTH }).map_err(MemberError::from)
+            });
             match queue {
                 Ok(q) => {
                     self.disks.insert(volume, q);
@@ -518,7 +550,9 @@ fn drain_eventfd(fd: RawFd) {
 fn accept_loop(acceptor: Acceptor, tx: mpsc::SyncSender<Box<dyn Endpoint>>, core: &Core) {
     while !core.stopping.load(Ordering::Acquire) {
         let next: Result<Option<Box<dyn Endpoint>>, proto::TransportError> = match &acceptor {
-            Acceptor::Tcp(a) => a.accept_timeout(Duration::from_millis(200)).map(|e| e.map(|e| Box::new(e) as Box<dyn Endpoint>)),
+            Acceptor::Tcp(a) => {
+                a.accept_timeout(Duration::from_millis(200)).map(|e| e.map(|e| Box::new(e) as Box<dyn Endpoint>))
+            }
             #[cfg(feature = "rdma")]
             Acceptor::Rdma(a) => a.accept().map(|e| Some(Box::new(e) as Box<dyn Endpoint>)),
         };

@@ -69,15 +69,26 @@ impl Store {
         for entry in entries {
             let entry = entry.map_err(io_err(format!("list {}", dir.display())))?;
             let path = entry.path();
-            let Some(id) = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".state")).and_then(|h| u64::from_str_radix(h, 16).ok())
+            let Some(id) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".state"))
+                .and_then(|h| u64::from_str_radix(h, 16).ok())
             else {
                 continue;
             };
-            let state = OpenOptions::new().read(true).write(true).open(&path).map_err(io_err(format!("open {}", path.display())))?;
+            let state = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .map_err(io_err(format!("open {}", path.display())))?;
             match read_newest(&state).map_err(io_err(format!("read {}", path.display())))? {
                 Some((version, record)) => {
                     if record.volume != id {
-                        return Err(MemberError::Corrupt { path, reason: format!("holds volume {:016x}", record.volume) });
+                        return Err(MemberError::Corrupt {
+                            path,
+                            reason: format!("holds volume {:016x}", record.volume),
+                        });
                     }
                     volumes.insert(id, VolumeFiles { state, version, data: None });
                     loaded.push(record);
@@ -189,7 +200,9 @@ impl Store {
             )
         };
         if rc != 0 {
-            return Err(io_err(format!("release {len} bytes at {offset} of {}", path.display()))(io::Error::last_os_error()));
+            return Err(io_err(format!("release {len} bytes at {offset} of {}", path.display()))(
+                io::Error::last_os_error(),
+            ));
         }
         Ok(())
     }

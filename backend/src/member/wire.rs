@@ -5,7 +5,9 @@
 //! session epoch for the addressed replica ([`Stamp::epoch`]). Descriptors do not name the
 //! extent: it is the offset's, by the volume's extent size.
 
-use proto::wire::{self, ClearDirty, Completion, Descriptor, Flush, Message, Promise, PromiseAck, RangeOp, FLAG_FUA, FLAG_INLINE};
+use proto::wire::{
+    self, ClearDirty, Completion, Descriptor, Flush, Message, Promise, PromiseAck, RangeOp, FLAG_FUA, FLAG_INLINE,
+};
 use replication::{Bitmap, Reply, Request, Stamp, Status};
 
 pub fn status_to_wire(s: Status) -> wire::Status {
@@ -71,7 +73,9 @@ pub fn request_from_wire(m: &Message, extent_bytes: u64) -> Option<Request> {
             offset: d.offset,
             len: d.length,
         },
-        Message::Flush(f) => Request::Flush { seq: f.request_id, stamp: stamp(f.volume, f.generation, f.epoch, f.incarnation, f.floor) },
+        Message::Flush(f) => {
+            Request::Flush { seq: f.request_id, stamp: stamp(f.volume, f.generation, f.epoch, f.incarnation, f.floor) }
+        }
         Message::Discard(r) => Request::Discard {
             seq: r.request_id,
             stamp: stamp(r.volume, r.generation, r.epoch, r.incarnation, r.floor),
@@ -86,7 +90,13 @@ pub fn request_from_wire(m: &Message, extent_bytes: u64) -> Option<Request> {
             offset: r.offset,
             len: r.length,
         },
-        Message::Promise(p) => Request::Promise { seq: p.request_id, volume: p.volume, generation: p.generation, epoch: p.epoch, extent: p.extent },
+        Message::Promise(p) => Request::Promise {
+            seq: p.request_id,
+            volume: p.volume,
+            generation: p.generation,
+            epoch: p.epoch,
+            extent: p.extent,
+        },
         Message::ClearDirty(c) => Request::ClearDirty {
             seq: c.request_id,
             stamp: stamp(c.volume, c.generation, c.epoch, c.incarnation, 0),
@@ -149,9 +159,13 @@ pub fn request_to_wire(r: &Request, segments: wire::Segments) -> Message {
         }),
         Request::Discard { seq, stamp, offset, len, .. } => Message::Discard(range(*seq, stamp, *offset, *len)),
         Request::WriteZeroes { seq, stamp, offset, len, .. } => Message::WriteZeroes(range(*seq, stamp, *offset, *len)),
-        Request::Promise { seq, volume, generation, epoch, extent } => {
-            Message::Promise(Promise { request_id: *seq, volume: *volume, generation: *generation, epoch: *epoch, extent: *extent })
-        }
+        Request::Promise { seq, volume, generation, epoch, extent } => Message::Promise(Promise {
+            request_id: *seq,
+            volume: *volume,
+            generation: *generation,
+            epoch: *epoch,
+            extent: *extent,
+        }),
         Request::ClearDirty { seq, stamp, extent, first, count, upto } => Message::ClearDirty(ClearDirty {
             request_id: *seq,
             volume: stamp.volume,
@@ -168,7 +182,9 @@ pub fn request_to_wire(r: &Request, segments: wire::Segments) -> Message {
 
 pub fn reply_to_wire(r: &Reply, bytes: u32) -> Message {
     match r {
-        Reply::Done { seq, status } => Message::Completion(Completion { request_id: *seq, status: status_to_wire(*status), bytes }),
+        Reply::Done { seq, status } => {
+            Message::Completion(Completion { request_id: *seq, status: status_to_wire(*status), bytes })
+        }
         Reply::Promised { seq, status, epoch, incarnation, promised, bitmap } => Message::PromiseAck(PromiseAck {
             request_id: *seq,
             status: status_to_wire(*status),
@@ -221,7 +237,14 @@ mod tests {
             Request::Discard { seq: 15, stamp, extent: 2, offset: 2 << 20, len: 1 << 20 },
             Request::WriteZeroes { seq: 16, stamp, extent: 2, offset: 2 << 20, len: 1 << 20 },
             Request::Promise { seq: 17, volume: 7, generation: 3, epoch: 2, extent: 2 },
-            Request::ClearDirty { seq: 18, stamp: Stamp { floor: 0, ..stamp }, extent: 2, first: 1, count: 3, upto: 10 },
+            Request::ClearDirty {
+                seq: 18,
+                stamp: Stamp { floor: 0, ..stamp },
+                extent: 2,
+                first: 1,
+                count: 3,
+                upto: 10,
+            },
         ];
         for r in requests {
             let mut segs = wire::Segments::new();
@@ -238,14 +261,31 @@ mod tests {
         let replies = [
             Reply::Done { seq: 1, status: Status::StaleGeneration },
             Reply::Promised { seq: 2, status: Status::Ok, epoch: 3, incarnation: 4, promised: 5, bitmap: bits },
-            Reply::Promised { seq: 3, status: Status::NotMember, epoch: 0, incarnation: 4, promised: 0, bitmap: Bitmap::default() },
+            Reply::Promised {
+                seq: 3,
+                status: Status::NotMember,
+                epoch: 0,
+                incarnation: 4,
+                promised: 0,
+                bitmap: Bitmap::default(),
+            },
         ];
         for r in replies {
             let m = reply_to_wire(&r, 0);
             assert_eq!(reply_from_wire(&m, |_| Some(10)), Some(r));
         }
         // A bitmap of the wrong length is refused.
-        let m = reply_to_wire(&Reply::Promised { seq: 2, status: Status::Ok, epoch: 3, incarnation: 4, promised: 5, bitmap: Bitmap::new(10) }, 0);
+        let m = reply_to_wire(
+            &Reply::Promised {
+                seq: 2,
+                status: Status::Ok,
+                epoch: 3,
+                incarnation: 4,
+                promised: 5,
+                bitmap: Bitmap::new(10),
+            },
+            0,
+        );
         assert_eq!(reply_from_wire(&m, |_| Some(64)), None);
     }
 }

@@ -16,8 +16,8 @@ use replica::{IoCompletion, IoRequest, IoStatus, Op};
 use replication::owner::{DataRef, GuestOp, GuestStatus, MetaResult, Owner, OwnerAction, OwnerEvent, Phase, Time};
 use replication::{NodeId, NodeInfo, Request, Seq, VolumeMeta};
 
-use super::memory::Memory;
 use super::events::{drain_eventfd, signal_eventfd, EpollSet};
+use super::memory::Memory;
 use super::{LeaseClock, MetaJob};
 use crate::member::wire::{reply_from_wire, request_to_wire};
 use crate::member::LocalMember;
@@ -211,7 +211,10 @@ impl Core {
                     // A chunk boundary inside a sector: only a guest with odd-sized buffers
                     // gets here; the request fails, the replicas never see it.
                     tracing::debug!(volume = %self.volume, "guest request cannot be cut on sector boundaries: refused");
-                    self.completions.entry(queue).or_default().push_back(IoCompletion { user_data: request.user_data, status: IoStatus::IoError(libc::EINVAL) });
+                    self.completions.entry(queue).or_default().push_back(IoCompletion {
+                        user_data: request.user_data,
+                        status: IoStatus::IoError(libc::EINVAL),
+                    });
                     self.signal();
                     return;
                 }
@@ -219,7 +222,17 @@ impl Core {
         } else {
             cuts.push((0, request.iov_count, request.offset_bytes, request.len_bytes));
         }
-        self.guests.insert(parent, GuestReq { queue, user_data: request.user_data, iov: request.iov, iov_count: request.iov_count, chunks_left: cuts.len() as u32, failed: false });
+        self.guests.insert(
+            parent,
+            GuestReq {
+                queue,
+                user_data: request.user_data,
+                iov: request.iov,
+                iov_count: request.iov_count,
+                chunks_left: cuts.len() as u32,
+                failed: false,
+            },
+        );
         let now = self.now();
         for (first_iov, iov_count, offset, len) in cuts {
             let id = self.next_chunk;
@@ -352,7 +365,8 @@ impl Core {
     /// Starts connections to replicas' nodes that are down (at most once a second each).
     fn reconnect(&mut self) {
         let Some(meta) = self.owner.meta() else { return };
-        let wanted: Vec<NodeId> = meta.member_nodes().iter().map(|n| replication::node_id(n)).filter(|n| *n != self.me).collect();
+        let wanted: Vec<NodeId> =
+            meta.member_nodes().iter().map(|n| replication::node_id(n)).filter(|n| *n != self.me).collect();
         for node in wanted {
             let due = match self.connections.get(&node) {
                 None => true,
@@ -413,29 +427,45 @@ impl Core {
         let v = &self.volume;
         match &event {
             OwnerEvent::Attached { generation } => tracing::info!(volume = %v, generation, "attached: serving"),
-            OwnerEvent::MemberFailed { node, reason } => tracing::warn!(volume = %v, node = %node, reason = %reason, "replica failed"),
+            OwnerEvent::MemberFailed { node, reason } => {
+                tracing::warn!(volume = %v, node = %node, reason = %reason, "replica failed")
+            }
             OwnerEvent::MembershipCommitted { epoch, summary } => {
                 if !summary.is_empty() {
                     tracing::info!(volume = %v, epoch, change = %summary, "membership committed");
                 }
             }
-            OwnerEvent::Suspended { extent } => tracing::warn!(volume = %v, extent, "writes suspended: fewer in-sync replicas than min-replicas (a replica must return, or accept the risk: hcblk volume accept-risk)"),
+            OwnerEvent::Suspended { extent } => {
+                tracing::warn!(volume = %v, extent, "writes suspended: fewer in-sync replicas than min-replicas (a replica must return, or accept the risk: hcblk volume accept-risk)")
+            }
             OwnerEvent::Resumed { extent } => tracing::info!(volume = %v, extent, "writes resumed"),
             OwnerEvent::SyncStarted { node, extent, regions, rebuild } => {
                 tracing::info!(volume = %v, node = %node, extent, regions, kind = if *rebuild { "rebuild" } else { "resync" }, "replica sync started")
             }
-            OwnerEvent::SyncDone { node, extent, regions } => tracing::info!(volume = %v, node = %node, extent, regions, "replica sync done: back in sync"),
-            OwnerEvent::Reconciled { extent, regions } => tracing::info!(volume = %v, extent, regions, "regions written by the previous owner reconciled"),
-            OwnerEvent::Replacing { extent, lost, new } => tracing::warn!(volume = %v, extent, lost = %lost, new = %new, "replacing a lost replica (full copy)"),
-            OwnerEvent::Fenced { reason } => tracing::error!(volume = %v, reason = %reason, "no longer the owner: stopped serving"),
-            OwnerEvent::WritesMayBeLost { extent } => tracing::error!(volume = %v, extent, "every in-sync replica of an extent restarted: acknowledged writes not yet flushed may be lost; the next flush reports it"),
+            OwnerEvent::SyncDone { node, extent, regions } => {
+                tracing::info!(volume = %v, node = %node, extent, regions, "replica sync done: back in sync")
+            }
+            OwnerEvent::Reconciled { extent, regions } => {
+                tracing::info!(volume = %v, extent, regions, "regions written by the previous owner reconciled")
+            }
+            OwnerEvent::Replacing { extent, lost, new } => {
+                tracing::warn!(volume = %v, extent, lost = %lost, new = %new, "replacing a lost replica (full copy)")
+            }
+            OwnerEvent::Fenced { reason } => {
+                tracing::error!(volume = %v, reason = %reason, "no longer the owner: stopped serving")
+            }
+            OwnerEvent::WritesMayBeLost { extent } => {
+                tracing::error!(volume = %v, extent, "every in-sync replica of an extent restarted: acknowledged writes not yet flushed may be lost; the next flush reports it")
+            }
             OwnerEvent::Detached => tracing::info!(volume = %v, "detached"),
             OwnerEvent::Resized { size_bytes } => {
                 self.capacity.store(*size_bytes, Ordering::Release);
                 tracing::info!(volume = %v, size_bytes, "grown");
             }
         }
-        if let (OwnerEvent::MembershipCommitted { .. } | OwnerEvent::Attached { .. }, Some(m)) = (&event, self.owner.meta()) {
+        if let (OwnerEvent::MembershipCommitted { .. } | OwnerEvent::Attached { .. }, Some(m)) =
+            (&event, self.owner.meta())
+        {
             self.capacity.fetch_max(m.size_bytes, Ordering::AcqRel);
         }
     }
@@ -509,7 +539,8 @@ impl Core {
                 None => Err(proto::TransportError::OutOfRegion),
             }
         } else if len > 0 {
-            let access = if matches!(request, Request::Write { .. }) { Access::RemoteRead } else { Access::RemoteWrite };
+            let access =
+                if matches!(request, Request::Write { .. }) { Access::RemoteRead } else { Access::RemoteWrite };
             match self.memory.grant(&iov, access) {
                 Ok((segments, keys)) => {
                     self.keys.insert(seq, keys);
@@ -550,7 +581,11 @@ impl Core {
 
     /// File descriptors a sleeping driver waits on.
     pub(crate) fn wait_fds(&self) -> Vec<RawFd> {
-        let mut fds: Vec<RawFd> = self.connections.values().filter_map(|c| if let Connection::Up(ep) = c { ep.poll_fd() } else { None }).collect();
+        let mut fds: Vec<RawFd> = self
+            .connections
+            .values()
+            .filter_map(|c| if let Connection::Up(ep) = c { ep.poll_fd() } else { None })
+            .collect();
         fds.extend(self.local.eventfds());
         fds
     }
@@ -587,9 +622,19 @@ mod tests {
     fn chunks_respect_segment_and_byte_bounds() {
         let v = iovs(&vec![4096; 300]);
         let c = chunks(&v, 1 << 20).unwrap();
-        assert_eq!(c, vec![(0, 128, 1 << 20, 128 * 4096), (128, 128, (1 << 20) + 128 * 4096, 128 * 4096), (256, 44, (1 << 20) + 256 * 4096, 44 * 4096)]);
+        assert_eq!(
+            c,
+            vec![
+                (0, 128, 1 << 20, 128 * 4096),
+                (128, 128, (1 << 20) + 128 * 4096, 128 * 4096),
+                (256, 44, (1 << 20) + 256 * 4096, 44 * 4096)
+            ]
+        );
         let v = iovs(&[3 << 20, 2 << 20, 4 << 20]);
-        assert_eq!(chunks(&v, 0).unwrap(), vec![(0, 1, 0, 3 << 20), (1, 1, 3 << 20, 2 << 20), (2, 1, 5 << 20, 4 << 20)]);
+        assert_eq!(
+            chunks(&v, 0).unwrap(),
+            vec![(0, 1, 0, 3 << 20), (1, 1, 3 << 20, 2 << 20), (2, 1, 5 << 20, 4 << 20)]
+        );
     }
 
     #[test]

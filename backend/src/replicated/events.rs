@@ -51,7 +51,8 @@ impl EpollSet {
 
     /// Makes the set exactly `fds` (plus what was added with `add` and is listed in `keep`).
     pub(crate) fn sync(&mut self, fds: &BTreeSet<RawFd>, keep: &[RawFd]) {
-        let gone: Vec<RawFd> = self.members.iter().copied().filter(|fd| !fds.contains(fd) && !keep.contains(fd)).collect();
+        let gone: Vec<RawFd> =
+            self.members.iter().copied().filter(|fd| !fds.contains(fd) && !keep.contains(fd)).collect();
         for fd in gone {
             self.members.remove(&fd);
             // A descriptor closed already left the set by itself (ENOENT/EBADF): fine.
@@ -72,7 +73,8 @@ impl EpollSet {
 /// Sleeps until `fd` is readable or `timeout` passes (microsecond precision).
 pub(crate) fn wait_readable(fd: RawFd, timeout: Duration) {
     let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
-    let ts = libc::timespec { tv_sec: timeout.as_secs() as libc::time_t, tv_nsec: timeout.subsec_nanos() as libc::c_long };
+    let ts =
+        libc::timespec { tv_sec: timeout.as_secs() as libc::time_t, tv_nsec: timeout.subsec_nanos() as libc::c_long };
     // SAFETY: one live pollfd and a live timespec; no signal mask change.
     unsafe { libc::ppoll(&mut p, 1, &ts, std::ptr::null()) };
 }

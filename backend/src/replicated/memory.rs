@@ -41,12 +41,14 @@ unsafe impl Send for Memory {}
 
 impl Memory {
     pub(crate) fn new(registry: Arc<Registry>, slots: u32, slot_bytes: usize) -> Result<Self, replica::Error> {
-        let mut out = Self { registry, regions: BTreeMap::new(), tables: Vec::new(), retiring: Vec::new(), slots: Vec::new() };
+        let mut out =
+            Self { registry, regions: BTreeMap::new(), tables: Vec::new(), retiring: Vec::new(), slots: Vec::new() };
         for _ in 0..slots {
             let buf = HugeBuffer::new(slot_bytes)?;
             // SAFETY: the buffer lives in `slots` as long as this registry's users: `Memory`
             // is dropped after the endpoints (see `Core`'s field order and drop).
-            let id = unsafe { out.registry.register(buf.as_ptr(), buf.len()) }.map_err(|e| replica::Error::Io(std::io::Error::other(e)))?;
+            let id = unsafe { out.registry.register(buf.as_ptr(), buf.len()) }
+                .map_err(|e| replica::Error::Io(std::io::Error::other(e)))?;
             out.slots.push((buf, id));
         }
         Ok(out)
@@ -62,7 +64,8 @@ impl Memory {
             }
         }
         // Drop what the new table no longer has (or has at another size).
-        let stale: Vec<usize> = self.regions.iter().filter(|(a, r)| wanted.get(a) != Some(&r.len)).map(|(a, _)| *a).collect();
+        let stale: Vec<usize> =
+            self.regions.iter().filter(|(a, r)| wanted.get(a) != Some(&r.len)).map(|(a, _)| *a).collect();
         let old_table = self.tables.last().cloned();
         for addr in stale {
             let r = self.regions.remove(&addr).expect("listed");
@@ -105,7 +108,9 @@ impl Memory {
 
     /// The registered pieces `iov` lies in, for an inline send.
     pub(crate) fn local_segs(&self, iov: &[libc::iovec]) -> Option<Vec<LocalSeg>> {
-        iov.iter().map(|v| self.piece(v).map(|(region, offset)| LocalSeg { region, offset, len: v.iov_len as u32 })).collect()
+        iov.iter()
+            .map(|v| self.piece(v).map(|(region, offset)| LocalSeg { region, offset, len: v.iov_len as u32 }))
+            .collect()
     }
 
     fn piece(&self, v: &libc::iovec) -> Option<(RegionId, u64)> {

@@ -133,8 +133,6 @@ impl Shared {
     fn lock(&self) -> MutexGuard<'_, Core> {
         self.core.lock().unwrap_or_else(|p| p.into_inner())
     }
-
-
 }
 
 pub struct ReplicatedVolume {
@@ -142,24 +140,34 @@ pub struct ReplicatedVolume {
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
-
 impl ReplicatedVolume {
     /// Claims the volume for this node (generation + 1), collects the members' promises and
     /// waits until it can serve. The export is started on the returned volume with **exactly
     /// one poller thread** (`ExportConfig.poll.one_poller`): all its queues' requests go
     /// through one replication client.
     pub fn attach(config: AttachConfig) -> Result<Arc<Self>, AttachError> {
-        let (meta, _) = config.meta.read_volume(&config.volume).map_err(AttachError::Meta)?.ok_or_else(|| AttachError::NoSuchVolume(config.volume.clone()))?;
+        let (meta, _) = config
+            .meta
+            .read_volume(&config.volume)
+            .map_err(AttachError::Meta)?
+            .ok_or_else(|| AttachError::NoSuchVolume(config.volume.clone()))?;
         let nodes = config.meta.list_nodes().unwrap_or_default();
         let me = node_id(&config.node);
         let addresses: BTreeMap<NodeId, String> = nodes.iter().map(|n| (n.id, n.address.clone())).collect();
         let registry = Arc::new(Registry::new());
-        let memory = Memory::new(Arc::clone(&registry), config.owner.copy_slots, meta.region_bytes as usize).map_err(AttachError::Buffers)?;
+        let memory = Memory::new(Arc::clone(&registry), config.owner.copy_slots, meta.region_bytes as usize)
+            .map_err(AttachError::Buffers)?;
 
         // Connections to every other member's node first, in parallel: the owner's promises
         // go out as soon as it has claimed the volume.
         let mut connections = BTreeMap::new();
-        let peers: Vec<(NodeId, String)> = meta.member_nodes().iter().map(|n| node_id(n)).filter(|n| *n != me).filter_map(|n| addresses.get(&n).map(|a| (n, a.clone()))).collect();
+        let peers: Vec<(NodeId, String)> = meta
+            .member_nodes()
+            .iter()
+            .map(|n| node_id(n))
+            .filter(|n| *n != me)
+            .filter_map(|n| addresses.get(&n).map(|a| (n, a.clone())))
+            .collect();
         let handles: Vec<_> = peers
             .into_iter()
             .map(|(node, addr)| {
@@ -247,10 +255,15 @@ impl ReplicatedVolume {
             in_flight: AtomicU32::new(0),
         });
         let mut threads = Vec::new();
-        let spawn = |name: String, f: Box<dyn FnOnce() + Send>| std::thread::Builder::new().name(name).spawn(f).map_err(AttachError::Start);
+        let spawn = |name: String, f: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new().name(name).spawn(f).map_err(AttachError::Start)
+        };
         let store = Arc::clone(&config.meta);
         let volume_name = config.volume.clone();
-        threads.push(spawn(format!("meta-{}", config.volume), Box::new(move || meta_loop(store.as_ref(), &volume_name, &meta_rx, &meta_tx, wake_fd)))?);
+        threads.push(spawn(
+            format!("meta-{}", config.volume),
+            Box::new(move || meta_loop(store.as_ref(), &volume_name, &meta_rx, &meta_tx, wake_fd)),
+        )?);
         let (cfg, reg, kind) = (config.transport.clone(), Arc::clone(&registry), config.kind);
         threads.push(spawn(
             format!("connect-{}", config.volume),
@@ -368,10 +381,17 @@ impl Drop for ReplicatedVolume {
     }
 }
 
-fn connect(addr: &str, cfg: &proto::Config, registry: Arc<Registry>, kind: TransportKind) -> Result<Box<dyn Endpoint>, String> {
+fn connect(
+    addr: &str,
+    cfg: &proto::Config,
+    registry: Arc<Registry>,
+    kind: TransportKind,
+) -> Result<Box<dyn Endpoint>, String> {
     let r: Result<Box<dyn Endpoint>, proto::TransportError> = match kind {
         #[cfg(feature = "rdma")]
-        TransportKind::Rdma => proto::rdma::RdmaEndpoint::connect(addr, cfg, registry).map(|e| Box::new(e) as Box<dyn Endpoint>),
+        TransportKind::Rdma => {
+            proto::rdma::RdmaEndpoint::connect(addr, cfg, registry).map(|e| Box::new(e) as Box<dyn Endpoint>)
+        }
         _ => proto::tcp::TcpEndpoint::connect(addr, cfg, registry).map(|e| Box::new(e) as Box<dyn Endpoint>),
     };
     r.map_err(|e| crate::control::chain(&e))
@@ -388,7 +408,13 @@ fn new_eventfd() -> std::io::Result<OwnedFd> {
 }
 
 /// `wake_fd` is the volume's, open until this thread has been joined.
-fn meta_loop(store: &dyn MetaStore, volume: &str, jobs: &mpsc::Receiver<MetaJob>, results: &mpsc::Sender<MetaAnswer>, wake_fd: RawFd) {
+fn meta_loop(
+    store: &dyn MetaStore,
+    volume: &str,
+    jobs: &mpsc::Receiver<MetaJob>,
+    results: &mpsc::Sender<MetaAnswer>,
+    wake_fd: RawFd,
+) {
     while let Ok(job) = jobs.recv() {
         let answer = match job {
             MetaJob::Read => MetaAnswer::Meta(Box::new(match store.read_volume(volume) {
@@ -398,14 +424,16 @@ fn meta_loop(store: &dyn MetaStore, volume: &str, jobs: &mpsc::Receiver<MetaJob>
                     MetaResult::Unavailable
                 }
             })),
-            MetaJob::Write(expect, meta) => MetaAnswer::Meta(Box::new(match store.write_volume(volume, expect, &meta) {
-                Ok(MetaWrite::Committed { revision }) => MetaResult::Committed { revision },
-                Ok(MetaWrite::Conflict(current)) => MetaResult::Conflict(current.map(|c| *c)),
-                Err(e) => {
-                    tracing::warn!(volume, error = %crate::control::chain(&e), "cannot write the volume's metadata (outcome unknown until it is read again)");
-                    MetaResult::Unavailable
-                }
-            })),
+            MetaJob::Write(expect, meta) => {
+                MetaAnswer::Meta(Box::new(match store.write_volume(volume, expect, &meta) {
+                    Ok(MetaWrite::Committed { revision }) => MetaResult::Committed { revision },
+                    Ok(MetaWrite::Conflict(current)) => MetaResult::Conflict(current.map(|c| *c)),
+                    Err(e) => {
+                        tracing::warn!(volume, error = %crate::control::chain(&e), "cannot write the volume's metadata (outcome unknown until it is read again)");
+                        MetaResult::Unavailable
+                    }
+                }))
+            }
             MetaJob::ListNodes => match store.list_nodes() {
                 Ok(nodes) => MetaAnswer::Nodes(nodes),
                 Err(_) => continue,
@@ -426,7 +454,8 @@ const TICK: Duration = Duration::from_millis(10);
 /// spins), else only on its wake eventfd, and at least every `TICK` for the timers.
 fn background(shared: &Shared) {
     while !shared.stopping.load(Ordering::Acquire) {
-        let poller_waits = shared.live_queues.load(Ordering::Acquire) > 0 && shared.in_flight.load(Ordering::Acquire) > 0;
+        let poller_waits =
+            shared.live_queues.load(Ordering::Acquire) > 0 && shared.in_flight.load(Ordering::Acquire) > 0;
         let fd = if poller_waits { shared.wake.as_raw_fd() } else { shared.events_fd };
         events::wait_readable(fd, TICK);
         events::drain_eventfd(shared.wake.as_raw_fd());
@@ -483,7 +512,9 @@ impl Volume for ReplicatedVolume {
         let deadline = Instant::now() + Duration::from_secs(30);
         while self.capacity_bytes() < new_size_bytes {
             if Instant::now() >= deadline {
-                return Err(Error::Config(format!("the owner did not see the new size {new_size_bytes} in etcd within 30 s")));
+                return Err(Error::Config(format!(
+                    "the owner did not see the new size {new_size_bytes} in etcd within 30 s"
+                )));
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -492,7 +523,9 @@ impl Volume for ReplicatedVolume {
 
     fn guest_memory_changed(&self, mem: Option<&Arc<GuestMem>>) -> Result<(), Error> {
         let mut core = self.shared.lock();
-        core.memory.set_table(mem).map_err(|e| Error::Config(format!("cannot register guest memory with the transport: {e}")))
+        core.memory
+            .set_table(mem)
+            .map_err(|e| Error::Config(format!("cannot register guest memory with the transport: {e}")))
     }
 }
 

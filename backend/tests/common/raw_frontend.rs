@@ -40,7 +40,9 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_WRITE_ZEROES,
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_bindings::virtio_ring::{
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use vm_memory::{Address, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -233,7 +235,11 @@ impl RawFrontend {
     pub fn try_connect(socket: &Path, options: RawOptions) -> Result<Self, SetupError> {
         assert!(options.queue_size.is_power_of_two() && options.queue_size <= MAX_QUEUE_SIZE);
         assert!(RING_BASE + RING_STRIDE * options.num_queues as u64 <= DATA_START, "too many queues for the layout");
-        let extra = if options.inflight { VhostUserProtocolFeatures::INFLIGHT_SHMFD } else { VhostUserProtocolFeatures::empty() };
+        let extra = if options.inflight {
+            VhostUserProtocolFeatures::INFLIGHT_SHMFD
+        } else {
+            VhostUserProtocolFeatures::empty()
+        };
         let (mut frontend, offered, _) = handshake(socket, &options, extra)?;
 
         let mem_bytes = options.mem_bytes;
@@ -334,7 +340,8 @@ impl RawFrontend {
                 log_addr: None,
             };
             frontend.set_vring_addr(index, &config).map_err(step("SET_VRING_ADDR"))?;
-            let used_idx = u16::from_le(self.mem.load(queue.used.unchecked_add(2), Ordering::Acquire).expect("read used idx"));
+            let used_idx =
+                u16::from_le(self.mem.load(queue.used.unchecked_add(2), Ordering::Acquire).expect("read used idx"));
             frontend.set_vring_base(index, used_idx).map_err(step("SET_VRING_BASE"))?;
             frontend.set_vring_call(index, &queue.call).map_err(step("SET_VRING_CALL"))?;
             frontend.set_vring_kick(index, &queue.kick).map_err(step("SET_VRING_KICK"))?;
@@ -460,7 +467,8 @@ impl RawFrontend {
         let q = &mut self.queues[queue];
         let mut indices = Vec::with_capacity(descs.len());
         for &(index, desc) in descs {
-            let slot = q.free.iter().position(|&i| i == index).unwrap_or_else(|| panic!("descriptor {index} is in use"));
+            let slot =
+                q.free.iter().position(|&i| i == index).unwrap_or_else(|| panic!("descriptor {index} is in use"));
             q.free.swap_remove(slot);
             indices.push(index);
             self.mem.write_obj(desc, q.desc.unchecked_add(16 * u64::from(index))).expect("write descriptor");
@@ -529,8 +537,10 @@ impl RawFrontend {
             let used_event = q.avail.unchecked_add(4 + 2 * u64::from(q.size));
             self.mem.store(q.used_seen.to_le(), used_event, Ordering::Release).expect("write used_event");
         }
-        let head = u16::try_from(id).unwrap_or_else(|_| panic!("queue {queue}: used id {id} is not a descriptor index"));
-        let indices = q.chains.remove(&head).unwrap_or_else(|| panic!("queue {queue}: used id {head} was not in flight"));
+        let head =
+            u16::try_from(id).unwrap_or_else(|_| panic!("queue {queue}: used id {id} is not a descriptor index"));
+        let indices =
+            q.chains.remove(&head).unwrap_or_else(|| panic!("queue {queue}: used id {head} was not in flight"));
         q.free.extend(indices);
         Some((head, len))
     }

@@ -14,9 +14,7 @@ fn main() -> anyhow::Result<()> {
     let report = blk::runner::run(&config)?;
     println!("{}", report.summary_line());
     if let Some(path) = &config.json {
-        report
-            .write_json(path)
-            .with_context(|| format!("writing {}", path.display()))?;
+        report.write_json(path).with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
 }

@@ -84,24 +84,13 @@ fn cfg(node: u64) -> Result<Config> {
 
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .init();
     match Args::parse().cmd {
         Cmd::Serve { host } => serve(&host),
-        Cmd::Run {
-            qd1_ops,
-            qd32_ops,
-            out,
-        } => run(qd1_ops, qd32_ops, out),
-        Cmd::Client {
-            host,
-            qd1_ops,
-            qd32_ops,
-            out,
-        } => measure(host, qd1_ops, qd32_ops, out),
+        Cmd::Run { qd1_ops, qd32_ops, out } => run(qd1_ops, qd32_ops, out),
+        Cmd::Client { host, qd1_ops, qd32_ops, out } => measure(host, qd1_ops, qd32_ops, out),
     }
 }
 
@@ -153,9 +142,7 @@ fn plain_server(mut s: TcpStream) {
         let op = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
         let len = (u32::from_le_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]) as usize).min(buf.len());
         let ok = match op {
-            1 => s
-                .read_exact(&mut buf[..len])
-                .and_then(|_| s.write_all(&hdr[8..16])),
+            1 => s.read_exact(&mut buf[..len]).and_then(|_| s.write_all(&hdr[8..16])),
             2 => s.write_all(&buf[..len]),
             _ => return,
         };
@@ -185,25 +172,13 @@ fn wait_windows(ep: &mut TcpEndpoint) -> Result<Windows> {
         }
     }
     Ok(Windows {
-        write: write.unwrap_or(Segment {
-            addr: 0,
-            key: 0,
-            len: 0,
-        }),
-        read: read.unwrap_or(Segment {
-            addr: 0,
-            key: 0,
-            len: 0,
-        }),
+        write: write.unwrap_or(Segment { addr: 0, key: 0, len: 0 }),
+        read: read.unwrap_or(Segment { addr: 0, key: 0, len: 0 }),
     })
 }
 
 fn seg(w: Segment, off: u64, len: u32) -> Segment {
-    Segment {
-        addr: w.addr + off,
-        key: w.key,
-        len,
-    }
+    Segment { addr: w.addr + off, key: w.key, len }
 }
 
 /// QD1 cases poll like the backend's poller thread (which also does the
@@ -240,28 +215,15 @@ struct Lat {
 fn lat(mut v: Vec<u64>) -> Lat {
     v.sort_unstable();
     let at = |q: f64| v[((v.len() as f64 * q) as usize).min(v.len() - 1)] as f64 / 1000.0;
-    Lat {
-        p50_us: at(0.50),
-        p99_us: at(0.99),
-    }
+    Lat { p50_us: at(0.50), p99_us: at(0.99) }
 }
 
-fn one_sided_qd1(
-    ep: &mut TcpEndpoint,
-    w: &Windows,
-    local: proto::RegionId,
-    write: bool,
-    ops: usize,
-) -> Result<Lat> {
+fn one_sided_qd1(ep: &mut TcpEndpoint, w: &Windows, local: proto::RegionId, write: bool, ops: usize) -> Result<Lat> {
     let mut c = [OpCompletion::EMPTY; 4];
     let mut samples = Vec::with_capacity(ops);
     for i in 0..(ops + ops / 10) {
         let off = (i as u64 % 4096) * 4096;
-        let l = [LocalSeg {
-            region: local,
-            offset: off,
-            len: 4096,
-        }];
+        let l = [LocalSeg { region: local, offset: off, len: 4096 }];
         let t = Instant::now();
         if write {
             ep.post_write(&[seg(w.write, off, 4096)], &l, i as u64)?;
@@ -276,13 +238,7 @@ fn one_sided_qd1(
     Ok(lat(samples))
 }
 
-fn one_sided_qd32(
-    ep: &mut TcpEndpoint,
-    w: &Windows,
-    local: proto::RegionId,
-    write: bool,
-    ops: usize,
-) -> Result<f64> {
+fn one_sided_qd32(ep: &mut TcpEndpoint, w: &Windows, local: proto::RegionId, write: bool, ops: usize) -> Result<f64> {
     const LEN: u32 = 128 << 10;
     let mut c = [OpCompletion::EMPTY; 64];
     let slots = (WINDOW / LEN as usize) as u64;
@@ -291,11 +247,7 @@ fn one_sided_qd32(
     while done < ops {
         while posted < ops && posted - done < 32 {
             let off = (posted as u64 % slots) * u64::from(LEN);
-            let l = [LocalSeg {
-                region: local,
-                offset: off,
-                len: LEN,
-            }];
+            let l = [LocalSeg { region: local, offset: off, len: LEN }];
             if write {
                 ep.post_write(&[seg(w.write, off, LEN)], &l, posted as u64)?;
             } else {
@@ -368,9 +320,7 @@ fn run(qd1_ops: usize, qd32_ops: usize, out: Option<std::path::PathBuf>) -> Resu
     let net = NetnsPair::create()?;
     let exe = std::env::current_exe()?;
     let mut cmd = net.command(&net.b, exe.to_str().context("exe path")?);
-    cmd.args(["serve", "--host", &net.addr_b.to_string()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
+    cmd.args(["serve", "--host", &net.addr_b.to_string()]).stdout(Stdio::piped()).stderr(Stdio::inherit());
     let mut server = Child(cmd.spawn()?);
     let mut line = String::new();
     BufReader::new(server.0.stdout.take().context("stdout")?).read_line(&mut line)?;
@@ -385,17 +335,8 @@ fn run(qd1_ops: usize, qd32_ops: usize, out: Option<std::path::PathBuf>) -> Resu
 
 /// Every measurement against the `serve` at `server`, from this thread's
 /// network namespace.
-fn measure(
-    server: std::net::Ipv4Addr,
-    qd1_ops: usize,
-    qd32_ops: usize,
-    out: Option<std::path::PathBuf>,
-) -> Result<()> {
-    let mut ep = TcpEndpoint::connect(
-        (server, ONE_SIDED_PORT),
-        &cfg(1)?,
-        Arc::new(Registry::new()),
-    )?;
+fn measure(server: std::net::Ipv4Addr, qd1_ops: usize, qd32_ops: usize, out: Option<std::path::PathBuf>) -> Result<()> {
+    let mut ep = TcpEndpoint::connect((server, ONE_SIDED_PORT), &cfg(1)?, Arc::new(Registry::new()))?;
     let windows = wait_windows(&mut ep)?;
     let mut local = vec![0u8; WINDOW];
     // SAFETY: `local` outlives `ep` (dropped explicitly below) and is not

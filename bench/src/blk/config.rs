@@ -111,11 +111,7 @@ pub enum ConfigError {
     #[error("--qd must be in 1..={QD_MAX}, got {0}")]
     QueueDepth(u32),
     #[error("--{name} must be a finite number of seconds in {min}..={SECONDS_MAX}, got {value}")]
-    Seconds {
-        name: &'static str,
-        min: f64,
-        value: f64,
-    },
+    Seconds { name: &'static str, min: f64, value: f64 },
     #[error("--span must be a non-zero multiple of --bs ({bs}), got {span}")]
     Span { span: u64, bs: u64 },
     #[error("core {0} is not available to this process")]
@@ -247,10 +243,7 @@ mod tests {
         assert!(parse_size("4x").is_err());
         assert!(parse_size("-4k").is_err());
         assert!(parse_size("99999999999999999999t").is_err());
-        assert!(
-            parse_size("17179869184t").is_err(),
-            "overflow must be rejected"
-        );
+        assert!(parse_size("17179869184t").is_err(), "overflow must be rejected");
     }
 
     #[test]
@@ -264,49 +257,22 @@ mod tests {
 
     #[test]
     fn bad_values_are_rejected_not_fixed() {
-        assert_eq!(
-            Config::try_from(args("randrw", "4k", 1)).unwrap_err(),
-            ConfigError::Workload("randrw".into())
-        );
-        assert_eq!(
-            Config::try_from(args("randread", "1000", 1)).unwrap_err(),
-            ConfigError::BlockSize(1000)
-        );
-        assert_eq!(
-            Config::try_from(args("randread", "4m", 1)).unwrap_err(),
-            ConfigError::BlockSize(4 << 20)
-        );
-        assert_eq!(
-            Config::try_from(args("randread", "4k", 0)).unwrap_err(),
-            ConfigError::QueueDepth(0)
-        );
+        assert_eq!(Config::try_from(args("randrw", "4k", 1)).unwrap_err(), ConfigError::Workload("randrw".into()));
+        assert_eq!(Config::try_from(args("randread", "1000", 1)).unwrap_err(), ConfigError::BlockSize(1000));
+        assert_eq!(Config::try_from(args("randread", "4m", 1)).unwrap_err(), ConfigError::BlockSize(4 << 20));
+        assert_eq!(Config::try_from(args("randread", "4k", 0)).unwrap_err(), ConfigError::QueueDepth(0));
         assert_eq!(
             Config::try_from(args("randread", "4k", QD_MAX + 1)).unwrap_err(),
             ConfigError::QueueDepth(QD_MAX + 1)
         );
         let mut a = args("randread", "4k", 1);
         a.seconds = f64::NAN;
-        assert!(matches!(
-            Config::try_from(a).unwrap_err(),
-            ConfigError::Seconds {
-                name: "seconds",
-                ..
-            }
-        ));
+        assert!(matches!(Config::try_from(a).unwrap_err(), ConfigError::Seconds { name: "seconds", .. }));
         let mut a = args("randread", "4k", 1);
         a.span = Some("6k".into());
-        assert_eq!(
-            Config::try_from(a).unwrap_err(),
-            ConfigError::Span {
-                span: 6144,
-                bs: 4096
-            }
-        );
+        assert_eq!(Config::try_from(a).unwrap_err(), ConfigError::Span { span: 6144, bs: 4096 });
         let mut a = args("randread", "4k", 1);
         a.cpu = Some(usize::MAX);
-        assert_eq!(
-            Config::try_from(a).unwrap_err(),
-            ConfigError::Cpu(usize::MAX)
-        );
+        assert_eq!(Config::try_from(a).unwrap_err(), ConfigError::Cpu(usize::MAX));
     }
 }

@@ -46,11 +46,7 @@ impl Offsets {
         } else {
             Mode::Sequential { next_block: 0 }
         };
-        Some(Offsets {
-            bs_bytes,
-            blocks,
-            mode,
-        })
+        Some(Offsets { bs_bytes, blocks, mode })
     }
 
     pub fn next(&mut self) -> u64 {

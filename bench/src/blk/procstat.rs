@@ -35,14 +35,10 @@ fn ticks_per_second() -> u64 {
 }
 
 fn cpu_time_of(path: &str) -> Result<Duration, ProcStatError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ProcStatError::Read {
-        path: path.to_string(),
-        source,
-    })?;
-    let ticks = parse_cpu_ticks(&text).ok_or_else(|| ProcStatError::Parse {
-        path: path.to_string(),
-        line: text.trim_end().to_string(),
-    })?;
+    let text =
+        std::fs::read_to_string(path).map_err(|source| ProcStatError::Read { path: path.to_string(), source })?;
+    let ticks = parse_cpu_ticks(&text)
+        .ok_or_else(|| ProcStatError::Parse { path: path.to_string(), line: text.trim_end().to_string() })?;
     let hz = ticks_per_second();
     Ok(Duration::from_secs(ticks / hz) + Duration::from_nanos((ticks % hz) * 1_000_000_000 / hz))
 }
@@ -59,10 +55,7 @@ pub fn thread_cpu_time() -> Result<Duration, ProcStatError> {
 
 /// `nonvoluntary_ctxt_switches` from the text of a `/proc/.../status` file.
 pub fn parse_involuntary_switches(status: &str) -> Option<u64> {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("nonvoluntary_ctxt_switches:"))
-        .and_then(|v| v.trim().parse().ok())
+    status.lines().find_map(|l| l.strip_prefix("nonvoluntary_ctxt_switches:")).and_then(|v| v.trim().parse().ok())
 }
 
 /// How often the calling thread has been preempted so far. A busy-polling thread alone on
@@ -70,10 +63,8 @@ pub fn parse_involuntary_switches(status: &str) -> Option<u64> {
 /// measurement is disturbed.
 pub fn thread_preemptions() -> Result<u64, ProcStatError> {
     let path = "/proc/thread-self/status";
-    let text = std::fs::read_to_string(path).map_err(|source| ProcStatError::Read {
-        path: path.to_string(),
-        source,
-    })?;
+    let text =
+        std::fs::read_to_string(path).map_err(|source| ProcStatError::Read { path: path.to_string(), source })?;
     parse_involuntary_switches(&text).ok_or_else(|| ProcStatError::Parse {
         path: path.to_string(),
         line: text.lines().last().unwrap_or_default().to_string(),
@@ -90,16 +81,11 @@ pub fn parse_schedstat_wait_ns(schedstat: &str) -> Option<u64> {
 /// time the measurement lost to other work.
 pub fn thread_runqueue_wait() -> Result<Duration, ProcStatError> {
     let path = "/proc/thread-self/schedstat";
-    let text = std::fs::read_to_string(path).map_err(|source| ProcStatError::Read {
-        path: path.to_string(),
-        source,
-    })?;
+    let text =
+        std::fs::read_to_string(path).map_err(|source| ProcStatError::Read { path: path.to_string(), source })?;
     parse_schedstat_wait_ns(&text)
         .map(Duration::from_nanos)
-        .ok_or_else(|| ProcStatError::Parse {
-            path: path.to_string(),
-            line: text.trim_end().to_string(),
-        })
+        .ok_or_else(|| ProcStatError::Parse { path: path.to_string(), line: text.trim_end().to_string() })
 }
 
 /// Runqueue wait summed over all threads of `pid` (threads that exited are not counted).
@@ -139,8 +125,7 @@ mod tests {
 
     #[test]
     fn involuntary_switches_are_read_from_status() {
-        let status =
-            "Name:\tblk-bench\nvoluntary_ctxt_switches:\t12\nnonvoluntary_ctxt_switches:\t 345\n";
+        let status = "Name:\tblk-bench\nvoluntary_ctxt_switches:\t12\nnonvoluntary_ctxt_switches:\t 345\n";
         assert_eq!(parse_involuntary_switches(status), Some(345));
         assert_eq!(parse_involuntary_switches("Name:\tx\n"), None);
         assert!(thread_preemptions().is_ok());
@@ -152,9 +137,7 @@ mod tests {
         assert_eq!(parse_schedstat_wait_ns("918602"), None);
         assert_eq!(parse_schedstat_wait_ns("1 x 2"), None);
         assert!(thread_runqueue_wait().is_ok());
-        assert!(
-            process_runqueue_wait(std::process::id()).unwrap() >= thread_runqueue_wait().unwrap()
-        );
+        assert!(process_runqueue_wait(std::process::id()).unwrap() >= thread_runqueue_wait().unwrap());
     }
 
     #[test]

@@ -137,22 +137,14 @@ impl Report {
             client_cpu_pct: pct(m.client_cpu),
             client_runq_wait_pct: pct(m.client_runq_wait),
             server_runq_wait_pct: m.server_runq_wait.map(pct),
-            client_preemptions_per_s: if secs > 0.0 {
-                m.client_preemptions as f64 / secs
-            } else {
-                0.0
-            },
+            client_preemptions_per_s: if secs > 0.0 { m.client_preemptions as f64 / secs } else { 0.0 },
         }
     }
 
     pub fn summary_line(&self) -> String {
         let mut s = format!(
             "{label} {wl} bs={bs} qd={qd}: {iops:.0} IOPS {mib:.1} MiB/s",
-            label = if self.label.is_empty() {
-                "-"
-            } else {
-                &self.label
-            },
+            label = if self.label.is_empty() { "-" } else { &self.label },
             wl = self.workload,
             bs = self.bs_bytes,
             qd = self.qd,
@@ -160,10 +152,7 @@ impl Report {
             mib = self.mib_per_s,
         );
         if let Some(l) = &self.lat_us {
-            s += &format!(
-                " lat_us p50={:.2} p99={:.2} p99.9={:.2}",
-                l.p50, l.p99, l.p999
-            );
+            s += &format!(" lat_us p50={:.2} p99={:.2} p99.9={:.2}", l.p50, l.p99, l.p999);
         }
         if let Some(pct) = self.server_cpu_pct {
             s += &format!(" server_cpu={pct:.1}%");

@@ -42,25 +42,16 @@ struct Device {
 }
 
 fn open(config: &Config) -> anyhow::Result<Device> {
-    let socket = config
-        .socket
-        .to_str()
-        .context("socket path is not valid UTF-8")?;
+    let socket = config.socket.to_str().context("socket path is not valid UTF-8")?;
     let mut blkio = Blkio::new("virtio-blk-vhost-user").context("creating libblkio driver")?;
     blkio.set_str("path", socket).context("setting path")?;
     // libblkio refuses to start a writable client on a read-only export, so readers say
     // they only read; a writer on a read-only export then fails at start().
-    blkio
-        .set_bool("read-only", !config.workload.is_write())
-        .context("setting read-only")?;
-    blkio
-        .connect()
-        .with_context(|| format!("connecting to {socket}"))?;
+    blkio.set_bool("read-only", !config.workload.is_write()).context("setting read-only")?;
+    blkio.connect().with_context(|| format!("connecting to {socket}"))?;
     // Only a poll queue: the client busy-polls the used ring, never sleeps on an eventfd.
     blkio.set_i32("num-queues", 0).context("num-queues")?;
-    blkio
-        .set_i32("num-poll-queues", 1)
-        .context("num-poll-queues")?;
+    blkio.set_i32("num-poll-queues", 1).context("num-poll-queues")?;
 
     let capacity_bytes = blkio.get_u64("capacity").context("reading capacity")?;
     let request_alignment = blkio.get_i32("request-alignment")?;
@@ -75,47 +66,20 @@ fn open(config: &Config) -> anyhow::Result<Device> {
         max_transfer <= 0 || bs <= u64::try_from(max_transfer)?,
         "bs {bs} exceeds the device's max transfer {max_transfer}"
     );
-    ensure!(
-        i64::from(config.qd) <= i64::from(queue_size),
-        "qd {} exceeds the virtqueue size {queue_size}",
-        config.qd
-    );
+    ensure!(i64::from(config.qd) <= i64::from(queue_size), "qd {} exceeds the virtqueue size {queue_size}", config.qd);
 
     let start = blkio.start().context("starting the device")?;
-    let queue = start
-        .poll_queues
-        .into_iter()
-        .next()
-        .context("libblkio returned no poll queue")?;
+    let queue = start.poll_queues.into_iter().next().context("libblkio returned no poll queue")?;
 
-    let align = blkio
-        .get_u64("mem-region-alignment")?
-        .max(PAGE_BYTES)
-        .max(1);
+    let align = blkio.get_u64("mem-region-alignment")?.max(PAGE_BYTES).max(1);
     let want = bs * u64::from(config.qd);
     let len = want.div_ceil(align) * align;
-    let region = blkio
-        .alloc_mem_region(usize::try_from(len)?)
-        .context("allocating the I/O buffer region")?;
-    blkio
-        .map_mem_region(&region)
-        .context("mapping the I/O buffer region into the device")?;
-    Ok(Device {
-        queue,
-        blkio,
-        capacity_bytes,
-        region,
-    })
+    let region = blkio.alloc_mem_region(usize::try_from(len)?).context("allocating the I/O buffer region")?;
+    blkio.map_mem_region(&region).context("mapping the I/O buffer region into the device")?;
+    Ok(Device { queue, blkio, capacity_bytes, region })
 }
 
-fn submit(
-    queue: &mut Blkioq,
-    workload: Workload,
-    buf: *mut u8,
-    offset: u64,
-    bs: usize,
-    slot: usize,
-) {
+fn submit(queue: &mut Blkioq, workload: Workload, buf: *mut u8, offset: u64, bs: usize, slot: usize) {
     if workload.is_write() {
         queue.write(offset, buf, bs, slot, ReqFlags::empty());
     } else {
@@ -124,13 +88,11 @@ fn submit(
 }
 
 fn sample_server_cpu(pid: Option<u32>) -> anyhow::Result<Option<Duration>> {
-    pid.map(|p| procstat::process_cpu_time(p).with_context(|| format!("server pid {p}")))
-        .transpose()
+    pid.map(|p| procstat::process_cpu_time(p).with_context(|| format!("server pid {p}"))).transpose()
 }
 
 fn sample_server_runq_wait(pid: Option<u32>) -> anyhow::Result<Option<Duration>> {
-    pid.map(|p| procstat::process_runqueue_wait(p).with_context(|| format!("server pid {p}")))
-        .transpose()
+    pid.map(|p| procstat::process_runqueue_wait(p).with_context(|| format!("server pid {p}"))).transpose()
 }
 
 pub fn run(config: &Config) -> anyhow::Result<Report> {
@@ -142,24 +104,10 @@ pub fn run(config: &Config) -> anyhow::Result<Report> {
     }
     let mut dev = open(config)?;
     let span_bytes = config.span_bytes.unwrap_or(dev.capacity_bytes);
-    ensure!(
-        span_bytes <= dev.capacity_bytes,
-        "--span {span_bytes} exceeds the device capacity {}",
-        dev.capacity_bytes
-    );
+    ensure!(span_bytes <= dev.capacity_bytes, "--span {span_bytes} exceeds the device capacity {}", dev.capacity_bytes);
     let seed = u64::from(std::process::id()) ^ 0x9E37_79B9_7F4A_7C15;
-    let mut offsets = Offsets::new(
-        config.workload.is_random(),
-        config.bs_bytes,
-        span_bytes,
-        seed,
-    )
-    .with_context(|| {
-        format!(
-            "a span of {span_bytes} bytes holds no {}-byte block",
-            config.bs_bytes
-        )
-    })?;
+    let mut offsets = Offsets::new(config.workload.is_random(), config.bs_bytes, span_bytes, seed)
+        .with_context(|| format!("a span of {span_bytes} bytes holds no {}-byte block", config.bs_bytes))?;
 
     let bs = usize::try_from(config.bs_bytes)?;
     let qd = usize::try_from(config.qd)?;
@@ -167,8 +115,7 @@ pub fn run(config: &Config) -> anyhow::Result<Report> {
         // SAFETY: the region was just allocated as `region.len` bytes, mapped readable and
         // writable in this process, and no request that could make the server touch it has
         // been submitted yet, so this is the only access.
-        let mem =
-            unsafe { std::slice::from_raw_parts_mut(dev.region.addr as *mut u8, dev.region.len) };
+        let mem = unsafe { std::slice::from_raw_parts_mut(dev.region.addr as *mut u8, dev.region.len) };
         mem.fill(WRITE_PATTERN);
     }
     // Slot i's buffer is [addr + i*bs, addr + (i+1)*bs), inside the region by construction
@@ -176,10 +123,9 @@ pub fn run(config: &Config) -> anyhow::Result<Report> {
     // two requests share a buffer.
     let buf = |slot: usize| (dev.region.addr + slot * bs) as *mut u8;
 
-    let mut latency_ns = Histogram::<u64>::new_with_bounds(1, LATENCY_NS_MAX, 3)
-        .context("creating the latency histogram")?;
-    let mut completions: Vec<MaybeUninit<Completion>> =
-        (0..qd).map(|_| MaybeUninit::uninit()).collect();
+    let mut latency_ns =
+        Histogram::<u64>::new_with_bounds(1, LATENCY_NS_MAX, 3).context("creating the latency histogram")?;
+    let mut completions: Vec<MaybeUninit<Completion>> = (0..qd).map(|_| MaybeUninit::uninit()).collect();
     let started = Instant::now();
     let mut issued_at = vec![started; qd];
     // Requests still to submit: `fill` writes each block of the span once.
@@ -189,14 +135,7 @@ pub fn run(config: &Config) -> anyhow::Result<Report> {
             break;
         }
         left -= 1;
-        submit(
-            &mut dev.queue,
-            config.workload,
-            buf(slot),
-            offsets.next(),
-            bs,
-            slot,
-        );
+        submit(&mut dev.queue, config.workload, buf(slot), offsets.next(), bs, slot);
     }
     let mut in_flight = qd.min(usize::try_from(span_bytes / config.bs_bytes).unwrap_or(usize::MAX));
 
@@ -223,9 +162,7 @@ pub fn run(config: &Config) -> anyhow::Result<Report> {
         let n = dev
             .queue
             .do_io(&mut completions, 1, Some(&mut timeout), None)
-            .with_context(|| {
-                format!("waiting for completions ({in_flight} in flight; did the server stop?)")
-            })?;
+            .with_context(|| format!("waiting for completions ({in_flight} in flight; did the server stop?)"))?;
         let now = Instant::now();
         for c in &completions[..n.min(qd)] {
             // SAFETY: do_io reports that it initialised the first `n` elements, and we
@@ -249,14 +186,7 @@ pub fn run(config: &Config) -> anyhow::Result<Report> {
             if submitting(phase) && left > 0 {
                 left -= 1;
                 issued_at[slot] = now;
-                submit(
-                    &mut dev.queue,
-                    config.workload,
-                    buf(slot),
-                    offsets.next(),
-                    bs,
-                    slot,
-                );
+                submit(&mut dev.queue, config.workload, buf(slot), offsets.next(), bs, slot);
                 in_flight += 1;
             }
         }
@@ -277,15 +207,12 @@ pub fn run(config: &Config) -> anyhow::Result<Report> {
             }
         } else if phase == Phase::Measure && now >= measure_end {
             elapsed = now - measure_start;
-            server_cpu = sample_server_cpu(config.server_pid)?
-                .zip(server_cpu0)
-                .map(|(b, a)| b.saturating_sub(a));
+            server_cpu = sample_server_cpu(config.server_pid)?.zip(server_cpu0).map(|(b, a)| b.saturating_sub(a));
             client_cpu = procstat::thread_cpu_time()?.saturating_sub(client_cpu0);
             client_preemptions = procstat::thread_preemptions()?.saturating_sub(preempt0);
             client_runq_wait = procstat::thread_runqueue_wait()?.saturating_sub(runq_wait0);
-            server_runq_wait = sample_server_runq_wait(config.server_pid)?
-                .zip(server_wait0)
-                .map(|(b, a)| b.saturating_sub(a));
+            server_runq_wait =
+                sample_server_runq_wait(config.server_pid)?.zip(server_wait0).map(|(b, a)| b.saturating_sub(a));
             phase = Phase::Drain;
         }
     }
@@ -301,9 +228,7 @@ pub fn run(config: &Config) -> anyhow::Result<Report> {
         let t0 = Instant::now();
         std::thread::sleep(config.measure);
         elapsed = t0.elapsed();
-        server_cpu = sample_server_cpu(config.server_pid)?
-            .zip(cpu0)
-            .map(|(b, a)| b.saturating_sub(a));
+        server_cpu = sample_server_cpu(config.server_pid)?.zip(cpu0).map(|(b, a)| b.saturating_sub(a));
         client_cpu = procstat::thread_cpu_time()?.saturating_sub(client0);
     }
 
@@ -362,10 +287,7 @@ mod tests {
     }
 
     fn qsd(name: &str, blockdev: impl FnOnce(&Path) -> String, writable: bool) -> Qsd {
-        assert!(
-            Path::new(QSD).exists(),
-            "{QSD} is needed (Debian package qemu-system-x86 or qemu-utils)"
-        );
+        assert!(Path::new(QSD).exists(), "{QSD} is needed (Debian package qemu-system-x86 or qemu-utils)");
         let dir = std::env::temp_dir().join(format!("blk-bench-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -386,14 +308,8 @@ mod tests {
         let mut server = Qsd { child, dir, socket };
         let deadline = Instant::now() + Duration::from_secs(10);
         while !server.socket.exists() {
-            assert!(
-                server.child.try_wait().unwrap().is_none(),
-                "qemu-storage-daemon exited"
-            );
-            assert!(
-                Instant::now() < deadline,
-                "no socket from qemu-storage-daemon"
-            );
+            assert!(server.child.try_wait().unwrap().is_none(), "qemu-storage-daemon exited");
+            assert!(Instant::now() < deadline, "no socket from qemu-storage-daemon");
             std::thread::sleep(Duration::from_millis(20));
         }
         server
@@ -446,11 +362,7 @@ mod tests {
 
     #[test]
     fn reads_run_at_the_requested_depth_and_idle_does_no_io() {
-        let server = qsd(
-            "null",
-            |_| "driver=null-co,node-name=d0,size=16777216".to_string(),
-            false,
-        );
+        let server = qsd("null", |_| "driver=null-co,node-name=d0,size=16777216".to_string(), false);
         let r = run(&config(&server.socket, Workload::SeqRead, 128 << 10, 4)).unwrap();
         assert!(r.ios > 100, "{r:?}");
         assert_eq!(r.span_bytes, 16 << 20);
@@ -461,31 +373,18 @@ mod tests {
 
     #[test]
     fn device_limits_are_checked_before_any_io() {
-        let server = qsd(
-            "ro",
-            |_| "driver=null-co,node-name=d0,size=1048576".to_string(),
-            false,
-        );
+        let server = qsd("ro", |_| "driver=null-co,node-name=d0,size=1048576".to_string(), false);
         let err = run(&config(&server.socket, Workload::RandWrite, 4096, 1)).unwrap_err();
         assert!(format!("{err:#}").contains("read-only"), "{err:#}");
         let mut c = config(&server.socket, Workload::RandRead, 4096, 1);
         c.span_bytes = Some(2 << 20);
         let err = run(&c).unwrap_err();
-        assert!(
-            format!("{err:#}").contains("exceeds the device capacity"),
-            "{err:#}"
-        );
+        assert!(format!("{err:#}").contains("exceeds the device capacity"), "{err:#}");
     }
 
     #[test]
     fn a_missing_socket_is_an_error() {
-        let err = run(&config(
-            Path::new("/nonexistent/x.sock"),
-            Workload::RandRead,
-            4096,
-            1,
-        ))
-        .unwrap_err();
+        let err = run(&config(Path::new("/nonexistent/x.sock"), Workload::RandRead, 4096, 1)).unwrap_err();
         assert!(format!("{err:#}").contains("connecting to"), "{err:#}");
     }
 }

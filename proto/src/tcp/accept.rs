@@ -92,9 +92,7 @@ pub(crate) struct Listener {
 
 impl std::fmt::Debug for Listener {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Listener")
-            .field("local", &self.local)
-            .finish()
+        f.debug_struct("Listener").field("local", &self.local).finish()
     }
 }
 
@@ -121,12 +119,7 @@ impl Listener {
             .name("hcblk-accept".into())
             .spawn(move || listen(listener, s, tx))
             .map_err(io("spawn"))?;
-        Ok(Self {
-            shared,
-            ready: Mutex::new(rx),
-            local,
-            thread: Some(thread),
-        })
+        Ok(Self { shared, ready: Mutex::new(rx), local, thread: Some(thread) })
     }
 
     pub(crate) fn local_addr(&self) -> SocketAddr {
@@ -144,10 +137,7 @@ impl Listener {
     }
 
     /// The next authenticated stream, waiting at most `timeout` (forever with `None`).
-    pub(crate) fn next(
-        &self,
-        timeout: Option<Duration>,
-    ) -> Result<Option<Authenticated>, TransportError> {
+    pub(crate) fn next(&self, timeout: Option<Duration>) -> Result<Option<Authenticated>, TransportError> {
         let rx = self.ready.lock().unwrap_or_else(|p| p.into_inner());
         match timeout {
             None => rx.recv().map(Some).map_err(|_| TransportError::Disconnected),
@@ -237,9 +227,8 @@ fn admit(shared: &Arc<Shared>, sock: TcpStream, peer: SocketAddr, ready: &SyncSe
     };
     let s = shared.clone();
     let tx = ready.clone();
-    let spawned = std::thread::Builder::new()
-        .name("hcblk-handshake".into())
-        .spawn(move || handshake(s, sock, peer, id, tx));
+    let spawned =
+        std::thread::Builder::new().name("hcblk-handshake".into()).spawn(move || handshake(s, sock, peer, id, tx));
     if let Err(e) = spawned {
         // The socket went with the closure and is closed; forget it.
         shared.pending().1.retain(|(i, _)| *i != id);
@@ -247,13 +236,7 @@ fn admit(shared: &Arc<Shared>, sock: TcpStream, peer: SocketAddr, ready: &SyncSe
     }
 }
 
-fn handshake(
-    shared: Arc<Shared>,
-    mut sock: TcpStream,
-    peer: SocketAddr,
-    id: u64,
-    ready: SyncSender<Authenticated>,
-) {
+fn handshake(shared: Arc<Shared>, mut sock: TcpStream, peer: SocketAddr, id: u64, ready: SyncSender<Authenticated>) {
     let deadline = Deadline::after(shared.cfg.handshake_timeout);
     let result = server_handshake(&mut sock, &shared.cfg, &deadline);
     let still_pending = {
@@ -270,9 +253,7 @@ fn handshake(
         Ok(node) => node,
         Err(e) => {
             shared.counters.refused.fetch_add(1, Ordering::Relaxed);
-            shared.refusals.log(refusals_summary, || {
-                tracing::warn!(peer = %peer, "refused connection: {e}")
-            });
+            shared.refusals.log(refusals_summary, || tracing::warn!(peer = %peer, "refused connection: {e}"));
             return;
         }
     };

@@ -19,8 +19,7 @@ use std::time::{Duration, Instant};
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Deadline(Instant);
 
-const TIMED_OUT: TransportError =
-    TransportError::Handshake("not completed within handshake_timeout");
+const TIMED_OUT: TransportError = TransportError::Handshake("not completed within handshake_timeout");
 
 impl Deadline {
     pub(crate) fn after(d: Duration) -> Self {
@@ -52,14 +51,10 @@ pub(crate) fn read_exact_by(
     deadline: &Deadline,
 ) -> Result<(), TransportError> {
     while !buf.is_empty() {
-        sock.set_read_timeout(Some(deadline.left()?))
-            .map_err(io("setsockopt"))?;
+        sock.set_read_timeout(Some(deadline.left()?)).map_err(io("setsockopt"))?;
         match sock.read(buf) {
             Ok(0) => {
-                return Err(TransportError::Io {
-                    what: "handshake receive",
-                    source: ErrorKind::UnexpectedEof.into(),
-                })
+                return Err(TransportError::Io { what: "handshake receive", source: ErrorKind::UnexpectedEof.into() })
             }
             Ok(n) => buf = &mut buf[n..],
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
@@ -71,14 +66,9 @@ pub(crate) fn read_exact_by(
 }
 
 /// `write_all` bounded by `deadline` as a whole.
-pub(crate) fn write_all_by(
-    sock: &mut TcpStream,
-    mut buf: &[u8],
-    deadline: &Deadline,
-) -> Result<(), TransportError> {
+pub(crate) fn write_all_by(sock: &mut TcpStream, mut buf: &[u8], deadline: &Deadline) -> Result<(), TransportError> {
     while !buf.is_empty() {
-        sock.set_write_timeout(Some(deadline.left()?))
-            .map_err(io("setsockopt"))?;
+        sock.set_write_timeout(Some(deadline.left()?)).map_err(io("setsockopt"))?;
         match sock.write(buf) {
             Ok(0) => return Err(TransportError::Disconnected),
             Ok(n) => buf = &buf[n..],
@@ -90,11 +80,7 @@ pub(crate) fn write_all_by(
     Ok(())
 }
 
-pub(crate) fn write_msg(
-    sock: &mut TcpStream,
-    m: &Message,
-    deadline: &Deadline,
-) -> Result<(), TransportError> {
+pub(crate) fn write_msg(sock: &mut TcpStream, m: &Message, deadline: &Deadline) -> Result<(), TransportError> {
     write_all_by(sock, &m.to_vec().map_err(TransportError::Encode)?, deadline)
 }
 
@@ -109,52 +95,32 @@ pub(crate) fn read_msg(sock: &mut TcpStream, deadline: &Deadline) -> Result<Mess
     }
     let mut body = [0u8; MAX_CONTROL_BODY];
     // A frame without payload is bounded by MAX_CONTROL_BODY (decode_header).
-    let body = body
-        .get_mut(..len)
-        .ok_or(TransportError::Handshake("oversized frame during the handshake"))?;
+    let body = body.get_mut(..len).ok_or(TransportError::Handshake("oversized frame during the handshake"))?;
     read_exact_by(sock, body, deadline)?;
     wire::decode_body(&h, body).map_err(TransportError::Decode)
 }
 
 /// Best effort: tells the peer why before the socket is closed.
 fn refuse(sock: &mut TcpStream, code: u32, text: &str, deadline: &Deadline) {
-    let _ = write_msg(
-        sock,
-        &Message::Error(ErrorMsg {
-            code,
-            text: text.to_owned(),
-        }),
-        deadline,
-    );
+    let _ = write_msg(sock, &Message::Error(ErrorMsg { code, text: text.to_owned() }), deadline);
 }
 
 fn refused(e: ErrorMsg) -> TransportError {
     if e.code == ERR_AUTH {
         TransportError::AuthFailed("the acceptor rejected our proof of the cluster secret")
     } else {
-        TransportError::Refused {
-            code: e.code,
-            text: e.text,
-        }
+        TransportError::Refused { code: e.code, text: e.text }
     }
 }
 
 /// Initiator side of the authenticated handshake on a fresh stream;
 /// returns the acceptor's node id. Also used on the `rdma` transport's
 /// out-of-band connection.
-pub(crate) fn client_handshake(
-    sock: &mut TcpStream,
-    cfg: &Config,
-    deadline: &Deadline,
-) -> Result<u64, TransportError> {
+pub(crate) fn client_handshake(sock: &mut TcpStream, cfg: &Config, deadline: &Deadline) -> Result<u64, TransportError> {
     let client_nonce = auth::nonce().map_err(io("getrandom"))?;
     write_msg(
         sock,
-        &Message::Hello(wire::Hello {
-            cluster_id: cfg.cluster_id,
-            node_id: cfg.node_id,
-            nonce: client_nonce,
-        }),
+        &Message::Hello(wire::Hello { cluster_id: cfg.cluster_id, node_id: cfg.node_id, nonce: client_nonce }),
         deadline,
     )?;
     let ch = match read_msg(sock, deadline)? {
@@ -171,15 +137,9 @@ pub(crate) fn client_handshake(
     };
     if !auth::verify(&cfg.secret, Role::Server, &ctx, &ch.mac) {
         refuse(sock, ERR_AUTH, "acceptor proof invalid", deadline);
-        return Err(TransportError::AuthFailed(
-            "the acceptor does not know the cluster secret",
-        ));
+        return Err(TransportError::AuthFailed("the acceptor does not know the cluster secret"));
     }
-    write_msg(
-        sock,
-        &Message::Auth(auth::tag(&cfg.secret, Role::Client, &ctx)),
-        deadline,
-    )?;
+    write_msg(sock, &Message::Auth(auth::tag(&cfg.secret, Role::Client, &ctx)), deadline)?;
     match read_msg(sock, deadline) {
         Ok(Message::Ready) => {}
         Ok(Message::Error(e)) => return Err(refused(e)),
@@ -187,12 +147,9 @@ pub(crate) fn client_handshake(
         // The acceptor closes right after refusing; losing the race to read
         // its ERROR still means we were refused.
         Err(TransportError::Io { source, .. })
-            if source.kind() == ErrorKind::UnexpectedEof
-                || source.kind() == ErrorKind::ConnectionReset =>
+            if source.kind() == ErrorKind::UnexpectedEof || source.kind() == ErrorKind::ConnectionReset =>
         {
-            return Err(TransportError::AuthFailed(
-                "the acceptor closed the connection during authentication",
-            ))
+            return Err(TransportError::AuthFailed("the acceptor closed the connection during authentication"))
         }
         Err(e) => return Err(e),
     }
@@ -200,11 +157,7 @@ pub(crate) fn client_handshake(
 }
 
 /// Acceptor side of the authenticated handshake; returns the initiator's node id.
-pub(crate) fn server_handshake(
-    sock: &mut TcpStream,
-    cfg: &Config,
-    deadline: &Deadline,
-) -> Result<u64, TransportError> {
+pub(crate) fn server_handshake(sock: &mut TcpStream, cfg: &Config, deadline: &Deadline) -> Result<u64, TransportError> {
     let hello = match read_msg(sock, deadline) {
         Ok(Message::Hello(h)) => h,
         Ok(_) => {
@@ -212,11 +165,8 @@ pub(crate) fn server_handshake(
             return Err(TransportError::Handshake("expected HELLO"));
         }
         Err(TransportError::Decode(e)) => {
-            let code = if matches!(e, wire::DecodeError::UnsupportedVersion { .. }) {
-                ERR_VERSION
-            } else {
-                ERR_PROTOCOL
-            };
+            let code =
+                if matches!(e, wire::DecodeError::UnsupportedVersion { .. }) { ERR_VERSION } else { ERR_PROTOCOL };
             refuse(sock, code, &e.to_string(), deadline);
             return Err(TransportError::Decode(e));
         }
@@ -235,22 +185,12 @@ pub(crate) fn server_handshake(
         server_nonce,
     };
     let mac = auth::tag(&cfg.secret, Role::Server, &ctx);
-    write_msg(
-        sock,
-        &Message::Challenge(wire::Challenge {
-            node_id: cfg.node_id,
-            nonce: server_nonce,
-            mac,
-        }),
-        deadline,
-    )?;
+    write_msg(sock, &Message::Challenge(wire::Challenge { node_id: cfg.node_id, nonce: server_nonce, mac }), deadline)?;
     match read_msg(sock, deadline)? {
         Message::Auth(mac) if auth::verify(&cfg.secret, Role::Client, &ctx, &mac) => {}
         Message::Auth(_) => {
             refuse(sock, ERR_AUTH, "authentication failed", deadline);
-            return Err(TransportError::AuthFailed(
-                "initiator does not know the cluster secret",
-            ));
+            return Err(TransportError::AuthFailed("initiator does not know the cluster secret"));
         }
         Message::Error(e) if e.code == ERR_AUTH => {
             return Err(TransportError::AuthFailed(

@@ -11,10 +11,7 @@ fn cfg(node: u64) -> Config {
     c
 }
 
-fn pair_with(
-    server_cfg: Config,
-    client_cfg: Config,
-) -> (TcpEndpoint, Result<TcpEndpoint, TransportError>) {
+fn pair_with(server_cfg: Config, client_cfg: Config) -> (TcpEndpoint, Result<TcpEndpoint, TransportError>) {
     let acc = TcpAcceptor::bind("127.0.0.1:0", server_cfg, Arc::new(Registry::new())).unwrap();
     let addr = acc.local_addr().unwrap();
     let t = std::thread::spawn(move || acc.accept());
@@ -41,15 +38,9 @@ fn raw_peer(server_cfg: Config) -> (TcpEndpoint, TcpStream) {
     let c = cfg(2);
     let mut raw = TcpStream::connect(addr).unwrap();
     let cn = [5u8; 32];
-    let hello = Message::Hello(wire::Hello {
-        cluster_id: c.cluster_id,
-        node_id: 2,
-        nonce: cn,
-    });
+    let hello = Message::Hello(wire::Hello { cluster_id: c.cluster_id, node_id: 2, nonce: cn });
     write_msg(&mut raw, &hello, &soon()).unwrap();
-    let Message::Challenge(ch) = read_msg(&mut raw, &soon()).unwrap() else {
-        panic!("expected CHALLENGE")
-    };
+    let Message::Challenge(ch) = read_msg(&mut raw, &soon()).unwrap() else { panic!("expected CHALLENGE") };
     let ctx = auth::Context {
         cluster_id: c.cluster_id,
         client_node: 2,
@@ -92,11 +83,7 @@ fn wait_completions(ep: &mut dyn Endpoint, n: usize) -> Vec<OpCompletion> {
     while got.len() < n {
         let k = ep.poll_completions(&mut buf);
         got.extend_from_slice(&buf[..k]);
-        assert!(
-            Instant::now() < deadline,
-            "timed out with {} of {n} completions",
-            got.len()
-        );
+        assert!(Instant::now() < deadline, "timed out with {} of {n} completions", got.len());
         if k == 0 {
             std::thread::yield_now();
         }
@@ -128,13 +115,7 @@ fn multi_segment_one_sided_read_and_write() {
     // SAFETY: as above.
     let d = unsafe { server.register_region(disk.as_mut_ptr(), disk.len()) }.unwrap();
     // WRITE: the server pulls three guest segments into its disk buffer.
-    let grant = client
-        .grant(
-            g,
-            &[(0, 4096), (10000, 100), (30000, 20000)],
-            Access::RemoteRead,
-        )
-        .unwrap();
+    let grant = client.grant(g, &[(0, 4096), (10000, 100), (30000, 20000)], Access::RemoteRead).unwrap();
     let desc = Descriptor {
         request_id: 1,
         volume: 1,
@@ -146,106 +127,25 @@ fn multi_segment_one_sided_read_and_write() {
         ..Descriptor::default()
     };
     client.send(&Message::Write(desc)).unwrap();
-    let Message::Write(w) = wait_msg(&mut server) else {
-        panic!("expected WRITE")
-    };
-    server
-        .post_read(
-            &w.segments,
-            &[LocalSeg {
-                region: d,
-                offset: 512,
-                len: w.length,
-            }],
-            77,
-        )
-        .unwrap();
+    let Message::Write(w) = wait_msg(&mut server) else { panic!("expected WRITE") };
+    server.post_read(&w.segments, &[LocalSeg { region: d, offset: 512, len: w.length }], 77).unwrap();
     let c = wait_completions(&mut server, 1);
-    assert_eq!(
-        c[0],
-        OpCompletion {
-            user_data: 77,
-            status: Status::Ok,
-            bytes: 24196
-        }
-    );
-    server
-        .send(&Message::Completion(Completion {
-            request_id: 1,
-            status: Status::Ok,
-            bytes: 24196,
-        }))
-        .unwrap();
-    assert!(matches!(
-        wait_msg(&mut client),
-        Message::Completion(Completion {
-            request_id: 1,
-            status: Status::Ok,
-            ..
-        })
-    ));
+    assert_eq!(c[0], OpCompletion { user_data: 77, status: Status::Ok, bytes: 24196 });
+    server.send(&Message::Completion(Completion { request_id: 1, status: Status::Ok, bytes: 24196 })).unwrap();
+    assert!(matches!(wait_msg(&mut client), Message::Completion(Completion { request_id: 1, status: Status::Ok, .. })));
     client.revoke(grant.key).unwrap();
     // READ: the server pushes its disk bytes into two other guest ranges.
-    let rgrant = client
-        .grant(g, &[(50000, 4000), (60000, 5000)], Access::RemoteWrite)
-        .unwrap();
-    server
-        .post_write(
-            &rgrant.segments,
-            &[LocalSeg {
-                region: d,
-                offset: 512,
-                len: 9000,
-            }],
-            78,
-        )
-        .unwrap();
+    let rgrant = client.grant(g, &[(50000, 4000), (60000, 5000)], Access::RemoteWrite).unwrap();
+    server.post_write(&rgrant.segments, &[LocalSeg { region: d, offset: 512, len: 9000 }], 78).unwrap();
     let c = wait_completions(&mut server, 1);
-    assert_eq!(
-        c[0],
-        OpCompletion {
-            user_data: 78,
-            status: Status::Ok,
-            bytes: 9000
-        }
-    );
+    assert_eq!(c[0], OpCompletion { user_data: 78, status: Status::Ok, bytes: 9000 });
     // The revoked WRITE key is refused and the connection carries on.
-    server
-        .post_read(
-            &w.segments,
-            &[LocalSeg {
-                region: d,
-                offset: 0,
-                len: w.length,
-            }],
-            79,
-        )
-        .unwrap();
-    assert_eq!(
-        wait_completions(&mut server, 1)[0].status,
-        Status::AccessDenied
-    );
+    server.post_read(&w.segments, &[LocalSeg { region: d, offset: 0, len: w.length }], 79).unwrap();
+    assert_eq!(wait_completions(&mut server, 1)[0].status, Status::AccessDenied);
     // A foreign key: the READ key does not open the WRITE ranges (and is write-only anyway).
-    let forged = [Segment {
-        addr: grant.segments[0].addr,
-        key: rgrant.key.0,
-        len: 4096,
-    }];
-    server
-        .post_write(
-            &forged,
-            &[LocalSeg {
-                region: d,
-                offset: 0,
-                len: 4096,
-            }],
-            80,
-        )
-        .unwrap();
-    assert_eq!(
-        wait_completions(&mut server, 1)[0].status,
-        Status::AccessDenied
-    );
+    let forged = [Segment { addr: grant.segments[0].addr, key: rgrant.key.0, len: 4096 }];
+    server.post_write(&forged, &[LocalSeg { region: d, offset: 0, len: 4096 }], 80).unwrap();
+    assert_eq!(wait_completions(&mut server, 1)[0].status, Status::AccessDenied);
     assert!(server.is_connected() && client.is_connected());
     client.revoke(rgrant.key).unwrap();
     drop(server);
@@ -270,58 +170,23 @@ fn many_operations_in_flight_and_the_limit() {
     let s = unsafe { server.register_region(src.as_mut_ptr(), src.len()) }.unwrap();
     // SAFETY: as above.
     let l = unsafe { client.register_region(dst.as_mut_ptr(), dst.len()) }.unwrap();
-    let window = server
-        .grant(s, &[(0, 32 * 8192)], Access::RemoteRead)
-        .unwrap();
+    let window = server.grant(s, &[(0, 32 * 8192)], Access::RemoteRead).unwrap();
     let base = window.segments[0].addr;
     for i in 0..32u64 {
         let remote = [
-            Segment {
-                addr: base + i * 8192,
-                key: window.key.0,
-                len: 4096,
-            },
-            Segment {
-                addr: base + i * 8192 + 4096,
-                key: window.key.0,
-                len: 4096,
-            },
+            Segment { addr: base + i * 8192, key: window.key.0, len: 4096 },
+            Segment { addr: base + i * 8192 + 4096, key: window.key.0, len: 4096 },
         ];
-        client
-            .post_read(
-                &remote,
-                &[LocalSeg {
-                    region: l,
-                    offset: i * 8192,
-                    len: 8192,
-                }],
-                i,
-            )
-            .unwrap();
+        client.post_read(&remote, &[LocalSeg { region: l, offset: i * 8192, len: 8192 }], i).unwrap();
     }
-    let remote = [Segment {
-        addr: base,
-        key: window.key.0,
-        len: 1,
-    }];
+    let remote = [Segment { addr: base, key: window.key.0, len: 1 }];
     assert!(matches!(
-        client.post_read(
-            &remote,
-            &[LocalSeg {
-                region: l,
-                offset: 0,
-                len: 1
-            }],
-            99
-        ),
+        client.post_read(&remote, &[LocalSeg { region: l, offset: 0, len: 1 }], 99),
         Err(TransportError::TooManyInFlight(32))
     ));
     let mut c = wait_completions(&mut client, 32);
     c.sort_by_key(|c| c.user_data);
-    assert!(c
-        .iter()
-        .enumerate()
-        .all(|(i, c)| c.user_data == i as u64 && c.status == Status::Ok && c.bytes == 8192));
+    assert!(c.iter().enumerate().all(|(i, c)| c.user_data == i as u64 && c.status == Status::Ok && c.bytes == 8192));
     drop(client);
     drop(server);
     assert_eq!(src, dst);
@@ -347,10 +212,7 @@ fn wrong_secret_is_refused() {
     // The initiator notices the forged acceptor proof first and aborts; the
     // acceptor counts a refusal and hands nothing to `accept`.
     wait_refused(&acc, 1);
-    assert!(acc
-        .accept_timeout(Duration::from_millis(100))
-        .unwrap()
-        .is_none());
+    assert!(acc.accept_timeout(Duration::from_millis(100)).unwrap().is_none());
     assert_eq!(acc.stats().authenticated, 0);
 }
 
@@ -359,18 +221,10 @@ fn unknown_major_version_is_refused_with_a_clear_error() {
     let acc = TcpAcceptor::bind("127.0.0.1:0", cfg(1), Arc::new(Registry::new())).unwrap();
     let addr = acc.local_addr().unwrap();
     let mut s = TcpStream::connect(addr).unwrap();
-    let mut hello = Message::Hello(wire::Hello {
-        cluster_id: 42,
-        node_id: 2,
-        nonce: [0; 32],
-    })
-    .to_vec()
-    .unwrap();
+    let mut hello = Message::Hello(wire::Hello { cluster_id: 42, node_id: 2, nonce: [0; 32] }).to_vec().unwrap();
     hello[2] = wire::VERSION_MAJOR + 1;
     s.write_all(&hello).unwrap();
-    let Message::Error(e) = read_msg(&mut s, &soon()).unwrap() else {
-        panic!("expected ERROR")
-    };
+    let Message::Error(e) = read_msg(&mut s, &soon()).unwrap() else { panic!("expected ERROR") };
     assert_eq!(e.code, ERR_VERSION);
     assert!(e.text.contains("major versions differ"), "{}", e.text);
     wait_refused(&acc, 1);
@@ -387,10 +241,7 @@ fn garbage_after_handshake_closes_only_that_connection() {
         assert!(Instant::now() < deadline);
         std::thread::sleep(Duration::from_millis(10));
     }
-    assert!(matches!(
-        server.poll_recv(),
-        Err(TransportError::Disconnected)
-    ));
+    assert!(matches!(server.poll_recv(), Err(TransportError::Disconnected)));
 }
 
 #[test]
@@ -406,40 +257,15 @@ fn peer_gone_mid_transfer_fails_in_flight_operations() {
     let r = unsafe { client.register_region(big.as_mut_ptr(), big.len()) }.unwrap();
     // SAFETY: as above.
     let l = unsafe { server.register_region(local.as_mut_ptr(), local.len()) }.unwrap();
-    let g = client
-        .grant(r, &[(0, 4 << 20)], Access::RemoteRead)
-        .unwrap();
+    let g = client.grant(r, &[(0, 4 << 20)], Access::RemoteRead).unwrap();
     for i in 0..8 {
-        server
-            .post_read(
-                &g.segments,
-                &[LocalSeg {
-                    region: l,
-                    offset: 0,
-                    len: 4 << 20,
-                }],
-                i,
-            )
-            .unwrap();
+        server.post_read(&g.segments, &[LocalSeg { region: l, offset: 0, len: 4 << 20 }], i).unwrap();
     }
     drop(client);
     let c = wait_completions(&mut server, 8);
-    assert!(
-        c.iter().any(|c| c.status == Status::ConnectionLost),
-        "{c:?}"
-    );
+    assert!(c.iter().any(|c| c.status == Status::ConnectionLost), "{c:?}");
     assert!(!server.is_connected());
-    assert!(server
-        .post_read(
-            &g.segments,
-            &[LocalSeg {
-                region: l,
-                offset: 0,
-                len: 16
-            }],
-            9
-        )
-        .is_err());
+    assert!(server.post_read(&g.segments, &[LocalSeg { region: l, offset: 0, len: 16 }], 9).is_err());
     drop(server);
     drop(big);
     drop(local);
@@ -455,26 +281,17 @@ fn silent_peer_is_declared_dead_and_heartbeats_keep_idle_links_up() {
     let (server, client) = pair_with(sc.clone(), cc);
     let client = client.unwrap();
     std::thread::sleep(Duration::from_millis(1200));
-    assert!(
-        server.is_connected() && client.is_connected(),
-        "heartbeats must keep an idle connection alive"
-    );
+    assert!(server.is_connected() && client.is_connected(), "heartbeats must keep an idle connection alive");
     drop((server, client));
 
     // A peer that authenticates and then never sends another byte.
     let (server, raw) = raw_peer(sc);
     let start = Instant::now();
     while server.is_connected() {
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "silent peer never declared dead"
-        );
+        assert!(start.elapsed() < Duration::from_secs(5), "silent peer never declared dead");
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert!(
-        start.elapsed() >= Duration::from_millis(300),
-        "declared dead too early"
-    );
+    assert!(start.elapsed() >= Duration::from_millis(300), "declared dead too early");
     drop(raw);
 }
 
@@ -491,11 +308,7 @@ fn a_peer_that_stops_reading_pushes_back_and_memory_stays_bounded() {
     // bounded send queue reports QueueFull instead of growing.
     let mut sent = 0u64;
     let full = loop {
-        let m = Message::Completion(Completion {
-            request_id: sent,
-            status: Status::Ok,
-            bytes: 0,
-        });
+        let m = Message::Completion(Completion { request_id: sent, status: Status::Ok, bytes: 0 });
         match client.send(&m) {
             Ok(()) => sent += 1,
             Err(TransportError::QueueFull) => break true,
@@ -523,13 +336,7 @@ fn a_peer_that_stops_reading_pushes_back_and_memory_stays_bounded() {
             }
         }
     }
-    client
-        .send(&Message::Completion(Completion {
-            request_id: sent,
-            status: Status::Ok,
-            bytes: 0,
-        }))
-        .unwrap();
+    client.send(&Message::Completion(Completion { request_id: sent, status: Status::Ok, bytes: 0 })).unwrap();
 }
 
 #[test]
@@ -542,13 +349,7 @@ fn the_handshake_deadline_covers_the_whole_handshake() {
     let acc = TcpAcceptor::bind("127.0.0.1:0", sc, Arc::new(Registry::new())).unwrap();
     let mut s = TcpStream::connect(acc.local_addr().unwrap()).unwrap();
     s.set_nonblocking(true).unwrap();
-    let hello = Message::Hello(wire::Hello {
-        cluster_id: 42,
-        node_id: 2,
-        nonce: [1; 32],
-    })
-    .to_vec()
-    .unwrap();
+    let hello = Message::Hello(wire::Hello { cluster_id: 42, node_id: 2, nonce: [1; 32] }).to_vec().unwrap();
     let t0 = Instant::now();
     let mut closed_after = None;
     for b in &hello {
@@ -566,10 +367,7 @@ fn the_handshake_deadline_covers_the_whole_handshake() {
         }
     }
     let closed_after = closed_after.expect("the trickling peer was never closed");
-    assert!(
-        closed_after < Duration::from_millis(1500),
-        "closed after {closed_after:?}"
-    );
+    assert!(closed_after < Duration::from_millis(1500), "closed after {closed_after:?}");
     wait_refused(&acc, 1);
 }
 
@@ -584,13 +382,7 @@ fn idle_and_trickling_sockets_do_not_keep_a_member_out() {
     let stop = Arc::new(AtomicBool::new(false));
     let stop2 = stop.clone();
     let loris = std::thread::spawn(move || {
-        let hello = Message::Hello(wire::Hello {
-            cluster_id: 42,
-            node_id: 3,
-            nonce: [2; 32],
-        })
-        .to_vec()
-        .unwrap();
+        let hello = Message::Hello(wire::Hello { cluster_id: 42, node_id: 3, nonce: [2; 32] }).to_vec().unwrap();
         let mut socks: Vec<TcpStream> = (0..8).map(|_| TcpStream::connect(addr).unwrap()).collect();
         for b in &hello {
             if stop2.load(Ordering::Relaxed) {
@@ -615,10 +407,7 @@ fn idle_and_trickling_sockets_do_not_keep_a_member_out() {
     assert_eq!(st.authenticated, 1, "{st:?}");
     // Every socket beyond the bound was evicted (or, on a slow machine,
     // timed out first).
-    assert!(
-        st.evicted + st.refused >= 200 + 8 + 1 - MAX_PENDING_HANDSHAKES as u64,
-        "{st:?}"
-    );
+    assert!(st.evicted + st.refused >= 200 + 8 + 1 - MAX_PENDING_HANDSHAKES as u64, "{st:?}");
     stop.store(true, Ordering::Relaxed);
     loris.join().unwrap();
     drop(idle);
@@ -632,33 +421,17 @@ fn a_response_in_the_wrong_direction_is_a_protocol_error() {
     let mut src = vec![0x11u8; 4096];
     // SAFETY: `src` outlives `server` (dropped below before `src` is read).
     let r = unsafe { server.register_region(src.as_mut_ptr(), src.len()) }.unwrap();
-    let remote = [Segment {
-        addr: 0x10000,
-        key: 7,
-        len: 4096,
-    }];
-    let local = [LocalSeg {
-        region: r,
-        offset: 0,
-        len: 4096,
-    }];
+    let remote = [Segment { addr: 0x10000, key: 7, len: 4096 }];
+    let local = [LocalSeg { region: r, offset: 0, len: 4096 }];
     server.post_write(&remote, &local, 1).unwrap();
-    let (Message::DataWrite(d), payload) = read_raw(&mut raw) else {
-        panic!("expected DATA_WRITE")
-    };
+    let (Message::DataWrite(d), payload) = read_raw(&mut raw) else { panic!("expected DATA_WRITE") };
     assert_eq!(payload, vec![0x11u8; 4096]);
-    let resp = DataResp {
-        op_id: d.op_id,
-        status: Status::Ok,
-        len: 4096,
-    };
+    let resp = DataResp { op_id: d.op_id, status: Status::Ok, len: 4096 };
     send_raw(&mut raw, &Message::DataReadResp(resp), &[0xee; 4096]);
     let c = wait_completions(&mut server, 1);
     assert_eq!(c[0].status, Status::ConnectionLost, "{c:?}");
     assert!(!server.is_connected());
-    let (Message::Error(e), _) = read_raw(&mut raw) else {
-        panic!("expected ERROR")
-    };
+    let (Message::Error(e), _) = read_raw(&mut raw) else { panic!("expected ERROR") };
     assert_eq!(e.code, ERR_PROTOCOL);
     drop(server);
     assert_eq!(src, vec![0x11u8; 4096], "peer bytes written into the source");
@@ -668,20 +441,10 @@ fn a_response_in_the_wrong_direction_is_a_protocol_error() {
     let mut dst = vec![0u8; 4096];
     // SAFETY: as above.
     let r = unsafe { server.register_region(dst.as_mut_ptr(), dst.len()) }.unwrap();
-    let local = [LocalSeg {
-        region: r,
-        offset: 0,
-        len: 4096,
-    }];
+    let local = [LocalSeg { region: r, offset: 0, len: 4096 }];
     server.post_read(&remote, &local, 2).unwrap();
-    let (Message::DataRead(d), _) = read_raw(&mut raw) else {
-        panic!("expected DATA_READ")
-    };
-    let ack = DataResp {
-        op_id: d.op_id,
-        status: Status::Ok,
-        len: 4096,
-    };
+    let (Message::DataRead(d), _) = read_raw(&mut raw) else { panic!("expected DATA_READ") };
+    let ack = DataResp { op_id: d.op_id, status: Status::Ok, len: 4096 };
     send_raw(&mut raw, &Message::DataWriteAck(ack), &[]);
     let c = wait_completions(&mut server, 1);
     assert_eq!(c[0].status, Status::ConnectionLost, "{c:?}");
@@ -697,35 +460,12 @@ fn a_repeated_response_does_not_complete_a_torn_transfer() {
     let mut dst = vec![0u8; 8192];
     // SAFETY: `dst` outlives `server`.
     let r = unsafe { server.register_region(dst.as_mut_ptr(), dst.len()) }.unwrap();
-    let remote = [
-        Segment {
-            addr: 0x10000,
-            key: 7,
-            len: 4096,
-        },
-        Segment {
-            addr: 0x20000,
-            key: 7,
-            len: 4096,
-        },
-    ];
-    let local = [LocalSeg {
-        region: r,
-        offset: 0,
-        len: 8192,
-    }];
+    let remote = [Segment { addr: 0x10000, key: 7, len: 4096 }, Segment { addr: 0x20000, key: 7, len: 4096 }];
+    let local = [LocalSeg { region: r, offset: 0, len: 8192 }];
     server.post_read(&remote, &local, 3).unwrap();
-    let (Message::DataRead(first), _) = read_raw(&mut raw) else {
-        panic!("expected DATA_READ")
-    };
-    let (Message::DataRead(_second), _) = read_raw(&mut raw) else {
-        panic!("expected DATA_READ")
-    };
-    let resp = Message::DataReadResp(DataResp {
-        op_id: first.op_id,
-        status: Status::Ok,
-        len: 4096,
-    });
+    let (Message::DataRead(first), _) = read_raw(&mut raw) else { panic!("expected DATA_READ") };
+    let (Message::DataRead(_second), _) = read_raw(&mut raw) else { panic!("expected DATA_READ") };
+    let resp = Message::DataReadResp(DataResp { op_id: first.op_id, status: Status::Ok, len: 4096 });
     send_raw(&mut raw, &resp, &[0xab; 4096]);
     send_raw(&mut raw, &resp, &[0xcd; 4096]);
     let c = wait_completions(&mut server, 1);
@@ -770,18 +510,11 @@ fn refused_accesses_are_logged_rate_limited() {
     let me = format!("peer={}", raw.local_addr().unwrap());
     const N: u64 = 2000;
     for i in 0..N {
-        let m = Message::DataRead(DataReq {
-            op_id: i,
-            addr: 0x1000,
-            key: 0xdead,
-            len: 512,
-        });
+        let m = Message::DataRead(DataReq { op_id: i, addr: 0x1000, key: 0xdead, len: 512 });
         send_raw(&mut raw, &m, &[]);
     }
     for i in 0..N {
-        let (Message::DataReadResp(r), _) = read_raw(&mut raw) else {
-            panic!("expected DATA_READ_RESP")
-        };
+        let (Message::DataReadResp(r), _) = read_raw(&mut raw) else { panic!("expected DATA_READ_RESP") };
         assert_eq!((r.op_id, r.status), (i, Status::AccessDenied));
     }
     // Each refusal failed one operation only.
@@ -794,39 +527,26 @@ fn refused_accesses_are_logged_rate_limited() {
     }
     let text = String::from_utf8(lock(&logs).clone()).unwrap();
     let mine: Vec<&str> = text.lines().filter(|l| l.contains(&me)).collect();
-    let refused = mine
-        .iter()
-        .filter(|l| l.contains("refused one-sided read"))
-        .count() as u64;
+    let refused = mine.iter().filter(|l| l.contains("refused one-sided read")).count() as u64;
     const SUMMARY: &str = " more refused one-sided accesses not logged";
     let summarised: u64 = mine
         .iter()
         .filter_map(|l| l.find(SUMMARY).map(|at| &l[..at]))
         .map(|head| head.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
         .sum();
-    assert!(
-        refused <= u64::from(crate::ratelimit::LOG_BURST),
-        "{refused} refusal lines"
-    );
+    assert!(refused <= u64::from(crate::ratelimit::LOG_BURST), "{refused} refusal lines");
     assert_eq!(refused + summarised, N, "{mine:#?}");
 }
 
 #[test]
 fn an_oversized_data_read_is_refused_naming_its_limit() {
     let (server, mut raw) = raw_peer(cfg(1));
-    let m = Message::DataRead(DataReq {
-        op_id: 1,
-        addr: 0x1000,
-        key: 1,
-        len: 512,
-    });
+    let m = Message::DataRead(DataReq { op_id: 1, addr: 0x1000, key: 1, len: 512 });
     let mut b = m.to_vec().unwrap();
     // 5 MiB: within a descriptor's limit, over a data frame's.
     b[HEADER_LEN + 20..HEADER_LEN + 24].copy_from_slice(&(5u32 << 20).to_le_bytes());
     raw.write_all(&b).unwrap();
-    let (Message::Error(e), _) = read_raw(&mut raw) else {
-        panic!("expected ERROR")
-    };
+    let (Message::Error(e), _) = read_raw(&mut raw) else { panic!("expected ERROR") };
     assert_eq!(e.code, ERR_PROTOCOL);
     assert!(e.text.contains(&MAX_DATA_LEN.to_string()), "{}", e.text);
     assert!(!e.text.contains(&wire::MAX_IO_LEN.to_string()), "{}", e.text);
@@ -859,33 +579,17 @@ fn inline_writes_arrive_with_their_payload_in_aligned_buffers() {
     let mut guest: Vec<u8> = (0..200_000u32).map(|i| (i * 13 + 5) as u8).collect();
     // SAFETY: `guest` outlives the endpoints (dropped explicitly below).
     let g = unsafe { client.register_region(guest.as_mut_ptr(), guest.len()) }.unwrap();
-    let seg = |offset: u64, len: u32| LocalSeg {
-        region: g,
-        offset,
-        len,
-    };
+    let seg = |offset: u64, len: u32| LocalSeg { region: g, offset, len };
     // (request id, guest pieces): 1 byte, two pieces, the largest, and a
     // segmented WRITE between them to check the stream stays framed.
-    let cases: Vec<(u64, Vec<LocalSeg>)> = vec![
-        (1, vec![seg(7, 1)]),
-        (2, vec![seg(100, 3000), seg(50_000, 5000)]),
-        (3, vec![seg(0, wire::MAX_INLINE)]),
-    ];
+    let cases: Vec<(u64, Vec<LocalSeg>)> =
+        vec![(1, vec![seg(7, 1)]), (2, vec![seg(100, 3000), seg(50_000, 5000)]), (3, vec![seg(0, wire::MAX_INLINE)])];
     for (id, pieces) in &cases {
         let len = pieces.iter().map(|p| p.len).sum();
-        client
-            .send_inline(&Message::Write(inline_desc(*id, 4096 * id, len)), pieces)
-            .unwrap();
+        client.send_inline(&Message::Write(inline_desc(*id, 4096 * id, len)), pieces).unwrap();
         if *id == 2 {
-            let grant = client
-                .grant(g, &[(0, 512)], Access::RemoteRead)
-                .unwrap();
-            let d = Descriptor {
-                request_id: 99,
-                length: 512,
-                segments: grant.segments,
-                ..Descriptor::default()
-            };
+            let grant = client.grant(g, &[(0, 512)], Access::RemoteRead).unwrap();
+            let d = Descriptor { request_id: 99, length: 512, segments: grant.segments, ..Descriptor::default() };
             client.send(&Message::Write(d)).unwrap();
         }
     }
@@ -894,10 +598,7 @@ fn inline_writes_arrive_with_their_payload_in_aligned_buffers() {
         got.push(wait_msg(&mut server));
     }
     let expect = |pieces: &[LocalSeg]| -> Vec<u8> {
-        pieces
-            .iter()
-            .flat_map(|p| guest[p.offset as usize..p.offset as usize + p.len as usize].to_vec())
-            .collect()
+        pieces.iter().flat_map(|p| guest[p.offset as usize..p.offset as usize + p.len as usize].to_vec()).collect()
     };
     let mut inline = got.iter().filter_map(|m| match m {
         Message::Write(d) if d.is_inline() => Some(d),
@@ -915,14 +616,10 @@ fn inline_writes_arrive_with_their_payload_in_aligned_buffers() {
     assert!(matches!(&got[2], Message::Write(d) if d.request_id == 99 && d.inline.is_none()));
     assert!(server.inline_bytes_held() >= 4096 + 8192 + 65536);
     // Forwarding a received inline WRITE with `send` carries its payload.
-    let Message::Write(fwd) = got.remove(1) else {
-        panic!("expected WRITE")
-    };
+    let Message::Write(fwd) = got.remove(1) else { panic!("expected WRITE") };
     server.send(&Message::Write(fwd.clone())).unwrap();
     drop(got);
-    let Message::Write(back) = wait_msg(&mut client) else {
-        panic!("expected WRITE")
-    };
+    let Message::Write(back) = wait_msg(&mut client) else { panic!("expected WRITE") };
     assert_eq!(back, fwd);
     drop(fwd);
     // Buffers go back to the pool once the messages are dropped.
@@ -930,30 +627,16 @@ fn inline_writes_arrive_with_their_payload_in_aligned_buffers() {
 
     // Misuse is refused before anything is sent.
     let d = inline_desc(5, 0, 10);
-    assert!(matches!(
-        client.send(&Message::Write(d.clone())),
-        Err(TransportError::Inline(_))
-    ));
+    assert!(matches!(client.send(&Message::Write(d.clone())), Err(TransportError::Inline(_))));
     assert!(matches!(
         client.send_inline(&Message::Write(d.clone()), &[seg(0, 9)]),
         Err(TransportError::LengthMismatch { .. })
     ));
-    let not_inline = Descriptor {
-        flags: 0,
-        ..d.clone()
-    };
-    assert!(matches!(
-        client.send_inline(&Message::Write(not_inline), &[seg(0, 10)]),
-        Err(TransportError::Inline(_))
-    ));
-    assert!(matches!(
-        client.send_inline(&Message::Read(d), &[seg(0, 10)]),
-        Err(TransportError::Inline(_))
-    ));
+    let not_inline = Descriptor { flags: 0, ..d.clone() };
+    assert!(matches!(client.send_inline(&Message::Write(not_inline), &[seg(0, 10)]), Err(TransportError::Inline(_))));
+    assert!(matches!(client.send_inline(&Message::Read(d), &[seg(0, 10)]), Err(TransportError::Inline(_))));
     let big = inline_desc(6, 0, wire::MAX_INLINE + 1);
-    assert!(client
-        .send_inline(&Message::Write(big), &[seg(0, wire::MAX_INLINE + 1)])
-        .is_err());
+    assert!(client.send_inline(&Message::Write(big), &[seg(0, wire::MAX_INLINE + 1)]).is_err());
     assert!(client.is_connected() && server.is_connected());
     drop(server);
     drop(client);
@@ -973,11 +656,7 @@ fn a_flood_of_inline_writes_meets_backpressure_and_memory_stays_bounded() {
     let mut guest: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
     // SAFETY: `guest` outlives the endpoints.
     let g = unsafe { client.register_region(guest.as_mut_ptr(), guest.len()) }.unwrap();
-    let payload = [LocalSeg {
-        region: g,
-        offset: 0,
-        len,
-    }];
+    let payload = [LocalSeg { region: g, offset: 0, len }];
     // The server's application does not poll: its inline buffers run out,
     // its transport stops reading, and the client meets QueueFull.
     let mut sent = 0u64;
@@ -998,9 +677,7 @@ fn a_flood_of_inline_writes_meets_backpressure_and_memory_stays_bounded() {
     assert!(client.is_connected() && server.is_connected());
     // Messages the application holds count too: with four 64 KiB
     // payloads held, nothing more is received until one is released.
-    let mut held: VecDeque<Message> = (0..BUDGET / len as usize)
-        .map(|_| wait_msg(&mut server))
-        .collect();
+    let mut held: VecDeque<Message> = (0..BUDGET / len as usize).map(|_| wait_msg(&mut server)).collect();
     let deadline = Instant::now() + Duration::from_millis(300);
     while Instant::now() < deadline {
         assert!(server.poll_recv().unwrap().is_none());
@@ -1008,9 +685,7 @@ fn a_flood_of_inline_writes_meets_backpressure_and_memory_stays_bounded() {
     }
     let mut next = 0u64;
     let check = |m: &Message, next: u64| {
-        let Message::Write(d) = m else {
-            panic!("expected WRITE")
-        };
+        let Message::Write(d) = m else { panic!("expected WRITE") };
         assert_eq!(d.request_id, next);
         assert_eq!(&d.inline.as_ref().unwrap()[..], &guest[..]);
     };
@@ -1054,7 +729,8 @@ fn poll_fd_wakes_a_sleeping_caller_and_goes_quiet_when_drained() {
     let mut client = client.unwrap();
     let fd = server.poll_fd().expect("tcp has a poll fd");
     assert!(!readable(fd, 50), "nothing sent yet");
-    let flush = |id| Message::Flush(crate::wire::Flush { request_id: id, volume: 7, generation: 1, ..Default::default() });
+    let flush =
+        |id| Message::Flush(crate::wire::Flush { request_id: id, volume: 7, generation: 1, ..Default::default() });
     for round in 0..3 {
         // Give the background receiver time to take the bytes: the socket is then empty,
         // and only the notification can wake the caller.
@@ -1087,11 +763,15 @@ fn out_of_range_settings_are_refused() {
     ] {
         let mut bad = cfg(1);
         set(&mut bad, value);
-        let refused = |r: Result<(), TransportError>| {
-            matches!(r, Err(TransportError::Config { field: f, value: v, .. }) if f == field && v == value)
-        };
-        assert!(refused(TcpAcceptor::bind("127.0.0.1:0", bad.clone(), Arc::new(Registry::new())).map(drop)), "bind {field} {value}");
-        assert!(refused(TcpEndpoint::connect(addr, &bad, Arc::new(Registry::new())).map(drop)), "connect {field} {value}");
+        let refused = |r: Result<(), TransportError>| matches!(r, Err(TransportError::Config { field: f, value: v, .. }) if f == field && v == value);
+        assert!(
+            refused(TcpAcceptor::bind("127.0.0.1:0", bad.clone(), Arc::new(Registry::new())).map(drop)),
+            "bind {field} {value}"
+        );
+        assert!(
+            refused(TcpEndpoint::connect(addr, &bad, Arc::new(Registry::new())).map(drop)),
+            "connect {field} {value}"
+        );
         assert!(refused(crate::loopback::pair(&bad, &cfg(2)).map(drop)), "loopback {field} {value}");
         let message = bad.validate().unwrap_err().to_string();
         assert!(message.contains(field) && message.contains(&value.to_string()), "{message}");

@@ -43,7 +43,9 @@ fn parse() -> Result<Args, String> {
                     "ack-early" => PlantedBug::AckEarly,
                     "skip-dirty-persist" => PlantedBug::SkipDirtyPersist,
                     "skip-reconcile" => PlantedBug::SkipReconcile,
-                    other => return Err(format!("unknown bug {other:?} (ack-early, skip-dirty-persist, skip-reconcile)")),
+                    other => {
+                        return Err(format!("unknown bug {other:?} (ack-early, skip-dirty-persist, skip-reconcile)"))
+                    }
                 })
             }
             "--jobs" => a.jobs = value("--jobs")?.parse().map_err(|e| format!("--jobs: {e}"))?,

@@ -20,15 +20,19 @@
 mod model;
 mod rng;
 
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 
 pub use model::{Model, ModelStats, Tag};
 pub use rng::Rng;
 
-use crate::meta::{node_id, ExtentMeta, Locality, Member, MemberState, NodeInfo, RiskAcceptance, VolumeMeta, META_FORMAT};
+use crate::meta::{
+    node_id, ExtentMeta, Locality, Member, MemberState, NodeInfo, RiskAcceptance, VolumeMeta, META_FORMAT,
+};
 use crate::msg::{NodeId, Reply, Request, Seq, Status};
-use crate::owner::{DataRef, GuestId, GuestOp, GuestStatus, MetaResult, Owner, OwnerAction, OwnerConfig, OwnerEvent, Phase, Time, MS};
+use crate::owner::{
+    DataRef, GuestId, GuestOp, GuestStatus, MetaResult, Owner, OwnerAction, OwnerConfig, OwnerEvent, Phase, Time, MS,
+};
 use crate::replica::{DiskResult, OpId, PersistedVolume, Replica, ReplicaAction, ReplicaConfig};
 
 const US: Time = 1_000;
@@ -125,12 +129,23 @@ pub struct Failure {
 
 impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(f, "seed {} failed at step {} (t={:.3} ms): {}", self.seed, self.step, self.time as f64 / MS as f64, self.what)?;
+        writeln!(
+            f,
+            "seed {} failed at step {} (t={:.3} ms): {}",
+            self.seed,
+            self.step,
+            self.time as f64 / MS as f64,
+            self.what
+        )?;
         writeln!(f, "last events:")?;
         for line in &self.trace {
             writeln!(f, "  {line}")?;
         }
-        write!(f, "replay: cargo run -p hcblk-replication --features sim --bin hcblk-sim -- --seed {} --verbose", self.seed)
+        write!(
+            f,
+            "replay: cargo run -p hcblk-replication --features sim --bin hcblk-sim -- --seed {} --verbose",
+            self.seed
+        )
     }
 }
 
@@ -246,22 +261,63 @@ enum EtcdAnswer {
 
 enum Ev {
     Net(Msg),
-    DiskDone { node: usize, inc: u64, op: OpId, result: DiskResult },
+    DiskDone {
+        node: usize,
+        inc: u64,
+        op: OpId,
+        result: DiskResult,
+    },
     /// A state record write finished: `result` decides whether it reached the disk (a full
     /// disk refuses it; an I/O error stops the daemon, as the driver aborts rather than lie).
-    Persisted { node: usize, inc: u64, volume: u64, version: u64, record: Vec<u8>, result: DiskResult },
-    EtcdAt { node: usize, who: Who, req: EtcdReq },
-    EtcdReply { node: usize, who: Who, answer: EtcdAnswer },
-    OwnerTick { node: usize, instance: u64 },
-    Guest { node: usize, instance: u64 },
-    Renew { node: usize, inc: u64 },
-    Layout { node: usize, inc: u64 },
-    Restart { node: usize },
+    Persisted {
+        node: usize,
+        inc: u64,
+        volume: u64,
+        version: u64,
+        record: Vec<u8>,
+        result: DiskResult,
+    },
+    EtcdAt {
+        node: usize,
+        who: Who,
+        req: EtcdReq,
+    },
+    EtcdReply {
+        node: usize,
+        who: Who,
+        answer: EtcdAnswer,
+    },
+    OwnerTick {
+        node: usize,
+        instance: u64,
+    },
+    Guest {
+        node: usize,
+        instance: u64,
+    },
+    Renew {
+        node: usize,
+        inc: u64,
+    },
+    Layout {
+        node: usize,
+        inc: u64,
+    },
+    Restart {
+        node: usize,
+    },
     /// A one-sided transfer whose answer never came: the transport fails it (as a real one
     /// does when its connection dies).
-    TransferTimeout { node: usize, inc: u64, op: OpId, pull: bool },
+    TransferTimeout {
+        node: usize,
+        inc: u64,
+        op: OpId,
+        pull: bool,
+    },
     Fault,
-    Heal { what: Heal },
+    Heal {
+        what: Heal,
+    },
     Orchestrate,
 }
 
@@ -396,7 +452,9 @@ impl Sim {
             epoch: 1,
             extents: members
                 .iter()
-                .map(|m| ExtentMeta { members: m.iter().map(|i| Member::new(&format!("n{}", i + 1), MemberState::InSync)).collect() })
+                .map(|m| ExtentMeta {
+                    members: m.iter().map(|i| Member::new(&format!("n{}", i + 1), MemberState::InSync)).collect(),
+                })
                 .collect(),
             risk_accepted: None,
         };
@@ -447,7 +505,10 @@ impl Sim {
             return true;
         }
         let (x, y) = (a.min(b), a.max(b));
-        a == b || (self.nodes[a].isolated_until <= self.now && self.nodes[b].isolated_until <= self.now && !self.cuts.contains(&(x, y)))
+        a == b
+            || (self.nodes[a].isolated_until <= self.now
+                && self.nodes[b].isolated_until <= self.now
+                && !self.cuts.contains(&(x, y)))
     }
 
     fn etcd_reachable(&self, n: usize) -> bool {
@@ -483,8 +544,12 @@ impl Sim {
 
     fn duplicate(&self, msg: &Msg) -> Option<Msg> {
         Some(match msg {
-            Msg::ToReplica { from, to, request, inline } => Msg::ToReplica { from: *from, to: *to, request: request.clone(), inline: inline.clone() },
-            Msg::ToOwner { from, from_inc, to, reply } => Msg::ToOwner { from: *from, from_inc: *from_inc, to: *to, reply: reply.clone() },
+            Msg::ToReplica { from, to, request, inline } => {
+                Msg::ToReplica { from: *from, to: *to, request: request.clone(), inline: inline.clone() }
+            }
+            Msg::ToOwner { from, from_inc, to, reply } => {
+                Msg::ToOwner { from: *from, from_inc: *from_inc, to: *to, reply: reply.clone() }
+            }
             _ => return None,
         })
     }
@@ -495,8 +560,10 @@ impl Sim {
         let now = self.now;
         let node = &mut self.nodes[i];
         node.started_at = now;
-        let volumes: Vec<PersistedVolume> = node.disk.record.as_deref().and_then(|r| PersistedVolume::decode(r).ok()).into_iter().collect();
-        let mut replica = Replica::new(ReplicaConfig { node: node.name.clone(), incarnation: node.incarnation }, volumes);
+        let volumes: Vec<PersistedVolume> =
+            node.disk.record.as_deref().and_then(|r| PersistedVolume::decode(r).ok()).into_iter().collect();
+        let mut replica =
+            Replica::new(ReplicaConfig { node: node.name.clone(), incarnation: node.incarnation }, volumes);
         replica.plant_bug_skip_dirty_persist = self.cfg.bug == Some(PlantedBug::SkipDirtyPersist);
         node.replica = Some(replica);
         let inc = node.incarnation;
@@ -538,7 +605,8 @@ impl Sim {
                 self.etcd_request(i, Who::Replica(inc), EtcdReq::ReadById);
             }
             ReplicaAction::Persist { volume, version, state } => {
-                let result = if self.nodes[i].disk.full_until > self.now { DiskResult::NoSpace } else { self.disk_result(i) };
+                let result =
+                    if self.nodes[i].disk.full_until > self.now { DiskResult::NoSpace } else { self.disk_result(i) };
                 let d = self.disk_latency(i);
                 self.after(d, Ev::Persisted { node: i, inc, volume, version, record: state.encode(), result });
             }
@@ -566,7 +634,9 @@ impl Sim {
             ReplicaAction::DiskRead { op, offset, len, .. } => {
                 let result = self.disk_result(i);
                 if result == DiskResult::Ok {
-                    let data: Vec<Tag> = (offset / BLOCK..(offset + u64::from(len)) / BLOCK).map(|b| self.nodes[i].disk.view(b)).collect();
+                    let data: Vec<Tag> = (offset / BLOCK..(offset + u64::from(len)) / BLOCK)
+                        .map(|b| self.nodes[i].disk.view(b))
+                        .collect();
                     if let Some(rop) = self.nodes[i].ops.get_mut(&op) {
                         rop.data = data;
                     }
@@ -605,12 +675,17 @@ impl Sim {
         let inc = self.nodes[i].incarnation;
         let Some(rop) = self.nodes[i].ops.get(&op) else { return };
         let generation = match &rop.request {
-            Request::Write { stamp, .. } | Request::Discard { stamp, .. } | Request::WriteZeroes { stamp, .. } => stamp.generation,
+            Request::Write { stamp, .. } | Request::Discard { stamp, .. } | Request::WriteZeroes { stamp, .. } => {
+                stamp.generation
+            }
             _ => 0,
         };
         let promised = self.nodes[i].replica.as_ref().and_then(|r| r.volume_state(VOLUME_ID)).map_or(0, |v| v.promised);
         if generation < promised {
-            self.fail(format!("I3: {} applies a write of generation {generation} after promising {promised}", self.nodes[i].name));
+            self.fail(format!(
+                "I3: {} applies a write of generation {generation} after promising {promised}",
+                self.nodes[i].name
+            ));
         }
         let record = self.nodes[i].disk.record.as_deref().and_then(|r| PersistedVolume::decode(r).ok());
         let (eb, rb) = (self.cfg.extent_blocks, self.cfg.region_blocks);
@@ -618,7 +693,10 @@ impl Sim {
             let (extent, region) = ((b / eb) as u32, ((b % eb) / rb) as u32);
             let durable = record.as_ref().and_then(|r| r.extents.get(&extent)).is_some_and(|bits| bits.get(region));
             if !durable {
-                self.fail(format!("I8: {} writes block {b} (extent {extent} region {region}) before its dirty bit is durable", self.nodes[i].name));
+                self.fail(format!(
+                    "I8: {} writes block {b} (extent {extent} region {region}) before its dirty bit is durable",
+                    self.nodes[i].name
+                ));
                 break;
             }
         }
@@ -631,7 +709,10 @@ impl Sim {
             // Applied now; a crash before completion may still tear it (volatile).
             if self.cfg.verbose {
                 let seq = self.nodes[i].ops[&op].request.seq();
-                self.log(format!("{} disk write op {op} seq {seq:#x} offset {offset} len {len} {tags:?}", self.nodes[i].name));
+                self.log(format!(
+                    "{} disk write op {op} seq {seq:#x} offset {offset} len {len} {tags:?}",
+                    self.nodes[i].name
+                ));
             }
             for (b, t) in tags {
                 self.nodes[i].disk.volatile.insert(b, t);
@@ -647,7 +728,10 @@ impl Sim {
         let generation = seq >> crate::msg::SEQ_GENERATION_SHIFT;
         let promised = self.nodes[i].replica.as_ref().and_then(|r| r.volume_state(VOLUME_ID)).map_or(0, |v| v.promised);
         if generation != promised {
-            self.fail(format!("I6: {} acknowledged a request of generation {generation} while promised {promised}", self.nodes[i].name));
+            self.fail(format!(
+                "I6: {} acknowledged a request of generation {generation} while promised {promised}",
+                self.nodes[i].name
+            ));
         }
     }
 
@@ -655,10 +739,17 @@ impl Sim {
     /// step `since`.
     fn in_sync_fn(&self, b: u64) -> impl Fn(usize, u64) -> bool + use<> {
         let e = self.extent_of_block(b);
-        let names: Vec<String> = self.etcd.meta.as_ref().map(|(m, _)| m.extents[e as usize].in_sync().map(str::to_owned).collect()).unwrap_or_default();
+        let names: Vec<String> = self
+            .etcd
+            .meta
+            .as_ref()
+            .map(|(m, _)| m.extents[e as usize].in_sync().map(str::to_owned).collect())
+            .unwrap_or_default();
         let nodes: Vec<String> = self.nodes.iter().map(|n| n.name.clone()).collect();
-        let left: Vec<(usize, u64)> = self.left_sync.iter().filter(|((_, x), _)| *x == e).map(|((n, _), s)| (*n, *s)).collect();
-        let joined: Vec<(usize, u64)> = self.joined_sync.iter().filter(|((_, x), _)| *x == e).map(|((n, _), s)| (*n, *s)).collect();
+        let left: Vec<(usize, u64)> =
+            self.left_sync.iter().filter(|((_, x), _)| *x == e).map(|((n, _), s)| (*n, *s)).collect();
+        let joined: Vec<(usize, u64)> =
+            self.joined_sync.iter().filter(|((_, x), _)| *x == e).map(|((n, _), s)| (*n, *s)).collect();
         // In sync now, and at `since` (it has not joined since), and not out in between.
         move |n: usize, since: u64| {
             nodes.get(n).is_some_and(|name| names.contains(name))
@@ -706,7 +797,17 @@ impl Sim {
         sm.set_lease(Some(until));
         sm.start(self.now);
         let slots = (0..2).map(|_| vec![0; self.cfg.region_blocks as usize]).collect();
-        self.nodes[i].owner = Some(OwnerCtx { instance, sm, guests: BTreeMap::new(), slots, grants: BTreeMap::new(), seq_len: BTreeMap::new(), zero_seqs: BTreeMap::new(), seq_extent: BTreeMap::new(), next_guest: 1 });
+        self.nodes[i].owner = Some(OwnerCtx {
+            instance,
+            sm,
+            guests: BTreeMap::new(),
+            slots,
+            grants: BTreeMap::new(),
+            seq_len: BTreeMap::new(),
+            zero_seqs: BTreeMap::new(),
+            seq_extent: BTreeMap::new(),
+            next_guest: 1,
+        });
         self.stats.attaches += 1;
         // A new guest session: what the last one left unflushed is not this one's to flush.
         self.model.new_generation();
@@ -743,13 +844,24 @@ impl Sim {
                     owner.grants.insert(seq, data);
                     owner.seq_len.insert(seq, len);
                 }
-                if let Request::Write { extent, .. } | Request::Discard { extent, .. } | Request::WriteZeroes { extent, .. } = &request {
+                if let Request::Write { extent, .. }
+                | Request::Discard { extent, .. }
+                | Request::WriteZeroes { extent, .. } = &request
+                {
                     owner.seq_extent.insert(seq, *extent);
                 }
                 if let Request::Discard { offset, .. } | Request::WriteZeroes { offset, .. } = &request {
                     // No data to grant; remember which guest request it serves (for the model).
                     let block = offset / BLOCK;
-                    let guest = owner.guests.iter().find(|(_, g)| matches!(g.op, GuestOp::Discard | GuestOp::WriteZeroes) && g.first_block <= block && block < g.first_block + g.blocks).map(|(id, _)| *id);
+                    let guest = owner
+                        .guests
+                        .iter()
+                        .find(|(_, g)| {
+                            matches!(g.op, GuestOp::Discard | GuestOp::WriteZeroes)
+                                && g.first_block <= block
+                                && block < g.first_block + g.blocks
+                        })
+                        .map(|(id, _)| *id);
                     if let Some(id) = guest {
                         owner.zero_seqs.insert(seq, id);
                     }
@@ -769,9 +881,11 @@ impl Sim {
             OwnerAction::Complete { id, status } => self.guest_completed(i, id, status),
 
             OwnerAction::ReadMeta => self.etcd_request(i, Who::Owner(instance), EtcdReq::Read),
-            OwnerAction::WriteMeta { expect_revision, meta } => {
-                self.etcd_request(i, Who::Owner(instance), EtcdReq::Write { expect: expect_revision, meta: Box::new(meta) })
-            }
+            OwnerAction::WriteMeta { expect_revision, meta } => self.etcd_request(
+                i,
+                Who::Owner(instance),
+                EtcdReq::Write { expect: expect_revision, meta: Box::new(meta) },
+            ),
             OwnerAction::ListNodes => self.etcd_request(i, Who::Owner(instance), EtcdReq::ListNodes),
             OwnerAction::Event(event) => {
                 match &event {
@@ -806,7 +920,12 @@ impl Sim {
         let Some(g) = owner.guests.remove(&id) else { return };
         let generation = owner.sm.generation();
         let name = self.nodes[i].name.clone();
-        self.log(format!("{name} guest#{id} done {status:?} {:?} tag {} holders {:?}", g.op, g.tag, self.model.writes.get(&g.tag).map(|w| w.holders.clone())));
+        self.log(format!(
+            "{name} guest#{id} done {status:?} {:?} tag {} holders {:?}",
+            g.op,
+            g.tag,
+            self.model.writes.get(&g.tag).map(|w| w.holders.clone())
+        ));
         if status != GuestStatus::Ok {
             if g.tag != 0 {
                 self.model.write_abandoned(g.tag);
@@ -847,7 +966,11 @@ impl Sim {
             let issued = self.model.writes.get(&tag).map_or(0, |w| w.issued_step);
             let writable_since_issue = self.last_writable.get(&e).is_some_and(|s| *s >= issued);
             if !meta.writable(e) && !writable_since_issue {
-                self.fail(format!("I10: write {tag} acknowledged while extent {e} has {} in sync (min {}) and no recorded acceptance", meta.extents[e as usize].in_sync_count(), meta.min_replicas));
+                self.fail(format!(
+                    "I10: write {tag} acknowledged while extent {e} has {} in sync (min {}) and no recorded acceptance",
+                    meta.extents[e as usize].in_sync_count(),
+                    meta.min_replicas
+                ));
             }
             let blocks_in: Vec<u64> = (first..first + blocks).filter(|b| self.extent_of_block(*b) == e).collect();
             let mut violations = Vec::new();
@@ -856,13 +979,24 @@ impl Sim {
                 let acked = holders.keys().any(|((h, _), x)| *h == n && *x == e);
                 let node = &self.nodes[n];
                 let value = self.model.value_of(tag);
-                let shown = |b: &u64| if node.alive { node.disk.view(*b) } else { node.disk.durable.get(b).copied().unwrap_or(0) };
+                let shown = |b: &u64| {
+                    if node.alive {
+                        node.disk.view(*b)
+                    } else {
+                        node.disk.durable.get(b).copied().unwrap_or(0)
+                    }
+                };
                 let holds = blocks_in.iter().all(|b| shown(b) == value);
                 if !acked && !holds {
-                    violations.push(format!("I4: write {tag} acknowledged but in-sync member {m} neither acknowledged nor holds it"));
+                    violations.push(format!(
+                        "I4: write {tag} acknowledged but in-sync member {m} neither acknowledged nor holds it"
+                    ));
                 }
                 // I1: an in-sync member that acknowledged it in its current life shows it.
-                if node.alive && holders.contains_key(&((n, node.incarnation), e)) && !blocks_in.iter().all(|b| node.disk.view(*b) == value) {
+                if node.alive
+                    && holders.contains_key(&((n, node.incarnation), e))
+                    && !blocks_in.iter().all(|b| node.disk.view(*b) == value)
+                {
                     violations.push(format!("I1: write {tag} acknowledged, but in-sync {m} does not show it"));
                 }
             }
@@ -876,7 +1010,9 @@ impl Sim {
     fn guest_step(&mut self, i: usize, instance: u64) {
         let blocks_total = self.volume_blocks();
         let Some(owner) = self.nodes[i].owner.as_ref() else { return };
-        if owner.instance != instance || !matches!(owner.sm.phase(), Phase::Serving | Phase::Promising | Phase::Claiming | Phase::Loading) {
+        if owner.instance != instance
+            || !matches!(owner.sm.phase(), Phase::Serving | Phase::Promising | Phase::Claiming | Phase::Loading)
+        {
             return;
         }
         let qd = owner.guests.len();
@@ -893,13 +1029,23 @@ impl Sim {
             let n = self.rng.range(1, 6).min(blocks_total);
             let first = self.rng.range(0, blocks_total - n);
             let owner = self.nodes[i].owner.as_ref().expect("present");
-            let overlaps = op != GuestOp::Flush && owner.guests.values().any(|g| g.op != GuestOp::Flush && g.first_block < first + n && first < g.first_block + g.blocks);
+            let overlaps = op != GuestOp::Flush
+                && owner
+                    .guests
+                    .values()
+                    .any(|g| g.op != GuestOp::Flush && g.first_block < first + n && first < g.first_block + g.blocks);
             let generation = owner.sm.generation();
             if !overlaps {
-                let tag = if matches!(op, GuestOp::Write { .. } | GuestOp::WriteZeroes | GuestOp::Discard) { self.next_tag() } else { 0 };
+                let tag = if matches!(op, GuestOp::Write { .. } | GuestOp::WriteZeroes | GuestOp::Discard) {
+                    self.next_tag()
+                } else {
+                    0
+                };
                 match op {
                     GuestOp::Write { .. } => self.model.write_issued(tag, first, n, generation, self.step),
-                    GuestOp::WriteZeroes | GuestOp::Discard => self.model.zeroes_issued(tag, first, n, generation, self.step),
+                    GuestOp::WriteZeroes | GuestOp::Discard => {
+                        self.model.zeroes_issued(tag, first, n, generation, self.step)
+                    }
                     _ => {}
                 }
                 self.submit_guest(i, op, first, n, tag);
@@ -982,7 +1128,8 @@ impl Sim {
                 if let Some((meta, rev)) = self.etcd.meta.clone() {
                     let mut m = meta;
                     if m.risk_accepted.is_none() {
-                        m.risk_accepted = Some(RiskAcceptance { by: "operator".into(), at_unix_s: 0, reason: "simulated".into() });
+                        m.risk_accepted =
+                            Some(RiskAcceptance { by: "operator".into(), at_unix_s: 0, reason: "simulated".into() });
                         self.etcd.revision += 1;
                         self.etcd.meta = Some((m, self.etcd.revision));
                         self.log(format!("operator accepts the risk (rev {rev} -> {})", self.etcd.revision));
@@ -1018,7 +1165,14 @@ impl Sim {
                         }
                         self.etcd.revision += 1;
                         let revision = self.etcd.revision;
-                        self.log(format!("etcd commit by {} rev {revision}: gen {} owner {:?} epoch {} {}", self.nodes[i].name, meta.generation, meta.owner, meta.epoch, describe(&meta)));
+                        self.log(format!(
+                            "etcd commit by {} rev {revision}: gen {} owner {:?} epoch {} {}",
+                            self.nodes[i].name,
+                            meta.generation,
+                            meta.owner,
+                            meta.epoch,
+                            describe(&meta)
+                        ));
                         self.etcd.meta = Some((*meta, revision));
                         if self.cfg.faults && !self.settling && self.rng.chance(0.03) {
                             // Committed, but the answer is lost.
@@ -1041,7 +1195,10 @@ impl Sim {
         let claim = new.generation == old.generation + 1 && new.owner.as_deref() == Some(writer.as_str());
         if !claim {
             if new.generation != old.generation || old.owner.as_deref() != Some(writer.as_str()) {
-                self.fail(format!("I5: {writer} changed the volume without owning it (gen {} owner {:?})", old.generation, old.owner));
+                self.fail(format!(
+                    "I5: {writer} changed the volume without owning it (gen {} owner {:?})",
+                    old.generation, old.owner
+                ));
             }
             if new.extents != old.extents && new.epoch <= old.epoch {
                 self.fail(format!("I5: membership changed without a higher epoch ({} -> {})", old.epoch, new.epoch));
@@ -1111,7 +1268,9 @@ impl Sim {
                 return Ok(self.stats);
             }
             if self.now > end {
-                return Err(self.failure_report("liveness: the cluster did not become whole and quiet after healing".into()));
+                return Err(
+                    self.failure_report("liveness: the cluster did not become whole and quiet after healing".into())
+                );
             }
         }
         if let Err(what) = self.final_checks() {
@@ -1130,12 +1289,36 @@ impl Sim {
 
     fn failure_report(&self, what: String) -> Failure {
         let mut trace: Vec<String> = self.trace.iter().cloned().collect();
-        trace.push(format!("etcd: {}", self.etcd.meta.as_ref().map_or_else(|| "-".into(), |(m, r)| format!("rev {r} gen {} owner {:?} epoch {} {}", m.generation, m.owner, m.epoch, describe(m)))));
+        trace.push(format!(
+            "etcd: {}",
+            self.etcd.meta.as_ref().map_or_else(
+                || "-".into(),
+                |(m, r)| format!("rev {r} gen {} owner {:?} epoch {} {}", m.generation, m.owner, m.epoch, describe(m))
+            )
+        ));
         for n in &self.nodes {
             let owner = n.owner.as_ref().map_or_else(String::new, |o| {
-                format!(" owner#{} {:?} guests {} unreconciled {} syncs {:?} suspended {:?}", o.instance, o.sm.phase(), o.guests.len(), o.sm.unreconciled_regions(), o.sm.sync_progress().iter().map(|p| (p.node.clone(), p.extent, p.regions_done, p.regions_total)).collect::<Vec<_>>(), o.sm.suspended_extents())
+                format!(
+                    " owner#{} {:?} guests {} unreconciled {} syncs {:?} suspended {:?}",
+                    o.instance,
+                    o.sm.phase(),
+                    o.guests.len(),
+                    o.sm.unreconciled_regions(),
+                    o.sm.sync_progress()
+                        .iter()
+                        .map(|p| (p.node.clone(), p.extent, p.regions_done, p.regions_total))
+                        .collect::<Vec<_>>(),
+                    o.sm.suspended_extents()
+                )
             });
-            trace.push(format!("{}: alive {} lost {} inc {} ops {}{owner}", n.name, n.alive, n.lost, n.incarnation, n.ops.len()));
+            trace.push(format!(
+                "{}: alive {} lost {} inc {} ops {}{owner}",
+                n.name,
+                n.alive,
+                n.lost,
+                n.incarnation,
+                n.ops.len()
+            ));
             if let Some(o) = &n.owner {
                 for line in o.sm.describe_pending() {
                     trace.push(format!("    {line}"));
@@ -1152,7 +1335,8 @@ impl Sim {
                 if !self.live(node, inc) {
                     return;
                 }
-                let is_flush = self.nodes[node].ops.get(&op).is_some_and(|o| matches!(o.request, Request::Flush { .. }));
+                let is_flush =
+                    self.nodes[node].ops.get(&op).is_some_and(|o| matches!(o.request, Request::Flush { .. }));
                 if is_flush {
                     let disk = &mut self.nodes[node].disk;
                     let v = std::mem::take(&mut disk.volatile);
@@ -1308,7 +1492,11 @@ impl Sim {
                 }
             }
             Msg::PullReq { replica, inc, op, owner, seq, len } => {
-                let data = self.nodes[owner].alive.then(|| self.nodes[owner].owner.as_ref()).flatten().and_then(|o| o.grants.get(&seq).copied());
+                let data = self.nodes[owner]
+                    .alive
+                    .then(|| self.nodes[owner].owner.as_ref())
+                    .flatten()
+                    .and_then(|o| o.grants.get(&seq).copied());
                 let data = data.map(|d| self.owner_data(owner, d, len));
                 self.send(Msg::PullResp { to: replica, inc, op, data });
             }
@@ -1378,7 +1566,10 @@ impl Sim {
         let Some(n) = self.nodes.iter().find(|x| x.name == node) else { return };
         let healed = self.settling && self.now > self.faults_until + 1_000 * MS;
         if healed && reason == "timed out" && n.alive && n.started_at + quiet_for < self.now {
-            self.failure = Some(format!("liveness: {node} failed ({reason}) in a healed cluster, up since t={} ms", n.started_at / MS));
+            self.failure = Some(format!(
+                "liveness: {node} failed ({reason}) in a healed cluster, up since t={} ms",
+                n.started_at / MS
+            ));
         }
     }
 
@@ -1433,9 +1624,15 @@ impl Sim {
                     // losing the last copy of data is not something the protocol can repair.
                     let name = self.nodes[i].name.clone();
                     let last_copy = self.etcd.meta.as_ref().is_some_and(|(m, _)| {
-                        m.extents.iter().any(|e| e.is_in_sync(&name) && !e.in_sync().any(|o| o != name && self.nodes.iter().any(|x| x.name == o && !x.lost)))
+                        m.extents.iter().any(|e| {
+                            e.is_in_sync(&name)
+                                && !e.in_sync().any(|o| o != name && self.nodes.iter().any(|x| x.name == o && !x.lost))
+                        })
                     });
-                    let lose = self.cfg.replace_after > 0 && !last_copy && !self.nodes.iter().any(|x| x.lost) && self.rng.chance(0.25);
+                    let lose = self.cfg.replace_after > 0
+                        && !last_copy
+                        && !self.nodes.iter().any(|x| x.lost)
+                        && self.rng.chance(0.25);
                     if lose {
                         self.nodes[i].lost = true;
                         self.log(format!("{} is lost for good", self.nodes[i].name));
@@ -1501,7 +1698,8 @@ impl Sim {
                 }
             }
             92..=95 => {
-                let suspended = self.nodes.iter().filter_map(|x| x.owner.as_ref()).any(|o| !o.sm.suspended_extents().is_empty());
+                let suspended =
+                    self.nodes.iter().filter_map(|x| x.owner.as_ref()).any(|o| !o.sm.suspended_extents().is_empty());
                 if suspended {
                     let via = (0..n).find(|x| self.etcd_reachable(*x)).unwrap_or(0);
                     self.etcd_request(via, Who::Replica(0), EtcdReq::AcceptRisk);
@@ -1532,7 +1730,9 @@ impl Sim {
     /// Attaches the volume when nobody serves it and the last owner's lease ran out.
     fn orchestrate(&mut self) {
         self.after(20 * MS, Ev::Orchestrate);
-        let running = self.nodes.iter().any(|n| n.alive && n.owner.as_ref().is_some_and(|o| !matches!(o.sm.phase(), Phase::Fenced(_) | Phase::Detached)));
+        let running = self.nodes.iter().any(|n| {
+            n.alive && n.owner.as_ref().is_some_and(|o| !matches!(o.sm.phase(), Phase::Fenced(_) | Phase::Detached))
+        });
         if running {
             return;
         }
@@ -1544,7 +1744,14 @@ impl Sim {
                 self.etcd.lease_expiry[o] <= self.now
             }
         };
-        let candidates: Vec<usize> = (0..self.nodes.len()).filter(|&i| self.nodes[i].alive && self.nodes[i].owner.is_none() && self.etcd_reachable(i) && (free || meta.owner.as_deref() == Some(self.nodes[i].name.as_str()))).collect();
+        let candidates: Vec<usize> = (0..self.nodes.len())
+            .filter(|&i| {
+                self.nodes[i].alive
+                    && self.nodes[i].owner.is_none()
+                    && self.etcd_reachable(i)
+                    && (free || meta.owner.as_deref() == Some(self.nodes[i].name.as_str()))
+            })
+            .collect();
         if let Some(&i) = self.rng.pick(&candidates) {
             self.attach(i);
         }
@@ -1582,13 +1789,18 @@ impl Sim {
         }
         let Some((meta, _)) = &self.etcd.meta else { return false };
         let Some(owner) = self.nodes.iter().filter(|n| n.alive).find_map(|n| n.owner.as_ref()) else { return false };
-        if *owner.sm.phase() != Phase::Serving || !owner.guests.is_empty() || owner.sm.unreconciled_regions() != 0 || !owner.sm.sync_progress().is_empty() {
+        if *owner.sm.phase() != Phase::Serving
+            || !owner.guests.is_empty()
+            || owner.sm.unreconciled_regions() != 0
+            || !owner.sm.sync_progress().is_empty()
+        {
             return false;
         }
         if !meta.extents.iter().all(|e| e.members.iter().all(|m| m.state == MemberState::InSync)) {
             return false;
         }
-        if meta.extents.iter().any(|e| e.members.iter().any(|m| self.nodes.iter().any(|n| n.name == m.node && n.lost))) {
+        if meta.extents.iter().any(|e| e.members.iter().any(|m| self.nodes.iter().any(|n| n.name == m.node && n.lost)))
+        {
             return false;
         }
         self.nodes.iter().all(|n| n.ops.is_empty())
@@ -1663,7 +1875,11 @@ fn describe(meta: &VolumeMeta) -> String {
                         MemberState::Stale => "~",
                         MemberState::Rebuilding => "+",
                     };
-                    if m.incarnation == 0 { format!("{s}{}", m.node) } else { format!("{s}{}@{}", m.node, m.incarnation) }
+                    if m.incarnation == 0 {
+                        format!("{s}{}", m.node)
+                    } else {
+                        format!("{s}{}@{}", m.node, m.incarnation)
+                    }
                 })
                 .collect::<Vec<_>>()
                 .join(",")

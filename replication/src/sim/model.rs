@@ -62,7 +62,20 @@ pub struct ModelStats {
 
 impl Model {
     pub fn write_issued(&mut self, tag: Tag, first_block: u64, blocks: u64, generation: u64, step: u64) {
-        self.writes.insert(tag, WriteRec { tag, first_block, blocks, generation, acked: false, holders: BTreeMap::new(), flushed: false, abandoned: false, issued_step: step });
+        self.writes.insert(
+            tag,
+            WriteRec {
+                tag,
+                first_block,
+                blocks,
+                generation,
+                acked: false,
+                holders: BTreeMap::new(),
+                flushed: false,
+                abandoned: false,
+                issued_step: step,
+            },
+        );
         for b in first_block..first_block + blocks {
             self.unacked.entry(b).or_default().insert(tag);
         }
@@ -164,7 +177,8 @@ impl Model {
     /// Certainly still held: flushed, or acknowledged by a replica incarnation that has not
     /// crashed and has been in sync for the block ever since (`kept(node, step)`).
     fn survives(&self, w: &WriteRec, extent: u32, kept: &dyn Fn(usize, u64) -> bool) -> bool {
-        w.flushed || w.holders.iter().any(|((h, e), step)| *e == extent && !self.crashed.contains(h) && kept(h.0, *step))
+        w.flushed
+            || w.holders.iter().any(|((h, e), step)| *e == extent && !self.crashed.contains(h) && kept(h.0, *step))
     }
 
     /// Tags block `b` may hold/read as: the newest acknowledged write that certainly
@@ -192,7 +206,14 @@ impl Model {
     /// The strict value of block `b`: the newest acknowledged write, if it certainly
     /// survives and nothing is in flight on the block.
     /// Checks a guest read's result for block `b` (I9). Returns a description on violation.
-    pub fn read_result(&mut self, b: u64, extent: u32, tag: Tag, in_flight_on_block: bool, in_sync: &dyn Fn(usize, u64) -> bool) -> Result<(), String> {
+    pub fn read_result(
+        &mut self,
+        b: u64,
+        extent: u32,
+        tag: Tag,
+        in_flight_on_block: bool,
+        in_sync: &dyn Fn(usize, u64) -> bool,
+    ) -> Result<(), String> {
         self.stats.reads_checked += 1;
         let allowed = self.allowed(b, extent, in_sync);
         if !allowed.contains(&tag) {
@@ -203,8 +224,10 @@ impl Model {
         // hold it or not, and which one a read sees may change.
         let history = self.acked.get(&b).map(Vec::as_slice).unwrap_or(&[]);
         let newest_acked = history.last().copied().unwrap_or(0);
-        let undefined = self.unacked.get(&b).is_some_and(|s| s.iter().any(|t| *t > newest_acked && self.writes.get(t).is_some_and(|w| w.abandoned)))
-            || !allowed.contains(&self.value_of(newest_acked));
+        let undefined =
+            self.unacked.get(&b).is_some_and(|s| {
+                s.iter().any(|t| *t > newest_acked && self.writes.get(t).is_some_and(|w| w.abandoned))
+            }) || !allowed.contains(&self.value_of(newest_acked));
         if let Some((prev, at)) = self.last_read.get(&b) {
             if *at == change && *prev != tag && !in_flight_on_block && !undefined {
                 return Err(format!("I9: block {b} read as {prev} then {tag} with no write in between"));

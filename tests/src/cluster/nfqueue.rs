@@ -110,11 +110,8 @@ fn parse(buf: &[u8], mut each: impl FnMut(Incoming)) {
         let kind = u16::from_ne_bytes([rest[4], rest[5]]);
         let body = &rest[NLMSG_HDRLEN..len];
         if kind == NLMSG_ERROR && body.len() >= 4 {
-            each(Incoming::Ack(i32::from_ne_bytes([
-                body[0], body[1], body[2], body[3],
-            ])));
-        } else if kind == (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_PACKET && body.len() >= NFGENMSG_LEN
-        {
+            each(Incoming::Ack(i32::from_ne_bytes([body[0], body[1], body[2], body[3]])));
+        } else if kind == (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_PACKET && body.len() >= NFGENMSG_LEN {
             match packet_id(&body[NFGENMSG_LEN..]) {
                 Some(id) => each(Incoming::Packet(id)),
                 None => each(Incoming::Other),
@@ -147,16 +144,10 @@ impl QueueSocket {
     /// `queue` (metadata only, at most [`QUEUE_MAXLEN`] packets).
     fn bind(queue: u16) -> Result<Self> {
         // SAFETY: socket(2) takes no pointers; the result is checked below.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::NETLINK_NETFILTER,
-            )
-        };
+        let fd =
+            unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_NETFILTER) };
         if fd < 0 {
-            return Err(std::io::Error::last_os_error())
-                .context("socket(AF_NETLINK, NETLINK_NETFILTER)");
+            return Err(std::io::Error::last_os_error()).context("socket(AF_NETLINK, NETLINK_NETFILTER)");
         }
         // SAFETY: `fd` was just returned by socket(2) and is owned by nobody else.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
@@ -210,8 +201,7 @@ impl QueueSocket {
             )
         };
         if rc != 0 {
-            return Err(std::io::Error::last_os_error())
-                .context(format!("setsockopt({level}, {name})"));
+            return Err(std::io::Error::last_os_error()).context(format!("setsockopt({level}, {name})"));
         }
         Ok(())
     }
@@ -229,19 +219,10 @@ impl QueueSocket {
     /// One datagram into `buf`, or `None` when nothing is pending.
     fn recv<'b>(&self, buf: &'b mut [u8]) -> Result<Option<&'b [u8]>> {
         // SAFETY: `buf` is a live, writable buffer of `buf.len()` bytes.
-        let n = unsafe {
-            libc::recv(
-                self.fd.as_raw_fd(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                libc::MSG_DONTWAIT,
-            )
-        };
+        let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
         if n < 0 {
             let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::WouldBlock
-                || e.kind() == std::io::ErrorKind::Interrupted
-            {
+            if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::Interrupted {
                 return Ok(None);
             }
             return Err(e).context("recv from nfnetlink");
@@ -251,11 +232,7 @@ impl QueueSocket {
 
     /// Waits until the socket is readable or `timeout` passes.
     fn wait(&self, timeout: Duration) -> Result<()> {
-        let mut pfd = libc::pollfd {
-            fd: self.fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
+        let mut pfd = libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
         let ts = libc::timespec {
             tv_sec: timeout.as_secs() as libc::time_t,
             tv_nsec: timeout.subsec_nanos() as libc::c_long,
@@ -293,9 +270,7 @@ impl QueueSocket {
             }
             match ack {
                 Some(0) => return Ok(()),
-                Some(e) => {
-                    return Err(std::io::Error::from_raw_os_error(-e)).context("nfnetlink config")
-                }
+                Some(e) => return Err(std::io::Error::from_raw_os_error(-e)).context("nfnetlink config"),
                 None if Instant::now() > deadline => {
                     bail!("nfnetlink config: no acknowledgement in 5 s")
                 }
@@ -311,13 +286,7 @@ impl QueueSocket {
         hdr[..4].copy_from_slice(&NF_ACCEPT.to_be_bytes());
         hdr[4..].copy_from_slice(&id.to_be_bytes());
         let flags = libc::NLM_F_REQUEST as u16;
-        self.send(&build(
-            NFQNL_MSG_VERDICT_BATCH,
-            flags,
-            self.seq,
-            self.queue,
-            &[(NFQA_VERDICT_HDR, &hdr)],
-        ))
+        self.send(&build(NFQNL_MSG_VERDICT_BATCH, flags, self.seq, self.queue, &[(NFQA_VERDICT_HDR, &hdr)]))
     }
 }
 
@@ -359,10 +328,7 @@ impl Delayer {
                 }
             })
             .context("spawn netem delayer thread")?;
-        let mut d = Delayer {
-            stop,
-            thread: Some(thread),
-        };
+        let mut d = Delayer { stop, thread: Some(thread) };
         match ready_rx.recv_timeout(Duration::from_secs(10)) {
             Ok(Ok(())) => Ok(d),
             Ok(Err(e)) => {
@@ -425,11 +391,9 @@ fn release_time(now: Instant, spec: DelaySpec, rng: &mut Jitter, last: Option<In
 
 fn run(mut sock: QueueSocket, spec: DelaySpec, stop: &AtomicBool) -> Result<()> {
     let mut held: VecDeque<(Instant, u32)> = VecDeque::with_capacity(QUEUE_MAXLEN as usize);
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
-        ^ u64::from(std::process::id()) << 32;
+    let seed =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+            ^ u64::from(std::process::id()) << 32;
     let mut rng = Jitter(seed | 1);
     let mut buf = vec![0u8; 1 << 16];
     let result = (|| -> Result<()> {
@@ -446,11 +410,7 @@ fn run(mut sock: QueueSocket, spec: DelaySpec, stop: &AtomicBool) -> Result<()> 
             if let Some(id) = due {
                 sock.accept_through(id)?;
             }
-            let wait = held
-                .front()
-                .map(|&(t, _)| t.saturating_duration_since(now))
-                .unwrap_or(STOP_POLL)
-                .min(STOP_POLL);
+            let wait = held.front().map(|&(t, _)| t.saturating_duration_since(now)).unwrap_or(STOP_POLL).min(STOP_POLL);
             sock.wait(wait)?;
             for _ in 0..RECV_BATCH_MAX {
                 let Some(d) = sock.recv(&mut buf)? else { break };
@@ -465,8 +425,7 @@ fn run(mut sock: QueueSocket, spec: DelaySpec, stop: &AtomicBool) -> Result<()> 
                     Incoming::Other => {}
                 });
                 if err != 0 {
-                    return Err(std::io::Error::from_raw_os_error(-err))
-                        .context("nfnetlink verdict");
+                    return Err(std::io::Error::from_raw_os_error(-err)).context("nfnetlink verdict");
                 }
             }
         }
@@ -515,13 +474,7 @@ mod tests {
 
     #[test]
     fn build_lays_out_header_and_padded_attributes() {
-        let m = build(
-            NFQNL_MSG_CONFIG,
-            5,
-            7,
-            0x0102,
-            &[(1, &[9, 9, 9]), (2, &[1, 2, 3, 4, 5])],
-        );
+        let m = build(NFQNL_MSG_CONFIG, 5, 7, 0x0102, &[(1, &[9, 9, 9]), (2, &[1, 2, 3, 4, 5])]);
         // 16 header + 4 nfgenmsg + (4+3 → 8) + (4+5 → 12)
         assert_eq!(m.len(), 40);
         assert_eq!(u32::from_ne_bytes(m[0..4].try_into().unwrap()), 40);
@@ -538,13 +491,7 @@ mod tests {
     fn packet_msg(id: u32) -> Vec<u8> {
         let mut hdr = id.to_be_bytes().to_vec();
         hdr.extend_from_slice(&[0x08, 0x00, 4]);
-        let mut m = build(
-            NFQNL_MSG_PACKET,
-            0,
-            0,
-            0,
-            &[(5, &[1, 2, 3, 4]), (NFQA_PACKET_HDR, &hdr)],
-        );
+        let mut m = build(NFQNL_MSG_PACKET, 0, 0, 0, &[(5, &[1, 2, 3, 4]), (NFQA_PACKET_HDR, &hdr)]);
         // Flag the header's type NLA_F_NET_BYTEORDER: the parser must mask it.
         let ty = u16::from_ne_bytes([m[30], m[31]]) | 0x4000;
         m[30..32].copy_from_slice(&ty.to_ne_bytes());
@@ -562,14 +509,7 @@ mod tests {
         d.extend(ack);
         let mut got = Vec::new();
         parse(&d, |m| got.push(m));
-        assert_eq!(
-            got,
-            vec![
-                Incoming::Packet(41),
-                Incoming::Packet(42),
-                Incoming::Ack(-1)
-            ]
-        );
+        assert_eq!(got, vec![Incoming::Packet(41), Incoming::Packet(42), Incoming::Ack(-1)]);
 
         // Truncations and lying lengths at every cut never panic.
         for cut in 0..d.len() {
@@ -582,10 +522,7 @@ mod tests {
 
     #[test]
     fn release_times_are_fifo_and_within_jitter() {
-        let spec = DelaySpec {
-            delay: Duration::from_millis(10),
-            jitter: Duration::from_millis(5),
-        };
+        let spec = DelaySpec { delay: Duration::from_millis(10), jitter: Duration::from_millis(5) };
         let mut rng = Jitter(12345);
         let now = Instant::now();
         let mut last = None;
@@ -598,13 +535,7 @@ mod tests {
             }
             last = Some(t);
         }
-        let fixed = DelaySpec {
-            delay: Duration::from_millis(3),
-            jitter: Duration::ZERO,
-        };
-        assert_eq!(
-            release_time(now, fixed, &mut rng, None),
-            now + Duration::from_millis(3)
-        );
+        let fixed = DelaySpec { delay: Duration::from_millis(3), jitter: Duration::ZERO };
+        assert_eq!(release_time(now, fixed, &mut rng, None), now + Duration::from_millis(3));
     }
 }
