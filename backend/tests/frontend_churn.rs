@@ -153,13 +153,24 @@ fn holdings() -> (Vec<String>, Vec<String>) {
             let target = target.to_string_lossy().into_owned();
             match target.split_once(":[") {
                 Some((kind, rest)) if rest.trim_end_matches(']').bytes().all(|b| b.is_ascii_digit()) => kind.to_owned(),
-                _ => target,
+                // A poller's own /proc/PID/task/TID/schedstat: every connection's pollers are
+                // new threads, with new ids.
+                _ => without_thread_id(&target),
             }
         })
         .collect();
     threads.sort();
     fds.sort();
     (threads, fds)
+}
+
+/// `/proc/PID/task/TID/...` with the thread id left out; any other path as it is.
+fn without_thread_id(path: &str) -> String {
+    let parts: Vec<&str> = path.split('/').collect();
+    match parts.as_slice() {
+        ["", "proc", pid, "task", _tid, rest @ ..] => format!("/proc/{pid}/task/TID/{}", rest.join("/")),
+        _ => path.to_owned(),
+    }
 }
 
 /// Connects a frontend, writes and reads back 4 KiB, optionally leaves 64 KiB writes (of

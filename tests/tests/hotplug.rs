@@ -80,9 +80,14 @@ fn holdings(pid: u32) -> Result<Holdings> {
         let target = target.to_string_lossy().into_owned();
         // `socket:[1234]` -> `socket`: the inode numbers differ from one connection to the next
         // (`anon_inode:[eventfd]` stays as it is).
+        // A poller's own /proc/PID/task/TID/schedstat -> /proc/PID/task/TID/schedstat: every
+        // connection's pollers are new threads, with new ids.
         let kind = match target.split_once(":[") {
             Some((kind, rest)) if rest.trim_end_matches(']').bytes().all(|b| b.is_ascii_digit()) => kind.to_owned(),
-            _ => target,
+            _ => match target.split('/').collect::<Vec<_>>().as_slice() {
+                ["", "proc", pid, "task", _tid, rest @ ..] => format!("/proc/{pid}/task/TID/{}", rest.join("/")),
+                _ => target,
+            },
         };
         fds.push(kind);
     }
