@@ -214,6 +214,36 @@ fn a_libvirt_domain_runs_hot_plugs_and_survives_a_daemon_kill() -> Result<()> {
         fs::copy(guest_dir.join(file), boot.join(file)).with_context(|| format!("copying {file}"))?;
     }
 
+    for attempt in 1..=2 {
+        let name = format!("hcblk-test-{}-{attempt}", std::process::id());
+        match run_domain(&dir.join(format!("attempt-{attempt}")), &boot, &name) {
+            Ok(()) => break,
+            // QEMU 10.0's TCG can abort on its own while a PCI device is unplugged (its TLB
+            // meets a memory map the unplug just changed): not hcblk's doing, and not seen
+            // with KVM. Once is retried with a new domain and new volumes; twice fails.
+            Err(e) if attempt == 1 && qemu_tcg_unplug_abort(&name) => {
+                eprintln!(
+                    "QEMU (TCG) aborted in iotlb_to_section during the unplug ({e:#}); once more with a new domain"
+                );
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    drop(libvirt);
+    let _ = fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// Whether the QEMU of domain `name` died of TCG's assertion on a stale memory section.
+fn qemu_tcg_unplug_abort(name: &str) -> bool {
+    fs::read_to_string(format!("/var/log/libvirt/qemu/{name}.log"))
+        .is_ok_and(|log| log.contains("iotlb_to_section: Assertion") && log.contains("reason=crashed"))
+}
+
+/// One whole run: an hcblk daemon and its two volumes in `dir`, the domain `name` defined,
+/// started, driven through its hot-plug cycles and the daemon kill, and ended with its verdict.
+fn run_domain(dir: &Path, boot: &Path, name: &str) -> Result<()> {
+    fs::create_dir_all(dir)?;
     let mut server = HcblkServer::start_with(
         &dir.join("hcblk"),
         &VolumeSpec { size: 128 * MIB, queues: 2, read_only: false },
@@ -222,10 +252,9 @@ fn a_libvirt_domain_runs_hot_plugs_and_survives_a_daemon_kill() -> Result<()> {
     let socket_a = server.socket().to_path_buf();
     let socket_b = server.create_volume("volb", &VolumeSpec { size: 64 * MIB, queues: 1, read_only: false })?;
 
-    let name = format!("hcblk-test-{}", std::process::id());
     let console = dir.join("console.log");
     let xml_path = dir.join("domain.xml");
-    fs::write(&xml_path, domain_xml(&name, &boot, &socket_a, &console)?)?;
+    fs::write(&xml_path, domain_xml(name, boot, &socket_a, &console)?)?;
     let disk_path = dir.join("disk-b.xml");
     let shipped_disk = fs::read_to_string(repo_root().join("qemu/libvirt-hotplug-disk.xml"))?;
     fs::write(
@@ -235,9 +264,9 @@ fn a_libvirt_domain_runs_hot_plugs_and_survives_a_daemon_kill() -> Result<()> {
     let (xml, disk) = (xml_path.display().to_string(), disk_path.display().to_string());
 
     virsh(&["define", &xml])?;
-    let domain = Domain { name: name.clone() };
+    let domain = Domain { name: name.to_owned() };
     let started = Instant::now();
-    virsh(&["start", &name])?;
+    virsh(&["start", name])?;
     wait_marker(&console, "HCBLK-FIO-START", 1)?;
     let booted = started.elapsed();
 
@@ -247,9 +276,9 @@ fn a_libvirt_domain_runs_hot_plugs_and_survives_a_daemon_kill() -> Result<()> {
             // sockets it binds again, with the group libvirt-qemu needs.
             server.kill_and_restart().context("kill -9 and restart of the hcblk daemon")?;
         }
-        virsh(&["attach-device", &name, &disk, "--live"]).with_context(|| format!("attach, cycle {cycle}"))?;
+        virsh(&["attach-device", name, &disk, "--live"]).with_context(|| format!("attach, cycle {cycle}"))?;
         wait_marker(&console, "HCBLK-DISK-READY ", cycle)?;
-        virsh(&["detach-device", &name, &disk, "--live"]).with_context(|| format!("detach, cycle {cycle}"))?;
+        virsh(&["detach-device", name, &disk, "--live"]).with_context(|| format!("detach, cycle {cycle}"))?;
         wait_marker(&console, "HCBLK-DISK-REMOVED ", cycle)?;
     }
     let console_text = read_console(&console);
@@ -261,8 +290,8 @@ fn a_libvirt_domain_runs_hot_plugs_and_survives_a_daemon_kill() -> Result<()> {
     ensure!(gens == ["gen=0", "gen=1"], "generations found by the two attaches: {gens:?} (expected gen=0, gen=1)");
 
     // One more attach is the guest's signal to stop; it powers off with its verdict.
-    virsh(&["attach-device", &name, &disk, "--live"]).context("the stop signal")?;
-    wait_domain_off(&name)?;
+    virsh(&["attach-device", name, &disk, "--live"]).context("the stop signal")?;
+    wait_domain_off(name)?;
     let console_text = read_console(&console);
     ensure!(
         parse_verdict(&console_text) == Some(Verdict::Pass),
@@ -277,7 +306,5 @@ fn a_libvirt_domain_runs_hot_plugs_and_survives_a_daemon_kill() -> Result<()> {
     ensure!(server.exited()?.is_none(), "the hcblk daemon exited");
     drop(domain);
     drop(server);
-    drop(libvirt);
-    let _ = fs::remove_dir_all(&dir);
     Ok(())
 }
