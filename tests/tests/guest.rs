@@ -11,8 +11,9 @@ use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard};
 
 use anyhow::{ensure, Context, Result};
-use hcblk_tests::guest::{
-    build_guest, parse_stalls, quantile, run_guest, start_server, GuestEvent, GuestRun, Verdict, VolumeSpec,
+use hcblk_tests::guest::{build_guest, quantile, run_guest, start_server, GuestEvent, GuestRun, Verdict, VolumeSpec};
+use hcblk_tests::restart::{
+    fio_kill_run, recovered_inflight, restart_under_io, seed_from_env, Cycle, Recovered, SplitMix64,
 };
 
 const MIB: u64 = 1024 * 1024;
@@ -172,18 +173,16 @@ fn guest_reconnects_after_a_server_restart() -> Result<()> {
 fn guest_io_survives_a_server_restart() -> Result<()> {
     let soak = std::env::var("HCBLK_SOAK").is_ok_and(|v| !v.is_empty() && v != "0");
     let kills: usize = if soak { 20 } else { 10 };
-    let seed = std::env::var("HCBLK_KILL_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
-    });
+    let seed = seed_from_env();
     eprintln!("kill loop: {kills} kills, HCBLK_KILL_SEED={seed}");
     let fx = Fixture::new("kill")?;
     let mut server = start_server(&fx.dir, &VolumeSpec { size: 256 * MIB, queues: 2, read_only: false })?;
     let socket = server.socket().to_path_buf();
     let log = fx.dir.join("fio-kill.log");
     let mut rng = SplitMix64(seed);
-    // (time from kill to the new server serving, guest-measured pause in I/O)
-    let mut cycles: Vec<(std::time::Duration, std::time::Duration)> = Vec::new();
+    let mut cycles: Vec<Cycle> = Vec::new();
     let daemon_log = fx.dir.join("daemon.log");
+    let recovered = || recovered_inflight(&fs::read_to_string(&daemon_log).unwrap_or_default());
     // Whether a kill caught requests in flight depends on where the guest was: under TCG the
     // guest's CPU, not the server, is the bottleneck, so the server is idle much of the time.
     // The loop kills at least `kills` times and goes on (up to twice as many) until some kill
@@ -196,58 +195,25 @@ fn guest_io_survives_a_server_restart() -> Result<()> {
         // Let the queues fill before the first kill.
         std::thread::sleep(std::time::Duration::from_secs(3));
         for i in 0..max_kills {
-            if i >= kills && recovered_inflight(&daemon_log)?.0 > 0 {
+            if i >= kills && recovered().resubmitted > 0 {
                 break;
             }
             // A random moment: between 0.5 and 3 s after I/O resumed.
-            std::thread::sleep(std::time::Duration::from_millis(500 + rng.next() % 2500));
-            let console = read_console(&log);
-            ensure!(!console.contains("HCBLK-RESULT"), "the guest finished after {i} kills; raise its runtime");
-            let stalls_before = parse_stalls(&console).len();
-            let killed = std::time::Instant::now();
-            server.kill_and_restart().with_context(|| format!("kill {}", i + 1))?;
-            let serving = killed.elapsed();
-            // The guest reports the pause once its completions resume.
-            let deadline = killed + std::time::Duration::from_secs(60);
-            let pause = loop {
-                let console = read_console(&log);
-                let stalls = parse_stalls(&console);
-                if stalls.len() > stalls_before {
-                    break stalls[stalls_before..].iter().copied().max().unwrap_or(0);
-                }
-                ensure!(
-                    !console.contains("HCBLK-RESULT"),
-                    "the guest finished before its I/O resumed after kill {}",
-                    i + 1
-                );
-                ensure!(std::time::Instant::now() < deadline, "guest I/O did not resume within 60 s of kill {}", i + 1);
-                std::thread::sleep(std::time::Duration::from_millis(50));
-            };
+            std::thread::sleep(std::time::Duration::from_millis(500 + rng.next_u64() % 2500));
+            let what = format!("kill {}", i + 1);
+            let cycle = restart_under_io(&log, &what, || server.kill_and_restart().context(what.clone()))?;
             eprintln!(
-                "kill {}: server serving again after {} ms, guest I/O paused {pause} ms",
-                i + 1,
-                serving.as_millis()
+                "{what}: server serving again after {} ms, guest I/O paused {} ms",
+                cycle.serving.as_millis(),
+                cycle.paused.as_millis()
             );
-            cycles.push((serving, std::time::Duration::from_millis(pause)));
+            cycles.push(cycle);
         }
         Ok(())
     };
     // Each kill takes up to ~3.5 s with the restart: the runtime leaves room for slow hosts.
-    let runtime = 20 + max_kills * 4;
-    let run = GuestRun::new("fio-kill")
-        .param("size", "64M")
-        .param("iodepth", "16")
-        // Requests that complete out of order, which a server that restarts from the
-        // avail ring alone gets wrong: mixed sizes, and flushes (slow: a journal commit
-        // of the image) that io_uring lets the writes behind them overtake.
-        .param("bsrange", "4k-64k")
-        .param("engine", "io_uring")
-        .param("fdatasync", "8")
-        .param("runtime", &runtime.to_string())
-        .param("require_queues", "2")
-        .reconnect_ms(200)
-        .timeout_s(runtime as u32 + 300)
-        .log(&log);
+    let runtime = 20 + max_kills as u32 * 4;
+    let run = fio_kill_run(runtime, &log);
     let out = run_guest(&fx.guest_dir, &fx.dir, &socket, &run, Some(&mut kill_loop))?;
     ensure!(out.verdict == Verdict::Pass, "guest I/O across {} server kills failed: {}", cycles.len(), out.describe());
     ensure!(
@@ -259,16 +225,20 @@ fn guest_io_survives_a_server_restart() -> Result<()> {
     // flight, or this test proves nothing about them.
     // (qemu-storage-daemon, the reference server, writes no such log.)
     if daemon_log.exists() {
-        let (total, recoveries, out_of_order) = recovered_inflight(&daemon_log)?;
+        let Recovered { recoveries, resubmitted, out_of_ring_order } = recovered();
         eprintln!(
-            "requests in flight at the kills, resubmitted after QEMU reconnected: {total} \
-             over {recoveries} queue recoveries; {out_of_order} of them out of ring order (a server \
+            "requests in flight at the kills, resubmitted after QEMU reconnected: {resubmitted} \
+             over {recoveries} queue recoveries; {out_of_ring_order} of them out of ring order (a server \
              without inflight tracking would have lost them and completed others twice)",
         );
-        ensure!(total > 0, "no request was in flight at any of the {} kills: the kills missed the I/O", cycles.len());
+        ensure!(
+            resubmitted > 0,
+            "no request was in flight at any of the {} kills: the kills missed the I/O",
+            cycles.len()
+        );
     }
-    let serving: Vec<_> = cycles.iter().map(|c| c.0).collect();
-    let paused: Vec<_> = cycles.iter().map(|c| c.1).collect();
+    let serving: Vec<_> = cycles.iter().map(|c| c.serving).collect();
+    let paused: Vec<_> = cycles.iter().map(|c| c.paused).collect();
     let ms = |d: Option<std::time::Duration>| d.map_or(0, |d| d.as_millis());
     eprintln!(
         "kill -9 -> guest I/O resumed (guest-measured pause) over {} kills: p50 {} ms, max {} ms; \
@@ -282,40 +252,4 @@ fn guest_io_survives_a_server_restart() -> Result<()> {
     drop(server);
     fx.passed();
     Ok(())
-}
-
-/// What hcblk's restarts logged they recovered, over every start so far: (requests
-/// resubmitted, queue recoveries, of them out of ring order).
-fn recovered_inflight(daemon_log: &std::path::Path) -> Result<(u64, usize, u64)> {
-    if !daemon_log.exists() {
-        return Ok((0, 0, 0));
-    }
-    let text = fs::read_to_string(daemon_log)?;
-    let field = |line: &str, key: &str| -> Option<u64> {
-        let at = line.find(key)? + key.len();
-        line[at..].split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
-    };
-    let recoveries: Vec<&str> = text.lines().filter(|l| l.contains("recovered inflight requests")).collect();
-    let total = recoveries.iter().filter_map(|l| field(l, "resubmitted=")).sum();
-    let out_of_order = recoveries.iter().filter_map(|l| field(l, "out_of_ring_order=")).sum();
-    Ok((total, recoveries.len(), out_of_order))
-}
-
-/// The console log so far (empty until QEMU has written it).
-fn read_console(log: &std::path::Path) -> String {
-    String::from_utf8_lossy(&fs::read(log).unwrap_or_default()).into_owned()
-}
-
-/// A small seeded generator for the kill moments (splitmix64), so that a run can be
-/// replayed with its seed.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
 }
