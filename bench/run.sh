@@ -219,12 +219,15 @@ measure() {
     local idx=$1 server=$2 wl=$3 bs=$4 qd=$5
     local base="$OUT/${idx}__${server}__${wl}__${bs}__${qd}"
     local logf="$OUT/logs/${idx}__${server}__${wl}__${bs}__${qd}.log"
-    if [[ $server == fio-host ]]; then
-        local rw=$wl
-        [[ $wl == seqread ]] && rw=read
+    if [[ $server == fio-host || $server == fio-server-core ]]; then
+        # fio-host runs on the client's core and leaves the server's core to the kernel's
+        # completion work (the disk interrupt's core here); fio-server-core runs on the
+        # server's core, with the same one core for everything that a server has.
+        local cpu=$CCPU
+        [[ $server == fio-server-core ]] && cpu=$SCPU
         # The guest's job file, pointed at the image: what the device gives io_uring directly.
         if BLK_DEV=$IMG BLK_IOENGINE=io_uring BLK_RUNTIME=$SECONDS_PER BLK_RAMP=$WARMUP \
-            "${PRIO[@]}" taskset -c "$CCPU" fio --output-format=json --output="$base.json" \
+            "${PRIO[@]}" taskset -c "$cpu" fio --output-format=json --output="$base.json" \
             "$ROOT/bench/jobs/$wl-$bs-qd$qd.fio" >"$logf" 2>&1; then
             log "$server $wl $bs qd$qd: $("$PYTHON" -c 'import json,sys; j=json.load(open(sys.argv[1]))["jobs"][0]; d=j["write" if j["write"]["io_bytes"] else "read"]; print("%.0f IOPS p50=%.2fus" % (d["iops"], d["lat_ns"]["percentile"]["50.000000"]/1000))' "$base.json")"
         else

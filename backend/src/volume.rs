@@ -108,10 +108,10 @@ pub trait VolumeQueue: Send {
     /// Requests submitted and not yet popped as completions.
     fn outstanding(&self) -> u32;
 
-    /// What a poller with nothing to do but wait for in-flight requests calls instead of
-    /// spinning: sleeps for at most `timeout` until something completes, when sleeping frees
-    /// the core for work those requests need; returns at once otherwise.
-    fn wait_for_completions(&mut self, timeout: Duration);
+    /// What a poller calls between passes (`idle`: the pass found nothing to do) instead of
+    /// spinning on: sleeps for at most `timeout` until something completes, when sleeping
+    /// frees the core for work the requests in flight need; returns at once otherwise.
+    fn wait_for_completions(&mut self, timeout: Duration, idle: bool);
 
     /// A non-blocking eventfd, owned by the queue and open as long as it lives, signalled when
     /// requests complete: it wakes a poller that sleeps in epoll with requests in flight, and
@@ -151,7 +151,7 @@ impl Volume for Backing {
     }
 
     fn new_queue(self: &Arc<Self>, depth: u32) -> Result<ShardQueue, Error> {
-        Ok(ShardQueue::new(Arc::clone(self), ShardQueueConfig { depth })?)
+        Ok(ShardQueue::new(Arc::clone(self), ShardQueueConfig { depth, single_thread: true })?)
     }
 
     fn grow(&self, new_size_bytes: u64) -> Result<(), Error> {
@@ -188,8 +188,8 @@ impl VolumeQueue for ShardQueue {
         ShardQueue::outstanding(self)
     }
 
-    fn wait_for_completions(&mut self, timeout: Duration) {
-        self.wait_for_disk(timeout);
+    fn wait_for_completions(&mut self, timeout: Duration, idle: bool) {
+        self.wait_for_disk(timeout, idle);
     }
 
     fn completion_eventfd(&self) -> Option<RawFd> {

@@ -122,10 +122,13 @@ impl VolumeQueue for SlowQueue {
         self.inner.outstanding() + self.held.len() as u32
     }
 
-    fn wait_for_completions(&mut self, timeout: Duration) {
+    fn wait_for_completions(&mut self, timeout: Duration, idle: bool) {
+        if !idle {
+            return self.inner.wait_for_completions(timeout, idle);
+        }
         match self.held.front() {
             Some((due, _)) => std::thread::sleep(due.saturating_duration_since(Instant::now()).min(timeout)),
-            None => self.inner.wait_for_completions(timeout),
+            None => self.inner.wait_for_completions(timeout, idle),
         }
     }
 

@@ -143,8 +143,8 @@ impl VolumeQueue for HoldingQueue {
     fn outstanding(&self) -> u32 {
         self.inner.outstanding() + self.held.len() as u32
     }
-    fn wait_for_completions(&mut self, timeout: Duration) {
-        VolumeQueue::wait_for_completions(&mut self.inner, timeout)
+    fn wait_for_completions(&mut self, timeout: Duration, idle: bool) {
+        VolumeQueue::wait_for_completions(&mut self.inner, timeout, idle)
     }
     fn completion_eventfd(&self) -> Option<std::os::fd::RawFd> {
         VolumeQueue::completion_eventfd(&self.inner)
@@ -215,8 +215,8 @@ impl VolumeQueue for RecordingQueue {
     fn outstanding(&self) -> u32 {
         self.inner.outstanding()
     }
-    fn wait_for_completions(&mut self, timeout: Duration) {
-        VolumeQueue::wait_for_completions(&mut self.inner, timeout)
+    fn wait_for_completions(&mut self, timeout: Duration, idle: bool) {
+        VolumeQueue::wait_for_completions(&mut self.inner, timeout, idle)
     }
     fn completion_eventfd(&self) -> Option<std::os::fd::RawFd> {
         VolumeQueue::completion_eventfd(&self.inner)

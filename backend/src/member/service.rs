@@ -479,7 +479,8 @@ impl Service {
         if !self.disks.contains_key(&volume) {
             let (_, size) = self.core.geometry(volume);
             let queue = self.core.store.data(volume, size).and_then(|backing| {
-                ShardQueue::new(backing, ShardQueueConfig { depth: DISK_DEPTH }).map_err(MemberError::from)
+                ShardQueue::new(backing, ShardQueueConfig { depth: DISK_DEPTH, ..Default::default() })
+                    .map_err(MemberError::from)
             });
             match queue {
                 Ok(q) => {

@@ -571,7 +571,10 @@ impl VolumeQueue for ReplicatedQueue {
         self.outstanding
     }
 
-    fn wait_for_completions(&mut self, timeout: Duration) {
+    fn wait_for_completions(&mut self, timeout: Duration, idle: bool) {
+        if !idle {
+            return;
+        }
         // Replies come from the network and the local disk: sleep (briefly) until one may
         // have, rather than spin on a core the transport and the disk's kernel threads need.
         events::wait_readable(self.shared.poller_events.raw(), timeout);
